@@ -1,0 +1,128 @@
+"""Every error evalq raises, under one root.
+
+::
+
+    EvalqError
+    ├── ConfigError             settings that cannot be used (bad TOML, bad value, missing file)
+    ├── ServerNotFound          the embedded nats-server binary is missing or did not start
+    ├── ConnectError            no NATS server answered; carries a hint for the user
+    ├── RequestError            a reply from the gateway that says no (carries code, message, path)
+    │   ├── BadRequest          400: the body is not JSON, or not a JSON object
+    │   ├── JobNotFound         404: no such job
+    │   ├── WrongState          409: the job is in a state that does not allow this
+    │   ├── TooLarge            413: the body is over the gateway's size limit
+    │   ├── InvalidField        422: a field is missing, unknown or out of range
+    │   └── Unavailable         503: the queue is full or no worker can run the job
+    ├── JobFailed               wait_for_job: the job ended ``failed``
+    └── JobCancelled            wait_for_job: the job ended ``cancelled``
+
+The gateway turns these into error replies at one place (``gateway/service.py``) and
+the publisher turns error replies back into them (``RequestError.from_reply``), so both
+sides agree on the codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BadRequest",
+    "ConfigError",
+    "ConnectError",
+    "EvalqError",
+    "InvalidField",
+    "JobCancelled",
+    "JobFailed",
+    "JobNotFound",
+    "RequestError",
+    "ServerNotFound",
+    "TooLarge",
+    "Unavailable",
+    "WrongState",
+]
+
+
+class EvalqError(Exception):
+    """The root of every error evalq raises on purpose."""
+
+
+class ConfigError(EvalqError):
+    pass
+
+
+class ServerNotFound(EvalqError):
+    pass
+
+
+class ConnectError(EvalqError):
+    pass
+
+
+class RequestError(EvalqError):
+    """A refusal, with the code, message and JSON path of the error reply."""
+
+    code: int = 500
+
+    def __init__(self, message: str, *, path: str | None = None, code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        where = f" (at {self.path})" if self.path and self.path != "$" else ""
+        return f"{self.code}: {self.message}{where}"
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "path": self.path or "$"}}
+
+    @staticmethod
+    def for_code(code: int, message: str, path: str | None = None) -> RequestError:
+        cls = _BY_CODE.get(code, RequestError)
+        return cls(message, path=path, code=code)
+
+
+class BadRequest(RequestError):
+    code = 400
+
+
+class JobNotFound(RequestError):
+    code = 404
+
+
+class WrongState(RequestError):
+    code = 409
+
+
+class TooLarge(RequestError):
+    code = 413
+
+
+class InvalidField(RequestError):
+    code = 422
+
+
+class Unavailable(RequestError):
+    code = 503
+
+
+_BY_CODE: dict[int, type[RequestError]] = {
+    cls.code: cls for cls in (BadRequest, JobNotFound, WrongState, TooLarge, InvalidField, Unavailable)
+}
+
+
+class JobFailed(EvalqError):
+    def __init__(self, job_id: str, reason: str, info: Any = None) -> None:
+        super().__init__(f"job {job_id} failed: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+        self.info = info
+
+
+class JobCancelled(EvalqError):
+    def __init__(self, job_id: str, reason: str = "cancelled", info: Any = None) -> None:
+        super().__init__(f"job {job_id} was cancelled: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+        self.info = info

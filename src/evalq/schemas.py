@@ -1,0 +1,378 @@
+"""Every wire type, as msgspec Structs, with one encoder and decoder each.
+
+These shapes are the contract in DESIGN.md: users script against the field names.
+Structs are frozen and keyword-only; requests refuse unknown fields so a typo never
+passes silently. Constraints live in the types, so a refusal always carries a JSON path.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from typing import Annotated, Any, Literal, TypeVar, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+__all__ = [
+    "CancelReply",
+    "CancelRequest",
+    "Cancelled",
+    "Completed",
+    "Event",
+    "EvaluateRequest",
+    "Failed",
+    "GpuInfo",
+    "Health",
+    "JobAccepted",
+    "JobInfo",
+    "JobRef",
+    "JobResult",
+    "JobStatus",
+    "ModelsReply",
+    "Progress",
+    "ProgressEvent",
+    "QueueStatus",
+    "Queued",
+    "Requeued",
+    "Started",
+    "TERMINAL",
+    "TasksReply",
+    "WorkItem",
+    "WorkerInfo",
+    "decode",
+    "decode_event",
+    "encode",
+    "error_path",
+    "now",
+]
+
+# --- constrained scalars -------------------------------------------------------------
+
+NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
+Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=NAME_PATTERN)]
+# Pools become stream names and subject tokens: no dots.
+PoolName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_\-]+$")]
+JobId = Annotated[
+    str,
+    Meta(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"),
+]
+# lmms-eval splits `k=v,k=v` on `,` and `=`: either character inside a key or value
+# would silently change the arguments, so both are refused; so are control characters.
+# These two checks run in EvaluateRequest.__post_init__ rather than as `Meta(pattern=...)`:
+# msgspec (0.19-0.22) corrupts its heap when a union holds a pattern-constrained str beside
+# a dict of str values, and the process aborts later.
+ARG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
+ARG_TEXT = re.compile(r"^[^,=\x00-\x1f\x7f]*$")
+ArgValue = Union[Annotated[str, Meta(max_length=4096)], bool, int, float]
+ArgDict = Annotated[dict[Annotated[str, Meta(min_length=1, max_length=128)], ArgValue], Meta(max_length=64)]
+ArgString = Annotated[str, Meta(max_length=16384)]
+BatchSize = Union[
+    Annotated[int, Meta(ge=1, le=65536)],
+    Annotated[str, Meta(pattern=r"^auto(:[1-9][0-9]{0,3})?$")],
+]
+Limit = Union[Annotated[int, Meta(ge=1)], Annotated[float, Meta(gt=0.0, le=1.0)]]
+Device = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_:]+(,[A-Za-z0-9_:]+)*$")]
+# A relative name kept under the worker's results root: no absolute path, no `..`.
+OutputDir = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=256,
+        pattern=r"^(?!/)(?!.*(^|/)\.\.?(/|$))[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$",
+    ),
+]
+LabelKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=NAME_PATTERN)]
+LabelValue = Annotated[str, Meta(max_length=256)]
+Labels = Annotated[dict[LabelKey, LabelValue], Meta(max_length=32)]
+
+JobStatus = Literal["queued", "running", "cancelling", "completed", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+
+def now() -> str:
+    """The current time as RFC 3339 UTC, the only time format on the wire."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Wire(Struct, frozen=True, kw_only=True, omit_defaults=False):
+    pass
+
+
+# --- requests ------------------------------------------------------------------------
+
+
+class EvaluateRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
+    """A job: lmms-eval's evaluate arguments, with the same names, plus `pool` and `labels`."""
+
+    model: Name
+    tasks: Annotated[list[Name], Meta(min_length=1, max_length=64)]
+    model_args: ArgDict | ArgString | None = None
+    num_fewshot: Annotated[int, Meta(ge=0, le=1024)] | None = None
+    batch_size: BatchSize | None = None
+    device: Device | None = None
+    limit: Limit | None = None
+    gen_kwargs: ArgDict | ArgString | None = None
+    log_samples: bool = True
+    predict_only: bool = False
+    num_gpus: Annotated[int, Meta(ge=1, le=64)] = 1
+    output_dir: OutputDir | None = None
+    pool: PoolName = "default"
+    labels: Labels = {}
+
+    def __post_init__(self) -> None:
+        for field in ("model_args", "gen_kwargs"):
+            _check_args(getattr(self, field), field)
+
+
+def _check_args(args: dict[str, Any] | str | None, field: str) -> None:
+    """Refuse what lmms-eval's `k=v,k=v` parser would misread; the message carries the path."""
+    if args is None:
+        return
+    if isinstance(args, str):
+        pairs = [item.partition("=") for item in args.split(",")] if args else []
+        for index, (key, eq, value) in enumerate(pairs):
+            if not eq or not ARG_KEY.match(key) or not ARG_TEXT.match(value):
+                raise ValueError(
+                    f"Expected `k=v,k=v` with no `,` or `=` inside a key or value, got item {index} "
+                    f"{key + eq + value!r} - at `$.{field}`"
+                )
+        return
+    for key, value in args.items():
+        if not ARG_KEY.match(key):
+            raise ValueError(f"Invalid key {key!r}: expected a name matching {ARG_KEY.pattern!r} - at `$.{field}`")
+        if isinstance(value, str) and not ARG_TEXT.match(value):
+            raise ValueError(f"Expected a value with no `,`, `=` or control character - at `$.{field}.{key}`")
+
+
+class JobRef(_Wire, kw_only=True, forbid_unknown_fields=True):
+    """The body of `status` and `cancel`."""
+
+    job_id: JobId
+
+
+CancelRequest = JobRef
+
+
+class WorkItem(_Wire, kw_only=True):
+    """The message stored in a pool's work stream: what a worker needs to run the job."""
+
+    job_id: str
+    request: EvaluateRequest
+    created_at: str
+
+
+# --- replies -------------------------------------------------------------------------
+
+
+class JobAccepted(_Wire, kw_only=True):
+    job_id: str
+    status: Literal["queued"] = "queued"
+    position_in_queue: int | None = None
+    stream_seq: int
+    duplicate: bool = False
+    message: str = "Job queued"
+
+
+class Progress(_Wire, kw_only=True):
+    phase: str
+    done: int
+    total: int
+    percent: float
+
+
+class JobResult(_Wire, kw_only=True):
+    """What a completed job produced: lmms-eval's `results` section, and artifact names."""
+
+    metrics: dict[str, dict[str, Any]] = {}
+    artifacts: list[str] = []
+    duration_s: float | None = None
+
+
+class JobInfo(_Wire, kw_only=True):
+    """The record kept in the `<prefix>-jobs` bucket and returned by `status`."""
+
+    job_id: str
+    status: JobStatus
+    created_at: str
+    started_at: str | None = None
+    completed_at: str | None = None
+    request: EvaluateRequest | None = None
+    result: JobResult | None = None
+    error: str | None = None
+    position_in_queue: int | None = None
+    attempts: int = 0
+    worker: str | None = None
+    progress: Progress | None = None
+    stream_seq: int | None = None
+    labels: dict[str, str] = {}
+    pool: str = "default"
+    cancel_requested_at: str | None = None
+
+
+class CancelReply(_Wire, kw_only=True):
+    job_id: str
+    status: JobStatus
+    message: str
+
+
+class GpuInfo(_Wire, kw_only=True):
+    index: int
+    name: str
+    memory_mb: int
+
+
+class WorkerInfo(_Wire, kw_only=True):
+    """A worker's entry in the `<prefix>-workers` bucket, refreshed every heartbeat."""
+
+    worker_id: str
+    host: str
+    pid: int
+    pool: str = "default"
+    version: str = ""
+    lmms_eval_version: str | None = None
+    gpu_count: int = 0
+    gpus: list[GpuInfo] = []
+    # None until the worker has listed them (that takes lmms-eval seconds to index).
+    models: list[str] | None = None
+    tasks: list[str] | None = None
+    current_job: str | None = None
+    started_at: str = ""
+    heartbeat_at: str = ""
+
+
+class QueueStatus(_Wire, kw_only=True):
+    queue_size: int
+    queued_jobs: dict[str, list[str]]
+    running_jobs: list[str]
+    completed_jobs: int
+    failed_jobs: int
+    cancelled_jobs: int
+    workers: list[WorkerInfo]
+
+
+class Health(_Wire, kw_only=True):
+    status: Literal["healthy", "degraded"]
+    version: str
+    pools: list[str]
+    queue_size: int
+    workers: list[WorkerInfo]
+
+
+class TasksReply(_Wire, kw_only=True):
+    tasks: list[str]
+
+
+class ModelsReply(_Wire, kw_only=True):
+    models: list[str]
+
+
+# --- events: a tagged union on "type" ------------------------------------------------
+
+
+class _EventBase(Struct, frozen=True, kw_only=True, tag_field="type"):
+    job_id: str
+    time: str
+    attempt: int = 0
+    worker: str | None = None
+    labels: dict[str, str] = {}
+
+
+class Queued(_EventBase, kw_only=True, tag="queued"):
+    pool: str = "default"
+    position_in_queue: int | None = None
+    stream_seq: int | None = None
+
+
+class Started(_EventBase, kw_only=True, tag="started"):
+    pass
+
+
+class ProgressEvent(_EventBase, kw_only=True, tag="progress"):
+    progress: Progress
+
+
+class Requeued(_EventBase, kw_only=True, tag="requeued"):
+    reason: str
+
+
+class Completed(_EventBase, kw_only=True, tag="completed"):
+    metrics: dict[str, dict[str, Any]] = {}
+    artifacts: list[str] = []
+    duration_s: float | None = None
+
+
+class Failed(_EventBase, kw_only=True, tag="failed"):
+    error: str
+    exit_code: int | None = None
+    log_tail: str | None = None
+
+
+class Cancelled(_EventBase, kw_only=True, tag="cancelled"):
+    reason: str = "cancelled by request"
+    # From the cancel request to the end of the evaluation's processes, when it was running.
+    cancel_latency_s: float | None = None
+
+
+Event = Union[Queued, Started, ProgressEvent, Requeued, Completed, Failed, Cancelled]
+TERMINAL_EVENTS: tuple[type, ...] = (Completed, Failed, Cancelled)
+
+# --- encoders and decoders, built once -----------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+_event_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)  # type: ignore[arg-type]
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {
+    t: msgspec.json.Decoder(t)
+    for t in (
+        EvaluateRequest,
+        JobRef,
+        WorkItem,
+        JobAccepted,
+        JobInfo,
+        CancelReply,
+        WorkerInfo,
+        QueueStatus,
+        Health,
+        TasksReply,
+        ModelsReply,
+    )
+}
+
+T = TypeVar("T")
+
+
+def encode(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def decode(data: bytes | str, type: type[T]) -> T:
+    """Decode JSON into `type`; raises msgspec.DecodeError / ValidationError with a path."""
+    return _decoders[type].decode(_utf8(data))  # type: ignore[no-any-return]
+
+
+def decode_event(data: bytes | str) -> Event:
+    return _event_decoder.decode(_utf8(data))
+
+
+def _utf8(data: bytes | str) -> bytes | str:
+    # msgspec 0.22 corrupts its heap when a string field holds invalid UTF-8 (the process
+    # aborts later), so untrusted bytes are checked here, before msgspec sees them.
+    if isinstance(data, str):
+        return data
+    try:
+        bytes(data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise msgspec.DecodeError(f"Body is not valid UTF-8 (byte {exc.start})") from None
+    return data
+
+
+_PATH = re.compile(r" - at `(\$[^`]*)`$")
+
+
+def error_path(error: msgspec.DecodeError) -> tuple[str, str]:
+    """Split msgspec's message into (message, JSON path); the path is `$` when none is given."""
+    text = str(error)
+    match = _PATH.search(text)
+    if match:
+        return text[: match.start()], match.group(1)
+    return text, "$"
