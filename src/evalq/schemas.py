@@ -167,7 +167,8 @@ class WorkItem(_Wire, kw_only=True):
 
 class JobAccepted(_Wire, kw_only=True):
     job_id: str
-    status: Literal["queued"] = "queued"
+    # "queued" for a new job; a duplicate submission reports the job's current status.
+    status: JobStatus = "queued"
     position_in_queue: int | None = None
     stream_seq: int
     duplicate: bool = False
@@ -253,6 +254,7 @@ class QueueStatus(_Wire, kw_only=True):
 
 class Health(_Wire, kw_only=True):
     status: Literal["healthy", "degraded"]
+    timestamp: str
     version: str
     pools: list[str]
     queue_size: int

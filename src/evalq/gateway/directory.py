@@ -1,0 +1,88 @@
+"""The live workers, as advertised in the `<prefix>-workers` bucket, and checks against them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from nats.js.errors import NoKeysError, NotFoundError
+from nats.js.kv import KeyValue
+
+from ..errors import InvalidField
+from ..schemas import EvaluateRequest, WorkerInfo, decode
+
+__all__ = ["WorkerDirectory"]
+
+log = logging.getLogger("evalq.gateway")
+
+
+class WorkerDirectory:
+    """A view of the workers bucket, refreshed at most every `max_age` seconds."""
+
+    def __init__(self, kv: KeyValue, max_age: float = 2.0) -> None:
+        self.kv = kv
+        self.max_age = max_age
+        self._workers: list[WorkerInfo] = []
+        self._read_at = 0.0
+        self._refreshing: asyncio.Task[None] | None = None
+
+    async def workers(self, *, fresh: bool = False) -> list[WorkerInfo]:
+        if fresh or time.monotonic() - self._read_at > self.max_age:
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.create_task(self._refresh())
+            await asyncio.shield(self._refreshing)
+        return self._workers
+
+    async def _refresh(self) -> None:
+        try:
+            keys = await self.kv.keys()
+        except NoKeysError:
+            keys = []
+        entries = await asyncio.gather(*(self.kv.get(key) for key in keys), return_exceptions=True)
+        workers = []
+        for entry in entries:
+            if isinstance(entry, NotFoundError):
+                continue  # expired between listing and reading
+            if isinstance(entry, BaseException):
+                raise entry
+            if entry.value:
+                try:
+                    workers.append(decode(entry.value, WorkerInfo))
+                except ValueError:
+                    log.warning("ignoring an unreadable worker entry %s", entry.key)
+        self._workers = sorted(workers, key=lambda w: w.worker_id)
+        self._read_at = time.monotonic()
+
+    async def check(self, request: EvaluateRequest) -> None:
+        """Refuse what no live worker of the pool can run; accept anything while none has said."""
+        known = [w for w in await self.workers() if w.pool == request.pool and w.tasks is not None]
+        if not known:
+            return
+        models = set().union(*(w.models or [] for w in known))
+        if models and request.model not in models:
+            raise InvalidField(
+                f"unknown model {request.model!r}: the workers of pool {request.pool!r} offer "
+                f"{len(models)} models (see `evalq models`)",
+                path="$.model",
+            )
+        tasks = set().union(*(w.tasks or [] for w in known))
+        for index, task in enumerate(request.tasks):
+            if task not in tasks:
+                raise InvalidField(
+                    f"unknown task {task!r}: no live worker of pool {request.pool!r} lists it (see `evalq tasks`)",
+                    path=f"$.tasks[{index}]",
+                )
+        # A CPU-only worker (0 GPUs) still runs single-process jobs.
+        most = max(max(w.gpu_count, 1) for w in known)
+        if request.num_gpus > most:
+            raise InvalidField(
+                f"num_gpus={request.num_gpus} but the largest live worker of pool {request.pool!r} has {most}",
+                path="$.num_gpus",
+            )
+
+    async def tasks(self) -> list[str]:
+        return sorted(set().union(*(w.tasks or [] for w in await self.workers())))
+
+    async def models(self) -> list[str]:
+        return sorted(set().union(*(w.models or [] for w in await self.workers())))

@@ -1,0 +1,115 @@
+"""Queue positions derived from the stream, never counted in memory.
+
+    position(S) = |{s in stream : first_seq <= s < S, s not deleted}| - num_ack_pending
+
+One snapshot (stream info with deleted details, plus consumer info) answers every
+position in a pool. Concurrent callers share a snapshot taken after they asked, so a
+burst of submissions pays one pair of round trips instead of one pair each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+from nats.aio.client import Client
+
+from ..topology import Topology
+
+__all__ = ["PoolSnapshot", "Positions"]
+
+
+class _State(msgspec.Struct):
+    messages: int = 0
+    first_seq: int = 0
+    last_seq: int = 0
+    deleted: list[int] | None = None
+
+
+class _StreamInfo(msgspec.Struct):
+    state: _State | None = None
+    error: dict[str, object] | None = None
+
+
+class _ConsumerInfo(msgspec.Struct):
+    num_ack_pending: int = 0
+    num_pending: int = 0
+    error: dict[str, object] | None = None
+
+
+_stream_decoder = msgspec.json.Decoder(_StreamInfo)
+_consumer_decoder = msgspec.json.Decoder(_ConsumerInfo)
+
+
+@dataclass
+class PoolSnapshot:
+    first_seq: int
+    last_seq: int
+    messages: int
+    deleted: list[int]  # sorted interior gaps
+    ack_pending: int
+    taken_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting, not counting those a worker holds."""
+        return max(0, self.messages - self.ack_pending)
+
+    def position(self, seq: int) -> int:
+        if seq < self.first_seq:
+            return 0
+        gaps = bisect.bisect_left(self.deleted, seq) - bisect.bisect_left(self.deleted, self.first_seq)
+        return max(0, (seq - self.first_seq) - gaps - self.ack_pending)
+
+
+class Positions:
+    def __init__(self, nc: Client, topology: Topology, timeout: float = 5.0) -> None:
+        self.nc = nc
+        self.topology = topology
+        self.timeout = timeout
+        self._inflight: dict[str, tuple[float, asyncio.Future[PoolSnapshot]]] = {}
+
+    async def snapshot(self, pool: str) -> PoolSnapshot:
+        """A snapshot started no earlier than this call (joins one already on its way if so)."""
+        asked = time.monotonic()
+        current = self._inflight.get(pool)
+        if current is not None and current[0] >= asked:
+            return await asyncio.shield(current[1])
+        future: asyncio.Future[PoolSnapshot] = asyncio.get_running_loop().create_future()
+        self._inflight[pool] = (asked, future)
+        try:
+            snap = await self._fetch(pool)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: joiners re-raise it themselves
+            raise
+        finally:
+            if self._inflight.get(pool, (0.0, None))[1] is future:
+                del self._inflight[pool]
+        future.set_result(snap)
+        return snap
+
+    async def position(self, pool: str, seq: int) -> int:
+        return (await self.snapshot(pool)).position(seq)
+
+    async def _fetch(self, pool: str) -> PoolSnapshot:
+        stream = self.topology.work_stream(pool)
+        api = "$JS.API"
+        stream_reply, consumer_reply = await asyncio.gather(
+            self.nc.request(f"{api}.STREAM.INFO.{stream}", b'{"deleted_details":true}', timeout=self.timeout),
+            self.nc.request(f"{api}.CONSUMER.INFO.{stream}.{self.topology.consumer}", b"", timeout=self.timeout),
+        )
+        info = _stream_decoder.decode(stream_reply.data)
+        consumer = _consumer_decoder.decode(consumer_reply.data)
+        state = info.state or _State()
+        ack_pending = consumer.num_ack_pending if consumer.error is None else 0
+        return PoolSnapshot(
+            first_seq=state.first_seq,
+            last_seq=state.last_seq,
+            messages=state.messages,
+            deleted=sorted(state.deleted or []),
+            ack_pending=ack_pending,
+        )

@@ -1,0 +1,412 @@
+"""The `evalq-gateway` NATS micro service: validate, enqueue, and answer about jobs.
+
+Every endpoint's handler returns a reply Struct or raises; `_serve` is the one place
+where exceptions become error replies (micro error headers plus a JSON body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, DeliverPolicy
+from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from .. import __version__
+from ..config import Settings
+from ..errors import BadRequest, InvalidField, JobNotFound, RequestError, TooLarge, Unavailable, WrongState
+from ..events import EventPublisher
+from ..jobstore import JobStore
+from ..schemas import (
+
+    CancelReply,
+    Cancelled,
+    EvaluateRequest,
+    Health,
+    JobAccepted,
+    JobInfo,
+    JobRef,
+    ModelsReply,
+    Queued,
+    QueueStatus,
+    TasksReply,
+    WorkItem,
+    decode,
+    encode,
+    error_path,
+    now,
+)
+from ..topology import Topology
+from .directory import WorkerDirectory
+from .positions import Positions
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("evalq.gateway")
+
+# JetStream error codes that mean "the queue cannot take more", not "the gateway broke".
+_FULL = {10077: "the queue is full", 10047: "the server is out of storage", 10027: "the queue is full"}
+_KEY_MAX = 256
+
+Handler = Callable[[Request], Awaitable[msgspec.Struct]]
+
+
+class _MsgRef(msgspec.Struct):
+    subject: str
+    seq: int
+
+
+class _MsgGet(msgspec.Struct):
+    message: _MsgRef | None = None
+    error: dict[str, Any] | None = None
+
+
+_msg_get = msgspec.json.Decoder(_MsgGet)
+
+
+def as_request_error(exc: BaseException) -> RequestError:
+    """Map any exception to the error reply it deserves; the one boundary for codes."""
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, msgspec.ValidationError):
+        message, path = error_path(exc)
+        return InvalidField(message, path=path)
+    if isinstance(exc, msgspec.DecodeError):
+        message, path = error_path(exc)
+        return BadRequest(message, path=path)
+    if isinstance(exc, APIError) and exc.err_code in _FULL:
+        return Unavailable(f"{_FULL[exc.err_code]} ({exc.description}); retry later")
+    if isinstance(exc, (NatsTimeout, NoRespondersError, asyncio.TimeoutError)):
+        return Unavailable("JetStream did not answer in time; retry with the same Idempotency-Key")
+    log.error("internal error", exc_info=exc)
+    return RequestError("internal error; see the gateway's log", code=500)
+
+
+class Gateway:
+    """The gateway service on one connection. `async with Gateway(nc, settings):` serves."""
+
+    def __init__(self, nc: Client, settings: Settings, topology: Topology | None = None) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.topology = topology or Topology.from_settings(settings)
+        self.js = nc.jetstream(timeout=settings.request_timeout)
+        self.positions = Positions(nc, self.topology, timeout=settings.request_timeout)
+        self.events = EventPublisher(self.js, self.topology)
+        self._service: Service | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(settings.gateway_concurrency)
+        self._pools: set[str] = set()
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> Gateway:
+        await self.topology.ensure(self.js)
+        self.jobs = JobStore(await self.js.key_value(self.topology.jobs_bucket))
+        self.idempotency = await self.js.key_value(self.topology.idempotency_bucket)
+        self.directory = WorkerDirectory(await self.js.key_value(self.topology.workers_bucket))
+        self._pools = set(await self.topology.pools(self.js))
+        group = self.topology.service_name
+        self._service = await add_service(
+            self.nc,
+            name=group,
+            version=__version__,
+            description="evalq: validates and enqueues lmms-eval jobs",
+            queue_group=group,
+        )
+        endpoints: dict[str, Handler] = {
+            "submit": self.submit,
+            "status": self.status,
+            "cancel": self.cancel,
+            "queue": self.queue,
+            "health": self.health,
+            "tasks": self.tasks,
+            "models": self.models,
+        }
+        for name, handler in endpoints.items():
+            await self._service.add_endpoint(
+                name=name, subject=self.topology.subject(name), handler=self._spawn(handler), queue_group=group
+            )
+        log.info("gateway %s serving %s.* on %s", self._service.id, self.topology.prefix, self.nc.connected_url)
+        return self
+
+    async def stop(self) -> None:
+        """Stop taking requests, then let those in flight finish."""
+        if self._service is not None:
+            await self._service.stop()
+            self._service = None
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.settings.request_timeout)
+
+    async def __aenter__(self) -> Gateway:
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # --- the error boundary ------------------------------------------------------------
+
+    def _spawn(self, handler: Handler) -> Callable[[Request], Awaitable[None]]:
+        # nats-py runs one subscription's callbacks one after another; a task per request
+        # keeps a slow JetStream round trip from holding up every other request.
+        async def on_request(request: Request) -> None:
+            task = asyncio.create_task(self._serve(handler, request))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return on_request
+
+    async def _serve(self, handler: Handler, request: Request) -> None:
+        async with self._slots:
+            try:
+                reply = encode(await handler(request))
+            except Exception as exc:
+                error = as_request_error(exc)
+                description = " ".join(error.message.split())[:512]
+                await self._respond(request, encode(error.to_body()), str(error.code), description)
+                return
+            await self._respond(request, reply)
+
+    @staticmethod
+    async def _respond(request: Request, data: bytes, code: str | None = None, description: str = "") -> None:
+        try:
+            if code is None:
+                await request.respond(data, headers={"Content-Type": "application/json"})
+            else:
+                await request.respond_error(code, description, data, headers={"Content-Type": "application/json"})
+        except ValueError:
+            pass  # published without a reply subject: nobody to answer
+        except Exception:
+            log.warning("could not send a reply", exc_info=True)
+
+    # --- endpoints -------------------------------------------------------------------------
+
+    async def submit(self, request: Request) -> JobAccepted:
+        if len(request.data) > self.settings.max_request_bytes:
+            raise TooLarge(
+                f"request body is {len(request.data)} bytes; the limit is {self.settings.max_request_bytes}"
+            )
+        job = decode(request.data, EvaluateRequest)
+        await self._check_pool(job.pool)
+        await self.directory.check(job)
+
+        job_id, duplicate = str(uuid.uuid4()), False
+        key = (request.headers or {}).get("Idempotency-Key")
+        if key is not None:
+            if not key or len(key) > _KEY_MAX:
+                raise BadRequest(f"Idempotency-Key must be 1 to {_KEY_MAX} characters", path="$")
+            digest = hashlib.sha256(key.encode()).hexdigest()
+            try:
+                await self.idempotency.create(digest, job_id.encode())
+            except KeyWrongLastSequenceError:
+                entry = await self.idempotency.get(digest)
+                job_id, duplicate = (entry.value or b"").decode(), True
+                existing = await self.jobs.get(job_id)
+                if existing is not None:
+                    return await self._accepted(existing[0], duplicate=True)
+                # The first attempt died before recording the job: finish its work under
+                # the same id. The stream's Nats-Msg-Id window keeps it to one message.
+
+        created = now()
+        ack = await self.js.publish(
+            self.topology.work_subject(job.pool, job_id),
+            encode(WorkItem(job_id=job_id, request=job, created_at=created)),
+            stream=self.topology.work_stream(job.pool),
+            headers={"Nats-Msg-Id": job_id},
+        )
+        info = JobInfo(
+            job_id=job_id,
+            status="queued",
+            created_at=created,
+            request=job,
+            stream_seq=ack.seq,
+            labels=job.labels,
+            pool=job.pool,
+        )
+
+        async def record() -> None:
+            # The event goes first: a worker waits for the record, so by then `queued` is
+            # already in the events stream ahead of `started`.
+            await self.events.publish(
+                Queued(job_id=job_id, time=created, labels=job.labels, pool=job.pool, stream_seq=ack.seq)
+            )
+            await self.jobs.create(info)
+
+        _, position = await asyncio.gather(record(), self.positions.position(job.pool, ack.seq))
+        return JobAccepted(
+            job_id=job_id,
+            status="queued",
+            position_in_queue=position,
+            stream_seq=ack.seq,
+            duplicate=duplicate or bool(ack.duplicate),
+            message="Job queued (duplicate of an earlier submission)" if duplicate else "Job queued",
+        )
+
+    async def _accepted(self, info: JobInfo, *, duplicate: bool) -> JobAccepted:
+        position = None
+        if info.status == "queued" and info.stream_seq is not None:
+            position = await self.positions.position(info.pool, info.stream_seq)
+        return JobAccepted(
+            job_id=info.job_id,
+            status=info.status,
+            position_in_queue=position,
+            stream_seq=info.stream_seq or 0,
+            duplicate=duplicate,
+            message=f"Duplicate of an earlier submission; the job is {info.status}",
+        )
+
+    async def _check_pool(self, pool: str) -> None:
+        if pool in self._pools:
+            return
+        if await self.topology.has_pool(self.js, pool):
+            self._pools.add(pool)
+            return
+        known = await self.topology.pools(self.js)
+        self._pools = set(known)
+        raise InvalidField(
+            f"unknown pool {pool!r}; known pools: {', '.join(known) or 'none'} (a worker creates its pool when it starts)",
+            path="$.pool",
+        )
+
+    async def _job(self, request: Request) -> tuple[str, JobInfo]:
+        ref = decode(request.data or b"{}", JobRef)
+        found = await self.jobs.get(ref.job_id)
+        if found is None:
+            raise JobNotFound(f"no job {ref.job_id}", path="$.job_id")
+        return ref.job_id, found[0]
+
+    async def status(self, request: Request) -> JobInfo:
+        _, info = await self._job(request)
+        if info.status == "queued" and info.stream_seq is not None:
+            position = await self.positions.position(info.pool, info.stream_seq)
+            info = msgspec.structs.replace(info, position_in_queue=position)
+        return info
+
+    async def cancel(self, request: Request) -> CancelReply:
+        job_id, _ = await self._job(request)
+        stamp = now()
+
+        def change(info: JobInfo) -> JobInfo | None:
+            if info.status == "queued":
+                return msgspec.structs.replace(
+                    info, status="cancelled", completed_at=stamp, cancel_requested_at=stamp, error="cancelled while queued"
+                )
+            if info.status == "running":
+                return msgspec.structs.replace(info, status="cancelling", cancel_requested_at=stamp)
+            return None
+
+        moved = await self.jobs.transition(job_id, change)
+        if moved is None:
+            current = await self.jobs.get(job_id)
+            status = current[0].status if current else "unknown"
+            if status == "cancelling":
+                return CancelReply(job_id=job_id, status="cancelling", message="Cancellation already requested")
+            raise WrongState(f"job {job_id} is {status}; only queued or running jobs can be cancelled", path="$.job_id")
+        before, after = moved
+        if after.status == "cancelled":
+            if before.stream_seq is not None:
+                try:
+                    # Deleting it from the stream is what takes it out of every position.
+                    await self.js.delete_msg(self.topology.work_stream(before.pool), before.stream_seq)
+                except NotFoundError:
+                    pass  # a worker already took it; it will see the record and skip it
+            await self.events.publish(
+                Cancelled(job_id=job_id, time=stamp, labels=after.labels, reason="cancelled while queued")
+            )
+            return CancelReply(job_id=job_id, status="cancelled", message="Removed from the queue")
+        return CancelReply(
+            job_id=job_id, status="cancelling", message=f"Stopping the evaluation on worker {after.worker}"
+        )
+
+    async def queue(self, request: Request) -> QueueStatus:
+        pools = sorted(self._pools | set(await self.topology.pools(self.js)))
+        snapshots, ids, counts, workers = await asyncio.gather(
+            asyncio.gather(*(self.positions.snapshot(p) for p in pools)),
+            asyncio.gather(*(self._queued_ids(p) for p in pools)),
+            self._terminal_counts(),
+            self.directory.workers(fresh=True),
+        )
+        running = sorted({w.current_job for w in workers if w.current_job})
+        queued = {pool: [j for j in pool_ids if j not in running] for pool, pool_ids in zip(pools, ids)}
+        return QueueStatus(
+            queue_size=sum(s.queued for s in snapshots),
+            queued_jobs=queued,
+            running_jobs=running,
+            completed_jobs=counts["completed"],
+            failed_jobs=counts["failed"],
+            cancelled_jobs=counts["cancelled"],
+            workers=workers,
+        )
+
+    async def _queued_ids(self, pool: str, limit: int = 1000) -> list[str]:
+        """Job ids in run order (the first `limit`), read from the stream itself."""
+        stream = self.topology.work_stream(pool)
+        head = f"{self.topology.prefix}.work.{pool}."
+        ids: list[str] = []
+        seq = 1
+        while len(ids) < limit:
+            body = encode({"seq": seq, "next_by_subj": f"{head}>"})
+            reply = await self.nc.request(f"$JS.API.STREAM.MSG.GET.{stream}", body, timeout=self.settings.request_timeout)
+            got = _msg_get.decode(reply.data)
+            if got.message is None:
+                break
+            ids.append(got.message.subject[len(head) :])
+            seq = got.message.seq + 1
+        return ids
+
+    async def _terminal_counts(self) -> dict[str, int]:
+        """Counts of terminal events still in the events stream (its max_age bounds them)."""
+
+        async def count(kind: str) -> int:
+            info = await self.js.add_consumer(
+                self.topology.events_stream,
+                filter_subject=self.topology.events_filter("*", kind),
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.ALL,
+                inactive_threshold=5.0,
+                mem_storage=True,
+            )
+            try:
+                return info.num_pending or 0
+            finally:
+                await self.js.delete_consumer(self.topology.events_stream, info.name)
+
+        kinds = ("completed", "failed", "cancelled")
+        values = await asyncio.gather(*(count(k) for k in kinds))
+        return dict(zip(kinds, values))
+
+    async def health(self, request: Request) -> Health:
+        pools = sorted(self._pools | set(await self.topology.pools(self.js)))
+        snapshots, workers = await asyncio.gather(
+            asyncio.gather(*(self.positions.snapshot(p) for p in pools)), self.directory.workers(fresh=True)
+        )
+        return Health(
+            status="healthy" if self.nc.is_connected else "degraded",
+            timestamp=now(),
+            version=__version__,
+            pools=pools,
+            queue_size=sum(s.queued for s in snapshots),
+            workers=workers,
+        )
+
+    async def tasks(self, request: Request) -> TasksReply:
+        return TasksReply(tasks=await self.directory.tasks())
+
+    async def models(self, request: Request) -> ModelsReply:
+        return ModelsReply(models=await self.directory.models())
+
+
+
