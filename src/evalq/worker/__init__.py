@@ -1,0 +1,5 @@
+"""The worker: runs lmms-eval jobs from its pool's durable consumer."""
+
+from .service import Worker
+
+__all__ = ["Worker"]

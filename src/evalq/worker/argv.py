@@ -1,0 +1,102 @@
+"""The lmms-eval command line for one job, built from the validated request.
+
+Every value is passed as one `--flag=value` argv element, never through a shell, so no
+field can add a flag or a command: a value that starts with `-` stays a value.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from ..schemas import EvaluateRequest
+
+__all__ = ["build_argv", "format_args", "scrubbed_env"]
+
+# Variables that would make lmms-eval (torch.distributed, accelerate) think it is one rank
+# of someone else's job; a worker may itself run under SLURM or torchrun.
+_SCRUB_EXACT = {
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+}
+_SCRUB_PREFIXES = ("SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_", "ACCELERATE_")
+
+
+def format_args(args: Mapping[str, object] | str | None) -> str:
+    """lmms-eval's `k=v,k=v` form (values were validated to hold no `,` or `=`)."""
+    if args is None:
+        return ""
+    if isinstance(args, str):
+        return args
+    parts = []
+    for key, value in args.items():
+        text = str(value) if not isinstance(value, bool) else ("True" if value else "False")
+        parts.append(f"{key}={text}")
+    return ",".join(parts)
+
+
+def build_argv(
+    request: EvaluateRequest,
+    *,
+    output_path: str | os.PathLike[str],
+    include_path: str | os.PathLike[str] | None = None,
+    evaluator: Sequence[str] = (),
+    python: str = sys.executable,
+) -> list[str]:
+    if evaluator:
+        argv = list(evaluator)
+    elif request.num_gpus > 1:
+        argv = [
+            python,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            f"--num_processes={request.num_gpus}",
+            "-m",
+            "lmms_eval",
+        ]
+    else:
+        argv = [python, "-m", "lmms_eval"]
+    argv += [f"--model={request.model}", f"--tasks={','.join(request.tasks)}"]
+    model_args = format_args(request.model_args)
+    if model_args:
+        argv.append(f"--model_args={model_args}")
+    if request.num_fewshot is not None:
+        argv.append(f"--num_fewshot={request.num_fewshot}")
+    if request.batch_size is not None:
+        argv.append(f"--batch_size={request.batch_size}")
+    if request.device is not None:
+        argv.append(f"--device={request.device}")
+    limit = request.limit
+    # A fraction of 1.0 means everything; lmms-eval would read `1.0` as one document.
+    if limit is not None and not (isinstance(limit, float) and limit >= 1.0):
+        argv.append(f"--limit={limit}")
+    gen_kwargs = format_args(request.gen_kwargs)
+    if gen_kwargs:
+        argv.append(f"--gen_kwargs={gen_kwargs}")
+    if request.log_samples or request.predict_only:
+        argv.append("--log_samples")
+    if request.predict_only:
+        argv.append("--predict_only")
+    argv.append(f"--output_path={os.fspath(output_path)}")
+    if include_path is not None:
+        argv.append(f"--include_path={os.fspath(include_path)}")
+    return argv
+
+
+def scrubbed_env(environ: Mapping[str, str]) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in environ.items()
+        if key not in _SCRUB_EXACT and not key.startswith(_SCRUB_PREFIXES)
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

@@ -1,0 +1,96 @@
+"""One evaluation subprocess: its own process group, its output to `eval.log`, progress out.
+
+The group matters: lmms-eval starts data-loader workers and accelerate starts one
+process per GPU, and a cancel must end all of them, not just the leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from ..schemas import Progress
+from .progress import ProgressParser
+
+__all__ = ["EvalProcess"]
+
+
+class EvalProcess:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: Path,
+        log_path: Path,
+        on_progress: Callable[[Progress], None] = lambda progress: None,
+    ) -> None:
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.cwd = cwd
+        self.log_path = log_path
+        self.on_progress = on_progress
+        self.process: asyncio.subprocess.Process | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self.ended_at: float | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=self.cwd,
+            env=self.env,
+            start_new_session=True,  # its own session and process group, pgid == pid
+        )
+        self._pump = asyncio.create_task(self._read_output())
+
+    async def _read_output(self) -> None:
+        assert self.process and self.process.stdout
+        parser = ProgressParser()
+        with open(self.log_path, "ab") as log:
+            while True:
+                chunk = await self.process.stdout.read(65536)
+                if not chunk:
+                    break
+                log.write(chunk)
+                log.flush()
+                for progress in parser.feed(chunk):
+                    self.on_progress(progress)
+
+    async def wait(self) -> int:
+        """Wait for the leader to exit, then end whatever it left in its group."""
+        assert self.process
+        code = await self.process.wait()
+        self.ended_at = asyncio.get_running_loop().time()
+        self._signal_group(signal.SIGKILL)
+        if self._pump:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pump), 10)
+        return code
+
+    async def terminate(self, grace: float) -> None:
+        """SIGTERM to the whole group, SIGKILL after `grace` seconds."""
+        if self.process is None or self.process.returncode is not None:
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(self.process.wait()), grace)
+        except asyncio.TimeoutError:
+            self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, sig: int) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, sig)

@@ -1,0 +1,589 @@
+"""The worker: one durable pull consumer, one job at a time, lmms-eval in a subprocess.
+
+Per job: read the record, compare-and-set it to `running`, publish `started`, run the
+evaluation while keeping the message alive (`in_progress`), following the record for a
+cancel, and turning tqdm bars into `progress`. The outcome is read from the results file,
+recorded with a compare-and-set (so exactly one terminal record and event exist), and
+only then is the message acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import NotFoundError
+
+from .. import __version__
+from ..config import Settings
+from ..events import EventPublisher
+from ..jobstore import JobStore
+from ..schemas import (
+    TERMINAL,
+    Cancelled,
+    Completed,
+    Event,
+    Failed,
+    GpuInfo,
+    JobInfo,
+    JobResult,
+    Progress,
+    ProgressEvent,
+    Requeued,
+    Started,
+    WorkerInfo,
+    WorkItem,
+    decode,
+    encode,
+    now,
+)
+from ..topology import Topology
+from .argv import build_argv, scrubbed_env
+from .results import collect, metrics_of, safe_name, tail
+from .runner import EvalProcess
+from .taskpaths import build_include_dir
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("evalq.worker")
+
+_INVENTORY_MARK = "@@EVALQ-INVENTORY@@"
+
+
+@dataclass
+class _Current:
+    """The job in hand, and why it may have to stop early."""
+
+    info: JobInfo
+    msg: Msg
+    attempt: int
+    process: EvalProcess | None = None
+    cancel_requested_at: float | None = None
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    requeue: asyncio.Event = field(default_factory=asyncio.Event)
+    last_progress_at: float = 0.0
+    last_phase: str = ""
+
+
+class Worker:
+    """`async with Worker(nc, settings) as worker: await worker.run()`.
+
+    `request_stop()` (or SIGTERM/SIGINT when `handle_signals`) stops fetching; the job in
+    hand then finishes within `grace` (shutdown_mode "finish") or is ended and handed back
+    at once with `nak()` (shutdown_mode "requeue").
+    """
+
+    def __init__(self, nc: Client, settings: Settings, topology: Topology | None = None) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.topology = topology or Topology.from_settings(settings)
+        self.js = nc.jetstream(timeout=settings.request_timeout)
+        self.pool = settings.pool
+        host = socket.gethostname()
+        self.worker_id = settings.worker_id or re.sub(
+            r"[^A-Za-z0-9_\-]", "-", f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
+        self.events = EventPublisher(self.js, self.topology)
+        self.results_root = settings.results_root
+        self.state_dir = settings.home_path / "worker" / self.worker_id
+        self.info = WorkerInfo(
+            worker_id=self.worker_id, host=host, pid=os.getpid(), pool=self.pool, version=__version__, started_at=now()
+        )
+        self.current: _Current | None = None
+        self.jobs_run = 0
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._signals: list[int] = []
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> Worker:
+        await self.topology.ensure(self.js, pools=(self.pool,))
+        self.jobs = JobStore(await self.js.key_value(self.topology.jobs_bucket))
+        self.workers_kv = await self.js.key_value(self.topology.workers_bucket)
+        self.results = await self.js.object_store(self.topology.results_bucket)
+        self.sub = await self.js.pull_subscribe_bind(self.topology.consumer, self.topology.work_stream(self.pool))
+        self.results_root.mkdir(parents=True, exist_ok=True)
+        self.include_dir = build_include_dir(self.state_dir / "tasks", self.settings.task_paths)
+        await self._register()
+        self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        if self.settings.advertise_inventory:
+            self._tasks.append(asyncio.create_task(self._take_inventory(), name="inventory"))
+        if self.settings.handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+                self._signals.append(sig)
+        log.info("worker %s serving pool %s", self.worker_id, self.pool)
+        return self
+
+    async def stop(self) -> None:
+        self.request_stop()
+        loop = asyncio.get_running_loop()
+        for sig in self._signals:
+            loop.remove_signal_handler(sig)
+        self._signals.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await self.workers_kv.delete(self.worker_id)
+        with contextlib.suppress(Exception):
+            await self.sub.unsubscribe()
+
+    async def __aenter__(self) -> Worker:
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def request_stop(self) -> None:
+        """Stop taking jobs; see the class docstring for the job in hand."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self.current is not None:
+            self._stop_job(self.current)
+
+    def _stop_job(self, current: _Current) -> None:
+        if self.settings.shutdown_mode == "requeue":
+            current.requeue.set()
+        else:
+            asyncio.get_running_loop().call_later(self.settings.grace, current.requeue.set)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # --- registration ----------------------------------------------------------------
+
+    async def _register(self) -> None:
+        self.info = msgspec.structs.replace(
+            self.info, heartbeat_at=now(), current_job=self.current.info.job_id if self.current else None
+        )
+        await self.workers_kv.put(self.worker_id, encode(self.info))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat)  # the heartbeat period itself
+            try:
+                await self._register()
+            except Exception as exc:  # a NATS outage must not end the heartbeat
+                log.warning("heartbeat failed: %s", exc)
+
+    async def _take_inventory(self) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "evalq.worker.inventory",
+            str(self.include_dir),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=scrubbed_env(os.environ),
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), 300)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            log.warning("listing models and tasks took over 300 s; not advertising them")
+            return
+        text = out.decode(errors="replace")
+        if _INVENTORY_MARK not in text:
+            log.warning("could not list models and tasks (exit %s)", proc.returncode)
+            return
+        data = json.loads(text.rsplit(_INVENTORY_MARK, 1)[1])
+        gpus = [msgspec.convert(g, GpuInfo) for g in data.get("gpus", [])]
+        self.info = msgspec.structs.replace(
+            self.info,
+            lmms_eval_version=data.get("lmms_eval_version"),
+            gpus=gpus,
+            gpu_count=len(gpus),
+            models=data.get("models", []),
+            tasks=data.get("tasks", []),
+        )
+        await self._register()
+        log.info("advertising %d models and %d tasks", len(self.info.models or []), len(self.info.tasks or []))
+
+    # --- the pull loop -------------------------------------------------------------------
+
+    async def run(self, *, max_jobs: int | None = None) -> None:
+        """Take jobs one at a time until stopped (or after `max_jobs`)."""
+        while not self.stopping and (max_jobs is None or self.jobs_run < max_jobs):
+            try:
+                msgs = await self.sub.fetch(1, timeout=1.0)
+            except (NatsTimeout, asyncio.TimeoutError):
+                continue
+            except Exception as exc:  # e.g. disconnected: wait for the reconnect
+                log.warning("fetch failed: %s", exc)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), 1.0)
+                continue
+            for msg in msgs:
+                if self.stopping:
+                    await msg.nak()  # taken while stopping: hand it straight back
+                    continue
+                try:
+                    await self.handle(msg)
+                except Exception:
+                    log.exception("job handling failed; the message will be redelivered")
+                finally:
+                    self.current = None
+                    self.jobs_run += 1
+                    with contextlib.suppress(Exception):
+                        await self._register()  # no longer advertise the finished job
+
+    async def _record(self, item: WorkItem, seq: int) -> JobInfo:
+        """The job's record; created from the message if the gateway never wrote it."""
+        deadline = time.monotonic() + 5.0
+        while True:
+            found = await self.jobs.get(item.job_id)
+            if found is not None:
+                return found[0]
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)  # the gateway writes it right after the PubAck
+        info = JobInfo(
+            job_id=item.job_id,
+            status="queued",
+            created_at=item.created_at,
+            request=item.request,
+            stream_seq=seq,
+            labels=item.request.labels,
+            pool=item.request.pool,
+        )
+        await self.jobs.create(info)
+        found = await self.jobs.get(item.job_id)
+        return found[0] if found else info
+
+    async def handle(self, msg: Msg) -> None:
+        meta = msg.metadata
+        attempt = meta.num_delivered or 1
+        try:
+            item = decode(msg.data, WorkItem)
+        except (msgspec.DecodeError, ValueError):
+            log.error("dropping an unreadable work message (seq %s)", meta.sequence.stream)
+            await msg.term()
+            return
+        info = await self._record(item, meta.sequence.stream)
+        job_id = info.job_id
+
+        if info.status in TERMINAL:
+            # Finished before (a crash between the record and the ack): make sure the
+            # terminal event exists, then let the message go.
+            await self._republish_terminal(info)
+            await msg.ack()
+            return
+        if info.status == "cancelling":
+            await self._finish(msg, info, "cancelled", reason="cancelled before it started")
+            return
+        if attempt > self.settings.max_attempts:
+            reason = (
+                f"gave up after {attempt - 1} attempts (max_attempts={self.settings.max_attempts}); "
+                f"the last worker was {info.worker or 'unknown'}"
+            )
+            await self._finish(msg, info, "failed", error=reason)
+            return
+        if info.status == "running":
+            await self._publish(
+                Requeued(
+                    job_id=job_id,
+                    time=now(),
+                    attempt=attempt,
+                    worker=self.worker_id,
+                    labels=info.labels,
+                    reason=f"worker {info.worker} stopped answering during attempt {info.attempts}; redelivered",
+                )
+            )
+
+        started = now()
+
+        def to_running(current: JobInfo) -> JobInfo | None:
+            if current.status not in ("queued", "running"):
+                return None
+            return msgspec.structs.replace(
+                current, status="running", attempts=attempt, worker=self.worker_id, started_at=started, progress=None
+            )
+
+        moved = await self.jobs.transition(job_id, to_running)
+        if moved is None:
+            latest = await self.jobs.get(job_id)
+            if latest is not None and latest[0].status == "cancelling":
+                await self._finish(msg, latest[0], "cancelled", reason="cancelled before it started")
+            else:
+                await msg.ack()  # cancelled while queued: nothing to run
+            return
+        info = moved[1]
+        self.current = _Current(info=info, msg=msg, attempt=attempt)
+        if self.stopping:
+            self._stop_job(self.current)
+        await self._register()
+        await self._publish(Started(job_id=job_id, time=started, attempt=attempt, worker=self.worker_id, labels=info.labels))
+        await self._run(self.current)
+
+    # --- running one job ---------------------------------------------------------------
+
+    async def _run(self, current: _Current) -> None:
+        info = current.info
+        assert info.request is not None
+        output = self._output_dir(info)
+        begun = time.monotonic()
+        if output is None:
+            await self._finish(current.msg, info, "failed", error="output_dir resolves outside the results root")
+            return
+        log_path = output / "eval.log"
+        argv = build_argv(
+            info.request, output_path=output, include_path=self.include_dir, evaluator=self.settings.evaluator
+        )
+        process = EvalProcess(
+            argv,
+            env=scrubbed_env(os.environ),
+            cwd=output,
+            log_path=log_path,
+            on_progress=lambda progress: self._on_progress(current, progress),
+        )
+        current.process = process
+        await process.start()
+        log.info("job %s attempt %d: pid %s: %s", info.job_id, current.attempt, process.pid, " ".join(argv))
+
+        helpers = [
+            asyncio.create_task(self._keep_alive(current)),
+            asyncio.create_task(self._follow_record(current)),
+        ]
+        waiting = asyncio.create_task(process.wait())
+        stop_reasons = [asyncio.create_task(current.cancel.wait()), asyncio.create_task(current.requeue.wait())]
+        try:
+            await asyncio.wait([waiting, *stop_reasons], return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                await process.terminate(self.settings.cancel_grace)
+            exit_code = await waiting
+        finally:
+            for task in helpers + stop_reasons:
+                task.cancel()
+            await asyncio.gather(*helpers, *stop_reasons, return_exceptions=True)
+            if not waiting.done():
+                await process.terminate(0.5)
+                waiting.cancel()
+
+        duration = round(time.monotonic() - begun, 3)
+        if current.cancel.is_set():
+            latency = None
+            if current.cancel_requested_at is not None and process.ended_at is not None:
+                latency = round(max(0.0, process.ended_at - current.cancel_requested_at), 3)
+            await self._finish(current.msg, info, "cancelled", reason="cancelled while running", latency=latency)
+            return
+        if current.requeue.is_set():
+            await self._requeue(current, f"worker {self.worker_id} is shutting down")
+            return
+        files = collect(output)
+        metrics = None
+        problem = "no *_results.json was written"
+        if files.results is not None:
+            try:
+                metrics = metrics_of(files.results)
+            except (ValueError, OSError) as exc:
+                problem = f"{files.results.name} could not be read: {exc}"
+        if metrics is None:
+            log_tail = tail(log_path, self.settings.log_tail_lines)
+            last = log_tail.splitlines()[-1] if log_tail else ""
+            error = f"lmms-eval exited with code {exit_code} and {problem}" + (f": {last}" if last else "")
+            await self._upload(info.job_id, [(log_path, "eval.log")])
+            await self._finish(current.msg, info, "failed", error=error, exit_code=exit_code, log_tail=log_tail)
+            return
+        artifacts = [(files.results, "results.json")] if files.results else []
+        artifacts += [(sample, f"samples/{safe_name(sample.name)}") for sample in files.samples]
+        artifacts.append((log_path, "eval.log"))
+        names = await self._upload(info.job_id, artifacts)
+        await self._finish(
+            current.msg,
+            info,
+            "completed",
+            result=JobResult(metrics=metrics, artifacts=names, duration_s=duration),
+        )
+
+    def _output_dir(self, info: JobInfo) -> Path | None:
+        assert info.request is not None
+        root = self.results_root.resolve()
+        output = root / (info.request.output_dir or "") / info.job_id
+        output.mkdir(parents=True, exist_ok=True)
+        # A symlink planted under the root must not lead the job (or its upload) outside.
+        resolved = output.resolve()
+        if not resolved.is_relative_to(root):
+            return None
+        return resolved
+
+    async def _keep_alive(self, current: _Current) -> None:
+        period = max(0.5, self.settings.ack_wait / 3)
+        while True:
+            await asyncio.sleep(period)  # well inside ack_wait, so the job is not redelivered
+            try:
+                await current.msg.in_progress()
+            except Exception as exc:
+                log.warning("in_progress failed: %s", exc)
+
+    async def _follow_record(self, current: _Current) -> None:
+        """Watch the job's record; a `cancelling` status ends the evaluation."""
+        while True:
+            try:
+                watcher = await self.jobs.kv.watch(current.info.job_id)
+                async for entry in watcher:
+                    if entry is None or not entry.value:
+                        continue
+                    record = decode(entry.value, JobInfo)
+                    if record.status == "cancelling":
+                        current.cancel_requested_at = asyncio.get_running_loop().time()
+                        current.cancel.set()
+                        return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # reconnecting: watch again
+                log.warning("watching job %s: %s", current.info.job_id, exc)
+                await asyncio.sleep(1.0)
+
+    def _on_progress(self, current: _Current, progress: Progress) -> None:
+        clock = time.monotonic()
+        phase_changed = progress.phase != current.last_phase
+        if not phase_changed and clock - current.last_progress_at < self.settings.progress_interval:
+            return
+        current.last_progress_at = clock
+        current.last_phase = progress.phase
+        asyncio.get_running_loop().create_task(self._report_progress(current, progress))
+
+    async def _report_progress(self, current: _Current, progress: Progress) -> None:
+        def update(info: JobInfo) -> JobInfo | None:
+            return msgspec.structs.replace(info, progress=progress) if info.status == "running" else None
+
+        try:
+            await self.jobs.transition(current.info.job_id, update)
+            await self._publish(
+                ProgressEvent(
+                    job_id=current.info.job_id,
+                    time=now(),
+                    attempt=current.attempt,
+                    worker=self.worker_id,
+                    labels=current.info.labels,
+                    progress=progress,
+                )
+            )
+        except Exception as exc:
+            log.debug("progress not reported: %s", exc)
+
+    async def _upload(self, job_id: str, files: list[tuple[Path, str]]) -> list[str]:
+        names = []
+        for path, name in files:
+            if path.is_symlink() or not path.is_file():
+                continue
+            object_name = f"{job_id}/{name}"
+            await self.results.put(object_name, path.read_bytes())
+            names.append(object_name)
+        return names
+
+    # --- outcomes ------------------------------------------------------------------------
+
+    async def _finish(
+        self,
+        msg: Msg,
+        info: JobInfo,
+        status: str,
+        *,
+        reason: str = "",
+        error: str | None = None,
+        exit_code: int | None = None,
+        log_tail: str | None = None,
+        result: JobResult | None = None,
+        latency: float | None = None,
+    ) -> None:
+        """Record the terminal state (compare-and-set), publish its event, then ack."""
+        stamp = now()
+
+        def to_terminal(current: JobInfo) -> JobInfo | None:
+            if current.status in TERMINAL:
+                return None
+            return msgspec.structs.replace(
+                current,
+                status=status,  # type: ignore[arg-type]
+                completed_at=stamp,
+                result=result,
+                error=error if status == "failed" else (reason or None if status == "cancelled" else None),
+                progress=current.progress,
+            )
+
+        moved = await self.jobs.transition(info.job_id, to_terminal)
+        if moved is not None:
+            event = self._terminal_event(moved[1], reason, exit_code, log_tail, latency)
+            if not await self._publish(event):
+                # Leave the message unacked: its redelivery finds the terminal record and
+                # publishes the missing event (deduplicated by Nats-Msg-Id).
+                return
+        await msg.ack()
+
+    def _terminal_event(
+        self, info: JobInfo, reason: str, exit_code: int | None, log_tail: str | None, latency: float | None
+    ) -> Event:
+        common = dict(job_id=info.job_id, time=info.completed_at or now(), attempt=info.attempts, worker=self.worker_id, labels=info.labels)
+        if info.status == "completed":
+            result = info.result or JobResult()
+            return Completed(**common, metrics=result.metrics, artifacts=result.artifacts, duration_s=result.duration_s)  # type: ignore[arg-type]
+        if info.status == "failed":
+            return Failed(**common, error=info.error or "failed", exit_code=exit_code, log_tail=log_tail)  # type: ignore[arg-type]
+        return Cancelled(**common, reason=reason or info.error or "cancelled", cancel_latency_s=latency)  # type: ignore[arg-type]
+
+    async def _republish_terminal(self, info: JobInfo) -> None:
+        for kind in ("completed", "failed", "cancelled"):
+            try:
+                await self.js.get_last_msg(self.topology.events_stream, self.topology.event_subject(info.job_id, kind))
+                return  # it exists
+            except NotFoundError:
+                continue
+        await self._publish(self._terminal_event(info, info.error or "", None, None, None))
+
+    async def _requeue(self, current: _Current, reason: str) -> None:
+        def to_queued(info: JobInfo) -> JobInfo | None:
+            if info.status != "running":
+                return None
+            return msgspec.structs.replace(info, status="queued", worker=None, progress=None)
+
+        moved = await self.jobs.transition(current.info.job_id, to_queued)
+        if moved is None:
+            latest = await self.jobs.get(current.info.job_id)
+            if latest is not None and latest[0].status == "cancelling":
+                await self._finish(current.msg, latest[0], "cancelled", reason="cancelled during shutdown")
+                return
+        await self._publish(
+            Requeued(
+                job_id=current.info.job_id,
+                time=now(),
+                attempt=current.attempt,
+                worker=self.worker_id,
+                labels=current.info.labels,
+                reason=reason,
+            )
+        )
+        await current.msg.nak()
+
+    async def _publish(self, event: Event) -> bool:
+        try:
+            await self.events.publish(event)
+        except Exception as exc:
+            log.warning("could not publish %s for %s: %s", type(event).__name__, event.job_id, exc)
+            return False
+        return True
