@@ -1,0 +1,682 @@
+"""The `evalq` command: run the services, submit and follow jobs.
+
+Every command has `--help` with an example and `--json` for scripts. Errors are one
+line on stderr, never a traceback. Exit codes: 0 ok (a watched job completed), 1 error
+or a failed job, 2 usage, 3 a cancelled job, 4 a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import msgspec
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .config import Settings, load_settings
+from .errors import EvalqError, JobCancelled, JobFailed
+from .publisher import AsyncClient
+from .schemas import (
+    Cancelled,
+    Completed,
+    Event,
+    Failed,
+    JobInfo,
+    ProgressEvent,
+    Queued,
+    Requeued,
+    Started,
+)
+
+app = typer.Typer(
+    name="evalq",
+    help="A durable job queue for lmms-eval evaluations over NATS JetStream.\n\n"
+    "Quick start:  evalq up  (in one terminal), then\n\n"
+    "  evalq submit --model dummy --tasks evalq_demo --wait",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+console = Console()
+errors = Console(stderr=True)
+
+EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMEOUT = 1, 3, 4
+
+T = TypeVar("T")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (one object, or JSON lines) for scripts.")]
+
+
+def _settings(ctx: typer.Context, **flags: Any) -> Settings:
+    base: dict[str, Any] = dict(ctx.obj or {})
+    config = base.pop("config", None)
+    base.update(flags)
+    return load_settings(base, config=config)
+
+
+def _dump(obj: Any) -> None:
+    sys.stdout.write(msgspec.json.encode(obj).decode() + "\n")
+    sys.stdout.flush()
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    errors.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine; turn evalq's errors into one line and an exit code."""
+    try:
+        return asyncio.run(coro)
+    except JobFailed as exc:
+        raise _fail(str(exc), EXIT_FAILED) from None
+    except JobCancelled as exc:
+        raise _fail(str(exc), EXIT_CANCELLED) from None
+    except (TimeoutError, asyncio.TimeoutError):
+        raise _fail("timed out", EXIT_TIMEOUT) from None
+    except EvalqError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except OSError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _client_command(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """Run `fn(client, ...)` with a connected AsyncClient built from the global options."""
+
+    @wraps(fn)
+    def wrapper(ctx: typer.Context, *args: Any, **kwargs: Any) -> Any:
+        settings = _settings(ctx)
+
+        async def main() -> Any:
+            async with AsyncClient(settings) as client:
+                return await fn(client, *args, **kwargs)
+
+        return _run(main())
+
+    return wrapper
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    nats_url: Annotated[Optional[str], typer.Option(help="NATS server URL(s), comma-separated [env EVALQ_NATS_URL].")] = None,
+    prefix: Annotated[Optional[str], typer.Option(help="Subject prefix [env EVALQ_PREFIX].")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="A TOML settings file with an [evalq] table.")] = None,
+    creds: Annotated[Optional[str], typer.Option(help="NATS .creds file.")] = None,
+    user: Annotated[Optional[str], typer.Option(help="NATS user.")] = None,
+    password: Annotated[Optional[str], typer.Option(help="NATS password.")] = None,
+    token: Annotated[Optional[str], typer.Option(help="NATS token.")] = None,
+    nkey_seed: Annotated[Optional[str], typer.Option(help="NATS nkey seed file.")] = None,
+    tls_ca: Annotated[Optional[str], typer.Option(help="TLS CA file.")] = None,
+    tls_cert: Annotated[Optional[str], typer.Option(help="TLS client certificate.")] = None,
+    tls_key: Annotated[Optional[str], typer.Option(help="TLS client key.")] = None,
+    home: Annotated[Optional[str], typer.Option(help="Local state folder [env EVALQ_HOME].")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    """Global options come before the command: `evalq --nats-url nats://host:4222 queue`."""
+    if version:
+        console.print(f"evalq {__version__}")
+        raise typer.Exit()
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    ctx.obj = {
+        "nats_url": nats_url.split(",") if nats_url else None,
+        "prefix": prefix,
+        "config": config,
+        "creds": creds,
+        "user": user,
+        "password": password,
+        "token": token,
+        "nkey_seed": nkey_seed,
+        "tls_ca": tls_ca,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "home": home,
+    }
+
+
+# --- services -------------------------------------------------------------------------
+
+
+@app.command()
+def server(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="Client port on 127.0.0.1.")] = 4222,
+    store_dir: Annotated[Optional[Path], typer.Option(help="JetStream store (default $EVALQ_HOME/nats).")] = None,
+) -> None:
+    """Run the embedded nats-server (JetStream, 127.0.0.1) in the foreground.
+
+    Example: `evalq server --port 4222`
+    """
+    from .embedded import EmbeddedServer
+
+    settings = _settings(ctx)
+    embedded = EmbeddedServer(store_dir or settings.home_path / "nats", port=port)
+
+    async def main() -> None:
+        async with embedded:
+            console.print(f"nats-server listening on {embedded.url} (store {embedded.store_dir}); Ctrl-C stops it")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            import signal
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+
+    _run(main())
+
+
+@app.command()
+def gateway(ctx: typer.Context) -> None:
+    """Run the gateway service (validates, enqueues, answers status/cancel/queue).
+
+    Example: `EVALQ_NATS_URL=nats://10.0.0.5:4222 evalq gateway`
+    """
+    from .services import run_gateway
+
+    settings = _settings(ctx)
+    _run(run_gateway(settings, ready=lambda: errors.print(f"gateway serving {settings.prefix}.* on {', '.join(settings.nats_url)}")))
+
+
+@app.command()
+def worker(
+    ctx: typer.Context,
+    pool: Annotated[Optional[str], typer.Option(help="The pool to serve [env EVALQ_POOL].")] = None,
+    task_path: Annotated[Optional[list[str]], typer.Option(help="An extra lmms-eval task folder (repeatable).")] = None,
+    grace: Annotated[Optional[float], typer.Option(help="Seconds to finish the current job on SIGTERM.")] = None,
+    shutdown_mode: Annotated[Optional[str], typer.Option(help="'finish' (within --grace) or 'requeue' (at once).")] = None,
+    max_attempts: Annotated[Optional[int], typer.Option(help="Deliveries before a job is failed.")] = None,
+    worker_id: Annotated[Optional[str], typer.Option(help="A stable id (default host-pid-random).")] = None,
+) -> None:
+    """Run a worker: take jobs of one pool, one at a time, and run lmms-eval.
+
+    Example: `CUDA_VISIBLE_DEVICES=0 evalq worker --pool default --task-path ./my_tasks`
+    """
+    from .services import run_worker
+
+    settings = _settings(
+        ctx,
+        pool=pool,
+        task_paths=task_path or None,
+        grace=grace,
+        shutdown_mode=shutdown_mode,
+        max_attempts=max_attempts,
+        worker_id=worker_id,
+    )
+    _run(run_worker(settings, ready=lambda: errors.print(f"worker serving pool {settings.pool}")))
+
+
+@app.command()
+def up(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="Port for the embedded nats-server on 127.0.0.1.")] = 4222,
+    task_path: Annotated[Optional[list[str]], typer.Option(help="An extra lmms-eval task folder (repeatable).")] = None,
+) -> None:
+    """Run everything for one machine in one process: nats-server, a gateway and a worker.
+
+    Example: `evalq up` then, in another shell, `evalq submit --model dummy --tasks evalq_demo --wait`
+    """
+    from .services import run_up
+
+    settings = _settings(ctx, task_paths=task_path or None)
+    _run(run_up(settings, port=port, ready=lambda url: errors.print(f"evalq up: {url} (gateway + worker); Ctrl-C stops")))
+
+
+# --- jobs -----------------------------------------------------------------------------
+
+
+def _parse_pairs(items: list[str] | None, option: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise _fail(f"{option} expects k=v, got {item!r}", 2)
+        pairs[key] = value
+    return pairs
+
+
+def _number(text: str | None) -> int | float | str | None:
+    if text is None:
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return text
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="lmms-eval model name, e.g. dummy, huggingface, qwen2_5_vl.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated task names.")],
+    model_args: Annotated[Optional[str], typer.Option(help="k=v,k=v passed to the model.")] = None,
+    limit: Annotated[Optional[str], typer.Option(help="Documents per task (int) or a fraction in (0, 1].")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: Annotated[Optional[str], typer.Option(help="An int, 'auto' or 'auto:N'.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="e.g. cuda:0 or cpu.")] = None,
+    gen_kwargs: Annotated[Optional[str], typer.Option(help="k=v,k=v generation arguments.")] = None,
+    num_gpus: Annotated[int, typer.Option(help="GPUs for this job (>1 uses accelerate).")] = 1,
+    output_dir: Annotated[Optional[str], typer.Option(help="A relative folder under the worker's results root.")] = None,
+    log_samples: Annotated[bool, typer.Option(help="Keep per-sample outputs.")] = True,
+    predict_only: Annotated[bool, typer.Option(help="Generate without scoring.")] = False,
+    pool: Annotated[str, typer.Option(help="Worker pool.")] = "default",
+    label: Annotated[Optional[list[str]], typer.Option(help="k=v context echoed in events (repeatable).")] = None,
+    idempotency_key: Annotated[Optional[str], typer.Option(help="Retry-safe key: same key, same job.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the job to its end, like `evalq watch`.")] = False,
+    timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Submit an evaluation job; prints its id and queue position.
+
+    Example: `evalq submit --model dummy --tasks evalq_demo --limit 8 --label epoch=3 --wait`
+    """
+    body: dict[str, Any] = {
+        "model": model,
+        "tasks": [t for t in tasks.split(",") if t],
+        "num_gpus": num_gpus,
+        "log_samples": log_samples,
+        "predict_only": predict_only,
+        "pool": pool,
+        "labels": _parse_pairs(label, "--label"),
+    }
+    optional = {
+        "model_args": model_args,
+        "limit": _number(limit),
+        "num_fewshot": num_fewshot,
+        "batch_size": _number(batch_size),
+        "device": device,
+        "gen_kwargs": gen_kwargs,
+        "output_dir": output_dir,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    settings = _settings(ctx)
+
+    async def main() -> int:
+        async with AsyncClient(settings) as client:
+            accepted = await client.submit(body, idempotency_key=idempotency_key)
+            if json_:
+                _dump(accepted)
+            else:
+                dup = " (duplicate)" if accepted.duplicate else ""
+                console.print(
+                    f"[green]accepted[/green] {accepted.job_id}{dup}  position {accepted.position_in_queue}  "
+                    f"(pool {pool}, stream seq {accepted.stream_seq})",
+                    highlight=False,
+                )
+            if not wait:
+                return 0
+            return await _follow(client, accepted.job_id, json_, timeout)
+
+    code = _run(main())
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(ctx: typer.Context, job_id: str, json_: JsonOpt = False) -> None:
+    """Show one job's record (live queue position while queued).
+
+    Example: `evalq status 3f7bc3b2-786a-46c5-9a50-2574cb77978d --json`
+    """
+
+    async def main(client: AsyncClient) -> None:
+        info = await client.get_job(job_id)
+        if json_:
+            _dump(info)
+            return
+        _print_job(info)
+
+    _client_command(main)(ctx)
+
+
+@app.command()
+def cancel(ctx: typer.Context, job_id: str, json_: JsonOpt = False) -> None:
+    """Cancel a queued or running job (a running one becomes `cancelling`, then `cancelled`).
+
+    Example: `evalq cancel 3f7bc3b2-786a-46c5-9a50-2574cb77978d`
+    """
+
+    async def main(client: AsyncClient) -> None:
+        reply = await client.cancel_job(job_id)
+        if json_:
+            _dump(reply)
+        else:
+            console.print(f"{reply.job_id}: [bold]{reply.status}[/bold] - {reply.message}", highlight=False)
+
+    _client_command(main)(ctx)
+
+
+@app.command()
+def watch(
+    ctx: typer.Context,
+    job_id: str,
+    timeout: Annotated[Optional[float], typer.Option(help="Give up after this many seconds (exit 4).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Follow a job's events live: a progress bar per phase, then its metrics.
+
+    Exit code 0 when it completes, 1 when it fails, 3 when it is cancelled.
+    Example: `evalq watch 3f7bc3b2-786a-46c5-9a50-2574cb77978d`
+    """
+    settings = _settings(ctx)
+
+    async def main() -> int:
+        async with AsyncClient(settings) as client:
+            await client.get_job(job_id)  # 404 before waiting on an unknown id
+            return await _follow(client, job_id, json_, timeout)
+
+    raise typer.Exit(_run(main()))
+
+
+async def _follow(client: AsyncClient, job_id: str, json_: bool, timeout: float | None) -> int:
+    final: Event | None = None
+    async with asyncio.timeout(timeout):
+        if json_:
+            async for event in client.watch(job_id):
+                _dump(event)
+                final = event
+        else:
+            final = await _follow_pretty(client, job_id)
+    if isinstance(final, Completed):
+        if not json_:
+            _print_metrics(final.metrics)
+        return 0
+    if isinstance(final, Failed):
+        if not json_:
+            errors.print(f"[red]failed:[/red] {final.error}", highlight=False)
+            if final.log_tail:
+                errors.print("\n".join(final.log_tail.splitlines()[-10:]), highlight=False, markup=False)
+        return EXIT_FAILED
+    if isinstance(final, Cancelled):
+        if not json_:
+            errors.print(f"[yellow]cancelled:[/yellow] {final.reason}", highlight=False)
+        return EXIT_CANCELLED
+    return EXIT_FAILED
+
+
+async def _follow_pretty(client: AsyncClient, job_id: str) -> Event | None:
+    final: Event | None = None
+    bars: dict[str, TaskID] = {}
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        async for event in client.watch(job_id):
+            final = event
+            if isinstance(event, Queued):
+                progress.console.print(f"queued   {job_id} (pool {event.pool})", highlight=False)
+            elif isinstance(event, Started):
+                progress.console.print(f"started  on {event.worker} (attempt {event.attempt})", highlight=False)
+            elif isinstance(event, Requeued):
+                progress.console.print(f"requeued {event.reason}", highlight=False)
+            elif isinstance(event, ProgressEvent):
+                p = event.progress
+                if p.phase not in bars:
+                    bars[p.phase] = progress.add_task(p.phase, total=p.total)
+                progress.update(bars[p.phase], completed=p.done, total=p.total)
+            elif isinstance(event, Completed):
+                for task_id in bars.values():
+                    task = progress.tasks[task_id]
+                    progress.update(task_id, completed=task.total)
+                progress.console.print(f"completed in {event.duration_s}s", highlight=False)
+    return final
+
+
+def _print_metrics(metrics: dict[str, dict[str, Any]]) -> None:
+    table = Table(title="metrics")
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for task, values in metrics.items():
+        for name, value in values.items():
+            table.add_row(task, name, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def _print_job(info: JobInfo) -> None:
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    rows: list[tuple[str, Any]] = [
+        ("job", info.job_id),
+        ("status", info.status),
+        ("pool", info.pool),
+        ("position", info.position_in_queue),
+        ("attempts", info.attempts),
+        ("worker", info.worker),
+        ("created", info.created_at),
+        ("started", info.started_at),
+        ("finished", info.completed_at),
+        ("labels", ", ".join(f"{k}={v}" for k, v in info.labels.items()) or None),
+        ("model", info.request.model if info.request else None),
+        ("tasks", ",".join(info.request.tasks) if info.request else None),
+        ("progress", f"{info.progress.phase} {info.progress.done}/{info.progress.total}" if info.progress else None),
+        ("error", info.error),
+    ]
+    for key, value in rows:
+        if value is not None:
+            table.add_row(key, str(value))
+    console.print(table)
+    if info.result and info.result.metrics:
+        _print_metrics(info.result.metrics)
+
+
+@app.command()
+def results(
+    ctx: typer.Context,
+    job_id: str,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write into (a <job_id> folder is made).")] = Path("."),
+    json_: JsonOpt = False,
+) -> None:
+    """Download a job's artifacts (results.json, samples, eval.log) from the object store.
+
+    Example: `evalq results 3f7bc3b2-786a-46c5-9a50-2574cb77978d -o ./runs`
+    """
+
+    async def main(client: AsyncClient) -> None:
+        files = await client.results(job_id, output)
+        if not files:
+            raise _fail(f"no artifacts stored for job {job_id}")
+        if json_:
+            _dump({"job_id": job_id, "files": [str(f) for f in files]})
+        else:
+            for path in files:
+                console.print(str(path), highlight=False)
+
+    _client_command(main)(ctx)
+
+
+@app.command()
+def events(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Option(help="Only this job's events.")] = "*",
+    history: Annotated[bool, typer.Option("--history", help="Start from the oldest stored event.")] = False,
+    count: Annotated[Optional[int], typer.Option(help="Stop after this many events.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Tail every job's events, one line each (`--json` for JSON lines).
+
+    Example: `evalq events --json | jq 'select(.type == "completed") | .metrics'`
+    """
+
+    async def main(client: AsyncClient) -> None:
+        seen = 0
+        async for event in client.events(job, history=history):
+            if json_:
+                _dump(event)
+            else:
+                console.print(_event_line(event), highlight=False)
+            seen += 1
+            if count is not None and seen >= count:
+                return
+
+    _client_command(main)(ctx)
+
+
+def _event_line(event: Event) -> str:
+    kind = type(event).__struct_config__.tag  # type: ignore[attr-defined]
+    detail = ""
+    if isinstance(event, ProgressEvent):
+        detail = f"{event.progress.phase} {event.progress.done}/{event.progress.total}"
+    elif isinstance(event, Completed):
+        detail = json.dumps(event.metrics)
+    elif isinstance(event, Failed):
+        detail = event.error
+    elif isinstance(event, (Cancelled, Requeued)):
+        detail = event.reason
+    labels = " ".join(f"{k}={v}" for k, v in event.labels.items())
+    return f"{event.time} {event.job_id} {kind:<9} {event.worker or '-'} {detail} {labels}".rstrip()
+
+
+@app.command()
+def queue(ctx: typer.Context, json_: JsonOpt = False) -> None:
+    """Show queued and running jobs per pool, with positions, labels, attempts and progress.
+
+    Example: `evalq queue --json`
+    """
+
+    async def main(client: AsyncClient) -> None:
+        state = await client.queue()
+        if json_:
+            _dump(state)
+            return
+        table = Table(title=f"queue: {state.queue_size} waiting, {len(state.running_jobs)} running")
+        for column in ("pool", "position", "job", "status", "labels", "attempts", "worker", "progress"):
+            table.add_column(column)
+        ids = [(None, job) for job in state.running_jobs] + [
+            (pool, job) for pool, jobs in state.queued_jobs.items() for job in jobs
+        ]
+        infos = await asyncio.gather(*(client.get_job(job) for _, job in ids[:200]), return_exceptions=True)
+        for info in infos:
+            if not isinstance(info, JobInfo):
+                continue
+            progress = f"{info.progress.phase} {info.progress.percent:.0f}%" if info.progress else ""
+            table.add_row(
+                info.pool,
+                "" if info.position_in_queue is None else str(info.position_in_queue),
+                info.job_id,
+                info.status,
+                " ".join(f"{k}={v}" for k, v in info.labels.items()),
+                str(info.attempts),
+                info.worker or "",
+                progress,
+            )
+        console.print(table)
+        console.print(
+            f"completed {state.completed_jobs}  failed {state.failed_jobs}  cancelled {state.cancelled_jobs}  "
+            f"workers {len(state.workers)}",
+            highlight=False,
+        )
+
+    _client_command(main)(ctx)
+
+
+@app.command()
+def workers(ctx: typer.Context, json_: JsonOpt = False) -> None:
+    """List live workers: host, pool, GPUs, lmms-eval version, current job.
+
+    Example: `evalq workers --json`
+    """
+
+    async def main(client: AsyncClient) -> None:
+        health = await client.health()
+        if json_:
+            _dump(health.workers)
+            return
+        table = Table(title=f"{len(health.workers)} workers")
+        for column in ("worker", "host", "pool", "gpus", "lmms-eval", "models", "tasks", "current job", "heartbeat"):
+            table.add_column(column)
+        for w in health.workers:
+            gpus = ", ".join(g.name for g in w.gpus) or "cpu"
+            table.add_row(
+                w.worker_id,
+                w.host,
+                w.pool,
+                gpus,
+                w.lmms_eval_version or "",
+                "?" if w.models is None else str(len(w.models)),
+                "?" if w.tasks is None else str(len(w.tasks)),
+                w.current_job or "",
+                w.heartbeat_at,
+            )
+        console.print(table)
+
+    _client_command(main)(ctx)
+
+
+@app.command()
+def health(ctx: typer.Context, json_: JsonOpt = False) -> None:
+    """Check the gateway: status, pools, queue size, workers.
+
+    Example: `evalq health --json`
+    """
+
+    async def main(client: AsyncClient) -> None:
+        state = await client.health()
+        if json_:
+            _dump(state)
+        else:
+            console.print(
+                f"{state.status}: pools {', '.join(state.pools)}; {state.queue_size} queued; "
+                f"{len(state.workers)} workers; evalq {state.version}",
+                highlight=False,
+            )
+
+    _client_command(main)(ctx)
+
+
+@app.command()
+def tasks(ctx: typer.Context, json_: JsonOpt = False) -> None:
+    """List the tasks that live workers can run.
+
+    Example: `evalq tasks | grep mmmu`
+    """
+
+    async def main(client: AsyncClient) -> None:
+        names = await client.list_tasks()
+        _dump({"tasks": names}) if json_ else console.print("\n".join(names), highlight=False)
+
+    _client_command(main)(ctx)
+
+
+@app.command()
+def models(ctx: typer.Context, json_: JsonOpt = False) -> None:
+    """List the models that live workers can run.
+
+    Example: `evalq models --json`
+    """
+
+    async def main(client: AsyncClient) -> None:
+        names = await client.list_models()
+        _dump({"models": names}) if json_ else console.print("\n".join(names), highlight=False)
+
+    _client_command(main)(ctx)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
