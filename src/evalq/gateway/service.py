@@ -108,6 +108,8 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.gateway_concurrency)
         self._pools: set[str] = set()
+        self.in_flight = 0
+        self.peak_in_flight = 0  # how many requests were being served at once, at most
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -171,6 +173,8 @@ class Gateway:
 
     async def _serve(self, handler: Handler, request: Request) -> None:
         async with self._slots:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             try:
                 reply = encode(await handler(request))
             except Exception as exc:
@@ -178,6 +182,8 @@ class Gateway:
                 description = " ".join(error.message.split())[:512]
                 await self._respond(request, encode(error.to_body()), str(error.code), description)
                 return
+            finally:
+                self.in_flight -= 1
             await self._respond(request, reply)
 
     @staticmethod

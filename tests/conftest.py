@@ -1,0 +1,169 @@
+"""Fixtures chained like the architecture: server -> connection -> topology -> gateway/worker.
+
+Every test gets its own subject prefix (so its own streams and buckets) on one real
+`nats-server -js` started for the session on a random loopback port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evalq import AsyncClient
+from evalq.config import Settings
+from evalq.connection import connect
+from evalq.embedded import EmbeddedServer
+from evalq.gateway import Gateway
+from evalq.topology import Topology
+from evalq.worker import Worker
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+os.environ.update(OFFLINE)
+
+REPO = Path(__file__).resolve().parent.parent
+EVALQ = [sys.executable, "-m", "evalq"]
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    server = EmbeddedServer(tmp_path_factory.mktemp("nats"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def settings(nats_server: EmbeddedServer, tmp_path: Path) -> Settings:
+    return Settings(
+        nats_url=[nats_server.url],
+        prefix=f"t{uuid.uuid4().hex[:10]}",
+        home=str(tmp_path / "home"),
+        handle_signals=False,
+        advertise_inventory=False,
+        ack_wait=5.0,
+        heartbeat=1.0,
+        grace=10.0,
+        cancel_grace=3.0,
+        progress_interval=0.5,
+        request_timeout=10.0,
+    )
+
+
+@pytest.fixture
+async def nc(settings: Settings) -> AsyncIterator[Any]:
+    connection = await connect(settings, name="test")
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def topology(nc: Any, settings: Settings) -> Topology:
+    topo = Topology.from_settings(settings)
+    await topo.ensure(nc.jetstream())
+    return topo
+
+
+@pytest.fixture
+async def gateway(nc: Any, settings: Settings, topology: Topology) -> AsyncIterator[Gateway]:
+    async with Gateway(nc, settings, topology) as service:
+        yield service
+
+
+@pytest.fixture
+async def client(settings: Settings, gateway: Gateway) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(settings) as evalq_client:
+        yield evalq_client
+
+
+class RunningWorker:
+    def __init__(self, worker: Worker, task: asyncio.Task[None], connection: Any) -> None:
+        self.worker = worker
+        self.task = task
+        self.connection = connection
+
+    async def stop(self) -> None:
+        self.worker.request_stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.task, 60)
+        await self.worker.stop()
+        await self.connection.close()
+
+
+@pytest.fixture
+async def worker_factory(settings: Settings, topology: Topology) -> AsyncIterator[Callable[..., Any]]:
+    """Start in-process workers (each on its own connection); teardown stops them all."""
+    running: list[RunningWorker] = []
+
+    async def start(**overrides: Any) -> RunningWorker:
+        worker_settings = settings.with_(**overrides)
+        connection = await connect(worker_settings, name="test-worker")
+        worker = await Worker(connection, worker_settings).start()
+        handle = RunningWorker(worker, asyncio.create_task(worker.run()), connection)
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        await handle.stop()
+
+
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that gives a subprocess the same settings."""
+    env = dict(os.environ)
+    env.update(
+        EVALQ_NATS_URL=",".join(settings.nats_url),
+        EVALQ_PREFIX=settings.prefix,
+        EVALQ_HOME=settings.home,
+        EVALQ_ACK_WAIT=str(settings.ack_wait),
+        EVALQ_HEARTBEAT=str(settings.heartbeat),
+        EVALQ_GRACE=str(settings.grace),
+        EVALQ_CANCEL_GRACE=str(settings.cancel_grace),
+        EVALQ_PROGRESS_INTERVAL=str(settings.progress_interval),
+        EVALQ_ADVERTISE_INVENTORY="false",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class Processes:
+    """Subprocesses a test starts; each is stopped by its pid at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], env: dict[str, str], name: str = "proc") -> subprocess.Popen[bytes]:
+        log = open(self.tmp_path / f"{name}-{len(self.started)}.log", "wb")
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc.log_path = Path(log.name)  # type: ignore[attr-defined]
+        log.close()
+        self.started.append(proc)
+        return proc
+
+    def worker(self, settings: Settings, **extra: str) -> subprocess.Popen[bytes]:
+        return self.start([*EVALQ, "worker"], settings_env(settings, **extra), name="worker")
+
+    def stop_all(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    yield procs
+    procs.stop_all()

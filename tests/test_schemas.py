@@ -1,0 +1,97 @@
+"""Wire types: what is accepted, what is refused, and the JSON path of each refusal."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from evalq import schemas
+from evalq.schemas import Cancelled, Completed, EvaluateRequest, Queued, decode, decode_event, encode, error_path
+
+BASE = {"model": "dummy", "tasks": ["evalq_demo"]}
+
+
+def refusal(body: bytes) -> tuple[str, str]:
+    with pytest.raises(msgspec.DecodeError) as caught:
+        decode(body, EvaluateRequest)
+    return ("422" if isinstance(caught.value, msgspec.ValidationError) else "400", error_path(caught.value)[1])
+
+
+def body(**fields: object) -> bytes:
+    return encode({**BASE, **fields})
+
+
+def test_minimal_request_gets_lmms_eval_defaults() -> None:
+    request = decode(body(), EvaluateRequest)
+    assert request.log_samples is True
+    assert request.predict_only is False
+    assert request.num_gpus == 1
+    assert request.pool == "default"
+
+
+@pytest.mark.parametrize(
+    ("fields", "path"),
+    [
+        ({"tasks": []}, "$.tasks"),
+        ({"tasks": ["ok", "bad name"]}, "$.tasks[1]"),
+        ({"tasks": ["t"] * 10_000}, "$.tasks"),
+        ({"model": 3}, "$.model"),
+        ({"model": "a/b"}, "$.model"),
+        ({"typo_field": 1}, "$"),
+        ({"model_args": {"pretrained": "x,y"}}, "$.model_args.pretrained"),
+        ({"model_args": {"pretrained": "a=b"}}, "$.model_args.pretrained"),
+        ({"model_args": {"bad key": "v"}}, "$.model_args"),
+        ({"model_args": "a=1,b=2=3"}, "$.model_args"),
+        ({"gen_kwargs": "temperature"}, "$.gen_kwargs"),
+        ({"output_dir": "../escape"}, "$.output_dir"),
+        ({"output_dir": "a/../../b"}, "$.output_dir"),
+        ({"output_dir": "/etc"}, "$.output_dir"),
+        ({"limit": 0}, "$.limit"),
+        ({"limit": 1.5}, "$.limit"),
+        ({"num_fewshot": -1}, "$.num_fewshot"),
+        ({"num_gpus": 0}, "$.num_gpus"),
+        ({"batch_size": "many"}, "$.batch_size"),
+        ({"device": "cuda; rm -rf /"}, "$.device"),
+        ({"pool": "has.dot"}, "$.pool"),
+        ({"labels": {"k": 1}}, "$.labels[...]"),
+    ],
+)
+def test_invalid_fields_are_refused_with_their_path(fields: dict[str, object], path: str) -> None:
+    assert refusal(body(**fields)) == ("422", path)
+
+
+@pytest.mark.parametrize("raw", [b"{", b"not json", b"", b'{"model": "dummy", "tasks": ["\xff"]}', b"\xff\xfe"])
+def test_malformed_bodies_are_400(raw: bytes) -> None:
+    assert refusal(raw)[0] == "400"
+
+
+def test_accepted_shapes() -> None:
+    request = decode(
+        body(
+            model_args={"pretrained": "/models/m", "trust_remote_code": True, "max_pixels": 1024, "t": 0.5},
+            gen_kwargs="temperature=0,max_new_tokens=8",
+            limit=0.25,
+            batch_size="auto:4",
+            device="cuda:0",
+            output_dir="runs/epoch-3",
+            labels={"epoch": "3"},
+        ),
+        EvaluateRequest,
+    )
+    assert request.model_args == {"pretrained": "/models/m", "trust_remote_code": True, "max_pixels": 1024, "t": 0.5}
+    assert request.limit == 0.25
+
+
+def test_events_are_a_tagged_union() -> None:
+    queued = Queued(job_id="j", time=schemas.now(), pool="big")
+    data = encode(queued)
+    assert msgspec.json.decode(data)["type"] == "queued"
+    assert decode_event(data) == queued
+    done = Completed(job_id="j", time=schemas.now(), metrics={"t": {"m": 1.0}})
+    assert decode_event(encode(done)) == done
+    assert isinstance(decode_event(encode(Cancelled(job_id="j", time="x"))), Cancelled)
+
+
+def test_time_is_rfc3339_utc() -> None:
+    stamp = schemas.now()
+    assert stamp.endswith("Z") and "T" in stamp

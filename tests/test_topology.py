@@ -1,0 +1,70 @@
+"""Topology: names derive from the prefix; ensure() is idempotent and honours settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evalq.topology import Topology
+
+
+def test_names_follow_the_contract() -> None:
+    topo = Topology()
+    assert topo.work_stream("default") == "EVALQ_WORK_default"
+    assert topo.work_subject("big", "j1") == "evalq.work.big.j1"
+    assert topo.event_subject("j1", "queued") == "evalq.events.j1.queued"
+    assert topo.events_stream == "EVALQ_EVENTS"
+    assert topo.consumer == "evalq-worker"
+    assert (topo.jobs_bucket, topo.idempotency_bucket, topo.workers_bucket, topo.results_bucket) == (
+        "evalq-jobs",
+        "evalq-idempotency",
+        "evalq-workers",
+        "evalq-results",
+    )
+    assert topo.pool_of_stream("EVALQ_WORK_big") == "big"
+    assert topo.pool_of_stream("EVALQ_EVENTS") is None
+
+
+async def test_ensure_twice_changes_nothing(nc: Any, topology: Topology) -> None:
+    js = nc.jetstream()
+    before = await js.stream_info(topology.work_stream("default"))
+    consumer_before = await js.consumer_info(topology.work_stream("default"), topology.consumer)
+    await topology.ensure(js)
+    after = await js.stream_info(topology.work_stream("default"))
+    consumer_after = await js.consumer_info(topology.work_stream("default"), topology.consumer)
+    assert before.config == after.config
+    assert before.created == after.created
+    assert consumer_before.config == consumer_after.config
+    assert await topology.pools(js) == ["default"]
+
+
+async def test_work_stream_settings(nc: Any, topology: Topology) -> None:
+    js = nc.jetstream()
+    config = (await js.stream_info(topology.work_stream("default"))).config
+    assert str(config.retention) in ("workqueue", "RetentionPolicy.WORK_QUEUE")
+    assert str(config.discard) in ("new", "DiscardPolicy.NEW")
+    assert str(config.storage) in ("file", "StorageType.FILE")
+    assert config.max_msgs == topology.queue_limit
+    assert config.duplicate_window >= 120
+    assert config.num_replicas == topology.replicas == 1
+    consumer = (await js.consumer_info(topology.work_stream("default"), topology.consumer)).config
+    assert str(consumer.ack_policy) in ("explicit", "AckPolicy.EXPLICIT")
+    assert consumer.max_deliver == -1
+    events = (await js.stream_info(topology.events_stream)).config
+    assert str(events.retention) in ("limits", "RetentionPolicy.LIMITS")
+    assert events.max_msgs_per_subject == topology.events_per_subject
+
+
+async def test_ensure_updates_a_changed_setting(nc: Any, topology: Topology) -> None:
+    js = nc.jetstream()
+    changed = Topology(prefix=topology.prefix, queue_limit=7, ack_wait=9.0)
+    await changed.ensure(js)
+    assert (await js.stream_info(topology.work_stream("default"))).config.max_msgs == 7
+    consumer = await js.consumer_info(topology.work_stream("default"), topology.consumer)
+    assert consumer.config.ack_wait == 9.0
+
+
+async def test_pools_are_created_on_demand(nc: Any, topology: Topology) -> None:
+    js = nc.jetstream()
+    assert not await topology.has_pool(js, "big")
+    await topology.ensure_pool(js, "big")
+    assert await topology.pools(js) == ["big", "default"]
