@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -52,6 +54,7 @@ class EvalProcess:
             cwd=self.cwd,
             env=self.env,
             start_new_session=True,  # its own session and process group, pgid == pid
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         self._pump = asyncio.create_task(self._read_output())
 
@@ -94,3 +97,11 @@ class EvalProcess:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, sig)
+
+
+def _die_with_parent() -> None:
+    # If the worker is killed (-9), the evaluation must not live on holding a GPU: the
+    # job is redelivered to another worker, which starts its own.
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -337,7 +337,6 @@ class Worker:
         if self.stopping:
             self._stop_job(self.current)
         await self._register()
-        await self._publish(Started(job_id=job_id, time=started, attempt=attempt, worker=self.worker_id, labels=info.labels))
         await self._run(self.current)
 
     # --- running one job ---------------------------------------------------------------
@@ -363,6 +362,10 @@ class Worker:
         )
         current.process = process
         await process.start()
+        # `started` follows the launch, so a follower that sees it can act on the process.
+        await self._publish(
+            Started(job_id=info.job_id, time=info.started_at or now(), attempt=current.attempt, worker=self.worker_id, labels=info.labels)
+        )
         log.info("job %s attempt %d: pid %s: %s", info.job_id, current.attempt, process.pid, " ".join(argv))
 
         helpers = [

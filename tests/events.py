@@ -1,0 +1,50 @@
+"""Helpers to wait on a job's events, bounded in time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from evalq import AsyncClient
+from evalq.schemas import Event
+
+
+async def follow(
+    client: AsyncClient,
+    job_id: str,
+    timeout: float = 180.0,
+    on_event: Callable[[Event], Awaitable[Any] | None] | None = None,
+) -> list[Event]:
+    """Every event of the job until its terminal one; `on_event` runs as each arrives."""
+    seen: list[Event] = []
+
+    async def run() -> None:
+        async for event in client.watch(job_id):
+            seen.append(event)
+            if on_event is not None:
+                result = on_event(event)
+                if asyncio.iscoroutine(result):
+                    await result
+
+    await asyncio.wait_for(run(), timeout)
+    return seen
+
+
+def kinds(events: list[Event]) -> list[str]:
+    return [type(e).__struct_config__.tag for e in events]  # type: ignore[attr-defined]
+
+
+async def all_events(client: AsyncClient, job_id: str, settle: float = 1.0) -> list[Event]:
+    """Every stored event of a finished job (reads history, stops when none arrive for `settle` s)."""
+    seen: list[Event] = []
+
+    async def run() -> None:
+        async for event in client.events(job_id, history=True):
+            seen.append(event)
+
+    try:
+        await asyncio.wait_for(run(), settle)
+    except asyncio.TimeoutError:
+        pass
+    return seen

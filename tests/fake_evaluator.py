@@ -1,0 +1,53 @@
+"""A stand-in for `python -m lmms_eval`, for tests of the queue's machinery.
+
+It honours the same argv (`--tasks`, `--output_path`, `--limit`), prints tqdm-like
+progress and writes a valid `*_results.json`. FAKE_EVAL_MODE picks a behaviour:
+`ok` (default), `slow` (runs until killed), `fail` (exits 0 with no results, as
+lmms-eval does), `poison` (kills the worker that started it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def arg(name: str, default: str = "") -> str:
+    for item in sys.argv[1:]:
+        if item.startswith(f"--{name}="):
+            return item.split("=", 1)[1]
+    return default
+
+
+def main() -> None:
+    mode = os.environ.get("FAKE_EVAL_MODE", "ok")
+    tasks = arg("tasks", "fake").split(",")
+    output = Path(arg("output_path", "."))
+    total = int(float(arg("limit", "5")))
+    sys.stderr.write(f"fake evaluator pid {os.getpid()} argv {json.dumps(sys.argv[1:])}\n")
+    if mode == "poison":
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(30)
+        return
+    steps = total if mode != "slow" else 10**6
+    for done in range(steps + 1):
+        shown = min(done, total)
+        pct = int(100 * shown / total) if total else 100
+        sys.stderr.write(f"\rModel Responding: {pct:3d}%|{'#' * (pct // 10):<10}| {shown}/{total} [00:00<00:00]")
+        sys.stderr.flush()
+        time.sleep(0.05 if mode != "slow" else 0.2)
+    sys.stderr.write("\n")
+    if mode == "fail":
+        sys.stderr.write("Traceback (most recent call last):\nRuntimeError: the fake evaluation broke\n")
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    results = {"results": {task: {"alias": task, "exact_match,none": 0.6} for task in tasks}, "lmms_eval_version": "fake"}
+    (output / "19700101_000000_results.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The worker, end to end: real NATS, real lmms-eval subprocesses, CPU only, offline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from evalq import AsyncClient, JobFailed
+from evalq.config import Settings
+from evalq.schemas import Cancelled, Completed, Failed, ProgressEvent, Requeued, Started
+
+from .conftest import Processes
+from .events import all_events, follow, kinds
+from .tiny_model import build_tiny_model
+
+pytestmark = pytest.mark.slow
+
+DEMO = {"model": "dummy", "tasks": ["evalq_demo"]}
+FAKE = [sys.executable, str(Path(__file__).parent / "fake_evaluator.py")]
+
+
+async def test_demo_job_end_to_end(client: AsyncClient, worker_factory: Any, tmp_path: Path) -> None:
+    await worker_factory()
+    accepted = await client.submit(**DEMO, labels={"epoch": "1"})
+    events = await follow(client, accepted.job_id)
+    order = kinds(events)
+    assert order[0] == "queued" and order[1] == "started" and order[-1] == "completed"
+    assert "progress" in order
+    assert all(e.labels == {"epoch": "1"} for e in events)
+    done = events[-1]
+    assert isinstance(done, Completed)
+    assert done.metrics["evalq_demo"]["exact_match"] == pytest.approx(0.6)
+
+    info = await client.get_job(accepted.job_id)
+    assert info.status == "completed" and info.attempts == 1
+    assert info.result is not None and info.result.metrics == done.metrics
+    files = await client.results(accepted.job_id, tmp_path / "download")
+    names = {f.name for f in files}
+    assert {"results.json", "eval.log"} <= names
+    assert any(n.endswith(".jsonl") for n in names)
+    results = json.loads((tmp_path / "download" / accepted.job_id / "results.json").read_text())
+    assert results["results"]["evalq_demo"]["exact_match,none"] == pytest.approx(0.6)
+
+
+async def test_tiny_transformers_model_runs_a_real_forward_pass(
+    client: AsyncClient, worker_factory: Any, tmp_path: Path
+) -> None:
+    model_dir = build_tiny_model(tmp_path / "tiny")
+    await worker_factory()
+    info = await asyncio.wait_for(
+        client.submit_and_wait(
+            model="huggingface",
+            tasks=["evalq_demo"],
+            model_args={"pretrained": str(model_dir), "trust_remote_code": True, "device_map": "cpu", "device": "cpu"},
+            limit=4,
+        ),
+        240,
+    )
+    assert info.status == "completed"
+    assert info.result is not None
+    assert "exact_match" in info.result.metrics["evalq_demo"]
+
+
+async def test_unknown_model_fails_without_retry(client: AsyncClient, worker_factory: Any) -> None:
+    await worker_factory()
+    accepted = await client.submit(model="no_such_model", tasks=["evalq_demo"], limit=2)
+    events = await follow(client, accepted.job_id)
+    failed = events[-1]
+    assert isinstance(failed, Failed)
+    assert "no *_results.json" in failed.error
+    assert failed.log_tail and "no_such_model" in failed.log_tail
+    assert kinds(events).count("started") == 1
+    with pytest.raises(JobFailed):
+        await client.wait_for_job(accepted.job_id, timeout=10)
+    info = await client.get_job(accepted.job_id)
+    assert info.status == "failed" and info.attempts == 1
+
+
+async def test_broken_task_fails_with_the_log_tail(client: AsyncClient, worker_factory: Any, tmp_path: Path) -> None:
+    tasks = tmp_path / "broken_tasks"
+    tasks.mkdir()
+    (tasks / "broken.yaml").write_text(
+        "task: evalq_broken\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: /nonexistent/data.jsonl\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: question\ndoc_to_target: answer\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    await worker_factory(task_paths=[str(tasks)])
+    accepted = await client.submit(model="dummy", tasks=["evalq_broken"])
+    events = await follow(client, accepted.job_id)
+    assert isinstance(events[-1], Failed)
+    assert events[-1].log_tail
+    assert kinds(events).count("started") == 1
+
+
+async def test_cancel_a_running_job_ends_its_process_group(client: AsyncClient, worker_factory: Any) -> None:
+    handle = await worker_factory(evaluator=FAKE, cancel_grace=2.0)
+    os.environ["FAKE_EVAL_MODE"] = "slow"
+    try:
+        accepted = await client.submit(**DEMO)
+        pids: list[int] = []
+
+        async def on_event(event: Any) -> None:
+            if isinstance(event, ProgressEvent) and not pids:
+                current = handle.worker.current
+                assert current is not None and current.process is not None
+                pids.append(current.process.pid)
+                reply = await client.cancel_job(accepted.job_id)
+                assert reply.status == "cancelling"
+
+        events = await follow(client, accepted.job_id, timeout=60, on_event=on_event)
+    finally:
+        os.environ.pop("FAKE_EVAL_MODE", None)
+    cancelled = events[-1]
+    assert isinstance(cancelled, Cancelled)
+    assert cancelled.cancel_latency_s is not None and cancelled.cancel_latency_s >= 0
+    assert pids and not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pids[0], 0)
+    info = await client.get_job(accepted.job_id)
+    assert info.status == "cancelled"
+
+
+async def test_cancel_a_running_lmms_eval_job(client: AsyncClient, worker_factory: Any) -> None:
+    handle = await worker_factory()
+    accepted = await client.submit(**DEMO)
+    pids: list[int] = []
+
+    async def on_event(event: Any) -> None:
+        if isinstance(event, Started):
+            current = handle.worker.current
+            assert current is not None and current.process is not None
+            pids.append(current.process.pid)
+            await client.cancel_job(accepted.job_id)
+
+    events = await follow(client, accepted.job_id, timeout=60, on_event=on_event)
+    assert isinstance(events[-1], Cancelled)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pids[0], 0)
+
+
+async def test_worker_killed_mid_job_is_redelivered(
+    client: AsyncClient, settings: Settings, processes: Processes
+) -> None:
+    first = processes.worker(settings)
+    accepted = await client.submit(**DEMO)
+    children: list[int] = []
+
+    async def on_event(event: Any) -> None:
+        if isinstance(event, Started) and event.attempt == 1:
+            children.extend(c.pid for c in psutil.Process(first.pid).children(recursive=True))
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(10)
+            processes.worker(settings)
+
+    events = await follow(client, accepted.job_id, timeout=240, on_event=on_event)
+    order = kinds(events)
+    assert order[-1] == "completed"
+    assert order.count("completed") == 1
+    requeued = [e for e in events if isinstance(e, Requeued)]
+    assert requeued and requeued[0].attempt == 2
+    started = [e for e in events if isinstance(e, Started)]
+    assert [s.attempt for s in started] == [1, 2]
+    assert started[0].worker != started[1].worker
+    info = await client.get_job(accepted.job_id)
+    assert info.attempts == 2 and info.status == "completed"
+    # The killed worker's evaluation died with it (it would hold a GPU otherwise).
+    assert children and all(not psutil.pid_exists(p) for p in children)
+    stored = await all_events(client, accepted.job_id)
+    assert kinds(stored).count("completed") == 1
+
+
+async def test_poison_job_fails_after_max_attempts(client: AsyncClient, settings: Settings, processes: Processes) -> None:
+    extra = {"EVALQ_EVALUATOR": " ".join(FAKE), "FAKE_EVAL_MODE": "poison", "EVALQ_MAX_ATTEMPTS": "2", "EVALQ_ACK_WAIT": "2"}
+    poisoned = settings.with_(ack_wait=2.0)
+    accepted = await client.submit(**DEMO)
+    # Each worker that takes the job dies; a new one replaces it, up to a bound.
+    worker = processes.worker(poisoned, **extra)
+    for _ in range(5):
+        info = await client.get_job(accepted.job_id)
+        if info.status == "failed":
+            break
+        await asyncio.wait_for(asyncio.to_thread(worker.wait), 60)
+        worker = processes.worker(poisoned, **extra)
+        try:
+            await asyncio.wait_for(client.wait_for_job(accepted.job_id), 30)
+        except (JobFailed, asyncio.TimeoutError):
+            pass
+    info = await client.get_job(accepted.job_id)
+    assert info.status == "failed"
+    assert info.error is not None and "2 attempts" in info.error
+    stored = await all_events(client, accepted.job_id)
+    assert kinds(stored).count("failed") == 1
+
+
+async def test_two_workers_share_six_jobs_one_at_a_time(client: AsyncClient, worker_factory: Any) -> None:
+    await worker_factory()
+    await worker_factory()
+    ids = [(await client.submit(**DEMO, limit=2)).job_id for _ in range(6)]
+    finals = await asyncio.wait_for(asyncio.gather(*(client.wait_for_job(j) for j in ids)), 400)
+    assert all(info.status == "completed" and info.attempts == 1 for info in finals)
+    spans: dict[str, list[tuple[str, str]]] = {}
+    for job in ids:
+        events = await all_events(client, job)
+        started = [e for e in events if isinstance(e, Started)]
+        assert len(started) == 1, "a job ran twice"
+        done = next(e for e in events if isinstance(e, Completed))
+        spans.setdefault(started[0].worker or "", []).append((started[0].time, done.time))
+    assert len(spans) == 2, "both workers should have run jobs"
+    for worker_spans in spans.values():
+        ordered = sorted(worker_spans)
+        assert all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:])), "a worker ran two jobs at once"
+
+
+@pytest.mark.parametrize("mode", ["finish", "requeue"])
+async def test_sigterm_finishes_or_hands_back(client: AsyncClient, settings: Settings, processes: Processes, mode: str) -> None:
+    first = processes.worker(settings, EVALQ_SHUTDOWN_MODE=mode, EVALQ_GRACE="120")
+    accepted = await client.submit(**DEMO, limit=4)
+
+    async def on_event(event: Any) -> None:
+        if isinstance(event, Started) and event.attempt == 1:
+            os.kill(first.pid, signal.SIGTERM)
+            if mode == "requeue":
+                code = await asyncio.wait_for(asyncio.to_thread(first.wait), 60)
+                assert code == 0
+                processes.worker(settings)
+
+    events = await follow(client, accepted.job_id, timeout=240, on_event=on_event)
+    assert isinstance(events[-1], Completed)
+    if mode == "finish":
+        assert [e.attempt for e in events if isinstance(e, Started)] == [1]
+        assert await asyncio.wait_for(asyncio.to_thread(first.wait), 60) == 0
+    else:
+        requeued = [e for e in events if isinstance(e, Requeued)]
+        assert requeued and "shutting down" in requeued[0].reason
+        assert [e.attempt for e in events if isinstance(e, Started)] == [1, 2]

@@ -1,0 +1,150 @@
+"""Pure parts of the worker: argv, environment, progress parsing, results, task folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from evalq.schemas import EvaluateRequest, decode, encode
+from evalq.worker.argv import build_argv, scrubbed_env
+from evalq.worker.progress import ProgressParser
+from evalq.worker.results import collect, metrics_of, tail
+from evalq.worker.taskpaths import build_include_dir
+
+
+def request(**fields: object) -> EvaluateRequest:
+    return decode(encode({"model": "dummy", "tasks": ["evalq_demo"], **fields}), EvaluateRequest)
+
+
+def test_argv_maps_every_field() -> None:
+    argv = build_argv(
+        request(
+            model_args={"pretrained": "/m", "trust_remote_code": True},
+            num_fewshot=2,
+            batch_size="auto:4",
+            device="cuda:0",
+            limit=8,
+            gen_kwargs={"temperature": 0, "max_new_tokens": 16},
+            predict_only=True,
+        ),
+        output_path="/out",
+        include_path="/inc",
+        python="py",
+    )
+    assert argv == [
+        "py",
+        "-m",
+        "lmms_eval",
+        "--model=dummy",
+        "--tasks=evalq_demo",
+        "--model_args=pretrained=/m,trust_remote_code=True",
+        "--num_fewshot=2",
+        "--batch_size=auto:4",
+        "--device=cuda:0",
+        "--limit=8",
+        "--gen_kwargs=temperature=0,max_new_tokens=16",
+        "--log_samples",
+        "--predict_only",
+        "--output_path=/out",
+        "--include_path=/inc",
+    ]
+
+
+def test_argv_without_samples_and_full_fraction() -> None:
+    argv = build_argv(request(log_samples=False, limit=1.0), output_path="/o", python="py")
+    assert "--log_samples" not in argv
+    assert not any(a.startswith("--limit") for a in argv)
+    assert "--limit=0.5" in build_argv(request(limit=0.5), output_path="/o", python="py")
+
+
+def test_multi_gpu_goes_through_accelerate() -> None:
+    argv = build_argv(request(num_gpus=4), output_path="/o", python="py")
+    assert argv[:7] == ["py", "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=4", "-m", "lmms_eval"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"model_args": "pretrained=--output_path /etc"},
+        {"model_args": {"pretrained": "$(rm -rf /); `id` | tee"}},
+        {"gen_kwargs": "until=--include_path"},
+        {"model": "--help"},
+        {"tasks": ["-x", "--limit"]},
+        {"device": "cuda"},
+    ],
+)
+def test_hostile_values_stay_single_values(fields: dict[str, object]) -> None:
+    argv = build_argv(request(**fields), output_path="/out", python="py")
+    flags = [a.split("=", 1)[0] for a in argv[3:]]
+    # Every element is one `--flag=value`; no value became a flag or a second argument.
+    assert all(a.startswith("--") and "=" in a or a in ("--log_samples", "--predict_only") for a in argv[3:])
+    assert flags.count("--output_path") == 1
+    assert argv[-1] == "--output_path=/out"
+
+
+def test_environment_is_scrubbed() -> None:
+    env = scrubbed_env({"RANK": "3", "WORLD_SIZE": "8", "SLURM_JOB_ID": "9", "MASTER_PORT": "1", "HOME": "/h", "CUDA_VISIBLE_DEVICES": "1"})
+    assert env["HOME"] == "/h" and env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert not {"RANK", "WORLD_SIZE", "SLURM_JOB_ID", "MASTER_PORT"} & set(env)
+
+
+def test_progress_from_tqdm_output() -> None:
+    parser = ProgressParser()
+    chunk = b"\x1b[32mModel Responding:  45%|\xe2\x96\x88\xe2\x96\x88   | 9/20 [00:01<00:02]\rModel Responding:  5"
+    seen = list(parser.feed(chunk))
+    assert [(p.phase, p.done, p.total, p.percent) for p in seen] == [("Model Responding", 9, 20, 45.0)]
+    seen = list(parser.feed(b"0%|#####     | 10/20 [00:02<00:02]\n  0%|          | 0/4 [00:00<?, ?it/s]\n"))
+    assert [(p.phase, p.done) for p in seen] == [("Model Responding", 10), ("running", 0)]
+    assert list(parser.feed(b"2026-11-27 INFO | no bar here\n")) == []
+
+
+def test_results_are_read_from_the_newest_file(tmp_path: Path) -> None:
+    out = tmp_path / "out" / "model__x"
+    out.mkdir(parents=True)
+    data = {"results": {"evalq_demo": {"alias": "evalq_demo", "exact_match,none": 0.6, "acc,strict": 1}}}
+    (out / "20260101_000000_results.json").write_text(json.dumps(data))
+    (out / "20260101_000000_samples_evalq_demo.jsonl").write_text("{}\n")
+    files = collect(tmp_path / "out")
+    assert files.results is not None and files.results.name.endswith("_results.json")
+    assert [p.name for p in files.samples] == ["20260101_000000_samples_evalq_demo.jsonl"]
+    assert metrics_of(files.results) == {"evalq_demo": {"exact_match": 0.6, "acc,strict": 1}}
+    assert collect(tmp_path / "missing").results is None
+
+
+def test_symlinks_are_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x_results.json").write_text('{"results": {}}')
+    (outside / "secret_samples_x.jsonl").write_text("secret")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(outside, out / "linked-dir")
+    os.symlink(outside / "x_results.json", out / "y_results.json")
+    files = collect(out)
+    assert files.results is None and files.samples == []
+
+
+def test_log_tail(tmp_path: Path) -> None:
+    log = tmp_path / "eval.log"
+    log.write_bytes(b"".join(f"line {i}\n".encode() for i in range(100)) + b"bar 1/2\rbar 2/2\n")
+    assert tail(log, 3).splitlines() == ["line 99", "bar 1/2", "bar 2/2"]
+
+
+def test_include_dir_has_the_demo_and_configured_tasks(tmp_path: Path) -> None:
+    mine = tmp_path / "my_tasks" / "nested"
+    mine.mkdir(parents=True)
+    (mine / "mytask.yaml").write_text("task: mytask\n")
+    include = build_include_dir(tmp_path / "inc", [str(tmp_path / "my_tasks")])
+    demo_yaml = (include / "evalq_demo" / "evalq_demo.yaml").read_text()
+    assert str(include / "evalq_demo" / "evalq_demo.jsonl") in demo_yaml
+    lines = (include / "evalq_demo" / "evalq_demo.jsonl").read_text().splitlines()
+    answers = [json.loads(line)["answer"] for line in lines]
+    assert len(answers) == 20 and answers.count("A") == 12
+    linked = include / "00_my_tasks" / "nested" / "mytask.yaml"
+    assert linked.is_symlink() and linked.read_text() == "task: mytask\n"
+    assert not (include / "00_my_tasks" / "nested").is_symlink()
+    with pytest.raises(FileNotFoundError):
+        build_include_dir(tmp_path / "inc2", [str(tmp_path / "nope")])
