@@ -144,10 +144,10 @@ class Processes:
         self.started: list[subprocess.Popen[bytes]] = []
 
     def start(self, argv: list[str], env: dict[str, str], name: str = "proc") -> subprocess.Popen[bytes]:
-        log = open(self.tmp_path / f"{name}-{len(self.started)}.log", "wb")
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        proc.log_path = Path(log.name)  # type: ignore[attr-defined]
-        log.close()
+        log_path = self.tmp_path / f"{name}-{len(self.started)}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc.log_path = log_path  # type: ignore[attr-defined]
         self.started.append(proc)
         return proc
 

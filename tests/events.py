@@ -45,6 +45,6 @@ async def all_events(client: AsyncClient, job_id: str, settle: float = 1.0) -> l
 
     try:
         await asyncio.wait_for(run(), settle)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     return seen

@@ -53,7 +53,9 @@ def test_explicit_config_file(tmp_path: Path) -> None:
         ({"EVALQ_CONFIG": "/nonexistent/evalq.toml"}, "not found"),
     ],
 )
-def test_bad_settings_are_one_clear_error(environ: dict[str, str], text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_settings_are_one_clear_error(
+    environ: dict[str, str], text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=text):
         load_settings(environ=environ)

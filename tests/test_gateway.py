@@ -117,7 +117,9 @@ async def test_idempotency_key_returns_the_same_job(client: AsyncClient, nc: Any
     assert await stream_messages(nc, topology) == 1
 
 
-async def test_two_concurrent_submits_with_one_key_make_one_job(client: AsyncClient, nc: Any, topology: Topology) -> None:
+async def test_two_concurrent_submits_with_one_key_make_one_job(
+    client: AsyncClient, nc: Any, topology: Topology
+) -> None:
     results = await asyncio.gather(*(client.submit(**JOB, idempotency_key="race") for _ in range(8)))
     assert len({r.job_id for r in results}) == 1
     assert sum(not r.duplicate for r in results) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -121,7 +122,7 @@ async def test_cancel_a_running_job_ends_its_process_group(client: AsyncClient, 
     cancelled = events[-1]
     assert isinstance(cancelled, Cancelled)
     assert cancelled.cancel_latency_s is not None and cancelled.cancel_latency_s >= 0
-    assert pids and not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
+    assert (pids and not psutil.pid_exists(pids[0])) or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
     with pytest.raises(ProcessLookupError):
         os.killpg(pids[0], 0)
     info = await client.get_job(accepted.job_id)
@@ -177,8 +178,15 @@ async def test_worker_killed_mid_job_is_redelivered(
     assert kinds(stored).count("completed") == 1
 
 
-async def test_poison_job_fails_after_max_attempts(client: AsyncClient, settings: Settings, processes: Processes) -> None:
-    extra = {"EVALQ_EVALUATOR": " ".join(FAKE), "FAKE_EVAL_MODE": "poison", "EVALQ_MAX_ATTEMPTS": "2", "EVALQ_ACK_WAIT": "2"}
+async def test_poison_job_fails_after_max_attempts(
+    client: AsyncClient, settings: Settings, processes: Processes
+) -> None:
+    extra = {
+        "EVALQ_EVALUATOR": " ".join(FAKE),
+        "FAKE_EVAL_MODE": "poison",
+        "EVALQ_MAX_ATTEMPTS": "2",
+        "EVALQ_ACK_WAIT": "2",
+    }
     poisoned = settings.with_(ack_wait=2.0)
     accepted = await client.submit(**DEMO)
     # Each worker that takes the job dies; a new one replaces it, up to a bound.
@@ -191,7 +199,7 @@ async def test_poison_job_fails_after_max_attempts(client: AsyncClient, settings
         worker = processes.worker(poisoned, **extra)
         try:
             await asyncio.wait_for(client.wait_for_job(accepted.job_id), 30)
-        except (JobFailed, asyncio.TimeoutError):
+        except (TimeoutError, JobFailed):
             pass
     info = await client.get_job(accepted.job_id)
     assert info.status == "failed"
@@ -216,11 +224,13 @@ async def test_two_workers_share_six_jobs_one_at_a_time(client: AsyncClient, wor
     assert len(spans) == 2, "both workers should have run jobs"
     for worker_spans in spans.values():
         ordered = sorted(worker_spans)
-        assert all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:])), "a worker ran two jobs at once"
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(ordered)), "a worker ran two jobs at once"
 
 
 @pytest.mark.parametrize("mode", ["finish", "requeue"])
-async def test_sigterm_finishes_or_hands_back(client: AsyncClient, settings: Settings, processes: Processes, mode: str) -> None:
+async def test_sigterm_finishes_or_hands_back(
+    client: AsyncClient, settings: Settings, processes: Processes, mode: str
+) -> None:
     first = processes.worker(settings, EVALQ_SHUTDOWN_MODE=mode, EVALQ_GRACE="120")
     accepted = await client.submit(**DEMO, limit=4)
 

@@ -80,13 +80,22 @@ def test_hostile_values_stay_single_values(fields: dict[str, object]) -> None:
     argv = build_argv(request(**fields), output_path="/out", python="py")
     flags = [a.split("=", 1)[0] for a in argv[3:]]
     # Every element is one `--flag=value`; no value became a flag or a second argument.
-    assert all(a.startswith("--") and "=" in a or a in ("--log_samples", "--predict_only") for a in argv[3:])
+    assert all((a.startswith("--") and "=" in a) or a in ("--log_samples", "--predict_only") for a in argv[3:])
     assert flags.count("--output_path") == 1
     assert argv[-1] == "--output_path=/out"
 
 
 def test_environment_is_scrubbed() -> None:
-    env = scrubbed_env({"RANK": "3", "WORLD_SIZE": "8", "SLURM_JOB_ID": "9", "MASTER_PORT": "1", "HOME": "/h", "CUDA_VISIBLE_DEVICES": "1"})
+    env = scrubbed_env(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "8",
+            "SLURM_JOB_ID": "9",
+            "MASTER_PORT": "1",
+            "HOME": "/h",
+            "CUDA_VISIBLE_DEVICES": "1",
+        }
+    )
     assert env["HOME"] == "/h" and env["CUDA_VISIBLE_DEVICES"] == "1"
     assert not {"RANK", "WORLD_SIZE", "SLURM_JOB_ID", "MASTER_PORT"} & set(env)
 

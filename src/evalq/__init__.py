@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .config import Settings, load_settings  # noqa: E402
-from .errors import (  # noqa: E402
+from .config import Settings, load_settings
+from .errors import (
     BadRequest,
     ConfigError,
     ConnectError,
@@ -18,11 +18,11 @@ from .errors import (  # noqa: E402
     Unavailable,
     WrongState,
 )
-from .publisher import AsyncClient, Client  # noqa: E402
-from .schemas import (  # noqa: E402
+from .publisher import AsyncClient, Client
+from .schemas import (
     CancelReply,
-    Event,
     EvaluateRequest,
+    Event,
     Health,
     JobAccepted,
     JobInfo,
@@ -31,7 +31,7 @@ from .schemas import (  # noqa: E402
     QueueStatus,
     WorkerInfo,
 )
-from .topology import Topology  # noqa: E402
+from .topology import Topology
 
 __all__ = [
     "AsyncClient",

@@ -83,7 +83,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         raise _fail(str(exc), EXIT_FAILED) from None
     except JobCancelled as exc:
         raise _fail(str(exc), EXIT_CANCELLED) from None
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         raise _fail("timed out", EXIT_TIMEOUT) from None
     except EvalqError as exc:
         raise _fail(str(exc)) from None
@@ -112,7 +112,9 @@ def _client_command(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
 @app.callback()
 def main_options(
     ctx: typer.Context,
-    nats_url: Annotated[Optional[str], typer.Option(help="NATS server URL(s), comma-separated [env EVALQ_NATS_URL].")] = None,
+    nats_url: Annotated[
+        Optional[str], typer.Option(help="NATS server URL(s), comma-separated [env EVALQ_NATS_URL].")
+    ] = None,
     prefix: Annotated[Optional[str], typer.Option(help="Subject prefix [env EVALQ_PREFIX].")] = None,
     config: Annotated[Optional[Path], typer.Option(help="A TOML settings file with an [evalq] table.")] = None,
     creds: Annotated[Optional[str], typer.Option(help="NATS .creds file.")] = None,
@@ -191,7 +193,12 @@ def gateway(ctx: typer.Context) -> None:
     from .services import run_gateway
 
     settings = _settings(ctx)
-    _run(run_gateway(settings, ready=lambda: errors.print(f"gateway serving {settings.prefix}.* on {', '.join(settings.nats_url)}")))
+    _run(
+        run_gateway(
+            settings,
+            ready=lambda: errors.print(f"gateway serving {settings.prefix}.* on {', '.join(settings.nats_url)}"),
+        )
+    )
 
 
 @app.command()
@@ -200,7 +207,9 @@ def worker(
     pool: Annotated[Optional[str], typer.Option(help="The pool to serve [env EVALQ_POOL].")] = None,
     task_path: Annotated[Optional[list[str]], typer.Option(help="An extra lmms-eval task folder (repeatable).")] = None,
     grace: Annotated[Optional[float], typer.Option(help="Seconds to finish the current job on SIGTERM.")] = None,
-    shutdown_mode: Annotated[Optional[str], typer.Option(help="'finish' (within --grace) or 'requeue' (at once).")] = None,
+    shutdown_mode: Annotated[
+        Optional[str], typer.Option(help="'finish' (within --grace) or 'requeue' (at once).")
+    ] = None,
     max_attempts: Annotated[Optional[int], typer.Option(help="Deliveries before a job is failed.")] = None,
     worker_id: Annotated[Optional[str], typer.Option(help="A stable id (default host-pid-random).")] = None,
 ) -> None:
@@ -235,7 +244,9 @@ def up(
     from .services import run_up
 
     settings = _settings(ctx, task_paths=task_path or None)
-    _run(run_up(settings, port=port, ready=lambda url: errors.print(f"evalq up: {url} (gateway + worker); Ctrl-C stops")))
+    _run(
+        run_up(settings, port=port, ready=lambda url: errors.print(f"evalq up: {url} (gateway + worker); Ctrl-C stops"))
+    )
 
 
 # --- jobs -----------------------------------------------------------------------------
@@ -274,7 +285,9 @@ def submit(
     device: Annotated[Optional[str], typer.Option(help="e.g. cuda:0 or cpu.")] = None,
     gen_kwargs: Annotated[Optional[str], typer.Option(help="k=v,k=v generation arguments.")] = None,
     num_gpus: Annotated[int, typer.Option(help="GPUs for this job (>1 uses accelerate).")] = 1,
-    output_dir: Annotated[Optional[str], typer.Option(help="A relative folder under the worker's results root.")] = None,
+    output_dir: Annotated[
+        Optional[str], typer.Option(help="A relative folder under the worker's results root.")
+    ] = None,
     log_samples: Annotated[bool, typer.Option(help="Keep per-sample outputs.")] = True,
     predict_only: Annotated[bool, typer.Option(help="Generate without scoring.")] = False,
     pool: Annotated[str, typer.Option(help="Worker pool.")] = "default",
@@ -486,7 +499,9 @@ def _print_job(info: JobInfo) -> None:
 def results(
     ctx: typer.Context,
     job_id: str,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write into (a <job_id> folder is made).")] = Path("."),
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Folder to write into (a <job_id> folder is made).")
+    ] = Path("."),
     json_: JsonOpt = False,
 ) -> None:
     """Download a job's artifacts (results.json, samples, eval.log) from the object store.

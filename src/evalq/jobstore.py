@@ -15,7 +15,7 @@ from nats.js.kv import KeyValue
 
 from .schemas import JobInfo, decode, encode
 
-__all__ = ["JobStore", "Conflict"]
+__all__ = ["Conflict", "JobStore"]
 
 Change = Callable[[JobInfo], JobInfo | None]
 

@@ -15,12 +15,13 @@ import msgspec
 from msgspec import Meta, Struct
 
 __all__ = [
+    "TERMINAL",
     "CancelReply",
     "CancelRequest",
     "Cancelled",
     "Completed",
-    "Event",
     "EvaluateRequest",
+    "Event",
     "Failed",
     "GpuInfo",
     "Health",
@@ -36,7 +37,6 @@ __all__ = [
     "Queued",
     "Requeued",
     "Started",
-    "TERMINAL",
     "TasksReply",
     "WorkItem",
     "WorkerInfo",
@@ -92,7 +92,7 @@ TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 def now() -> str:
     """The current time as RFC 3339 UTC, the only time format on the wire."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class _Wire(Struct, frozen=True, kw_only=True, omit_defaults=False):
@@ -102,7 +102,7 @@ class _Wire(Struct, frozen=True, kw_only=True, omit_defaults=False):
 # --- requests ------------------------------------------------------------------------
 
 
-class EvaluateRequest(_Wire, kw_only=True, forbid_unknown_fields=True):
+class EvaluateRequest(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A job: lmms-eval's evaluate arguments, with the same names, plus `pool` and `labels`."""
 
     model: Name
@@ -145,7 +145,7 @@ def _check_args(args: dict[str, Any] | str | None, field: str) -> None:
             raise ValueError(f"Expected a value with no `,`, `=` or control character - at `$.{field}.{key}`")
 
 
-class JobRef(_Wire, kw_only=True, forbid_unknown_fields=True):
+class JobRef(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The body of `status` and `cancel`."""
 
     job_id: JobId
@@ -154,7 +154,7 @@ class JobRef(_Wire, kw_only=True, forbid_unknown_fields=True):
 CancelRequest = JobRef
 
 
-class WorkItem(_Wire, kw_only=True):
+class WorkItem(_Wire, frozen=True, kw_only=True):
     """The message stored in a pool's work stream: what a worker needs to run the job."""
 
     job_id: str
@@ -165,7 +165,7 @@ class WorkItem(_Wire, kw_only=True):
 # --- replies -------------------------------------------------------------------------
 
 
-class JobAccepted(_Wire, kw_only=True):
+class JobAccepted(_Wire, frozen=True, kw_only=True):
     job_id: str
     # "queued" for a new job; a duplicate submission reports the job's current status.
     status: JobStatus = "queued"
@@ -175,14 +175,14 @@ class JobAccepted(_Wire, kw_only=True):
     message: str = "Job queued"
 
 
-class Progress(_Wire, kw_only=True):
+class Progress(_Wire, frozen=True, kw_only=True):
     phase: str
     done: int
     total: int
     percent: float
 
 
-class JobResult(_Wire, kw_only=True):
+class JobResult(_Wire, frozen=True, kw_only=True):
     """What a completed job produced: lmms-eval's `results` section, and artifact names."""
 
     metrics: dict[str, dict[str, Any]] = {}
@@ -190,7 +190,7 @@ class JobResult(_Wire, kw_only=True):
     duration_s: float | None = None
 
 
-class JobInfo(_Wire, kw_only=True):
+class JobInfo(_Wire, frozen=True, kw_only=True):
     """The record kept in the `<prefix>-jobs` bucket and returned by `status`."""
 
     job_id: str
@@ -211,19 +211,19 @@ class JobInfo(_Wire, kw_only=True):
     cancel_requested_at: str | None = None
 
 
-class CancelReply(_Wire, kw_only=True):
+class CancelReply(_Wire, frozen=True, kw_only=True):
     job_id: str
     status: JobStatus
     message: str
 
 
-class GpuInfo(_Wire, kw_only=True):
+class GpuInfo(_Wire, frozen=True, kw_only=True):
     index: int
     name: str
     memory_mb: int
 
 
-class WorkerInfo(_Wire, kw_only=True):
+class WorkerInfo(_Wire, frozen=True, kw_only=True):
     """A worker's entry in the `<prefix>-workers` bucket, refreshed every heartbeat."""
 
     worker_id: str
@@ -242,7 +242,7 @@ class WorkerInfo(_Wire, kw_only=True):
     heartbeat_at: str = ""
 
 
-class QueueStatus(_Wire, kw_only=True):
+class QueueStatus(_Wire, frozen=True, kw_only=True):
     queue_size: int
     queued_jobs: dict[str, list[str]]
     running_jobs: list[str]
@@ -252,7 +252,7 @@ class QueueStatus(_Wire, kw_only=True):
     workers: list[WorkerInfo]
 
 
-class Health(_Wire, kw_only=True):
+class Health(_Wire, frozen=True, kw_only=True):
     status: Literal["healthy", "degraded"]
     timestamp: str
     version: str
@@ -261,11 +261,11 @@ class Health(_Wire, kw_only=True):
     workers: list[WorkerInfo]
 
 
-class TasksReply(_Wire, kw_only=True):
+class TasksReply(_Wire, frozen=True, kw_only=True):
     tasks: list[str]
 
 
-class ModelsReply(_Wire, kw_only=True):
+class ModelsReply(_Wire, frozen=True, kw_only=True):
     models: list[str]
 
 
@@ -280,37 +280,37 @@ class _EventBase(Struct, frozen=True, kw_only=True, tag_field="type"):
     labels: dict[str, str] = {}
 
 
-class Queued(_EventBase, kw_only=True, tag="queued"):
+class Queued(_EventBase, frozen=True, kw_only=True, tag="queued"):
     pool: str = "default"
     position_in_queue: int | None = None
     stream_seq: int | None = None
 
 
-class Started(_EventBase, kw_only=True, tag="started"):
+class Started(_EventBase, frozen=True, kw_only=True, tag="started"):
     pass
 
 
-class ProgressEvent(_EventBase, kw_only=True, tag="progress"):
+class ProgressEvent(_EventBase, frozen=True, kw_only=True, tag="progress"):
     progress: Progress
 
 
-class Requeued(_EventBase, kw_only=True, tag="requeued"):
+class Requeued(_EventBase, frozen=True, kw_only=True, tag="requeued"):
     reason: str
 
 
-class Completed(_EventBase, kw_only=True, tag="completed"):
+class Completed(_EventBase, frozen=True, kw_only=True, tag="completed"):
     metrics: dict[str, dict[str, Any]] = {}
     artifacts: list[str] = []
     duration_s: float | None = None
 
 
-class Failed(_EventBase, kw_only=True, tag="failed"):
+class Failed(_EventBase, frozen=True, kw_only=True, tag="failed"):
     error: str
     exit_code: int | None = None
     log_tail: str | None = None
 
 
-class Cancelled(_EventBase, kw_only=True, tag="cancelled"):
+class Cancelled(_EventBase, frozen=True, kw_only=True, tag="cancelled"):
     reason: str = "cancelled by request"
     # From the cancel request to the end of the evaluation's processes, when it was running.
     cancel_latency_s: float | None = None

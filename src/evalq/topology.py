@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js import JetStreamContext
-from nats.js import api
+from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
 
 from .config import Settings
@@ -153,7 +152,9 @@ class Topology:
 
     # --- ensure -----------------------------------------------------------------------
 
-    async def ensure(self, js: JetStreamContext, pools: tuple[str, ...] = ("default",), *, timeout: float = 30.0) -> None:
+    async def ensure(
+        self, js: JetStreamContext, pools: tuple[str, ...] = ("default",), *, timeout: float = 30.0
+    ) -> None:
         """Create or update every object; running it twice changes nothing.
 
         Retries transient errors (a cluster still electing a leader) until `timeout`.
@@ -167,16 +168,26 @@ class Topology:
 
     async def _ensure_once(self, js: JetStreamContext, pools: tuple[str, ...]) -> None:
         await _put_stream(js, self.events_stream_config())
-        await _put_kv(js, api.KeyValueConfig(bucket=self.jobs_bucket, history=1, replicas=self.replicas, storage=api.StorageType.FILE))
         await _put_kv(
             js,
             api.KeyValueConfig(
-                bucket=self.idempotency_bucket, ttl=self.idempotency_ttl, replicas=self.replicas, storage=api.StorageType.FILE
+                bucket=self.jobs_bucket, history=1, replicas=self.replicas, storage=api.StorageType.FILE
             ),
         )
         await _put_kv(
             js,
-            api.KeyValueConfig(bucket=self.workers_bucket, ttl=self.workers_ttl, replicas=self.replicas, storage=api.StorageType.FILE),
+            api.KeyValueConfig(
+                bucket=self.idempotency_bucket,
+                ttl=self.idempotency_ttl,
+                replicas=self.replicas,
+                storage=api.StorageType.FILE,
+            ),
+        )
+        await _put_kv(
+            js,
+            api.KeyValueConfig(
+                bucket=self.workers_bucket, ttl=self.workers_ttl, replicas=self.replicas, storage=api.StorageType.FILE
+            ),
         )
         try:
             await js.create_object_store(
@@ -247,6 +258,8 @@ async def _update_replicas(js: JetStreamContext, stream: str, replicas: int, max
     if current.num_replicas == replicas and (max_age is None or current.max_age == max_age):
         return
     try:
-        await js.update_stream(current.evolve(num_replicas=replicas, max_age=max_age if max_age is not None else current.max_age))
+        await js.update_stream(
+            current.evolve(num_replicas=replicas, max_age=max_age if max_age is not None else current.max_age)
+        )
     except APIError:
         raise

@@ -30,9 +30,8 @@ from ..errors import BadRequest, InvalidField, JobNotFound, RequestError, TooLar
 from ..events import EventPublisher
 from ..jobstore import JobStore
 from ..schemas import (
-
-    CancelReply,
     Cancelled,
+    CancelReply,
     EvaluateRequest,
     Health,
     JobAccepted,
@@ -202,9 +201,7 @@ class Gateway:
 
     async def submit(self, request: Request) -> JobAccepted:
         if len(request.data) > self.settings.max_request_bytes:
-            raise TooLarge(
-                f"request body is {len(request.data)} bytes; the limit is {self.settings.max_request_bytes}"
-            )
+            raise TooLarge(f"request body is {len(request.data)} bytes; the limit is {self.settings.max_request_bytes}")
         job = decode(request.data, EvaluateRequest)
         await self._check_pool(job.pool)
         await self.directory.check(job)
@@ -283,7 +280,8 @@ class Gateway:
         known = await self.topology.pools(self.js)
         self._pools = set(known)
         raise InvalidField(
-            f"unknown pool {pool!r}; known pools: {', '.join(known) or 'none'} (a worker creates its pool when it starts)",
+            f"unknown pool {pool!r}; known pools: {', '.join(known) or 'none'} "
+            "(a worker creates its pool when it starts)",
             path="$.pool",
         )
 
@@ -308,7 +306,11 @@ class Gateway:
         def change(info: JobInfo) -> JobInfo | None:
             if info.status == "queued":
                 return msgspec.structs.replace(
-                    info, status="cancelled", completed_at=stamp, cancel_requested_at=stamp, error="cancelled while queued"
+                    info,
+                    status="cancelled",
+                    completed_at=stamp,
+                    cancel_requested_at=stamp,
+                    error="cancelled while queued",
                 )
             if info.status == "running":
                 return msgspec.structs.replace(info, status="cancelling", cancel_requested_at=stamp)
@@ -346,7 +348,7 @@ class Gateway:
             self.directory.workers(fresh=True),
         )
         running = sorted({w.current_job for w in workers if w.current_job})
-        queued = {pool: [j for j in pool_ids if j not in running] for pool, pool_ids in zip(pools, ids)}
+        queued = {pool: [j for j in pool_ids if j not in running] for pool, pool_ids in zip(pools, ids, strict=True)}
         return QueueStatus(
             queue_size=sum(s.queued for s in snapshots),
             queued_jobs=queued,
@@ -365,7 +367,9 @@ class Gateway:
         seq = 1
         while len(ids) < limit:
             body = encode({"seq": seq, "next_by_subj": f"{head}>"})
-            reply = await self.nc.request(f"$JS.API.STREAM.MSG.GET.{stream}", body, timeout=self.settings.request_timeout)
+            reply = await self.nc.request(
+                f"$JS.API.STREAM.MSG.GET.{stream}", body, timeout=self.settings.request_timeout
+            )
             got = _msg_get.decode(reply.data)
             if got.message is None:
                 break
@@ -392,7 +396,7 @@ class Gateway:
 
         kinds = ("completed", "failed", "cancelled")
         values = await asyncio.gather(*(count(k) for k in kinds))
-        return dict(zip(kinds, values))
+        return dict(zip(kinds, values, strict=True))
 
     async def health(self, request: Request) -> Health:
         pools = sorted(self._pools | set(await self.topology.pools(self.js)))
@@ -413,6 +417,3 @@ class Gateway:
 
     async def models(self, request: Request) -> ModelsReply:
         return ModelsReply(models=await self.directory.models())
-
-
-

@@ -26,8 +26,8 @@ from ..connection import connect
 from ..errors import EvalqError, JobCancelled, JobFailed, RequestError, Unavailable
 from ..schemas import (
     TERMINAL,
-    CancelReply,
     Cancelled,
+    CancelReply,
     Completed,
     EvaluateRequest,
     Event,
@@ -113,7 +113,9 @@ class AsyncClient:
         try:
             reply = await self.nc.request(self.topology.subject(endpoint), body, timeout=self.timeout, headers=headers)
         except NoRespondersError:
-            raise Unavailable(f"no gateway answers on {self.topology.subject(endpoint)}; is `evalq gateway` running?") from None
+            raise Unavailable(
+                f"no gateway answers on {self.topology.subject(endpoint)}; is `evalq gateway` running?"
+            ) from None
         if reply.headers and _SERVICE_CODE in reply.headers:
             code = int(reply.headers.get(_SERVICE_CODE) or 500)
             try:
@@ -143,7 +145,7 @@ class AsyncClient:
         for attempt in range(retries + 1):
             try:
                 return decode(await self._request("submit", body, headers), JobAccepted)
-            except (NatsTimeout, asyncio.TimeoutError, Unavailable):
+            except (TimeoutError, NatsTimeout, Unavailable):
                 if attempt == retries:
                     raise
                 await asyncio.sleep(min(0.2 * 2**attempt, 2.0))  # back-off before the same-key retry
@@ -170,7 +172,7 @@ class AsyncClient:
     async def is_healthy(self) -> bool:
         try:
             return (await self.health()).status == "healthy"
-        except (EvalqError, NatsTimeout, asyncio.TimeoutError):
+        except (TimeoutError, EvalqError, NatsTimeout):
             return False
 
     async def list_tasks(self) -> list[str]:

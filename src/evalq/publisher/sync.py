@@ -77,7 +77,11 @@ class Client:
     # --- the same methods as AsyncClient, blocking -------------------------------------------
 
     def submit(
-        self, request: EvaluateRequest | dict[str, Any] | None = None, *, idempotency_key: str | None = None, **fields: Any
+        self,
+        request: EvaluateRequest | dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        **fields: Any,
     ) -> JobAccepted:
         return self._run(self._async.submit(request, idempotency_key=idempotency_key, **fields))
 

@@ -94,9 +94,7 @@ def build_argv(
 
 def scrubbed_env(environ: Mapping[str, str]) -> dict[str, str]:
     env = {
-        key: value
-        for key, value in environ.items()
-        if key not in _SCRUB_EXACT and not key.startswith(_SCRUB_PREFIXES)
+        key: value for key, value in environ.items() if key not in _SCRUB_EXACT and not key.startswith(_SCRUB_PREFIXES)
     }
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -14,7 +14,9 @@ from ..schemas import Progress
 __all__ = ["ProgressParser"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-_BAR = re.compile(r"(?:^|\s)(?:(?P<phase>[^|:\r\n]{1,80}):\s*)?(?P<pct>\d{1,3})%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)")
+_BAR = re.compile(
+    r"(?:^|\s)(?:(?P<phase>[^|:\r\n]{1,80}):\s*)?(?P<pct>\d{1,3})%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)"
+)
 
 
 class ProgressParser:

@@ -89,7 +89,7 @@ class EvalProcess:
         self._signal_group(signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(self.process.wait()), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._signal_group(signal.SIGKILL)
 
     def _signal_group(self, sig: int) -> None:

@@ -202,7 +202,7 @@ class Worker:
         )
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), 300)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
             log.warning("listing models and tasks took over 300 s; not advertising them")
@@ -231,7 +231,7 @@ class Worker:
         while not self.stopping and (max_jobs is None or self.jobs_run < max_jobs):
             try:
                 msgs = await self.sub.fetch(1, timeout=1.0)
-            except (NatsTimeout, asyncio.TimeoutError):
+            except (TimeoutError, NatsTimeout):
                 continue
             except Exception as exc:  # e.g. disconnected: wait for the reconnect
                 log.warning("fetch failed: %s", exc)
@@ -364,7 +364,13 @@ class Worker:
         await process.start()
         # `started` follows the launch, so a follower that sees it can act on the process.
         await self._publish(
-            Started(job_id=info.job_id, time=info.started_at or now(), attempt=current.attempt, worker=self.worker_id, labels=info.labels)
+            Started(
+                job_id=info.job_id,
+                time=info.started_at or now(),
+                attempt=current.attempt,
+                worker=self.worker_id,
+                labels=info.labels,
+            )
         )
         log.info("job %s attempt %d: pid %s: %s", info.job_id, current.attempt, process.pid, " ".join(argv))
 
@@ -542,7 +548,13 @@ class Worker:
     def _terminal_event(
         self, info: JobInfo, reason: str, exit_code: int | None, log_tail: str | None, latency: float | None
     ) -> Event:
-        common = dict(job_id=info.job_id, time=info.completed_at or now(), attempt=info.attempts, worker=self.worker_id, labels=info.labels)
+        common = dict(
+            job_id=info.job_id,
+            time=info.completed_at or now(),
+            attempt=info.attempts,
+            worker=self.worker_id,
+            labels=info.labels,
+        )
         if info.status == "completed":
             result = info.result or JobResult()
             return Completed(**common, metrics=result.metrics, artifacts=result.artifacts, duration_s=result.duration_s)  # type: ignore[arg-type]
