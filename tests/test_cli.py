@@ -1,0 +1,138 @@
+"""The `evalq` command through its real entry point, in subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evalq import AsyncClient
+from evalq.config import Settings
+
+from .conftest import EVALQ, settings_env
+
+FAKE = [sys.executable, str(Path(__file__).parent / "fake_evaluator.py")]
+
+
+async def evalq(settings: Settings, *args: str, timeout: float = 120, **env: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *EVALQ,
+        *args,
+        env=settings_env(settings, **env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_unreachable_server_is_one_line_with_a_hint(settings: Settings) -> None:
+    code, out, err = await evalq(settings.with_(nats_url=["nats://127.0.0.1:1"]), "queue")
+    assert code == 1
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "evalq up" in lines[0] and "EVALQ_NATS_URL" in lines[0]
+
+
+async def test_invalid_request_names_the_field(settings: Settings, client: AsyncClient) -> None:
+    code, _, err = await evalq(settings, "submit", "--model", "dummy", "--tasks", "ok,bad name")
+    assert code == 1
+    assert "$.tasks[1]" in err and "Traceback" not in err
+    code, _, err = await evalq(settings, "submit", "--model", "dummy", "--tasks", "t", "--label", "oops")
+    assert code == 2 and "--label" in err
+
+
+async def test_json_output_parses(settings: Settings, client: AsyncClient) -> None:
+    code, out, _ = await evalq(
+        settings, "submit", "--model", "dummy", "--tasks", "evalq_demo", "--label", "epoch=2", "--json"
+    )
+    assert code == 0
+    accepted = json.loads(out)
+    assert accepted["status"] == "queued" and accepted["position_in_queue"] == 0
+    job = accepted["job_id"]
+    code, out, _ = await evalq(settings, "status", job, "--json")
+    assert code == 0 and json.loads(out)["labels"] == {"epoch": "2"}
+    code, out, _ = await evalq(settings, "queue", "--json")
+    assert code == 0 and json.loads(out)["queued_jobs"] == {"default": [job]}
+    code, out, _ = await evalq(settings, "health", "--json")
+    assert code == 0 and json.loads(out)["status"] == "healthy"
+    code, out, _ = await evalq(settings, "cancel", job, "--json")
+    assert code == 0 and json.loads(out)["status"] == "cancelled"
+    code, out, _ = await evalq(settings, "events", "--history", "--count", "2", "--json")
+    assert code == 0 and [json.loads(line)["type"] for line in out.splitlines()] == ["queued", "cancelled"]
+    code, _, err = await evalq(settings, "status", "0b4c1a52-0d4e-4a3b-9d1e-2f1f9b7c6d5e")
+    assert code == 1 and "404" in err
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("ok", 0), ("fail", 1)])
+async def test_watch_exit_codes(
+    settings: Settings,
+    client: AsyncClient,
+    worker_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    expected: int,
+) -> None:
+    monkeypatch.setenv("FAKE_EVAL_MODE", mode)
+    await worker_factory(evaluator=FAKE)
+    code, out, err = await evalq(
+        settings, "submit", "--model", "dummy", "--tasks", "evalq_demo", "--limit", "3", "--wait"
+    )
+    assert code == expected, err
+    if mode == "ok":
+        assert "exact_match" in out and "0.6" in out
+    else:
+        assert "failed" in err
+
+
+async def test_watch_a_cancelled_job_exits_3(settings: Settings, client: AsyncClient) -> None:
+    job = (await client.submit(model="dummy", tasks=["evalq_demo"])).job_id
+    await client.cancel_job(job)
+    code, _, err = await evalq(settings, "watch", job)
+    assert code == 3 and "cancelled" in err
+    code, out, _ = await evalq(settings, "watch", job, "--json")
+    assert code == 3 and json.loads(out.splitlines()[-1])["type"] == "cancelled"
+
+
+async def test_results_and_workers(
+    settings: Settings, client: AsyncClient, worker_factory: Any, tmp_path: Path
+) -> None:
+    await worker_factory(evaluator=FAKE)
+    info = await client.submit_and_wait(model="dummy", tasks=["evalq_demo"], limit=2, timeout=60)
+    code, out, _ = await evalq(settings, "results", info.job_id, "-o", str(tmp_path), "--json")
+    assert code == 0
+    assert {Path(f).name for f in json.loads(out)["files"]} == {"results.json", "eval.log"}
+    code, out, _ = await evalq(settings, "workers", "--json")
+    assert code == 0 and len(json.loads(out)) == 1
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "server",
+        "gateway",
+        "worker",
+        "up",
+        "submit",
+        "status",
+        "cancel",
+        "watch",
+        "results",
+        "events",
+        "queue",
+        "workers",
+    ],
+)
+async def test_every_command_has_help_with_an_example(settings: Settings, command: str) -> None:
+    code, out, _ = await evalq(settings, command, "--help")
+    assert code == 0 and "Example" in out
