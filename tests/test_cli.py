@@ -37,7 +37,7 @@ async def evalq(settings: Settings, *args: str, timeout: float = 120, **env: str
 
 
 async def test_unreachable_server_is_one_line_with_a_hint(settings: Settings) -> None:
-    code, out, err = await evalq(settings.with_(nats_url=["nats://127.0.0.1:1"]), "queue")
+    code, _, err = await evalq(settings.with_(nats_url=["nats://127.0.0.1:1"]), "queue")
     assert code == 1
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
