@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# GPU check, through `evalq up` (embedded NATS + gateway + worker):
+#   1. the tiny random transformers model on the GPU (device=cuda:0)
+#   2. a num_gpus=1 job
+#   3. num_gpus larger than the worker has is refused (422) once it advertised its GPUs
+# Needs a CUDA machine with evalq[worker] importable. GPU_CHECK_DEVICE=cpu runs it without one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+DEVICE="${GPU_CHECK_DEVICE:-cuda:0}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export EVALQ_HOME="${EVALQ_HOME:-$(mktemp -d -t evalq-gpu.XXXXXX)}"
+PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export EVALQ_NATS_URL="nats://127.0.0.1:${PORT}"
+evalq() { $PY -m evalq "$@"; }
+now() { date +%s.%N; }
+elapsed() { $PY -c "print(f'{$2 - $1:.1f}')"; }
+
+command -v nvidia-smi >/dev/null && nvidia-smi -L || echo "no nvidia-smi"
+$PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.device_count())'
+
+evalq up --port "$PORT" >"$EVALQ_HOME/up.log" 2>&1 &
+UP=$!
+trap 'kill -TERM $UP 2>/dev/null; wait $UP 2>/dev/null || true; echo "--- up.log"; tail -20 "$EVALQ_HOME/up.log"' EXIT
+for _ in $(seq 1 300); do grep -q "evalq up:" "$EVALQ_HOME/up.log" && break; kill -0 $UP; sleep 0.1; done
+
+TINY="$EVALQ_HOME/tiny"
+$PY tests/tiny_model.py "$TINY" >/dev/null
+
+ARGS="pretrained=$TINY,trust_remote_code=True,device_map=$DEVICE"
+t0=$(now)
+evalq submit --model huggingface --model-args "$ARGS" --device "$DEVICE" --tasks evalq_demo --limit 8 \
+  --label check=tiny-cuda --wait
+t1=$(now)
+evalq submit --model huggingface --model-args "$ARGS" --device "$DEVICE" --tasks evalq_demo --num-gpus 1 \
+  --label check=num-gpus-1 --wait
+t2=$(now)
+
+# The worker advertises its GPUs once it has listed them; then an impossible job is refused.
+for _ in $(seq 1 240); do
+  if evalq workers --json | $PY -c 'import json,sys; w=json.load(sys.stdin); sys.exit(0 if w and w[0]["tasks"] is not None else 1)'; then break; fi
+  sleep 0.5
+done
+evalq workers
+GPUS=$(evalq workers --json | $PY -c 'import json,sys; print(json.load(sys.stdin)[0]["gpu_count"])')
+set +e
+evalq submit --model huggingface --tasks evalq_demo --num-gpus $((GPUS + 1)) 2>"$EVALQ_HOME/refused.txt"
+CODE=$?
+set -e
+cat "$EVALQ_HOME/refused.txt"
+echo "== summary"
+echo "tiny model on $DEVICE: $(elapsed "$t0" "$t1") s (submit to completed, cold start included)"
+echo "num_gpus=1 job:        $(elapsed "$t1" "$t2") s"
+echo "num_gpus=$((GPUS + 1)) refused:  exit $CODE ($(grep -o '\$\.num_gpus' "$EVALQ_HOME/refused.txt" || echo 'no path'))"
