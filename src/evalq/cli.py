@@ -578,7 +578,7 @@ def queue(ctx: typer.Context, json_: JsonOpt = False) -> None:
             return
         table = Table(title=f"queue: {state.queue_size} waiting, {len(state.running_jobs)} running")
         for column in ("pool", "position", "job", "status", "labels", "attempts", "worker", "progress"):
-            table.add_column(column)
+            table.add_column(column, no_wrap=column == "job", min_width=36 if column == "job" else None)
         ids = [(None, job) for job in state.running_jobs] + [
             (pool, job) for pool, jobs in state.queued_jobs.items() for job in jobs
         ]
