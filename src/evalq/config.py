@@ -59,6 +59,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     shutdown_mode: Literal["finish", "requeue"] = "finish"
     progress_interval: float = 2.0
     log_tail_lines: int = 40
+    # How long a worker keeps retrying a job's bookkeeping while NATS is unreachable.
+    outage_timeout: float = 600.0
     worker_id: str | None = None
     # The command that runs one evaluation; empty means `python -m lmms_eval`.
     evaluator: list[str] = []

@@ -20,15 +20,18 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError, NoRespondersError, OutboundBufferLimitError, StaleConnectionError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from .. import __version__
 from ..config import Settings
@@ -64,6 +67,17 @@ __all__ = ["Worker"]
 log = logging.getLogger("evalq.worker")
 
 _INVENTORY_MARK = "@@EVALQ-INVENTORY@@"
+# Errors that mean "NATS is away for now", as during a server restart: worth waiting out.
+_OUTAGE = (
+    NatsTimeout,
+    asyncio.TimeoutError,
+    NoRespondersError,
+    ServiceUnavailableError,
+    ConnectionClosedError,
+    OutboundBufferLimitError,
+    StaleConnectionError,
+)
+T = TypeVar("T")
 
 
 @dataclass
@@ -496,13 +510,32 @@ class Worker:
         except Exception as exc:
             log.debug("progress not reported: %s", exc)
 
+    async def _outlast(self, step: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run `step`, retrying through a NATS outage (a server restart) for up to `outage_timeout`.
+
+        The evaluation's result is worth hours of GPU time: finishing the bookkeeping late
+        beats losing it. Other errors are not retried.
+        """
+        deadline = time.monotonic() + self.settings.outage_timeout
+        delay = 0.2
+        while True:
+            try:
+                return await step()
+            except _OUTAGE as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s: NATS unavailable (%s); retrying", what, type(exc).__name__)
+                await asyncio.sleep(delay)  # back-off while the client reconnects
+                delay = min(delay * 2, 5.0)
+
     async def _upload(self, job_id: str, files: list[tuple[Path, str]]) -> list[str]:
         names = []
         for path, name in files:
             if path.is_symlink() or not path.is_file():
                 continue
             object_name = f"{job_id}/{name}"
-            await self.results.put(object_name, path.read_bytes())
+            data = path.read_bytes()
+            await self._outlast(lambda: self.results.put(object_name, data), f"upload {object_name}")  # noqa: B023
             names.append(object_name)
         return names
 
@@ -536,14 +569,17 @@ class Worker:
                 progress=current.progress,
             )
 
-        moved = await self.jobs.transition(info.job_id, to_terminal)
+        moved = await self._outlast(lambda: self.jobs.transition(info.job_id, to_terminal), "record the outcome")
         if moved is not None:
             event = self._terminal_event(moved[1], reason, exit_code, log_tail, latency)
-            if not await self._publish(event):
+            try:
+                await self._outlast(lambda: self.events.publish(event), "publish the outcome")
+            except Exception as exc:
                 # Leave the message unacked: its redelivery finds the terminal record and
                 # publishes the missing event (deduplicated by Nats-Msg-Id).
+                log.warning("could not publish the outcome of %s: %s", info.job_id, exc)
                 return
-        await msg.ack()
+        await self._outlast(msg.ack, "ack")
 
     def _terminal_event(
         self, info: JobInfo, reason: str, exit_code: int | None, log_tail: str | None, latency: float | None
