@@ -91,6 +91,7 @@ class _Current:
     cancel_requested_at: float | None = None
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     requeue: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
     last_progress_at: float = 0.0
     last_phase: str = ""
 
@@ -400,9 +401,10 @@ class Worker:
                 await process.terminate(self.settings.cancel_grace)
             exit_code = await waiting
         finally:
+            current.finished.set()
             for task in helpers + stop_reasons:
                 task.cancel()
-            await asyncio.gather(*helpers, *stop_reasons, return_exceptions=True)
+            await asyncio.wait(helpers + stop_reasons, timeout=10)
             if not waiting.done():
                 await process.terminate(0.5)
                 waiting.cancel()
@@ -465,9 +467,13 @@ class Worker:
 
     async def _follow_record(self, current: _Current) -> None:
         """Watch the job's record; a `cancelling` status ends the evaluation."""
-        while True:
+        while not current.finished.is_set():
+            watcher = None
             try:
                 watcher = await self.jobs.kv.watch(current.info.job_id)
+                # Setting up a watch can swallow a cancellation: look again before waiting on it.
+                if current.finished.is_set():
+                    return
                 async for entry in watcher:
                     if entry is None or not entry.value:
                         continue
@@ -481,6 +487,10 @@ class Worker:
             except Exception as exc:  # reconnecting: watch again
                 log.warning("watching job %s: %s", current.info.job_id, exc)
                 await asyncio.sleep(1.0)
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
 
     def _on_progress(self, current: _Current, progress: Progress) -> None:
         clock = time.monotonic()
