@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install test test-fast lint format typecheck demo clean
+.PHONY: install test test-fast chaos lint format typecheck demo clean
 
 install: $(STAMP)
 
@@ -20,7 +20,10 @@ test: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest
 
 test-fast: $(STAMP)
-	$(OFFLINE) $(BIN)/python -m pytest -m "not slow"
+	$(OFFLINE) $(BIN)/python -m pytest -m "not slow and not chaos"
+
+chaos: $(STAMP)
+	$(OFFLINE) $(BIN)/python -m pytest -m chaos -s
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples

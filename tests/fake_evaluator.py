@@ -3,7 +3,8 @@
 It honours the same argv (`--tasks`, `--output_path`, `--limit`), prints tqdm-like
 progress and writes a valid `*_results.json`. FAKE_EVAL_MODE picks a behaviour:
 `ok` (default), `slow` (runs until killed), `fail` (exits 0 with no results, as
-lmms-eval does), `poison` (kills the worker that started it).
+lmms-eval does), `poison` (kills the worker that started it),
+`big` (also writes a 40 MB samples file).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, DeliverPolicy
-from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError, ServiceUnavailableError
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
@@ -56,7 +56,12 @@ __all__ = ["Gateway"]
 log = logging.getLogger("evalq.gateway")
 
 # JetStream error codes that mean "the queue cannot take more", not "the gateway broke".
-_FULL = {10077: "the queue is full", 10047: "the server is out of storage", 10027: "the queue is full"}
+_FULL = {
+    10077: "the queue is full",
+    10027: "the queue is full",
+    10047: "the server is out of storage",
+    10023: "the server is out of storage",
+}
 _KEY_MAX = 256
 
 Handler = Callable[[Request], Awaitable[msgspec.Struct]]
@@ -87,7 +92,7 @@ def as_request_error(exc: BaseException) -> RequestError:
         return BadRequest(message, path=path)
     if isinstance(exc, APIError) and exc.err_code in _FULL:
         return Unavailable(f"{_FULL[exc.err_code]} ({exc.description}); retry later")
-    if isinstance(exc, (NatsTimeout, NoRespondersError, asyncio.TimeoutError)):
+    if isinstance(exc, (NatsTimeout, NoRespondersError, asyncio.TimeoutError, ServiceUnavailableError)):
         return Unavailable("JetStream did not answer in time; retry with the same Idempotency-Key")
     log.error("internal error", exc_info=exc)
     return RequestError("internal error; see the gateway's log", code=500)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
@@ -110,12 +111,20 @@ class AsyncClient:
     # --- requests ----------------------------------------------------------------------
 
     async def _request(self, endpoint: str, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
-        try:
-            reply = await self.nc.request(self.topology.subject(endpoint), body, timeout=self.timeout, headers=headers)
-        except NoRespondersError:
-            raise Unavailable(
-                f"no gateway answers on {self.topology.subject(endpoint)}; is `evalq gateway` running?"
-            ) from None
+        subject = self.topology.subject(endpoint)
+        give_up = time.monotonic() + self.timeout
+        delay = 0.05
+        while True:
+            try:
+                reply = await self.nc.request(subject, body, timeout=self.timeout, headers=headers)
+                break
+            except NoRespondersError:
+                # A gateway restarting, or this client reconnecting: its subscriptions are
+                # back within moments, so wait for one up to the request timeout.
+                if time.monotonic() + delay > give_up:
+                    raise Unavailable(f"no gateway answers on {subject}; is `evalq gateway` running?") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
         if reply.headers and _SERVICE_CODE in reply.headers:
             code = int(reply.headers.get(_SERVICE_CODE) or 500)
             try:
