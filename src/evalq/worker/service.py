@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -402,9 +402,10 @@ class Worker:
             exit_code = await waiting
         finally:
             current.finished.set()
-            for task in helpers + stop_reasons:
+            pending: list[asyncio.Task[Any]] = [*helpers, *stop_reasons]
+            for task in pending:
                 task.cancel()
-            await asyncio.wait(helpers + stop_reasons, timeout=10)
+            await asyncio.wait(pending, timeout=10)
             if not waiting.done():
                 await process.terminate(0.5)
                 waiting.cancel()
@@ -490,7 +491,7 @@ class Worker:
             finally:
                 if watcher is not None:
                     with contextlib.suppress(Exception):
-                        await watcher.stop()
+                        await watcher.stop()  # type: ignore[no-untyped-call]
 
     def _on_progress(self, current: _Current, progress: Progress) -> None:
         clock = time.monotonic()
