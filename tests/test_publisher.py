@@ -120,3 +120,28 @@ async def test_sync_client_inside_and_outside_a_running_loop(settings: Settings,
         assert kinds(events) == ["queued", "cancelled"]
     with pytest.raises(RuntimeError, match="closed"):
         client.get_job(job_id)
+
+
+async def test_a_symlink_in_the_results_root_is_not_followed_out(
+    client: AsyncClient, worker_factory: Any, settings: Settings, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = settings.results_root
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    await worker_factory(evaluator=FAKE)
+    with pytest.raises(JobFailed) as failed:
+        await client.submit_and_wait(**JOB, output_dir="escape", timeout=60)
+    assert "outside the results root" in failed.value.reason
+    assert list(outside.iterdir()) == []
+
+
+async def test_results_never_write_outside_the_destination(client: AsyncClient, nc: Any, tmp_path: Path) -> None:
+    store = await nc.jetstream().object_store(client.topology.results_bucket)
+    job = "0b4c1a52-0d4e-4a3b-9d1e-2f1f9b7c6d5e"
+    await store.put(f"{job}/../../escaped.txt", b"x")
+    await store.put(f"{job}/results.json", b"{}")
+    files = await client.results(job, tmp_path / "dest")
+    assert [f.name for f in files] == ["results.json"]
+    assert not (tmp_path / "escaped.txt").exists()

@@ -53,6 +53,7 @@ class EmbeddedServer:
         extra_args: list[str] | None = None,
         log_file: str | os.PathLike[str] | None = None,
         ready_timeout: float = 20.0,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
@@ -61,6 +62,7 @@ class EmbeddedServer:
         self.extra_args = extra_args or []
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
         self.ready_timeout = ready_timeout
+        self.env = env
         self.process: subprocess.Popen[bytes] | None = None
         self._ready = threading.Event()
         self._reader: threading.Thread | None = None
@@ -86,15 +88,23 @@ class EmbeddedServer:
         self._ready.clear()
         self._log_tail = []
         self.process = subprocess.Popen(
-            self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env
         )
         self._reader = threading.Thread(target=self._read_log, name="nats-server-log", daemon=True)
         self._reader.start()
-        if not self._ready.wait(self.ready_timeout) or self.process.poll() is not None:
+        if not self._ready.wait(self.ready_timeout) or self._exited():
             tail = "".join(self._log_tail[-10:]).strip()
             self.stop()
             raise ServerNotFound(f"nats-server did not become ready: {tail or 'no output'}")
         return self
+
+    def _exited(self) -> bool:
+        assert self.process
+        try:
+            self.process.wait(0.05 if self._ready.is_set() else 0)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def _read_log(self) -> None:
         assert self.process and self.process.stderr
@@ -110,6 +120,8 @@ class EmbeddedServer:
                         self.port = int(match.group(1))
                     if _READY in line:
                         self._ready.set()
+        # The process has ended (its stderr closed): stop waiting for a ready line.
+        self._ready.set()
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (the server flushes and exits), SIGKILL if it does not within `timeout`."""

@@ -21,6 +21,7 @@ from nats.aio.client import Client as NatsClient
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from ..config import Settings, load_settings
 from ..connection import connect
@@ -246,7 +247,7 @@ class AsyncClient:
         written: list[Path] = []
         try:
             infos = await store.list()
-        except Exception:  # nats-py raises NotFoundError for an empty store
+        except NotFoundError:  # what nats-py raises for an empty store
             infos = []
         for info in infos:
             name = info.name or ""

@@ -123,6 +123,7 @@ class Worker:
         self.current: _Current | None = None
         self.jobs_run = 0
         self._stopping = asyncio.Event()
+        self._closed = False  # set by stop(); heartbeats go on while a stopping worker finishes its job
         self._tasks: list[asyncio.Task[None]] = []
         self._signals: list[int] = []
 
@@ -150,13 +151,17 @@ class Worker:
 
     async def stop(self) -> None:
         self.request_stop()
+        self._closed = True
         loop = asyncio.get_running_loop()
         for sig in self._signals:
             loop.remove_signal_handler(sig)
         self._signals.clear()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # nats-py can swallow a cancellation inside a request; the loops also watch
+            # a flag, and the wait is bounded either way.
+            await asyncio.wait(self._tasks, timeout=5)
         self._tasks.clear()
         with contextlib.suppress(Exception):
             await self.workers_kv.delete(self.worker_id)
@@ -198,7 +203,7 @@ class Worker:
         await self.workers_kv.put(self.worker_id, encode(self.info))
 
     async def _heartbeat(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(self.settings.heartbeat)  # the heartbeat period itself
             try:
                 await self._register()
@@ -449,17 +454,18 @@ class Worker:
     def _output_dir(self, info: JobInfo) -> Path | None:
         assert info.request is not None
         root = self.results_root.resolve()
-        output = root / (info.request.output_dir or "") / info.job_id
-        output.mkdir(parents=True, exist_ok=True)
-        # A symlink planted under the root must not lead the job (or its upload) outside.
-        resolved = output.resolve()
-        if not resolved.is_relative_to(root):
+        # A symlink planted under the root must not lead the job (or its upload) outside:
+        # resolve before creating anything, and again after.
+        output = (root / (info.request.output_dir or "") / info.job_id).resolve()
+        if not output.is_relative_to(root):
             return None
-        return resolved
+        output.mkdir(parents=True, exist_ok=True)
+        output = output.resolve()
+        return output if output.is_relative_to(root) else None
 
     async def _keep_alive(self, current: _Current) -> None:
         period = max(0.5, self.settings.ack_wait / 3)
-        while True:
+        while not current.finished.is_set():
             await asyncio.sleep(period)  # well inside ack_wait, so the job is not redelivered
             try:
                 await current.msg.in_progress()
