@@ -7,6 +7,7 @@ test) can share one NATS server without seeing each other.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 
@@ -205,12 +206,22 @@ class Topology:
         await js.add_consumer(self.work_stream(pool), self.consumer_config())
 
     async def pools(self, js: JetStreamContext) -> list[str]:
-        """The pools whose work stream exists, sorted."""
+        """The pools whose work stream exists, sorted (asks for this prefix's streams only, page by page)."""
         names: list[str] = []
-        for info in await js.streams_info():
-            pool = self.pool_of_stream(info.config.name or "")
-            if pool is not None:
-                names.append(pool)
+        offset = 0
+        while True:
+            body = json.dumps({"subject": f"{self.prefix}.work.>", "offset": offset}).encode()
+            reply = json.loads((await js._nc.request("$JS.API.STREAM.NAMES", body, timeout=10)).data)
+            if "error" in reply:
+                raise APIError.from_error(reply["error"])
+            page = reply.get("streams") or []
+            for stream in page:
+                pool = self.pool_of_stream(stream)
+                if pool is not None:
+                    names.append(pool)
+            offset += len(page)
+            if not page or offset >= int(reply.get("total", 0)):
+                break
         return sorted(names)
 
     async def has_pool(self, js: JetStreamContext, pool: str) -> bool:
