@@ -136,6 +136,21 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+async def run_command(argv: list[str], env: dict[str, str], timeout: float = 120) -> tuple[int, str, str]:
+    """Run a command to its end (bounded); returns (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 class Processes:
     """Subprocesses a test starts; each is stopped by its pid at teardown."""
 

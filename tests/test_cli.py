@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -13,27 +12,13 @@ import pytest
 from evalq import AsyncClient
 from evalq.config import Settings
 
-from .conftest import EVALQ, settings_env
+from .conftest import EVALQ, run_command, settings_env
 
 FAKE = [sys.executable, str(Path(__file__).parent / "fake_evaluator.py")]
 
 
 async def evalq(settings: Settings, *args: str, timeout: float = 120, **env: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *EVALQ,
-        *args,
-        env=settings_env(settings, **env),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_command([*EVALQ, *args], settings_env(settings, **env), timeout)
 
 
 async def test_unreachable_server_is_one_line_with_a_hint(settings: Settings) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import json
 import re
@@ -19,29 +18,14 @@ from evalq.config import Settings
 from evalq.schemas import EvaluateRequest, JobAccepted, JobInfo, JobRef, QueueStatus, decode, decode_event
 from evalq.topology import Topology
 
-from .conftest import REPO, settings_env
+from .conftest import REPO, run_command, settings_env
 
 FAKE = [sys.executable, str(Path(__file__).parent / "fake_evaluator.py")]
 EXAMPLES = REPO / "examples"
 
 
 async def run_example(settings: Settings, *args: str, timeout: float = 120) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *args,
-        env=settings_env(settings),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_command([sys.executable, *args], settings_env(settings), timeout)
 
 
 async def test_training_loop_harvests_without_blocking(

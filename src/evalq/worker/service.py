@@ -78,6 +78,7 @@ _OUTAGE = (
     StaleConnectionError,
 )
 T = TypeVar("T")
+E = TypeVar("E", ProgressEvent, Requeued, Started)
 
 
 @dataclass
@@ -383,15 +384,7 @@ class Worker:
         current.process = process
         await process.start()
         # `started` follows the launch, so a follower that sees it can act on the process.
-        await self._publish(
-            Started(
-                job_id=info.job_id,
-                time=info.started_at or now(),
-                attempt=current.attempt,
-                worker=self.worker_id,
-                labels=info.labels,
-            )
-        )
+        await self._publish(self._event(Started, current))
         log.info("job %s attempt %d: pid %s: %s", info.job_id, current.attempt, process.pid, " ".join(argv))
 
         helpers = [
@@ -514,16 +507,7 @@ class Worker:
 
         try:
             await self.jobs.transition(current.info.job_id, update)
-            await self._publish(
-                ProgressEvent(
-                    job_id=current.info.job_id,
-                    time=now(),
-                    attempt=current.attempt,
-                    worker=self.worker_id,
-                    labels=current.info.labels,
-                    progress=progress,
-                )
-            )
+            await self._publish(self._event(ProgressEvent, current, progress=progress))
         except Exception as exc:
             log.debug("progress not reported: %s", exc)
 
@@ -636,17 +620,19 @@ class Worker:
             if latest is not None and latest[0].status == "cancelling":
                 await self._finish(current.msg, latest[0], "cancelled", reason="cancelled during shutdown")
                 return
-        await self._publish(
-            Requeued(
-                job_id=current.info.job_id,
-                time=now(),
-                attempt=current.attempt,
-                worker=self.worker_id,
-                labels=current.info.labels,
-                reason=reason,
-            )
-        )
+        await self._publish(self._event(Requeued, current, reason=reason))
         await current.msg.nak()
+
+    def _event(self, kind: type[E], current: _Current, **fields: Any) -> E:
+        """An event about the job in hand, stamped with this worker and attempt."""
+        return kind(
+            job_id=current.info.job_id,
+            time=now(),
+            attempt=current.attempt,
+            worker=self.worker_id,
+            labels=current.info.labels,
+            **fields,
+        )
 
     async def _publish(self, event: Event) -> bool:
         try:
