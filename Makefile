@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install test test-fast chaos lint format typecheck demo clean
+.PHONY: install test test-fast chaos bench bench-smoke lint format typecheck demo clean
 
 install: $(STAMP)
 
@@ -26,15 +26,22 @@ chaos: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest -m chaos -s
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples bench
+	$(BIN)/ruff format --check src tests examples bench
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests examples
-	$(BIN)/ruff check --fix src tests examples
+	$(BIN)/ruff format src tests examples bench
+	$(BIN)/ruff check --fix src tests examples bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy src
+
+bench: $(STAMP)
+	$(OFFLINE) $(BIN)/python bench/run.py
+
+# A short run that checks the harness works; it never fails on a timing.
+bench-smoke: $(STAMP)
+	$(OFFLINE) $(BIN)/python bench/run.py --quick --output $(or $(BENCH_OUT),/tmp/evalq-bench-smoke.md)
 
 demo: $(STAMP)
 	$(OFFLINE) bash scripts/demo.sh
