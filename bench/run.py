@@ -415,7 +415,6 @@ class Bench:
                 server.stop()
         header = [
             "# evalq benchmarks",
-            "",
             f"Measured {datetime.date.today().isoformat()} with `python bench/run.py{' --quick' if self.quick else ''}` on "
             f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}. Every row of a table "
             "comes from the same run on the same machine; compare ratios, not absolute times.",
