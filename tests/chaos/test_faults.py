@@ -345,7 +345,6 @@ async def test_2000_jobs_with_random_cancels_and_two_workers(settings: Settings,
     await sub.unsubscribe()
     counts = collections.Counter(statuses.values())
     left = (await nc.jetstream().stream_info(topology.work_stream("default"))).state.messages
-    by_worker = collections.Counter[str]()
     figure(
         "2000 jobs, random cancels, two workers",
         submitted=total,
@@ -360,4 +359,3 @@ async def test_2000_jobs_with_random_cancels_and_two_workers(settings: Settings,
     assert counts["cancelled"] >= 1
     assert all(terminal_events[job] == 1 for job in ids), "a job has more or less than one terminal event"
     assert left == 0
-    _ = by_worker
