@@ -237,3 +237,11 @@ async def test_a_job_record_is_a_jobinfo(client: AsyncClient) -> None:
     info = await client.get_job((await client.submit(**JOB)).job_id)
     assert isinstance(info, JobInfo)
     assert info.attempts == 0 and info.worker is None and info.result is None
+
+
+async def test_position_reads_are_shared_under_load(client: AsyncClient, gateway: Gateway) -> None:
+    before = gateway.positions.fetches
+    results = await asyncio.gather(*(client.submit(**JOB) for _ in range(100)))
+    assert sorted(r.position_in_queue for r in results) == list(range(100))  # type: ignore[type-var]
+    shared = gateway.positions.fetches - before
+    assert shared < 100, f"{shared} reads for 100 submits: every submit read the stream and consumer info itself"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -71,15 +72,29 @@ class Positions:
         self.topology = topology
         self.timeout = timeout
         self._inflight: dict[str, tuple[float, asyncio.Future[PoolSnapshot]]] = {}
+        self.fetches = 0  # snapshot reads actually made (for tests and benchmarks)
 
     async def snapshot(self, pool: str) -> PoolSnapshot:
-        """A snapshot started no earlier than this call (joins one already on its way if so)."""
+        """A snapshot started no earlier than this call.
+
+        While one is on its way, later callers wait for it to land and then share the next
+        one: under load the reads cost one pair per round trip, not one pair per request.
+        """
         asked = time.monotonic()
-        current = self._inflight.get(pool)
-        if current is not None and current[0] >= asked:
-            return await asyncio.shield(current[1])
+        while True:
+            current = self._inflight.get(pool)
+            if current is None:
+                return await self._take(pool)
+            started, future = current
+            if started >= asked:
+                return await asyncio.shield(future)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(future)  # too old for this caller: wait, then share the next
+
+    async def _take(self, pool: str) -> PoolSnapshot:
         future: asyncio.Future[PoolSnapshot] = asyncio.get_running_loop().create_future()
-        self._inflight[pool] = (asked, future)
+        self._inflight[pool] = (time.monotonic(), future)
+        self.fetches += 1
         try:
             snap = await self._fetch(pool)
         except BaseException as exc:
