@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from evalq import AsyncClient
-from evalq.schemas import Event
+from evalq.config import Settings
+from evalq.connection import connect
+from evalq.schemas import Event, decode_event
+from evalq.topology import Topology
 
 
 async def follow(
@@ -48,3 +52,21 @@ async def all_events(client: AsyncClient, job_id: str, settle: float = 1.0) -> l
     except TimeoutError:
         pass
     return seen
+
+
+async def job_history(settings: Settings) -> dict[str, list[Any]]:
+    """Every event in the events stream, grouped by job."""
+    topology = Topology.from_settings(settings)
+    nc = await connect(settings)
+    history: dict[str, list[Any]] = collections.defaultdict(list)
+    try:
+        js = nc.jetstream()
+        count = (await js.stream_info(topology.events_stream)).state.messages
+        sub = await js.subscribe(topology.events_filter(), ordered_consumer=True, stream=topology.events_stream)
+        for _ in range(count):
+            event = decode_event((await sub.next_msg(timeout=20)).data)
+            history[event.job_id].append(event)
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    return history

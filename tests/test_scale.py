@@ -21,11 +21,12 @@ from evalq.config import Settings
 from evalq.connection import connect
 from evalq.embedded import EmbeddedServer
 from evalq.gateway import Gateway
-from evalq.schemas import TERMINAL, Completed, Started, decode_event
+from evalq.schemas import TERMINAL, Completed, Started
 from evalq.topology import Topology
 from evalq.worker import Worker
 
 from .chaos.conftest import STAND_IN, figure
+from .events import job_history
 
 JOB = {"model": "dummy", "tasks": ["evalq_demo"], "limit": 1}
 
@@ -151,24 +152,6 @@ async def final_status(client: AsyncClient, job: str, deadline: float) -> str:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.5)  # a node is restarting: ask again
-
-
-async def job_history(settings: Settings) -> dict[str, list[Any]]:
-    """Every event in the events stream, grouped by job."""
-    topology = Topology.from_settings(settings)
-    nc = await connect(settings)
-    history: dict[str, list[Any]] = collections.defaultdict(list)
-    try:
-        js = nc.jetstream()
-        count = (await js.stream_info(topology.events_stream)).state.messages
-        sub = await js.subscribe(topology.events_filter(), ordered_consumer=True, stream=topology.events_stream)
-        for _ in range(count):
-            event = decode_event((await sub.next_msg(timeout=20)).data)
-            history[event.job_id].append(event)
-        await sub.unsubscribe()
-    finally:
-        await nc.close()
-    return history
 
 
 def assert_one_job_at_a_time(history: dict[str, list[Any]]) -> collections.Counter[str]:

@@ -166,6 +166,7 @@ def server(
     Example: `evalq server --port 4222`
     """
     from .embedded import EmbeddedServer
+    from .services import on_signals
 
     settings = _settings(ctx)
     embedded = EmbeddedServer(store_dir or settings.home_path / "nats", port=port)
@@ -174,12 +175,11 @@ def server(
         async with embedded:
             console.print(f"nats-server listening on {embedded.url} (store {embedded.store_dir}); Ctrl-C stops it")
             stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            import signal
-
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            remove = on_signals(stop.set)
+            try:
+                await stop.wait()
+            finally:
+                remove()
 
     _run(main())
 

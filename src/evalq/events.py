@@ -21,7 +21,7 @@ class EventPublisher:
         if isinstance(event, TERMINAL_EVENTS):
             # A worker that re-sends a terminal event after a crash is deduplicated by the stream.
             headers = {"Nats-Msg-Id": f"{event.job_id}.terminal"}
-        elif kind in ("queued",):
+        elif kind == "queued":
             headers = {"Nats-Msg-Id": f"{event.job_id}.{kind}"}
         await self.js.publish(
             self.topology.event_subject(event.job_id, str(kind)),

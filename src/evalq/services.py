@@ -17,12 +17,12 @@ from .config import Settings
 from .connection import connect
 from .embedded import EmbeddedServer
 
-__all__ = ["run_gateway", "run_up", "run_worker"]
+__all__ = ["on_signals", "run_gateway", "run_up", "run_worker"]
 
 log = logging.getLogger("evalq")
 
 
-def _on_signals(stop: Callable[[], None]) -> Callable[[], None]:
+def on_signals(stop: Callable[[], None]) -> Callable[[], None]:
     loop = asyncio.get_running_loop()
     sigs = (signal.SIGTERM, signal.SIGINT)
     for sig in sigs:
@@ -40,7 +40,7 @@ async def run_gateway(settings: Settings, ready: Callable[[], None] | None = Non
 
     nc = await connect(settings, name="evalq-gateway")
     stopped = asyncio.Event()
-    remove = _on_signals(stopped.set) if settings.handle_signals else (lambda: None)
+    remove = on_signals(stopped.set) if settings.handle_signals else (lambda: None)
     try:
         async with Gateway(nc, settings):
             if ready:
@@ -78,7 +78,7 @@ async def run_up(settings: Settings, port: int = 4222, ready: Callable[[str], No
         worker_nc = await connect(local, name="evalq-worker")
         try:
             async with Gateway(gateway_nc, local), Worker(worker_nc, local) as worker:
-                remove = _on_signals(worker.request_stop) if settings.handle_signals else (lambda: None)
+                remove = on_signals(worker.request_stop) if settings.handle_signals else (lambda: None)
                 try:
                     if ready:
                         ready(server.url)

@@ -21,13 +21,13 @@ from evalq.connection import connect
 from evalq.embedded import EmbeddedServer
 from evalq.gateway import Gateway
 from evalq.jobstore import JobStore
-from evalq.schemas import TERMINAL, Completed, Started, decode_event
+from evalq.schemas import TERMINAL, Completed, Started
 from evalq.topology import Topology
 from evalq.worker import Worker
 
 from ..conftest import EVALQ, Processes, settings_env
-from ..events import all_events, follow, kinds
-from .conftest import STAND_IN, figure
+from ..events import all_events, follow, job_history, kinds
+from .conftest import figure, stand_in_workers
 
 pytestmark = pytest.mark.chaos
 JOB = {"model": "dummy", "tasks": ["evalq_demo"]}
@@ -55,28 +55,16 @@ async def stream_count(settings: Settings, pool: str = "default") -> int:
 
 async def drain(settings: Settings, ids: list[str], workers: int = 2, timeout: float = 240) -> dict[str, str]:
     """Run `workers` stand-in workers until every job is terminal; returns job -> status."""
-    running = []
-    for _ in range(workers):
-        connection = await connect(settings)
-        worker = await Worker(connection, settings.with_(evaluator=[STAND_IN])).start()
-        running.append((worker, asyncio.create_task(worker.run()), connection))
-    try:
-        async with AsyncClient(settings) as client:
-            deadline = time.monotonic() + timeout
-            statuses: dict[str, str] = {}
-            for job in ids:
-                try:
-                    info = await client.wait_for_job(job, timeout=max(1.0, deadline - time.monotonic()))
-                    statuses[job] = info.status
-                except (JobFailed, JobCancelled) as exc:
-                    statuses[job] = "failed" if isinstance(exc, JobFailed) else "cancelled"
-            return statuses
-    finally:
-        for worker, task, connection in running:
-            worker.request_stop()
-            await asyncio.wait_for(task, 60)
-            await worker.stop()
-            await connection.close()
+    async with stand_in_workers(settings, workers), AsyncClient(settings) as client:
+        deadline = time.monotonic() + timeout
+        statuses: dict[str, str] = {}
+        for job in ids:
+            try:
+                info = await client.wait_for_job(job, timeout=max(1.0, deadline - time.monotonic()))
+                statuses[job] = info.status
+            except (JobFailed, JobCancelled) as exc:
+                statuses[job] = "failed" if isinstance(exc, JobFailed) else "cancelled"
+        return statuses
 
 
 async def test_nats_server_killed_during_a_burst_of_500(own_server: EmbeddedServer, own_settings: Settings) -> None:
@@ -293,7 +281,6 @@ async def test_store_full_gives_an_error_never_a_false_accept(tmp_path: Path, se
 async def test_2000_jobs_with_random_cancels_and_two_workers(settings: Settings, nc: Any, client: AsyncClient) -> None:
     total = 2000
     rng = random.Random(7)
-    fast = settings.with_(evaluator=[STAND_IN], progress_interval=60.0)
     ids: list[str] = []
     slots = asyncio.Semaphore(64)
 
@@ -303,21 +290,16 @@ async def test_2000_jobs_with_random_cancels_and_two_workers(settings: Settings,
 
     await asyncio.wait_for(asyncio.gather(*(one() for _ in range(total))), 120)
     chosen = rng.sample(ids, total // 5)
-    runners = []
-    for _ in range(2):
-        connection = await connect(fast)
-        worker = await Worker(connection, fast).start()
-        runners.append((worker, asyncio.create_task(worker.run()), connection))
     cancel_replies = collections.Counter[str]()
-    for job in chosen:
-        try:
-            cancel_replies[(await client.cancel_job(job)).status] += 1
-        except Exception as exc:  # 409: it finished before the cancel arrived
-            cancel_replies[type(exc).__name__] += 1
     jobs = JobStore(await nc.jetstream().key_value(Topology.from_settings(settings).jobs_bucket))
     deadline = time.monotonic() + 300
     statuses: dict[str, str] = {}
-    try:
+    async with stand_in_workers(settings, 2, progress_interval=60.0):
+        for job in chosen:
+            try:
+                cancel_replies[(await client.cancel_job(job)).status] += 1
+            except Exception as exc:  # 409: it finished before the cancel arrived
+                cancel_replies[type(exc).__name__] += 1
         while len(statuses) < total:
             for job in ids:
                 if job in statuses:
@@ -328,21 +310,11 @@ async def test_2000_jobs_with_random_cancels_and_two_workers(settings: Settings,
             assert time.monotonic() < deadline, f"{total - len(statuses)} jobs not finished"
             if len(statuses) < total:
                 await asyncio.sleep(0.5)  # the workers are draining; look again
-    finally:
-        for worker, task, connection in runners:
-            worker.request_stop()
-            await asyncio.wait_for(task, 60)
-            await worker.stop()
-            await connection.close()
     topology = Topology.from_settings(settings)
-    terminal_events = collections.Counter[str]()
-    sub = await nc.jetstream().subscribe(topology.events_filter(), ordered_consumer=True)
-    info = await nc.jetstream().stream_info(topology.events_stream)
-    for _ in range(info.state.messages):
-        event = decode_event((await sub.next_msg(timeout=10)).data)
-        if type(event).__struct_config__.tag in ("completed", "failed", "cancelled"):  # type: ignore[attr-defined]
-            terminal_events[event.job_id] += 1
-    await sub.unsubscribe()
+    history = await job_history(settings)
+    terminal_events = collections.Counter(
+        {job: sum(type(e).__struct_config__.tag in TERMINAL for e in events) for job, events in history.items()}  # type: ignore[attr-defined]
+    )
     counts = collections.Counter(statuses.values())
     left = (await nc.jetstream().stream_info(topology.work_stream("default"))).state.messages
     figure(

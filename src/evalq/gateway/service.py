@@ -344,8 +344,12 @@ class Gateway:
             job_id=job_id, status="cancelling", message=f"Stopping the evaluation on worker {after.worker}"
         )
 
+    async def _known_pools(self) -> list[str]:
+        self._pools |= set(await self.topology.pools(self.js))
+        return sorted(self._pools)
+
     async def queue(self, request: Request) -> QueueStatus:
-        pools = sorted(self._pools | set(await self.topology.pools(self.js)))
+        pools = await self._known_pools()
         snapshots, ids, counts, workers = await asyncio.gather(
             asyncio.gather(*(self.positions.snapshot(p) for p in pools)),
             asyncio.gather(*(self._queued_ids(p) for p in pools)),
@@ -404,7 +408,7 @@ class Gateway:
         return dict(zip(kinds, values, strict=True))
 
     async def health(self, request: Request) -> Health:
-        pools = sorted(self._pools | set(await self.topology.pools(self.js)))
+        pools = await self._known_pools()
         snapshots, workers = await asyncio.gather(
             asyncio.gather(*(self.positions.snapshot(p) for p in pools)), self.directory.workers(fresh=True)
         )
