@@ -11,12 +11,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psutil
 import pytest
 
 from evalq import AsyncClient, JobFailed
 from evalq.config import Settings
+from evalq.jobstore import JobStore
 from evalq.schemas import Cancelled, Completed, Failed, ProgressEvent, Requeued, Started
+from evalq.topology import Topology
 
 from .conftest import Processes
 from .events import all_events, follow, kinds
@@ -251,3 +254,28 @@ async def test_sigterm_finishes_or_hands_back(
         requeued = [e for e in events if isinstance(e, Requeued)]
         assert requeued and "shutting down" in requeued[0].reason
         assert [e.attempt for e in events if isinstance(e, Started)] == [1, 2]
+
+
+async def test_a_terminal_record_without_its_event_gets_the_event(
+    client: AsyncClient, worker_factory: Any, nc: Any, topology: Topology
+) -> None:
+    # A gateway whose cancel event met a dead node leaves this behind: the record says
+    # cancelled, the work message is still in the stream, and no terminal event exists.
+    accepted = await client.submit(**DEMO)
+    jobs = JobStore(await nc.jetstream().key_value(topology.jobs_bucket))
+    await jobs.transition(
+        accepted.job_id,
+        lambda info: msgspec.structs.replace(info, status="cancelled", error="cancelled while queued"),
+    )
+    await worker_factory(evaluator=FAKE)
+    events = await follow(client, accepted.job_id, timeout=60)
+    assert kinds(events) == ["queued", "cancelled"]
+    cancelled = events[-1]
+    assert isinstance(cancelled, Cancelled) and cancelled.reason == "cancelled while queued"
+    js = nc.jetstream()
+    for _ in range(100):  # the ack follows the event; bounded wait for it
+        consumer = await js.consumer_info(topology.work_stream("default"), topology.consumer)
+        if consumer.num_pending == 0 and consumer.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert consumer.num_pending == 0 and consumer.num_ack_pending == 0

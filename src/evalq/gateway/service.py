@@ -19,7 +19,13 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, DeliverPolicy
-from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    APIError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
@@ -62,6 +68,8 @@ _FULL = {
     10047: "the server is out of storage",
     10023: "the server is out of storage",
 }
+# Errors that mean "JetStream could not answer now" (a node down, an election): a retry helps.
+_UNAVAILABLE = (NatsTimeout, NoRespondersError, asyncio.TimeoutError, ServiceUnavailableError, NoStreamResponseError)
 _KEY_MAX = 256
 
 Handler = Callable[[Request], Awaitable[msgspec.Struct]]
@@ -92,7 +100,7 @@ def as_request_error(exc: BaseException) -> RequestError:
         return BadRequest(message, path=path)
     if isinstance(exc, APIError) and exc.err_code in _FULL:
         return Unavailable(f"{_FULL[exc.err_code]} ({exc.description}); retry later")
-    if isinstance(exc, (NatsTimeout, NoRespondersError, asyncio.TimeoutError, ServiceUnavailableError)):
+    if isinstance(exc, _UNAVAILABLE):
         return Unavailable("JetStream did not answer in time; retry with the same Idempotency-Key")
     log.error("internal error", exc_info=exc)
     return RequestError("internal error; see the gateway's log", code=500)
@@ -330,15 +338,18 @@ class Gateway:
             raise WrongState(f"job {job_id} is {status}; only queued or running jobs can be cancelled", path="$.job_id")
         before, after = moved
         if after.status == "cancelled":
+            # The event goes out before the work message is deleted: if publishing fails, the
+            # message stays, and the worker that takes it finds the terminal record and
+            # publishes the missing event (deduplicated by Nats-Msg-Id).
+            await self.events.publish(
+                Cancelled(job_id=job_id, time=stamp, labels=after.labels, reason="cancelled while queued")
+            )
             if before.stream_seq is not None:
                 try:
                     # Deleting it from the stream is what takes it out of every position.
                     await self.js.delete_msg(self.topology.work_stream(before.pool), before.stream_seq)
                 except NotFoundError:
                     pass  # a worker already took it; it will see the record and skip it
-            await self.events.publish(
-                Cancelled(job_id=job_id, time=stamp, labels=after.labels, reason="cancelled while queued")
-            )
             return CancelReply(job_id=job_id, status="cancelled", message="Removed from the queue")
         return CancelReply(
             job_id=job_id, status="cancelling", message=f"Stopping the evaluation on worker {after.worker}"

@@ -31,7 +31,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoRespondersError, OutboundBufferLimitError, StaleConnectionError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from .. import __version__
 from ..config import Settings
@@ -73,6 +73,7 @@ _OUTAGE = (
     asyncio.TimeoutError,
     NoRespondersError,
     ServiceUnavailableError,
+    NoStreamResponseError,  # a publish that met no stream leader (a node is down)
     ConnectionClosedError,
     OutboundBufferLimitError,
     StaleConnectionError,
