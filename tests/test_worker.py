@@ -20,6 +20,7 @@ from evalq.config import Settings
 from evalq.jobstore import JobStore
 from evalq.schemas import Cancelled, Completed, Failed, ProgressEvent, Requeued, Started
 from evalq.topology import Topology
+from evalq.worker.warm import WarmProcess
 
 from .conftest import Processes
 from .events import all_events, follow, kinds
@@ -32,9 +33,17 @@ FAKE = [sys.executable, str(Path(__file__).parent / "fake_evaluator.py")]
 
 
 async def test_demo_job_end_to_end(client: AsyncClient, worker_factory: Any, tmp_path: Path) -> None:
-    await worker_factory()
+    handle = await worker_factory()
     accepted = await client.submit(**DEMO, labels={"epoch": "1"})
-    events = await follow(client, accepted.job_id)
+    runners: list[object] = []
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, Started) and handle.worker.current is not None:
+            runners.append(handle.worker.current.process)
+
+    events = await follow(client, accepted.job_id, on_event=on_event)
+    # A single-GPU job is forked from the worker's warm evaluator by default.
+    assert runners and isinstance(runners[0], WarmProcess)
     order = kinds(events)
     assert order[0] == "queued" and order[1] == "started" and order[-1] == "completed"
     assert "progress" in order
@@ -52,6 +61,10 @@ async def test_demo_job_end_to_end(client: AsyncClient, worker_factory: Any, tmp
     assert any(n.endswith(".jsonl") for n in names)
     results = json.loads((tmp_path / "download" / accepted.job_id / "results.json").read_text())
     assert results["results"]["evalq_demo"]["exact_match,none"] == pytest.approx(0.6)
+
+    zygote = handle.worker.warm.process
+    await handle.stop()
+    assert zygote.returncode is not None, "a stopped worker leaves no warm evaluator behind"
 
 
 async def test_tiny_transformers_model_runs_a_real_forward_pass(
@@ -216,7 +229,8 @@ async def test_two_workers_share_six_jobs_one_at_a_time(client: AsyncClient, wor
     await worker_factory()
     ids = [(await client.submit(**DEMO, limit=2)).job_id for _ in range(6)]
     finals = await asyncio.wait_for(asyncio.gather(*(client.wait_for_job(j) for j in ids)), 400)
-    assert all(info.status == "completed" and info.attempts == 1 for info in finals)
+    outcomes = [(info.status, info.attempts) for info in finals]
+    assert outcomes == [("completed", 1)] * 6
     spans: dict[str, list[tuple[str, str]]] = {}
     for job in ids:
         events = await all_events(client, job)

@@ -64,6 +64,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     worker_id: str | None = None
     # The command that runs one evaluation; empty means `python -m lmms_eval`.
     evaluator: list[str] = []
+    # Fork single-GPU jobs from a process that has already imported lmms-eval (Linux, and
+    # only when `evaluator` is empty); off, every job starts a fresh `python -m lmms_eval`.
+    warm_evaluator: bool = True
     advertise_inventory: bool = True
     handle_signals: bool = True
 

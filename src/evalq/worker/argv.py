@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from ..schemas import EvaluateRequest
 
-__all__ = ["build_argv", "format_args", "scrubbed_env"]
+__all__ = ["build_argv", "evaluator_command", "format_args", "lmms_eval_args", "scrubbed_env"]
 
 # Variables that would make lmms-eval (torch.distributed, accelerate) think it is one rank
 # of someone else's job; a worker may itself run under SLURM or torchrun.
@@ -51,10 +51,19 @@ def build_argv(
     evaluator: Sequence[str] = (),
     python: str = sys.executable,
 ) -> list[str]:
+    """The whole command line of a fresh evaluation process."""
+    command = evaluator_command(request, evaluator, python=python)
+    return command + lmms_eval_args(request, output_path=output_path, include_path=include_path)
+
+
+def evaluator_command(
+    request: EvaluateRequest, evaluator: Sequence[str] = (), *, python: str = sys.executable
+) -> list[str]:
+    """What runs lmms-eval: the configured evaluator, accelerate for several GPUs, or Python."""
     if evaluator:
-        argv = list(evaluator)
-    elif request.num_gpus > 1:
-        argv = [
+        return list(evaluator)
+    if request.num_gpus > 1:
+        return [
             python,
             "-m",
             "accelerate.commands.launch",
@@ -63,9 +72,17 @@ def build_argv(
             "-m",
             "lmms_eval",
         ]
-    else:
-        argv = [python, "-m", "lmms_eval"]
-    argv += [f"--model={request.model}", f"--tasks={','.join(request.tasks)}"]
+    return [python, "-m", "lmms_eval"]
+
+
+def lmms_eval_args(
+    request: EvaluateRequest,
+    *,
+    output_path: str | os.PathLike[str],
+    include_path: str | os.PathLike[str] | None = None,
+) -> list[str]:
+    """lmms-eval's own flags for the job, one `--flag=value` element each."""
+    argv = [f"--model={request.model}", f"--tasks={','.join(request.tasks)}"]
     model_args = format_args(request.model_args)
     if model_args:
         argv.append(f"--model_args={model_args}")

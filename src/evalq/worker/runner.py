@@ -18,7 +18,7 @@ from pathlib import Path
 from ..schemas import Progress
 from .progress import ProgressParser
 
-__all__ = ["EvalProcess"]
+__all__ = ["EvalProcess", "die_with_parent", "pump_output"]
 
 
 class EvalProcess:
@@ -54,22 +54,10 @@ class EvalProcess:
             cwd=self.cwd,
             env=self.env,
             start_new_session=True,  # its own session and process group, pgid == pid
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
-        self._pump = asyncio.create_task(self._read_output())
-
-    async def _read_output(self) -> None:
-        assert self.process and self.process.stdout
-        parser = ProgressParser()
-        with open(self.log_path, "ab") as log:
-            while True:
-                chunk = await self.process.stdout.read(65536)
-                if not chunk:
-                    break
-                log.write(chunk)
-                log.flush()
-                for progress in parser.feed(chunk):
-                    self.on_progress(progress)
+        assert self.process.stdout is not None
+        self._pump = asyncio.create_task(pump_output(self.process.stdout, self.log_path, self.on_progress))
 
     async def wait(self) -> int:
         """Wait for the leader to exit, then end whatever it left in its group."""
@@ -99,7 +87,21 @@ class EvalProcess:
             os.killpg(self.process.pid, sig)
 
 
-def _die_with_parent() -> None:
+async def pump_output(stream: asyncio.StreamReader, log_path: Path, on_progress: Callable[[Progress], None]) -> None:
+    """Copy an evaluation's output to its log until EOF, passing on the progress it shows."""
+    parser = ProgressParser()
+    with open(log_path, "ab") as log:
+        while True:
+            chunk = await stream.read(65536)
+            if not chunk:
+                break
+            log.write(chunk)
+            log.flush()
+            for progress in parser.feed(chunk):
+                on_progress(progress)
+
+
+def die_with_parent() -> None:
     # If the worker is killed (-9), the evaluation must not live on holding a GPU: the
     # job is redelivered to another worker, which starts its own.
     PR_SET_PDEATHSIG = 1

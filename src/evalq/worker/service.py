@@ -57,10 +57,11 @@ from ..schemas import (
     now,
 )
 from ..topology import Topology
-from .argv import build_argv, scrubbed_env
+from .argv import evaluator_command, lmms_eval_args, scrubbed_env
 from .results import collect, metrics_of, safe_name, tail
 from .runner import EvalProcess
 from .taskpaths import build_include_dir
+from .warm import WarmEvaluator, WarmProcess, ZygoteError
 
 __all__ = ["Worker"]
 
@@ -68,6 +69,9 @@ log = logging.getLogger("evalq.worker")
 
 _INVENTORY_MARK = "@@EVALQ-INVENTORY@@"
 # Errors that mean "NATS is away for now", as during a server restart: worth waiting out.
+# A zygote that fails to start this many times in a row is given up on.
+_ZYGOTE_STARTS = 3
+
 _OUTAGE = (
     NatsTimeout,
     asyncio.TimeoutError,
@@ -89,7 +93,7 @@ class _Current:
     info: JobInfo
     msg: Msg
     attempt: int
-    process: EvalProcess | None = None
+    process: EvalProcess | WarmProcess | None = None
     cancel_requested_at: float | None = None
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     requeue: asyncio.Event = field(default_factory=asyncio.Event)
@@ -128,6 +132,7 @@ class Worker:
         self._closed = False  # set by stop(); heartbeats go on while a stopping worker finishes its job
         self._tasks: list[asyncio.Task[None]] = []
         self._signals: list[int] = []
+        self.warm: WarmEvaluator | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -139,6 +144,11 @@ class Worker:
         self.sub = await self.js.pull_subscribe_bind(self.topology.consumer, self.topology.work_stream(self.pool))
         self.results_root.mkdir(parents=True, exist_ok=True)
         self.include_dir = build_include_dir(self.state_dir / "tasks", self.settings.task_paths)
+        if self.settings.warm_evaluator and not self.settings.evaluator and sys.platform == "linux":
+            self.warm = WarmEvaluator(
+                self.include_dir, env=scrubbed_env(os.environ), log_path=self.state_dir / "zygote.log"
+            )
+            self.warm.start()  # warms up while the worker waits for its first job
         await self._register()
         self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         if self.settings.advertise_inventory:
@@ -169,6 +179,8 @@ class Worker:
             await self.workers_kv.delete(self.worker_id)
         with contextlib.suppress(Exception):
             await self.sub.unsubscribe()
+        if self.warm is not None:
+            await self.warm.close()
 
     async def __aenter__(self) -> Worker:
         return await self.start()
@@ -372,29 +384,21 @@ class Worker:
             await self._finish(current.msg, info, "failed", error="output_dir resolves outside the results root")
             return
         log_path = output / "eval.log"
-        argv = build_argv(
-            info.request, output_path=output, include_path=self.include_dir, evaluator=self.settings.evaluator
-        )
-        process = EvalProcess(
-            argv,
-            env=scrubbed_env(os.environ),
-            cwd=output,
-            log_path=log_path,
-            on_progress=lambda progress: self._on_progress(current, progress),
-        )
-        current.process = process
-        await process.start()
-        # `started` follows the launch, so a follower that sees it can act on the process.
-        await self._publish(self._event(Started, current))
-        log.info("job %s attempt %d: pid %s: %s", info.job_id, current.attempt, process.pid, " ".join(argv))
-
+        # Keep the message alive and follow the record from here on: a launch may wait
+        # for the warm evaluator to finish its imports.
         helpers = [
             asyncio.create_task(self._keep_alive(current)),
             asyncio.create_task(self._follow_record(current)),
         ]
-        waiting = asyncio.create_task(process.wait())
-        stop_reasons = [asyncio.create_task(current.cancel.wait()), asyncio.create_task(current.requeue.wait())]
+        waiting: asyncio.Task[int] | None = None
+        stop_reasons: list[asyncio.Task[Any]] = []
         try:
+            process = await self._launch(current, output, log_path)
+            current.process = process
+            # `started` follows the launch, so a follower that sees it can act on the process.
+            await self._publish(self._event(Started, current))
+            waiting = asyncio.create_task(process.wait())
+            stop_reasons = [asyncio.create_task(current.cancel.wait()), asyncio.create_task(current.requeue.wait())]
             await asyncio.wait([waiting, *stop_reasons], return_when=asyncio.FIRST_COMPLETED)
             if not waiting.done():
                 await process.terminate(self.settings.cancel_grace)
@@ -405,8 +409,9 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=10)
-            if not waiting.done():
-                await process.terminate(0.5)
+            if waiting is not None and not waiting.done():
+                if current.process is not None:
+                    await current.process.terminate(0.5)
                 waiting.cancel()
 
         duration = round(time.monotonic() - begun, 3)
@@ -444,6 +449,30 @@ class Worker:
             "completed",
             result=JobResult(metrics=metrics, artifacts=names, duration_s=duration),
         )
+
+    async def _launch(self, current: _Current, output: Path, log_path: Path) -> EvalProcess | WarmProcess:
+        """Fork the job from the warm evaluator where it can run there, else start a fresh process."""
+        request = current.info.request
+        assert request is not None
+        args = lmms_eval_args(request, output_path=output, include_path=self.include_dir)
+        job_id = current.info.job_id
+
+        def on_progress(progress: Progress) -> None:
+            self._on_progress(current, progress)
+
+        if self.warm is not None and request.num_gpus <= 1 and self.warm.failures < _ZYGOTE_STARTS:
+            try:
+                warm = await self.warm.launch(args, cwd=output, log_path=log_path, on_progress=on_progress)
+                log.info("job %s attempt %d: pid %s (warm): %s", job_id, current.attempt, warm.pid, " ".join(args))
+                return warm
+            except (ZygoteError, OSError) as exc:
+                log.warning("warm evaluator unavailable (%s); starting a fresh lmms-eval process", exc)
+        argv = evaluator_command(request, self.settings.evaluator) + args
+        env = scrubbed_env(os.environ)
+        process = EvalProcess(argv, env=env, cwd=output, log_path=log_path, on_progress=on_progress)
+        await process.start()
+        log.info("job %s attempt %d: pid %s: %s", job_id, current.attempt, process.pid, " ".join(argv))
+        return process
 
     def _output_dir(self, info: JobInfo) -> Path | None:
         assert info.request is not None

@@ -1,0 +1,283 @@
+"""The warm evaluator: a zygote that has imported lmms-eval, and jobs forked from it.
+
+A fresh `python -m lmms_eval` spends seconds importing torch, transformers and lmms-eval
+and indexing every task YAML before it reads one document. The zygote (`zygote.py`) pays
+that once per worker; each job is a child forked from it, so it starts already warm.
+
+Each job keeps what the subprocess runner gives it: its own process group (a cancel ends
+the whole group), its output in `eval.log` with progress parsed from it, death with its
+worker (the zygote dies with the worker, the child with the zygote), and isolation (a job
+that crashes ends only its child). A zygote that dies is started again for the next job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..schemas import Progress
+from .runner import die_with_parent, pump_output
+
+__all__ = ["WarmEvaluator", "WarmProcess", "ZygoteError"]
+
+log = logging.getLogger("evalq.worker")
+
+_MAX_MESSAGE = 1 << 20
+
+
+class ZygoteError(RuntimeError):
+    """The zygote could not start, or stopped answering."""
+
+
+class WarmEvaluator:
+    """Owns one zygote process; `launch()` forks a job from it.
+
+    `async with WarmEvaluator(include_path, env=..., log_path=...) as warm:` starts the
+    zygote in the background; `await warm.ready()` waits for its imports to finish.
+    """
+
+    def __init__(
+        self,
+        include_path: str | os.PathLike[str] | None,
+        *,
+        env: Mapping[str, str],
+        log_path: Path,
+        startup_timeout: float = 600.0,
+        python: str = sys.executable,
+    ) -> None:
+        self.include_path = None if include_path is None else os.fspath(include_path)
+        self.env = dict(env)
+        self.log_path = log_path
+        self.startup_timeout = startup_timeout
+        self.python = python
+        self.process: asyncio.subprocess.Process | None = None
+        self.control: socket.socket | None = None
+        self.starts = 0
+        self.failures = 0  # failed starts in a row
+        self.warm_s: float | None = None
+        self._ready: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one request at a time on the control socket
+
+    async def __aenter__(self) -> WarmEvaluator:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    def start(self) -> None:
+        """Spawn the zygote; it warms up in the background."""
+        if self._ready is None:
+            self._ready = asyncio.create_task(self._spawn(), name="zygote")
+
+    async def ready(self) -> None:
+        """Wait until the zygote serves, starting a new one if the last one died or failed."""
+        if self._ready is not None and self._ready.done():
+            failed = self._ready.cancelled() or self._ready.exception() is not None
+            if failed or not self.alive:
+                await self._discard()
+        self.start()
+        assert self._ready is not None
+        await asyncio.shield(self._ready)
+
+    async def _spawn(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(self.log_path, "ab") as log_file:
+                argv = [self.python, "-m", "evalq.worker.zygote", f"--control-fd={theirs.fileno()}"]
+                if self.include_path is not None:
+                    argv.append(f"--include-path={self.include_path}")
+                self.process = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=self.env,
+                    pass_fds=(theirs.fileno(),),
+                    start_new_session=True,
+                    preexec_fn=die_with_parent if sys.platform == "linux" else None,
+                )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.control = ours
+        self.starts += 1
+        self.failures += 1
+        try:
+            reply = await asyncio.wait_for(self._receive(), self.startup_timeout)
+        except TimeoutError:
+            raise ZygoteError(f"the warm evaluator did not start within {self.startup_timeout:.0f} s") from None
+        if "error" in reply:
+            raise ZygoteError(f"the warm evaluator could not start: {reply['error']}")
+        self.failures = 0
+        self.warm_s = reply.get("warm_s")
+        log.info("warm evaluator ready (pid %s, warmed in %s s)", self.pid, self.warm_s)
+
+    async def _receive(self) -> dict[str, Any]:
+        assert self.control is not None
+        data = await asyncio.get_running_loop().sock_recv(self.control, _MAX_MESSAGE)
+        if not data:
+            raise ZygoteError(f"the warm evaluator exited; see {self.log_path}")
+        message: dict[str, Any] = json.loads(data)
+        return message
+
+    def _send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        assert self.control is not None
+        # One small datagram into an idle socket: it never blocks.
+        socket.send_fds(self.control, [json.dumps(message).encode()], list(fds))
+
+    async def ping(self) -> dict[str, Any]:
+        """The zygote's own view of itself: pid, `cuda_initialized`, threads, `imported`."""
+        await self.ready()
+        async with self._lock:
+            self._send({"op": "ping"})
+            return await self._receive()
+
+    async def launch(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: Path,
+        log_path: Path,
+        on_progress: Callable[[Progress], None] = lambda progress: None,
+        module: str = "lmms_eval",
+    ) -> WarmProcess:
+        """Fork a job running `python -m <module> <argv>`; its output goes to `log_path`."""
+        await self.ready()
+        job = WarmProcess(self, log_path=log_path, on_progress=on_progress)
+        await self._lock.acquire()
+        try:
+            await job._begin(module, list(argv), cwd)
+        except BaseException:
+            self._lock.release()
+            raise
+        return job
+
+    async def _discard(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+        self._ready = None
+
+    async def close(self) -> None:
+        """Stop the zygote: closing its socket ends it; kill it if it lingers."""
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
+            with contextlib.suppress(BaseException):
+                await self._ready
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if self.process is not None and self.process.returncode is None:
+            try:
+                await asyncio.wait_for(self.process.wait(), 5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                await self.process.wait()
+        self._ready = None
+
+
+class WarmProcess:
+    """One job forked from the zygote; the same interface as `EvalProcess`."""
+
+    def __init__(self, zygote: WarmEvaluator, *, log_path: Path, on_progress: Callable[[Progress], None]) -> None:
+        self.zygote = zygote
+        self.log_path = log_path
+        self.on_progress = on_progress
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.ended_at: float | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._exited: asyncio.Task[int] | None = None
+
+    async def _begin(self, module: str, argv: list[str], cwd: Path) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        read_end, write_end = os.pipe()
+        try:
+            self.zygote._send({"op": "run", "module": module, "argv": argv, "cwd": os.fspath(cwd)}, [write_end])
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)  # the child holds the only write end: EOF when its group is done
+        reader = asyncio.StreamReader(limit=1 << 20)
+        pipe = os.fdopen(read_end, "rb", buffering=0)  # the transport closes it at EOF
+        await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        self._pump = asyncio.create_task(pump_output(reader, self.log_path, self.on_progress))
+        reply = await self.zygote._receive()
+        if "pid" not in reply:
+            raise ZygoteError(f"the warm evaluator refused the job: {reply}")
+        self.pid = int(reply["pid"])
+        self._exited = asyncio.create_task(self._wait_exit())
+
+    async def _wait_exit(self) -> int:
+        try:
+            reply = await self.zygote._receive()
+            code = int(reply["exit"])
+        except (ZygoteError, OSError, KeyError, ValueError) as exc:
+            # The zygote died under the job; with it went the job (parent-death signal).
+            log.warning("warm evaluator lost during a job: %s", exc)
+            code = -signal.SIGKILL
+        finally:
+            self.zygote._lock.release()
+        return code
+
+    async def wait(self) -> int:
+        """Wait for the child to exit, then end whatever it left in its group."""
+        assert self._exited is not None
+        code = await asyncio.shield(self._exited)
+        self.returncode = code
+        self.ended_at = asyncio.get_running_loop().time()
+        self._signal_group(signal.SIGKILL)
+        if self._pump:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pump), 10)
+        return code
+
+    async def terminate(self, grace: float) -> None:
+        """SIGTERM to the whole group, SIGKILL after `grace` seconds."""
+        if self._exited is None or self._exited.done():
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._exited), grace)
+        except TimeoutError:
+            self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, sig: int) -> None:
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            # A child stopped in its first instants has not made its group yet.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, sig)
+        except PermissionError:
+            pass
