@@ -169,6 +169,11 @@ class AnchorSide:
             return False
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
 def rss_mb(proc: subprocess.Popen[bytes]) -> float:
     return psutil.Process(proc.pid).memory_info().rss / 2**20
 
@@ -420,6 +425,60 @@ class Bench:
             )
         )
 
+    async def profile(self) -> None:
+        """Where a submission's CPU goes: per process, then inside the gateway (pyinstrument)."""
+        total = 500 if self.quick else 5000
+        url = self.nats_server("nats-profile")
+        server = psutil.Process(self._servers[-1].pid)
+        me = psutil.Process()
+        plain = self.gateway(url, "prof")
+        responder = self.procs.start("raw-profile", [PY, str(HERE / "raw_responder.py"), "--url", url], self.env)
+        rows: dict[str, tuple[dict[str, float], list[float]]] = {}
+        async with EvalqSide(url, "prof") as evalq, RawSide(url, "raw") as raw:
+            await wait_until(evalq.healthy, 60, "the gateway")
+            await wait_until(lambda: _raw_ready(raw), 30, "the raw responder")
+            for name, side, proc in (("evalq gateway", evalq, plain), ("raw responder", raw, responder)):
+                watched = (psutil.Process(proc.pid), server, me)
+                before = [cpu_seconds(p) for p in watched]
+                result = await load(side.submit, total, 64)
+                spent = [cpu_seconds(p) - b for p, b in zip(watched, before, strict=True)]
+                rows[name] = (result, [1e6 * s / total for s in spent])
+        self.procs.stop(plain)
+        self.procs.stop(responder)
+
+        report = self.workdir / "gateway-profile.json"
+        env = {**self.env, "EVALQ_NATS_URL": url, "EVALQ_PREFIX": "prof2", "EVALQ_HOME": str(self.workdir / "prof2")}
+        profiled = self.procs.start("gateway-profiled", [PY, str(HERE / "profiled_gateway.py"), str(report)], env)
+        async with EvalqSide(url, "prof2") as evalq:
+            await wait_until(evalq.healthy, 60, "the profiled gateway")
+            await load(evalq.submit, total, 64)
+        self.procs.stop(profiled)  # SIGTERM: it writes its report as it exits
+        summary = json.loads(report.read_text())
+        sampled = sum(summary["by_package"].values()) or 1.0
+        lines = [
+            f"## 6. Profile: where a submission's CPU goes ({total} submissions at concurrency 64)",
+            "",
+            "CPU time (user + system) each process spent per request, measured with psutil around the load.",
+            "",
+            "| service | jobs/s | service CPU µs | nats-server CPU µs | client CPU µs |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, (result, per) in rows.items():
+            lines.append(f"| {name} | {result['rate']:.0f} | {per[0]:.0f} | {per[1]:.0f} | {per[2]:.0f} |")
+        lines += [
+            "",
+            "The gateway's own CPU by package (pyinstrument self time, a separate run; `bench/profiled_gateway.py`):",
+            "",
+            "| package | share |",
+            "|---|---:|",
+        ]
+        for package, seconds in list(summary["by_package"].items())[:10]:
+            lines.append(f"| {package} | {100 * seconds / sampled:.0f}% |")
+        lines += ["", "Hottest functions (self time):", "", "| function | share |", "|---|---:|"]
+        for function, seconds in list(summary["top_functions"].items())[:12]:
+            lines.append(f"| `{function}` | {100 * seconds / sampled:.1f}% |")
+        self.sections.append("\n".join(lines))
+
     async def run(self, parts: list[str]) -> str:
         self._servers: list[Any] = []
         try:
@@ -456,7 +515,7 @@ def workdir() -> Iterator[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check that the harness works")
-    parser.add_argument("--only", nargs="*", default=["submission", "depth", "per_job", "fan_out"])
+    parser.add_argument("--only", nargs="*", default=["submission", "depth", "per_job", "fan_out", "profile"])
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     with workdir() as path:
