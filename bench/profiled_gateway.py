@@ -20,7 +20,7 @@ from pyinstrument.frame import Frame
 from evalq.config import load_settings
 from evalq.services import run_gateway
 
-_IDLE = {"epoll.poll", "select", "poll"}  # the event loop waiting: wall time, not CPU
+_IDLE = {"epoll.poll", "select.epoll.poll", "select", "poll"}  # the event loop waiting: wall time, not CPU
 
 
 def package_of(path: str) -> str:
@@ -45,11 +45,11 @@ def summarise(root: Frame) -> dict[str, object]:
         own = frame.total_self_time
         if own <= 0:
             continue
-        if frame.function in _IDLE or "epoll" in frame.function:
-            idle += own
-            continue
         borrowed = frame.is_synthetic or (frame.file_path or "").startswith("<")
         owner = parent if borrowed and parent is not None else frame
+        if {frame.function, owner.function} & _IDLE:
+            idle += own
+            continue
         package = package_of(owner.file_path or "")
         name = frame.function if not frame.is_synthetic else owner.function
         by_package[package] += own

@@ -212,6 +212,13 @@ def worker(
     ] = None,
     max_attempts: Annotated[Optional[int], typer.Option(help="Deliveries before a job is failed.")] = None,
     worker_id: Annotated[Optional[str], typer.Option(help="A stable id (default host-pid-random).")] = None,
+    warm: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--warm/--no-warm",
+            help="Fork single-GPU jobs from a process with lmms-eval already imported [env EVALQ_WARM_EVALUATOR].",
+        ),
+    ] = None,
 ) -> None:
     """Run a worker: take jobs of one pool, one at a time, and run lmms-eval.
 
@@ -227,6 +234,7 @@ def worker(
         shutdown_mode=shutdown_mode,
         max_attempts=max_attempts,
         worker_id=worker_id,
+        warm_evaluator=warm,
     )
     _run(run_worker(settings, ready=lambda: errors.print(f"worker serving pool {settings.pool}")))
 

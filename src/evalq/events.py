@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from nats.js import JetStreamContext
+from nats.aio.client import Client
 
+from . import jetstream
 from .schemas import TERMINAL_EVENTS, Event, encode
 from .topology import Topology
 
@@ -11,9 +12,10 @@ __all__ = ["EventPublisher"]
 
 
 class EventPublisher:
-    def __init__(self, js: JetStreamContext, topology: Topology) -> None:
-        self.js = js
+    def __init__(self, nc: Client, topology: Topology, *, timeout: float) -> None:
+        self.nc = nc
         self.topology = topology
+        self.timeout = timeout
 
     async def publish(self, event: Event) -> None:
         kind = type(event).__struct_config__.tag  # type: ignore[attr-defined]
@@ -23,9 +25,11 @@ class EventPublisher:
             headers = {"Nats-Msg-Id": f"{event.job_id}.terminal"}
         elif kind == "queued":
             headers = {"Nats-Msg-Id": f"{event.job_id}.{kind}"}
-        await self.js.publish(
+        await jetstream.publish(
+            self.nc,
             self.topology.event_subject(event.job_id, str(kind)),
             encode(event),
+            timeout=self.timeout,
             stream=self.topology.events_stream,
             headers=headers,
         )

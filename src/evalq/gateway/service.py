@@ -30,7 +30,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from .. import __version__
+from .. import __version__, jetstream
 from ..config import Settings
 from ..errors import BadRequest, InvalidField, JobNotFound, RequestError, TooLarge, Unavailable, WrongState
 from ..events import EventPublisher
@@ -114,8 +114,9 @@ class Gateway:
         self.settings = settings
         self.topology = topology or Topology.from_settings(settings)
         self.js = nc.jetstream(timeout=settings.request_timeout)
+        self._timeout = settings.request_timeout
         self.positions = Positions(nc, self.topology, timeout=settings.request_timeout)
-        self.events = EventPublisher(self.js, self.topology)
+        self.events = EventPublisher(nc, self.topology, timeout=settings.request_timeout)
         self._service: Service | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.gateway_concurrency)
@@ -127,7 +128,12 @@ class Gateway:
 
     async def start(self) -> Gateway:
         await self.topology.ensure(self.js)
-        self.jobs = JobStore(await self.js.key_value(self.topology.jobs_bucket))
+        self.jobs = JobStore(
+            await self.js.key_value(self.topology.jobs_bucket),
+            nc=self.nc,
+            bucket=self.topology.jobs_bucket,
+            timeout=self.settings.request_timeout,
+        )
         self.idempotency = await self.js.key_value(self.topology.idempotency_bucket)
         self.directory = WorkerDirectory(await self.js.key_value(self.topology.workers_bucket))
         self._pools = set(await self.topology.pools(self.js))
@@ -226,7 +232,9 @@ class Gateway:
                 raise BadRequest(f"Idempotency-Key must be 1 to {_KEY_MAX} characters", path="$")
             digest = hashlib.sha256(key.encode()).hexdigest()
             try:
-                await self.idempotency.create(digest, job_id.encode())
+                await jetstream.create_key(
+                    self.nc, self.topology.idempotency_bucket, digest, job_id.encode(), timeout=self._timeout
+                )
             except KeyWrongLastSequenceError:
                 entry = await self.idempotency.get(digest)
                 job_id, duplicate = (entry.value or b"").decode(), True
@@ -237,9 +245,11 @@ class Gateway:
                 # the same id. The stream's Nats-Msg-Id window keeps it to one message.
 
         created = now()
-        ack = await self.js.publish(
+        ack = await jetstream.publish(
+            self.nc,
             self.topology.work_subject(job.pool, job_id),
             encode(WorkItem(job_id=job_id, request=job, created_at=created)),
+            timeout=self._timeout,
             stream=self.topology.work_stream(job.pool),
             headers={"Nats-Msg-Id": job_id},
         )
@@ -253,15 +263,20 @@ class Gateway:
             pool=job.pool,
         )
 
-        async def record() -> None:
-            # The event goes first: a worker waits for the record, so by then `queued` is
-            # already in the events stream ahead of `started`.
+        # The position read overlaps the two writes. The event goes before the record: a
+        # worker waits for the record, so by then `queued` is in the events stream ahead of
+        # `started`.
+        position_read = asyncio.ensure_future(self.positions.position(job.pool, ack.seq))
+        try:
             await self.events.publish(
                 Queued(job_id=job_id, time=created, labels=job.labels, pool=job.pool, stream_seq=ack.seq)
             )
             await self.jobs.create(info)
-
-        _, position = await asyncio.gather(record(), self.positions.position(job.pool, ack.seq))
+        except BaseException:
+            # Let the read finish: other requests may be sharing it. Its outcome is not needed.
+            position_read.add_done_callback(lambda read: read.cancelled() or read.exception())
+            raise
+        position = await position_read
         return JobAccepted(
             job_id=job_id,
             status="queued",

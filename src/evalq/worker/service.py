@@ -120,7 +120,7 @@ class Worker:
         self.worker_id = settings.worker_id or re.sub(
             r"[^A-Za-z0-9_\-]", "-", f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
-        self.events = EventPublisher(self.js, self.topology)
+        self.events = EventPublisher(nc, self.topology, timeout=settings.request_timeout)
         self.results_root = settings.results_root
         self.state_dir = settings.home_path / "worker" / self.worker_id
         self.info = WorkerInfo(
@@ -138,7 +138,12 @@ class Worker:
 
     async def start(self) -> Worker:
         await self.topology.ensure(self.js, pools=(self.pool,))
-        self.jobs = JobStore(await self.js.key_value(self.topology.jobs_bucket))
+        self.jobs = JobStore(
+            await self.js.key_value(self.topology.jobs_bucket),
+            nc=self.nc,
+            bucket=self.topology.jobs_bucket,
+            timeout=self.settings.request_timeout,
+        )
         self.workers_kv = await self.js.key_value(self.topology.workers_bucket)
         self.results = await self.js.object_store(self.topology.results_bucket)
         self.sub = await self.js.pull_subscribe_bind(self.topology.consumer, self.topology.work_stream(self.pool))
