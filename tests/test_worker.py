@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,20 @@ import pytest
 from evalq import AsyncClient, JobFailed
 from evalq.config import Settings
 from evalq.jobstore import JobStore
-from evalq.schemas import Cancelled, Completed, Failed, ProgressEvent, Requeued, Started
+from evalq.schemas import (
+    Cancelled,
+    Completed,
+    EvaluateRequest,
+    Failed,
+    JobInfo,
+    ProgressEvent,
+    Queued,
+    Requeued,
+    Started,
+    WorkItem,
+    encode,
+    now,
+)
 from evalq.topology import Topology
 from evalq.worker.warm import WarmProcess
 
@@ -293,3 +307,29 @@ async def test_a_terminal_record_without_its_event_gets_the_event(
             break
         await asyncio.sleep(0.1)
     assert consumer.num_pending == 0 and consumer.num_ack_pending == 0
+
+
+async def test_a_missing_queued_event_is_published_before_started(
+    client: AsyncClient, worker_factory: Any, nc: Any, topology: Topology
+) -> None:
+    # The gateway writes the queued event and the record side by side; a gateway that died
+    # as it wrote them can leave a record and a work message with no `queued` event.
+    job_id = str(uuid.uuid4())
+    request = EvaluateRequest(model="dummy", tasks=["evalq_demo"])
+    created = now()
+    js = nc.jetstream()
+    ack = await js.publish(
+        topology.work_subject("default", job_id),
+        encode(WorkItem(job_id=job_id, request=request, created_at=created)),
+        stream=topology.work_stream("default"),
+    )
+    jobs = JobStore(await js.key_value(topology.jobs_bucket))
+    info = JobInfo(job_id=job_id, status="queued", created_at=created, request=request, stream_seq=ack.seq)
+    await jobs.create(info)
+    await worker_factory(evaluator=FAKE)
+    events = await follow(client, job_id, timeout=60)
+    order = kinds(events)
+    assert order[:2] == ["queued", "started"] and order[-1] == "completed"
+    assert order.count("queued") == 1
+    queued = events[0]
+    assert isinstance(queued, Queued) and queued.stream_seq == ack.seq

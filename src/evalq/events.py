@@ -17,7 +17,7 @@ class EventPublisher:
         self.topology = topology
         self.timeout = timeout
 
-    async def publish(self, event: Event) -> None:
+    def write(self, event: Event) -> jetstream.Write:
         kind = type(event).__struct_config__.tag  # type: ignore[attr-defined]
         headers = None
         if isinstance(event, TERMINAL_EVENTS):
@@ -25,11 +25,15 @@ class EventPublisher:
             headers = {"Nats-Msg-Id": f"{event.job_id}.terminal"}
         elif kind == "queued":
             headers = {"Nats-Msg-Id": f"{event.job_id}.{kind}"}
+        return jetstream.Write(self.topology.event_subject(event.job_id, str(kind)), encode(event), headers)
+
+    async def publish(self, event: Event) -> None:
+        write = self.write(event)
         await jetstream.publish(
             self.nc,
-            self.topology.event_subject(event.job_id, str(kind)),
-            encode(event),
+            write.subject,
+            write.payload,
             timeout=self.timeout,
             stream=self.topology.events_stream,
-            headers=headers,
+            headers=write.headers,
         )

@@ -115,6 +115,7 @@ class Gateway:
         self.topology = topology or Topology.from_settings(settings)
         self.js = nc.jetstream(timeout=settings.request_timeout)
         self._timeout = settings.request_timeout
+        self.pipeline = jetstream.Pipeline(nc)
         self.positions = Positions(nc, self.topology, timeout=settings.request_timeout)
         self.events = EventPublisher(nc, self.topology, timeout=settings.request_timeout)
         self._service: Service | None = None
@@ -263,20 +264,27 @@ class Gateway:
             pool=job.pool,
         )
 
-        # The position read overlaps the two writes. The event goes before the record: a
-        # worker waits for the record, so by then `queued` is in the events stream ahead of
-        # `started`.
-        position_read = asyncio.ensure_future(self.positions.position(job.pool, ack.seq))
+        # The event and the record go out together and the position read overlaps their
+        # acknowledgements: one round trip for the three, and no task each. A worker that
+        # takes the job makes sure `queued` is in the events stream before it publishes
+        # `started` (Worker._ensure_queued), so the order of events holds.
+        queued = Queued(job_id=job_id, time=created, labels=job.labels, pool=job.pool, stream_seq=ack.seq)
+        sent = [
+            await self.pipeline.send(self.events.write(queued), stream=self.topology.events_stream),
+            await self.pipeline.send(jetstream.key_create(self.topology.jobs_bucket, job_id, encode(info))),
+        ]
+        position: int | BaseException
         try:
-            await self.events.publish(
-                Queued(job_id=job_id, time=created, labels=job.labels, pool=job.pool, stream_seq=ack.seq)
-            )
-            await self.jobs.create(info)
-        except BaseException:
-            # Let the read finish: other requests may be sharing it. Its outcome is not needed.
-            position_read.add_done_callback(lambda read: read.cancelled() or read.exception())
-            raise
-        position = await position_read
+            position = await self.positions.position(job.pool, ack.seq)
+        except Exception as exc:
+            position = exc
+        event_outcome, record_outcome = await self.pipeline.wait(sent, timeout=self._timeout)
+        # A record that exists was written by an earlier attempt under the same Idempotency-Key.
+        record_exists = isinstance(record_outcome, KeyWrongLastSequenceError)
+        for outcome in (event_outcome, None if record_exists else record_outcome, position):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert isinstance(position, int)
         return JobAccepted(
             job_id=job_id,
             status="queued",

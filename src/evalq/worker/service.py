@@ -48,6 +48,7 @@ from ..schemas import (
     JobResult,
     Progress,
     ProgressEvent,
+    Queued,
     Requeued,
     Started,
     WorkerInfo,
@@ -332,6 +333,9 @@ class Worker:
             await self._republish_terminal(info)
             await msg.ack()
             return
+        # The gateway writes the `queued` event and the record side by side; make sure the
+        # event is in the stream before this worker publishes anything after it.
+        await self._ensure_queued(info)
         if info.status == "cancelling":
             await self._finish(msg, info, "cancelled", reason="cancelled before it started")
             return
@@ -633,6 +637,22 @@ class Worker:
         if info.status == "failed":
             return Failed(**common, error=info.error or "failed", exit_code=exit_code, log_tail=log_tail)  # type: ignore[arg-type]
         return Cancelled(**common, reason=reason or info.error or "cancelled", cancel_latency_s=latency)  # type: ignore[arg-type]
+
+    async def _ensure_queued(self, info: JobInfo) -> None:
+        """Publish the job's `queued` event if it is not in the stream (deduplicated by Nats-Msg-Id)."""
+        subject = self.topology.event_subject(info.job_id, "queued")
+        try:
+            await self.js.get_last_msg(self.topology.events_stream, subject)
+            return
+        except NotFoundError:
+            pass
+        except Exception as exc:
+            log.warning("could not look for the queued event of %s: %s", info.job_id, exc)
+            return
+        queued = Queued(
+            job_id=info.job_id, time=info.created_at, labels=info.labels, pool=info.pool, stream_seq=info.stream_seq
+        )
+        await self._publish(queued)
 
     async def _republish_terminal(self, info: JobInfo) -> None:
         for kind in ("completed", "failed", "cancelled"):
