@@ -3,6 +3,7 @@
 #   1. the tiny random transformers model on the GPU (device=cuda:0)
 #   2. a num_gpus=1 job
 #   3. num_gpus larger than the worker has is refused (422) once it advertised its GPUs
+#   4. the warm evaluator: jobs forked from the zygote use CUDA, the zygote never initialises it
 # Needs a CUDA machine with evalq[worker] importable. GPU_CHECK_DEVICE=cpu runs it without one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,9 +33,13 @@ t0=$(now)
 evalq submit --model huggingface --model-args "$ARGS" --device "$DEVICE" --tasks evalq_demo --limit 8 \
   --label check=tiny-cuda --wait
 t1=$(now)
+evalq submit --model huggingface --model-args "$ARGS" --device "$DEVICE" --tasks evalq_demo --limit 8 \
+  --label check=tiny-cuda-again --wait
+t1b=$(now)
 evalq submit --model huggingface --model-args "$ARGS" --device "$DEVICE" --tasks evalq_demo --num-gpus 1 \
   --label check=num-gpus-1 --wait
 t2=$(now)
+$PY scripts/gpu_warm_check.py "$TINY" "$DEVICE" | tee "$EVALQ_HOME/warm.txt"
 
 # The worker advertises its GPUs once it has listed them; then an impossible job is refused.
 for _ in $(seq 1 240); do
@@ -49,6 +54,8 @@ CODE=$?
 set -e
 cat "$EVALQ_HOME/refused.txt"
 echo "== summary"
-echo "tiny model on $DEVICE: $(elapsed "$t0" "$t1") s (submit to completed, cold start included)"
-echo "num_gpus=1 job:        $(elapsed "$t1" "$t2") s"
+echo "tiny model on $DEVICE: $(elapsed "$t0" "$t1") s (submit to completed, the worker's warm-up included)"
+echo "the same job again:    $(elapsed "$t1" "$t1b") s (forked from the warm evaluator)"
+echo "num_gpus=1 job:        $(elapsed "$t1b" "$t2") s"
+echo "warm evaluator check:  $(tail -1 "$EVALQ_HOME/warm.txt")"
 echo "num_gpus=$((GPUS + 1)) refused:  exit $CODE ($(grep -o '\$\.num_gpus' "$EVALQ_HOME/refused.txt" || echo 'no path'))"
