@@ -333,6 +333,9 @@ class Worker:
             await self._republish_terminal(info)
             await msg.ack()
             return
+        # Waiting for the record can take seconds: restart the ack timer before going on.
+        with contextlib.suppress(Exception):
+            await msg.in_progress()
         # The gateway writes the `queued` event and the record side by side; make sure the
         # event is in the stream before this worker publishes anything after it.
         await self._ensure_queued(info)
@@ -641,8 +644,11 @@ class Worker:
     async def _ensure_queued(self, info: JobInfo) -> None:
         """Publish the job's `queued` event if it is not in the stream (deduplicated by Nats-Msg-Id)."""
         subject = self.topology.event_subject(info.job_id, "queued")
+        # Bounded well inside ack_wait: during an outage the job must not wait here so long
+        # that it is redelivered to another worker.
+        bound = min(self.settings.request_timeout, self.settings.ack_wait / 3)
         try:
-            await self.js.get_last_msg(self.topology.events_stream, subject)
+            await asyncio.wait_for(self.js.get_last_msg(self.topology.events_stream, subject), bound)
             return
         except NotFoundError:
             pass
