@@ -18,10 +18,62 @@ from pathlib import Path
 from ..schemas import Progress
 from .progress import ProgressParser
 
-__all__ = ["EvalProcess", "die_with_parent", "pump_output"]
+__all__ = ["EvalProcess", "GroupLeader", "die_with_parent", "pump_output"]
 
 
-class EvalProcess:
+class GroupLeader:
+    """An evaluation that leads its own process group, however it was started.
+
+    Subclasses set `pid` (== the group id) and `_pump`, and say how the leader's exit code
+    arrives; waiting and ending the group are the same for every way of starting one.
+    """
+
+    pid: int | None = None
+    ended_at: float | None = None
+    _pump: asyncio.Task[None] | None = None
+
+    async def _leader_exit(self) -> int:
+        raise NotImplementedError
+
+    def _running(self) -> bool:
+        raise NotImplementedError
+
+    async def wait(self) -> int:
+        """Wait for the leader to exit, then end whatever it left in its group."""
+        code = await self._leader_exit()
+        self.ended_at = asyncio.get_running_loop().time()
+        self._signal_group(signal.SIGKILL)
+        if self._pump:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pump), 10)
+        return code
+
+    async def terminate(self, grace: float) -> None:
+        """SIGTERM to the whole group, SIGKILL after `grace` seconds."""
+        if not self._running():
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self._leader_exit(), grace)
+        except TimeoutError:
+            self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, sig: int) -> None:
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            # A leader stopped in its first instants may not have made its group yet.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, sig)
+        except PermissionError:
+            pass
+
+
+class EvalProcess(GroupLeader):
+    """A fresh evaluation process (`python -m lmms_eval`, accelerate, or a configured command)."""
+
     def __init__(
         self,
         argv: Sequence[str],
@@ -37,12 +89,6 @@ class EvalProcess:
         self.log_path = log_path
         self.on_progress = on_progress
         self.process: asyncio.subprocess.Process | None = None
-        self._pump: asyncio.Task[None] | None = None
-        self.ended_at: float | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
 
     async def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,35 +102,16 @@ class EvalProcess:
             start_new_session=True,  # its own session and process group, pgid == pid
             preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
+        self.pid = self.process.pid
         assert self.process.stdout is not None
         self._pump = asyncio.create_task(pump_output(self.process.stdout, self.log_path, self.on_progress))
 
-    async def wait(self) -> int:
-        """Wait for the leader to exit, then end whatever it left in its group."""
-        assert self.process
-        code = await self.process.wait()
-        self.ended_at = asyncio.get_running_loop().time()
-        self._signal_group(signal.SIGKILL)
-        if self._pump:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._pump), 10)
-        return code
+    async def _leader_exit(self) -> int:
+        assert self.process is not None
+        return await asyncio.shield(self.process.wait())
 
-    async def terminate(self, grace: float) -> None:
-        """SIGTERM to the whole group, SIGKILL after `grace` seconds."""
-        if self.process is None or self.process.returncode is not None:
-            return
-        self._signal_group(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.shield(self.process.wait()), grace)
-        except TimeoutError:
-            self._signal_group(signal.SIGKILL)
-
-    def _signal_group(self, sig: int) -> None:
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, sig)
+    def _running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
 
 
 async def pump_output(stream: asyncio.StreamReader, log_path: Path, on_progress: Callable[[Progress], None]) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..schemas import Progress
-from .runner import die_with_parent, pump_output
+from .runner import GroupLeader, die_with_parent, pump_output
 
 __all__ = ["WarmEvaluator", "WarmProcess", "ZygoteError"]
 
@@ -203,17 +203,13 @@ class WarmEvaluator:
         self._ready = None
 
 
-class WarmProcess:
-    """One job forked from the zygote; the same interface as `EvalProcess`."""
+class WarmProcess(GroupLeader):
+    """One job forked from the zygote; it leads its own group, as an `EvalProcess` does."""
 
     def __init__(self, zygote: WarmEvaluator, *, log_path: Path, on_progress: Callable[[Progress], None]) -> None:
         self.zygote = zygote
         self.log_path = log_path
         self.on_progress = on_progress
-        self.pid: int | None = None
-        self.returncode: int | None = None
-        self.ended_at: float | None = None
-        self._pump: asyncio.Task[None] | None = None
         self._exited: asyncio.Task[int] | None = None
 
     async def _begin(self, module: str, argv: list[str], cwd: Path) -> None:
@@ -248,36 +244,9 @@ class WarmProcess:
             self.zygote._lock.release()
         return code
 
-    async def wait(self) -> int:
-        """Wait for the child to exit, then end whatever it left in its group."""
+    async def _leader_exit(self) -> int:
         assert self._exited is not None
-        code = await asyncio.shield(self._exited)
-        self.returncode = code
-        self.ended_at = asyncio.get_running_loop().time()
-        self._signal_group(signal.SIGKILL)
-        if self._pump:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._pump), 10)
-        return code
+        return await asyncio.shield(self._exited)
 
-    async def terminate(self, grace: float) -> None:
-        """SIGTERM to the whole group, SIGKILL after `grace` seconds."""
-        if self._exited is None or self._exited.done():
-            return
-        self._signal_group(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.shield(self._exited), grace)
-        except TimeoutError:
-            self._signal_group(signal.SIGKILL)
-
-    def _signal_group(self, sig: int) -> None:
-        if self.pid is None:
-            return
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            # A child stopped in its first instants has not made its group yet.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(self.pid, sig)
-        except PermissionError:
-            pass
+    def _running(self) -> bool:
+        return self._exited is not None and not self._exited.done()
