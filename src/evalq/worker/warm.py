@@ -186,10 +186,11 @@ class WarmEvaluator:
 
     async def close(self) -> None:
         """Stop the zygote: closing its socket ends it; kill it if it lingers."""
-        if self._ready is not None and not self._ready.done():
-            self._ready.cancel()
+        if self._ready is not None:
+            if not self._ready.done():
+                self._ready.cancel()
             with contextlib.suppress(BaseException):
-                await self._ready
+                await self._ready  # also collects a failed start nobody waited for
         if self.control is not None:
             self.control.close()
             self.control = None
