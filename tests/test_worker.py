@@ -333,3 +333,32 @@ async def test_a_missing_queued_event_is_published_before_started(
     assert order.count("queued") == 1
     queued = events[0]
     assert isinstance(queued, Queued) and queued.stream_seq == ack.seq
+
+
+async def test_a_terminal_record_written_under_a_running_job_still_gets_its_event(
+    client: AsyncClient, worker_factory: Any, nc: Any, topology: Topology
+) -> None:
+    # A write that timed out may in fact have landed: the worker then finds the record
+    # terminal already when it records the outcome, and must still see to the event.
+    await worker_factory(evaluator=FAKE)
+    accepted = await client.submit(**DEMO, limit=40)
+    jobs = JobStore(await nc.jetstream().key_value(topology.jobs_bucket))
+
+    async def on_event(event: Any) -> None:
+        if isinstance(event, Started):
+            await jobs.transition(
+                accepted.job_id,
+                lambda info: msgspec.structs.replace(info, status="completed", completed_at=now()),
+            )
+
+    events = await follow(client, accepted.job_id, timeout=60, on_event=on_event)
+    assert kinds(events)[-1] == "completed"
+    stored = await all_events(client, accepted.job_id)
+    assert kinds(stored).count("completed") == 1
+    js = nc.jetstream()
+    for _ in range(100):  # the ack follows the event; bounded wait for it
+        consumer = await js.consumer_info(topology.work_stream("default"), topology.consumer)
+        if consumer.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert consumer.num_ack_pending == 0

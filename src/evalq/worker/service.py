@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -376,7 +377,10 @@ class Worker:
             if latest is not None and latest[0].status == "cancelling":
                 await self._finish(msg, latest[0], "cancelled", reason="cancelled before it started")
             else:
-                await msg.ack()  # cancelled while queued: nothing to run
+                if latest is not None and latest[0].status in TERMINAL:
+                    # Cancelled while queued: the canceller's event may have met a dead node.
+                    await self._republish_terminal(latest[0])
+                await msg.ack()  # nothing to run
             return
         info = moved[1]
         self.current = _Current(info=info, msg=msg, attempt=attempt)
@@ -613,15 +617,24 @@ class Worker:
             )
 
         moved = await self._outlast(lambda: self.jobs.transition(info.job_id, to_terminal), "record the outcome")
-        if moved is not None:
-            event = self._terminal_event(moved[1], reason, exit_code, log_tail, latency)
-            try:
+        try:
+            if moved is not None:
+                event = self._terminal_event(moved[1], reason, exit_code, log_tail, latency)
                 await self._outlast(lambda: self.events.publish(event), "publish the outcome")
-            except Exception as exc:
-                # Leave the message unacked: its redelivery finds the terminal record and
-                # publishes the missing event (deduplicated by Nats-Msg-Id).
-                log.warning("could not publish the outcome of %s: %s", info.job_id, exc)
-                return
+            else:
+                # Terminal already: another writer's, or ours when a write that timed out had in
+                # fact landed. Either way, make sure its event exists.
+                latest = await self._outlast(lambda: self.jobs.get(info.job_id), "read the record")
+                if latest is not None and latest[0].status in TERMINAL:
+                    record = latest[0]
+                    ours = record.completed_at == stamp and record.status == status
+                    full = self._terminal_event(record, reason, exit_code, log_tail, latency) if ours else None
+                    await self._republish_terminal(record, full)
+        except Exception as exc:
+            # Leave the message unacked: its redelivery finds the terminal record and
+            # publishes the missing event (deduplicated by Nats-Msg-Id).
+            log.warning("could not publish the outcome of %s: %s", info.job_id, exc)
+            return
         await self._outlast(msg.ack, "ack")
 
     def _terminal_event(
@@ -660,14 +673,22 @@ class Worker:
         )
         await self._publish(queued)
 
-    async def _republish_terminal(self, info: JobInfo) -> None:
+    async def _republish_terminal(self, info: JobInfo, event: Event | None = None) -> None:
+        """Publish a finished job's terminal event unless it is in the stream already.
+
+        Raises if it cannot, so that the caller does not ack: the redelivery tries again.
+        """
         for kind in ("completed", "failed", "cancelled"):
+            look = functools.partial(
+                self.js.get_last_msg, self.topology.events_stream, self.topology.event_subject(info.job_id, kind)
+            )
             try:
-                await self.js.get_last_msg(self.topology.events_stream, self.topology.event_subject(info.job_id, kind))
+                await self._outlast(look, f"look for the {kind} event")
                 return  # it exists
             except NotFoundError:
                 continue
-        await self._publish(self._terminal_event(info, info.error or "", None, None, None))
+        missing = event or self._terminal_event(info, info.error or "", None, None, None)
+        await self._outlast(lambda: self.events.publish(missing), "publish the outcome")
 
     async def _requeue(self, current: _Current, reason: str) -> None:
         def to_queued(info: JobInfo) -> JobInfo | None:
