@@ -22,15 +22,16 @@ async def stream(nc: Any, settings: Any) -> str:
 
 async def test_publish_returns_the_stream_ack_and_raises_its_errors(nc: Any, settings: Any, stream: str) -> None:
     subject = f"{settings.prefix}.w.one"
-    first = await jetstream.publish(nc, subject, b"a", timeout=5, stream=stream, headers={"Nats-Msg-Id": "x"})
-    again = await jetstream.publish(nc, subject, b"a", timeout=5, stream=stream, headers={"Nats-Msg-Id": "x"})
+    once = Write(subject, b"a", {"Nats-Msg-Id": "x"}, stream=stream)
+    first = await jetstream.publish(nc, once, timeout=5)
+    again = await jetstream.publish(nc, once, timeout=5)
     assert first.stream == stream and first.seq == 1 and not first.duplicate
     assert again.seq == 1 and again.duplicate
     with pytest.raises(APIError) as wrong_stream:
-        await jetstream.publish(nc, subject, b"a", timeout=5, stream="ELSEWHERE")
+        await jetstream.publish(nc, Write(subject, b"a", stream="ELSEWHERE"), timeout=5)
     assert wrong_stream.value.err_code == 10060
     with pytest.raises(NoStreamResponseError):
-        await jetstream.publish(nc, f"{settings.prefix}.nowhere", b"a", timeout=5)
+        await jetstream.publish(nc, Write(f"{settings.prefix}.nowhere", b"a"), timeout=5)
     bucket = f"{settings.prefix}-kv"
     assert await jetstream.create_key(nc, bucket, "k", b"1", timeout=5) >= 1
     with pytest.raises(KeyWrongLastSequenceError):
@@ -49,8 +50,8 @@ async def test_a_pipeline_sends_before_it_waits_and_reports_each_outcome(nc: Any
 
     await nc.subscribe(silent, cb=ignore)
     sent = [
-        await pipeline.send(Write(f"{settings.prefix}.w.a", b"1"), stream=stream),
-        await pipeline.send(Write(f"{settings.prefix}.w.b", b"2"), stream=stream),
+        await pipeline.send(Write(f"{settings.prefix}.w.a", b"1", stream=stream)),
+        await pipeline.send(Write(f"{settings.prefix}.w.b", b"2", stream=stream)),
         await pipeline.send(jetstream.key_create(bucket, "taken", b"1")),
         await pipeline.send(jetstream.key_create(bucket, "fresh", b"1")),
         await pipeline.send(Write(f"{settings.prefix}.nowhere", b"x")),

@@ -25,15 +25,12 @@ class EventPublisher:
             headers = {"Nats-Msg-Id": f"{event.job_id}.terminal"}
         elif kind == "queued":
             headers = {"Nats-Msg-Id": f"{event.job_id}.{kind}"}
-        return jetstream.Write(self.topology.event_subject(event.job_id, str(kind)), encode(event), headers)
+        return jetstream.Write(
+            self.topology.event_subject(event.job_id, str(kind)),
+            encode(event),
+            headers,
+            stream=self.topology.events_stream,
+        )
 
     async def publish(self, event: Event) -> None:
-        write = self.write(event)
-        await jetstream.publish(
-            self.nc,
-            write.subject,
-            write.payload,
-            timeout=self.timeout,
-            stream=self.topology.events_stream,
-            headers=write.headers,
-        )
+        await jetstream.publish(self.nc, self.write(event), timeout=self.timeout)

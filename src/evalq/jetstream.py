@@ -45,23 +45,26 @@ _WRONG_LAST_SEQUENCE = (10071, 10164)
 
 @dataclass(frozen=True)
 class Write:
-    """One message for a stream, with the headers that make the stream check it."""
+    """One message for a stream, with the headers that make the stream check it.
+
+    `stream`, when given, is the stream that must store it (`Nats-Expected-Stream`).
+    """
 
     subject: str
     payload: bytes
     headers: Mapping[str, str] | None = None
+    stream: str | None = None
+
+    def sent_headers(self) -> dict[str, str] | None:
+        sent = dict(self.headers) if self.headers else {}
+        if self.stream is not None:
+            sent["Nats-Expected-Stream"] = self.stream
+        return sent or None
 
 
 def key_create(bucket: str, key: str, value: bytes) -> Write:
     """A key-value write that the stream refuses if the key was ever written."""
     return Write(f"$KV.{bucket}.{key}", value, {"Nats-Expected-Last-Subject-Sequence": "0"})
-
-
-def _with_stream(headers: Mapping[str, str] | None, stream: str | None) -> dict[str, str] | None:
-    sent = dict(headers) if headers else {}
-    if stream is not None:
-        sent["Nats-Expected-Stream"] = stream
-    return sent or None
 
 
 def _ack_of(msg: Msg) -> PubAck:
@@ -78,18 +81,10 @@ def _ack_of(msg: Msg) -> PubAck:
     return ack
 
 
-async def publish(
-    nc: Client,
-    subject: str,
-    payload: bytes,
-    *,
-    timeout: float,
-    stream: str | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> PubAck:
+async def publish(nc: Client, write: Write, *, timeout: float) -> PubAck:
     """Publish and wait for the stream's acknowledgement; raises nats-py's JetStream errors."""
     try:
-        msg = await nc.request(subject, payload, timeout=timeout, headers=_with_stream(headers, stream))
+        msg = await nc.request(write.subject, write.payload, timeout=timeout, headers=write.sent_headers())
     except NoRespondersError:
         raise NoStreamResponseError from None
     return _ack_of(msg)
@@ -97,8 +92,7 @@ async def publish(
 
 async def create_key(nc: Client, bucket: str, key: str, value: bytes, *, timeout: float) -> int:
     """Write a key that has never been written; `KeyWrongLastSequenceError` if it has."""
-    write = key_create(bucket, key, value)
-    return (await publish(nc, write.subject, write.payload, timeout=timeout, headers=write.headers)).seq
+    return (await publish(nc, key_create(bucket, key, value), timeout=timeout)).seq
 
 
 @dataclass(frozen=True)
@@ -131,15 +125,13 @@ class Pipeline:
         if future is not None and not future.done():
             future.set_result(msg)
 
-    async def send(self, write: Write, *, stream: str | None = None) -> Sent:
+    async def send(self, write: Write) -> Sent:
         inbox = await self._open()
         token = str(next(self._tokens))
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._waiting[token] = future
         try:
-            await self.nc.publish(
-                write.subject, write.payload, reply=f"{inbox}.{token}", headers=_with_stream(write.headers, stream)
-            )
+            await self.nc.publish(write.subject, write.payload, reply=f"{inbox}.{token}", headers=write.sent_headers())
         except BaseException:
             self._waiting.pop(token, None)
             raise

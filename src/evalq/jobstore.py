@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from . import jetstream
 from .schemas import JobInfo, decode, encode
 
 __all__ = ["Conflict", "JobStore"]
@@ -27,14 +25,8 @@ class Conflict(Exception):
 
 
 class JobStore:
-    """The records of one bucket. Given `nc` and `bucket`, a new record is written with one
-    lean publish (the submit path's hottest write) instead of through nats-py's `KeyValue`."""
-
-    def __init__(self, kv: KeyValue, *, nc: Client | None = None, bucket: str | None = None, timeout: float = 10.0):
+    def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
-        self.nc = nc
-        self.bucket = bucket
-        self.timeout = timeout
 
     async def get(self, job_id: str) -> tuple[JobInfo, int] | None:
         try:
@@ -47,14 +39,8 @@ class JobStore:
 
     async def create(self, info: JobInfo) -> int | None:
         """Write a new record; None if one exists already (someone else created it)."""
-        data = encode(info)
-        if self.nc is not None and self.bucket is not None:
-            try:
-                return await jetstream.create_key(self.nc, self.bucket, info.job_id, data, timeout=self.timeout)
-            except KeyWrongLastSequenceError:
-                pass  # it exists, or a deleted record left a marker: KeyValue.create tells which
         try:
-            return await self.kv.create(info.job_id, data)
+            return await self.kv.create(info.job_id, encode(info))
         except KeyWrongLastSequenceError:
             return None
 

@@ -114,7 +114,6 @@ class Gateway:
         self.settings = settings
         self.topology = topology or Topology.from_settings(settings)
         self.js = nc.jetstream(timeout=settings.request_timeout)
-        self._timeout = settings.request_timeout
         self.pipeline = jetstream.Pipeline(nc)
         self.positions = Positions(nc, self.topology, timeout=settings.request_timeout)
         self.events = EventPublisher(nc, self.topology, timeout=settings.request_timeout)
@@ -129,12 +128,7 @@ class Gateway:
 
     async def start(self) -> Gateway:
         await self.topology.ensure(self.js)
-        self.jobs = JobStore(
-            await self.js.key_value(self.topology.jobs_bucket),
-            nc=self.nc,
-            bucket=self.topology.jobs_bucket,
-            timeout=self.settings.request_timeout,
-        )
+        self.jobs = JobStore(await self.js.key_value(self.topology.jobs_bucket))
         self.idempotency = await self.js.key_value(self.topology.idempotency_bucket)
         self.directory = WorkerDirectory(await self.js.key_value(self.topology.workers_bucket))
         self._pools = set(await self.topology.pools(self.js))
@@ -234,7 +228,11 @@ class Gateway:
             digest = hashlib.sha256(key.encode()).hexdigest()
             try:
                 await jetstream.create_key(
-                    self.nc, self.topology.idempotency_bucket, digest, job_id.encode(), timeout=self._timeout
+                    self.nc,
+                    self.topology.idempotency_bucket,
+                    digest,
+                    job_id.encode(),
+                    timeout=self.settings.request_timeout,
                 )
             except KeyWrongLastSequenceError:
                 entry = await self.idempotency.get(digest)
@@ -246,14 +244,13 @@ class Gateway:
                 # the same id. The stream's Nats-Msg-Id window keeps it to one message.
 
         created = now()
-        ack = await jetstream.publish(
-            self.nc,
+        work = jetstream.Write(
             self.topology.work_subject(job.pool, job_id),
             encode(WorkItem(job_id=job_id, request=job, created_at=created)),
-            timeout=self._timeout,
+            {"Nats-Msg-Id": job_id},
             stream=self.topology.work_stream(job.pool),
-            headers={"Nats-Msg-Id": job_id},
         )
+        ack = await jetstream.publish(self.nc, work, timeout=self.settings.request_timeout)
         info = JobInfo(
             job_id=job_id,
             status="queued",
@@ -270,7 +267,7 @@ class Gateway:
         # `started` (Worker._ensure_queued), so the order of events holds.
         queued = Queued(job_id=job_id, time=created, labels=job.labels, pool=job.pool, stream_seq=ack.seq)
         sent = [
-            await self.pipeline.send(self.events.write(queued), stream=self.topology.events_stream),
+            await self.pipeline.send(self.events.write(queued)),
             await self.pipeline.send(jetstream.key_create(self.topology.jobs_bucket, job_id, encode(info))),
         ]
         position: int | BaseException
@@ -278,7 +275,7 @@ class Gateway:
             position = await self.positions.position(job.pool, ack.seq)
         except Exception as exc:
             position = exc
-        event_outcome, record_outcome = await self.pipeline.wait(sent, timeout=self._timeout)
+        event_outcome, record_outcome = await self.pipeline.wait(sent, timeout=self.settings.request_timeout)
         # A record that exists was written by an earlier attempt under the same Idempotency-Key.
         record_exists = isinstance(record_outcome, KeyWrongLastSequenceError)
         for outcome in (event_outcome, None if record_exists else record_outcome, position):

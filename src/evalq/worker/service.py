@@ -70,10 +70,9 @@ __all__ = ["Worker"]
 log = logging.getLogger("evalq.worker")
 
 _INVENTORY_MARK = "@@EVALQ-INVENTORY@@"
-# Errors that mean "NATS is away for now", as during a server restart: worth waiting out.
 # A zygote that fails to start this many times in a row is given up on.
 _ZYGOTE_STARTS = 3
-
+# Errors that mean "NATS is away for now", as during a server restart: worth waiting out.
 _OUTAGE = (
     NatsTimeout,
     asyncio.TimeoutError,
@@ -140,12 +139,7 @@ class Worker:
 
     async def start(self) -> Worker:
         await self.topology.ensure(self.js, pools=(self.pool,))
-        self.jobs = JobStore(
-            await self.js.key_value(self.topology.jobs_bucket),
-            nc=self.nc,
-            bucket=self.topology.jobs_bucket,
-            timeout=self.settings.request_timeout,
-        )
+        self.jobs = JobStore(await self.js.key_value(self.topology.jobs_bucket))
         self.workers_kv = await self.js.key_value(self.topology.workers_bucket)
         self.results = await self.js.object_store(self.topology.results_bucket)
         self.sub = await self.js.pull_subscribe_bind(self.topology.consumer, self.topology.work_stream(self.pool))

@@ -26,12 +26,11 @@ from typing import Any
 
 from ..schemas import Progress
 from .runner import GroupLeader, die_with_parent, pump_output
+from .zygote import MAX_MESSAGE
 
 __all__ = ["WarmEvaluator", "WarmProcess", "ZygoteError"]
 
 log = logging.getLogger("evalq.worker")
-
-_MAX_MESSAGE = 1 << 20
 
 
 class ZygoteError(RuntimeError):
@@ -92,7 +91,7 @@ class WarmEvaluator:
         if self._ready is not None and self._ready.done():
             failed = self._ready.cancelled() or self._ready.exception() is not None
             if failed or not self.alive:
-                await self._discard()
+                await self.close(grace=0)
         self.start()
         assert self._ready is not None
         await asyncio.shield(self._ready)
@@ -136,7 +135,7 @@ class WarmEvaluator:
 
     async def _receive(self) -> dict[str, Any]:
         assert self.control is not None
-        data = await asyncio.get_running_loop().sock_recv(self.control, _MAX_MESSAGE)
+        data = await asyncio.get_running_loop().sock_recv(self.control, MAX_MESSAGE)
         if not data:
             raise ZygoteError(f"the warm evaluator exited; see {self.log_path}")
         message: dict[str, Any] = json.loads(data)
@@ -174,18 +173,8 @@ class WarmEvaluator:
             raise
         return job
 
-    async def _discard(self) -> None:
-        if self.control is not None:
-            self.control.close()
-            self.control = None
-        if self.process is not None and self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            await self.process.wait()
-        self._ready = None
-
-    async def close(self) -> None:
-        """Stop the zygote: closing its socket ends it; kill it if it lingers."""
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop the zygote: closing its socket ends it; kill it if it lingers past `grace` s."""
         if self._ready is not None:
             if not self._ready.done():
                 self._ready.cancel()
@@ -196,7 +185,7 @@ class WarmEvaluator:
             self.control = None
         if self.process is not None and self.process.returncode is None:
             try:
-                await asyncio.wait_for(self.process.wait(), 5)
+                await asyncio.wait_for(self.process.wait(), grace)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     self.process.kill()

@@ -32,7 +32,8 @@ from typing import Any
 
 from .runner import die_with_parent
 
-_MAX_MESSAGE = 1 << 20
+# The largest control message either side reads (a request carries a job's whole argv).
+MAX_MESSAGE = 1 << 20
 
 
 def _cuda_initialised() -> bool:
@@ -127,19 +128,15 @@ def _send(control: socket.socket, message: dict[str, Any]) -> None:
 def serve(control: socket.socket) -> None:
     zygote_pid = os.getpid()
     while True:
-        data, fds, _flags, _addr = socket.recv_fds(control, _MAX_MESSAGE, 1)
+        data, fds, _flags, _addr = socket.recv_fds(control, MAX_MESSAGE, 1)
         if not data:
             return  # the worker closed its end: it is stopping
         request = json.loads(data)
-        if request.get("op") == "ping":
-            _send(control, _about())
+        op = request.get("op")
+        if op != "run" or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            continue
-        if request.get("op") != "run" or len(fds) != 1:
-            _send(control, {"error": "expected a run request with one output descriptor"})
-            for fd in fds:
-                os.close(fd)
+            _send(control, _about() if op == "ping" else {"error": "expected a run request with one output descriptor"})
             continue
         sys.stdout.flush()
         sys.stderr.flush()
