@@ -92,29 +92,58 @@ class RunningWorker:
         self.connection = connection
 
     async def stop(self) -> None:
+        """Stop gracefully; a worker whose run loop failed or would not end fails the test."""
         self.worker.request_stop()
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.wait_for(self.task, 60)
-        await self.worker.stop()
-        await self.connection.close()
+        finally:
+            await self.worker.stop()
+            await self.connection.close()
+
+
+async def start_worker(settings: Settings, **overrides: Any) -> RunningWorker:
+    """One in-process worker on its own connection, running until `stop()`."""
+    worker_settings = settings.with_(**overrides)
+    connection = await connect(worker_settings, name="test-worker")
+    worker = await Worker(connection, worker_settings).start()
+    return RunningWorker(worker, asyncio.create_task(worker.run()), connection)
+
+
+class Workers:
+    """In-process workers started by a test; leaving the block stops every one of them.
+
+    All are stopped before the first failure among them is raised, so one broken worker
+    does not leave the others running into the next test.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.running: list[RunningWorker] = []
+
+    async def start(self, **overrides: Any) -> RunningWorker:
+        handle = await start_worker(self.settings, **overrides)
+        self.running.append(handle)
+        return handle
+
+    async def __aenter__(self) -> Workers:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        errors: list[BaseException] = []
+        for handle in self.running:
+            try:
+                await handle.stop()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
 
 @pytest.fixture
 async def worker_factory(settings: Settings, topology: Topology) -> AsyncIterator[Callable[..., Any]]:
     """Start in-process workers (each on its own connection); teardown stops them all."""
-    running: list[RunningWorker] = []
-
-    async def start(**overrides: Any) -> RunningWorker:
-        worker_settings = settings.with_(**overrides)
-        connection = await connect(worker_settings, name="test-worker")
-        worker = await Worker(connection, worker_settings).start()
-        handle = RunningWorker(worker, asyncio.create_task(worker.run()), connection)
-        running.append(handle)
-        return handle
-
-    yield start
-    for handle in running:
-        await handle.stop()
+    async with Workers(settings) as workers:
+        yield workers.start
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:

@@ -7,6 +7,8 @@ import collections
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from nats.js.api import DeliverPolicy
+
 from evalq import AsyncClient
 from evalq.config import Settings
 from evalq.connection import connect
@@ -39,18 +41,32 @@ def kinds(events: list[Event]) -> list[str]:
     return [type(e).__struct_config__.tag for e in events]  # type: ignore[attr-defined]
 
 
-async def all_events(client: AsyncClient, job_id: str, settle: float = 1.0) -> list[Event]:
-    """Every stored event of a finished job (reads history, stops when none arrive for `settle` s)."""
+async def all_events(client: AsyncClient, job_id: str, timeout: float = 30.0) -> list[Event]:
+    """Every event the events stream holds for the job, oldest first.
+
+    It counts the job's stored messages first and reads exactly that many: a reader that
+    stopped after a quiet spell could come back short on a busy machine and turn "exactly
+    one terminal event" into a pass by accident. Short of the count within `timeout`, it fails.
+    """
+    js = client.nc.jetstream()
+    subjects = client.topology.events_filter(job_id)
+    stream = client.topology.events_stream
+    info = await js.stream_info(stream, subjects_filter=subjects)
+    count = sum((info.state.subjects or {}).values())
     seen: list[Event] = []
-
-    async def run() -> None:
-        async for event in client.events(job_id, history=True):
-            seen.append(event)
-
+    if count == 0:
+        return seen
+    sub = await js.subscribe(subjects, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
     try:
-        await asyncio.wait_for(run(), settle)
+        async with asyncio.timeout(timeout):
+            async for msg in sub.messages:
+                seen.append(decode_event(msg.data))
+                if len(seen) == count:
+                    break
     except TimeoutError:
-        pass
+        raise AssertionError(f"read {len(seen)} of the {count} stored events of job {job_id} in {timeout} s") from None
+    finally:
+        await sub.unsubscribe()
     return seen
 
 

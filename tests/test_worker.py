@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import signal
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -38,17 +37,15 @@ from evalq.worker.warm import WarmProcess
 
 from .conftest import Processes
 from .events import all_events, follow, kinds
+from .jobs import FAKE, JOB
 from .tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
 
-DEMO = {"model": "dummy", "tasks": ["evalq_demo"]}
-FAKE = [sys.executable, str(Path(__file__).parent / "fake_evaluator.py")]
-
 
 async def test_demo_job_end_to_end(client: AsyncClient, worker_factory: Any, tmp_path: Path) -> None:
     handle = await worker_factory()
-    accepted = await client.submit(**DEMO, labels={"epoch": "1"})
+    accepted = await client.submit(**JOB, labels={"epoch": "1"})
     runners: list[object] = []
 
     def on_event(event: Any) -> None:
@@ -135,7 +132,7 @@ async def test_cancel_a_running_job_ends_its_process_group(client: AsyncClient, 
     handle = await worker_factory(evaluator=FAKE, cancel_grace=2.0)
     os.environ["FAKE_EVAL_MODE"] = "slow"
     try:
-        accepted = await client.submit(**DEMO)
+        accepted = await client.submit(**JOB)
         pids: list[int] = []
 
         async def on_event(event: Any) -> None:
@@ -161,7 +158,7 @@ async def test_cancel_a_running_job_ends_its_process_group(client: AsyncClient, 
 
 async def test_cancel_a_running_lmms_eval_job(client: AsyncClient, worker_factory: Any) -> None:
     handle = await worker_factory()
-    accepted = await client.submit(**DEMO)
+    accepted = await client.submit(**JOB)
     pids: list[int] = []
 
     async def on_event(event: Any) -> None:
@@ -181,7 +178,7 @@ async def test_worker_killed_mid_job_is_redelivered(
     client: AsyncClient, settings: Settings, processes: Processes
 ) -> None:
     first = processes.worker(settings)
-    accepted = await client.submit(**DEMO)
+    accepted = await client.submit(**JOB)
     children: list[int] = []
 
     async def on_event(event: Any) -> None:
@@ -218,7 +215,7 @@ async def test_poison_job_fails_after_max_attempts(
         "EVALQ_ACK_WAIT": "2",
     }
     poisoned = settings.with_(ack_wait=2.0)
-    accepted = await client.submit(**DEMO)
+    accepted = await client.submit(**JOB)
     # Each worker that takes the job dies; a new one replaces it, up to a bound.
     worker = processes.worker(poisoned, **extra)
     for _ in range(5):
@@ -241,7 +238,7 @@ async def test_poison_job_fails_after_max_attempts(
 async def test_two_workers_share_six_jobs_one_at_a_time(client: AsyncClient, worker_factory: Any) -> None:
     await worker_factory()
     await worker_factory()
-    ids = [(await client.submit(**DEMO, limit=2)).job_id for _ in range(6)]
+    ids = [(await client.submit(**JOB, limit=2)).job_id for _ in range(6)]
     finals = await asyncio.wait_for(asyncio.gather(*(client.wait_for_job(j) for j in ids)), 400)
     outcomes = [(info.status, info.attempts) for info in finals]
     assert outcomes == [("completed", 1)] * 6
@@ -263,7 +260,7 @@ async def test_sigterm_finishes_or_hands_back(
     client: AsyncClient, settings: Settings, processes: Processes, mode: str
 ) -> None:
     first = processes.worker(settings, EVALQ_SHUTDOWN_MODE=mode, EVALQ_GRACE="120")
-    accepted = await client.submit(**DEMO, limit=4)
+    accepted = await client.submit(**JOB, limit=4)
 
     async def on_event(event: Any) -> None:
         if isinstance(event, Started) and event.attempt == 1:
@@ -289,7 +286,7 @@ async def test_a_terminal_record_without_its_event_gets_the_event(
 ) -> None:
     # A gateway whose cancel event met a dead node leaves this behind: the record says
     # cancelled, the work message is still in the stream, and no terminal event exists.
-    accepted = await client.submit(**DEMO)
+    accepted = await client.submit(**JOB)
     jobs = JobStore(await nc.jetstream().key_value(topology.jobs_bucket))
     await jobs.transition(
         accepted.job_id,
@@ -341,7 +338,7 @@ async def test_a_terminal_record_written_under_a_running_job_still_gets_its_even
     # A write that timed out may in fact have landed: the worker then finds the record
     # terminal already when it records the outcome, and must still see to the event.
     await worker_factory(evaluator=FAKE)
-    accepted = await client.submit(**DEMO, limit=40)
+    accepted = await client.submit(**JOB, limit=40)
     jobs = JobStore(await nc.jetstream().key_value(topology.jobs_bucket))
 
     async def on_event(event: Any) -> None:

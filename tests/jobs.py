@@ -1,0 +1,39 @@
+"""What the tests submit: the shared request, the evaluators that stand in for lmms-eval,
+and a submit that keeps its Idempotency-Key through faults."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from evalq import AsyncClient
+
+HERE = Path(__file__).resolve().parent
+
+# The smallest valid request: lmms-eval's dummy model on the demo task this repo bundles.
+# A test that needs a variant derives it (`{**JOB, "limit": 2}`) so the base stays one thing.
+JOB: dict[str, Any] = {"model": "dummy", "tasks": ["evalq_demo"]}
+
+# Stand-ins for lmms-eval that take its flags and write its outputs in a fraction of the time;
+# the shell one starts fastest, for tests that run hundreds of jobs.
+FAKE = [sys.executable, str(HERE / "fake_evaluator.py")]
+STAND_IN = str(HERE / "fake_evaluator.sh")
+
+
+async def submit_until_accepted(client: AsyncClient, key: str, deadline: float, **fields: Any) -> str:
+    """Submit `JOB` (with `fields` over it) until a reply comes; returns the job id.
+
+    A client that got no reply cannot tell a lost request from a lost reply, so it retries
+    with the same Idempotency-Key: the tests that use this count on it never duplicating a job.
+    `deadline` is a `time.monotonic()` value; past it the last error is raised.
+    """
+    while True:
+        try:
+            return (await client.submit(**{**JOB, **fields}, idempotency_key=key, retries=0)).job_id
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)  # back-off between retries, as a real client would
