@@ -10,7 +10,6 @@ import asyncio
 import datetime
 import os
 import shutil
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,12 @@ from evalq.topology import Topology
 from evalq.worker import Worker
 
 from .conftest import REPO
+from .jobs import FAKE
+from .jobs import JOB as BASE_JOB
 
 ACCOUNTS = REPO / "deploy" / "nats" / "accounts.conf"
 PASSWORDS = {"submitter": "s3cret-sub", "gateway": "s3cret-gw", "worker": "s3cret-wk"}
-FAKE = [sys.executable, str(Path(__file__).parent / "fake_evaluator.py")]
-JOB = {"model": "dummy", "tasks": ["evalq_demo"], "limit": 2}
+JOB = {**BASE_JOB, "limit": 2}
 
 
 def server_env() -> dict[str, str]:

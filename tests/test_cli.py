@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,7 @@ from evalq import AsyncClient
 from evalq.config import Settings
 
 from .conftest import EVALQ, run_command, settings_env
-
-FAKE = [sys.executable, str(Path(__file__).parent / "fake_evaluator.py")]
+from .jobs import FAKE
 
 
 async def evalq(settings: Settings, *args: str, timeout: float = 120, **env: str) -> tuple[int, str, str]:

@@ -19,8 +19,8 @@ from evalq.schemas import EvaluateRequest, JobAccepted, JobInfo, JobRef, QueueSt
 from evalq.topology import Topology
 
 from .conftest import REPO, run_command, settings_env
+from .jobs import FAKE
 
-FAKE = [sys.executable, str(Path(__file__).parent / "fake_evaluator.py")]
 EXAMPLES = REPO / "examples"
 
 

@@ -28,8 +28,9 @@ from evalq.gateway import Gateway
 from evalq.schemas import EvaluateRequest, JobAccepted, decode, encode
 from evalq.topology import Topology
 
+from .jobs import JOB
+
 T = TypeVar("T")
-VALID = {"model": "dummy", "tasks": ["evalq_demo"]}
 FIELDS = [
     "model",
     "tasks",
@@ -114,7 +115,7 @@ json_values = st.recursive(
 
 @st.composite
 def request_bodies(draw: st.DrawFn) -> dict[str, Any]:
-    body: dict[str, Any] = dict(VALID)
+    body: dict[str, Any] = dict(JOB)
     for field in draw(st.lists(st.sampled_from(FIELDS), max_size=4, unique=True)):
         if draw(st.booleans()):
             body.pop(field, None)
@@ -165,7 +166,7 @@ def fuzz_cases(count: int, seed: int = 1) -> Iterator[bytes]:
 
 def _raw_cases(count: int, seed: int) -> Iterator[bytes]:
     rng = random.Random(seed)
-    valid = encode({**VALID, "model_args": {"pretrained": "/m"}, "limit": 4, "labels": {"k": "v"}})
+    valid = encode({**JOB, "model_args": {"pretrained": "/m"}, "limit": 4, "labels": {"k": "v"}})
     for index in range(count):
         kind = index % 8
         if kind == 0:
@@ -193,7 +194,7 @@ def _raw_cases(count: int, seed: int) -> Iterator[bytes]:
             field = rng.choice(["model_args", "gen_kwargs", "output_dir", "device", "pool", "tasks", "model"])
             hostile = rng.choice(["a,b=c", "../../etc", "/abs", "x=1,y", "--flag", "$(id)", "a\nb", "\x00", "é" * 300])
             value: Any = [hostile] if field == "tasks" else ({"k": hostile} if field == "model_args" else hostile)
-            yield encode({**VALID, field: value})
+            yield encode({**JOB, field: value})
 
 
 def test_raw_fuzz_of_the_submit_subject(gateway_thread: GatewayThread) -> None:
@@ -220,5 +221,5 @@ def test_raw_fuzz_of_the_submit_subject(gateway_thread: GatewayThread) -> None:
     assert sum(codes.values()) == total
     assert set(codes) <= {400, 413, 422}, codes
     assert after == before, "a fuzz case reached the stream"
-    code, reply = gateway_thread.run(gateway_thread.request(encode(VALID)))
+    code, reply = gateway_thread.run(gateway_thread.request(encode(JOB)))
     assert code == 200 and reply["status"] == "queued"  # the gateway kept serving

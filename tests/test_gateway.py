@@ -16,7 +16,7 @@ from evalq.jobstore import JobStore
 from evalq.schemas import JobInfo, WorkerInfo, encode
 from evalq.topology import Topology
 
-JOB = {"model": "dummy", "tasks": ["evalq_demo"]}
+from .jobs import JOB
 
 
 async def stream_messages(nc: Any, topology: Topology, pool: str = "default") -> int:

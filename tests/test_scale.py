@@ -25,10 +25,14 @@ from evalq.schemas import TERMINAL, Completed, Started
 from evalq.topology import Topology
 from evalq.worker import Worker
 
-from .chaos.conftest import STAND_IN, figure
+from .chaos.conftest import figure
+from .conftest import RunningWorker, start_worker
 from .events import job_history
+from .jobs import JOB as BASE_JOB
+from .jobs import STAND_IN, submit_until_accepted
 
-JOB = {"model": "dummy", "tasks": ["evalq_demo"], "limit": 1}
+# One document each: these tests count jobs through faults, they do not measure evaluations.
+JOB = {**BASE_JOB, "limit": 1}
 
 
 def free_port() -> int:
@@ -77,7 +81,7 @@ class Site:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.gateways: list[tuple[Gateway, Any]] = []
-        self.workers: list[tuple[Worker, asyncio.Task[None], Any]] = []
+        self.workers: list[RunningWorker] = []
 
     async def add_gateway(self) -> Gateway:
         nc = await connect(self.settings)
@@ -86,11 +90,9 @@ class Site:
         return gateway
 
     async def add_worker(self, **overrides: Any) -> Worker:
-        settings = self.settings.with_(**overrides)
-        nc = await connect(settings)
-        worker = await Worker(nc, settings).start()
-        self.workers.append((worker, asyncio.create_task(worker.run()), nc))
-        return worker
+        handle = await start_worker(self.settings, **overrides)
+        self.workers.append(handle)
+        return handle.worker
 
     async def stop_gateway(self, gateway: Gateway) -> None:
         for entry in list(self.gateways):
@@ -100,18 +102,15 @@ class Site:
                 self.gateways.remove(entry)
 
     async def stop_worker(self, worker: Worker) -> None:
-        for entry in list(self.workers):
-            if entry[0] is worker:
-                worker.request_stop()
-                await asyncio.wait_for(entry[1], 60)
-                await worker.stop()
-                await entry[2].close()
-                self.workers.remove(entry)
+        for handle in list(self.workers):
+            if handle.worker is worker:
+                self.workers.remove(handle)
+                await handle.stop()
 
     async def close(self) -> None:
-        for worker, _, _ in list(self.workers):
+        for handle in list(self.workers):
             with contextlib.suppress(Exception):
-                await self.stop_worker(worker)
+                await self.stop_worker(handle.worker)
         for gateway, _ in list(self.gateways):
             with contextlib.suppress(Exception):
                 await self.stop_gateway(gateway)
@@ -128,16 +127,6 @@ async def site_factory() -> AsyncIterator[Any]:
     yield make
     for site in sites:
         await site.close()
-
-
-async def submit_retrying(client: AsyncClient, key: str, deadline: float, **fields: Any) -> str:
-    while True:
-        try:
-            return (await client.submit(**{**JOB, **fields}, idempotency_key=key, retries=0)).job_id
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)  # back-off before the same-key retry
 
 
 async def final_status(client: AsyncClient, job: str, deadline: float) -> str:
@@ -217,7 +206,7 @@ async def test_cluster_300_jobs_with_cancels_and_a_node_killed(
 
         async def one(index: int) -> None:
             async with slots:
-                ids.append(await submit_retrying(client, f"cluster-{index}", deadline))
+                ids.append(await submit_until_accepted(client, f"cluster-{index}", deadline, **JOB))
 
         await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(total))), 120)
         cancels = rng.sample(ids, total // 5)
@@ -302,7 +291,7 @@ async def test_rolling_restart_loses_nothing(settings: Settings, site_factory: A
 
         async def load() -> None:
             for index in range(total):
-                ids.append(await submit_retrying(client, f"roll-{index}", deadline))
+                ids.append(await submit_until_accepted(client, f"roll-{index}", deadline, **JOB))
 
         loading = asyncio.create_task(load())
         for gateway in gateways:  # one by one, while the load goes on

@@ -8,7 +8,7 @@ import pytest
 from evalq import schemas
 from evalq.schemas import Cancelled, Completed, EvaluateRequest, Queued, decode, decode_event, encode, error_path
 
-BASE = {"model": "dummy", "tasks": ["evalq_demo"]}
+from .jobs import JOB
 
 
 def refusal(body: bytes) -> tuple[str, str]:
@@ -18,7 +18,7 @@ def refusal(body: bytes) -> tuple[str, str]:
 
 
 def body(**fields: object) -> bytes:
-    return encode({**BASE, **fields})
+    return encode({**JOB, **fields})
 
 
 def test_minimal_request_gets_lmms_eval_defaults() -> None:

@@ -7,7 +7,6 @@ import collections
 import os
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,23 +24,12 @@ from evalq.schemas import TERMINAL, Completed, Started
 from evalq.topology import Topology
 from evalq.worker import Worker
 
-from ..conftest import EVALQ, Processes, settings_env
+from ..conftest import EVALQ, Processes, Workers, settings_env
 from ..events import all_events, follow, job_history, kinds
-from .conftest import figure, stand_in_workers
+from ..jobs import FAKE, JOB, STAND_IN, submit_until_accepted
+from .conftest import figure
 
 pytestmark = pytest.mark.chaos
-JOB = {"model": "dummy", "tasks": ["evalq_demo"]}
-
-
-async def submit_until_accepted(client: AsyncClient, key: str, deadline: float, **fields: Any) -> str:
-    """A client that got no reply retries with its Idempotency-Key until it gets one."""
-    while True:
-        try:
-            return (await client.submit(**JOB, **fields, idempotency_key=key, retries=0)).job_id
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)  # back-off between retries, as a real client would
 
 
 async def stream_count(settings: Settings, pool: str = "default") -> int:
@@ -55,7 +43,9 @@ async def stream_count(settings: Settings, pool: str = "default") -> int:
 
 async def drain(settings: Settings, ids: list[str], workers: int = 2, timeout: float = 240) -> dict[str, str]:
     """Run `workers` stand-in workers until every job is terminal; returns job -> status."""
-    async with stand_in_workers(settings, workers), AsyncClient(settings) as client:
+    async with Workers(settings) as running, AsyncClient(settings) as client:
+        for _ in range(workers):
+            await running.start(evaluator=[STAND_IN])
         deadline = time.monotonic() + timeout
         statuses: dict[str, str] = {}
         for job in ids:
@@ -165,7 +155,7 @@ async def test_worker_killed_during_upload(
 ) -> None:
     big = settings_env(
         settings,
-        EVALQ_EVALUATOR=f"{sys.executable} {Path(__file__).parent.parent / 'fake_evaluator.py'}",
+        EVALQ_EVALUATOR=" ".join(FAKE),
         FAKE_EVAL_MODE="big",
     )
     first = processes.start([*EVALQ, "worker"], big, name="worker")
@@ -294,7 +284,9 @@ async def test_2000_jobs_with_random_cancels_and_two_workers(settings: Settings,
     jobs = JobStore(await nc.jetstream().key_value(Topology.from_settings(settings).jobs_bucket))
     deadline = time.monotonic() + 300
     statuses: dict[str, str] = {}
-    async with stand_in_workers(settings, 2, progress_interval=60.0):
+    async with Workers(settings) as workers:
+        for _ in range(2):
+            await workers.start(evaluator=[STAND_IN], progress_interval=60.0)
         for job in chosen:
             try:
                 cancel_replies[(await client.cancel_job(job)).status] += 1
