@@ -9,18 +9,28 @@ from pathlib import Path
 import pytest
 
 from evalq.schemas import EvaluateRequest, decode, encode
-from evalq.worker.argv import build_argv, scrubbed_env
+from evalq.worker.argv import evaluator_command, lmms_eval_args, scrubbed_env
 from evalq.worker.progress import ProgressParser
 from evalq.worker.results import collect, metrics_of, tail
 from evalq.worker.taskpaths import build_include_dir
 
+from .jobs import JOB
+
 
 def request(**fields: object) -> EvaluateRequest:
-    return decode(encode({"model": "dummy", "tasks": ["evalq_demo"], **fields}), EvaluateRequest)
+    return decode(encode({**JOB, **fields}), EvaluateRequest)
+
+
+def fresh_argv(
+    req: EvaluateRequest, output_path: str, include_path: str | None = None, evaluator: list[str] | None = None
+) -> list[str]:
+    """The command line of a fresh evaluation process, put together as the worker does."""
+    command = evaluator_command(req, evaluator or (), python="py")
+    return command + lmms_eval_args(req, output_path=output_path, include_path=include_path)
 
 
 def test_argv_maps_every_field() -> None:
-    argv = build_argv(
+    argv = fresh_argv(
         request(
             model_args={"pretrained": "/m", "trust_remote_code": True},
             num_fewshot=2,
@@ -32,7 +42,6 @@ def test_argv_maps_every_field() -> None:
         ),
         output_path="/out",
         include_path="/inc",
-        python="py",
     )
     assert argv == [
         "py",
@@ -54,15 +63,22 @@ def test_argv_maps_every_field() -> None:
 
 
 def test_argv_without_samples_and_full_fraction() -> None:
-    argv = build_argv(request(log_samples=False, limit=1.0), output_path="/o", python="py")
+    argv = lmms_eval_args(request(log_samples=False, limit=1.0), output_path="/o")
     assert "--log_samples" not in argv
     assert not any(a.startswith("--limit") for a in argv)
-    assert "--limit=0.5" in build_argv(request(limit=0.5), output_path="/o", python="py")
+    assert "--limit=0.5" in lmms_eval_args(request(limit=0.5), output_path="/o")
 
 
 def test_multi_gpu_goes_through_accelerate() -> None:
-    argv = build_argv(request(num_gpus=4), output_path="/o", python="py")
+    argv = fresh_argv(request(num_gpus=4), output_path="/o")
     assert argv[:7] == ["py", "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=4", "-m", "lmms_eval"]
+    assert argv[7:] == lmms_eval_args(request(num_gpus=4), output_path="/o")
+
+
+def test_a_configured_evaluator_replaces_the_launcher() -> None:
+    # Even for several GPUs: whoever configures the evaluator owns how it launches.
+    argv = fresh_argv(request(num_gpus=4), output_path="/o", evaluator=["/bin/stand-in", "--quiet"])
+    assert argv[:3] == ["/bin/stand-in", "--quiet", "--model=dummy"]
 
 
 @pytest.mark.parametrize(
@@ -77,12 +93,13 @@ def test_multi_gpu_goes_through_accelerate() -> None:
     ],
 )
 def test_hostile_values_stay_single_values(fields: dict[str, object]) -> None:
-    argv = build_argv(request(**fields), output_path="/out", python="py")
-    flags = [a.split("=", 1)[0] for a in argv[3:]]
+    # The warm evaluator receives these flags alone, so they are checked without a launcher.
+    args = lmms_eval_args(request(**fields), output_path="/out")
+    flags = [a.split("=", 1)[0] for a in args]
     # Every element is one `--flag=value`; no value became a flag or a second argument.
-    assert all((a.startswith("--") and "=" in a) or a in ("--log_samples", "--predict_only") for a in argv[3:])
+    assert all((a.startswith("--") and "=" in a) or a in ("--log_samples", "--predict_only") for a in args)
     assert flags.count("--output_path") == 1
-    assert argv[-1] == "--output_path=/out"
+    assert args[-1] == "--output_path=/out"
 
 
 def test_environment_is_scrubbed() -> None:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from ..schemas import EvaluateRequest
 
-__all__ = ["build_argv", "evaluator_command", "format_args", "lmms_eval_args", "scrubbed_env"]
+__all__ = ["evaluator_command", "format_args", "lmms_eval_args", "scrubbed_env"]
 
 # Variables that would make lmms-eval (torch.distributed, accelerate) think it is one rank
 # of someone else's job; a worker may itself run under SLURM or torchrun.
@@ -41,19 +41,6 @@ def format_args(args: Mapping[str, object] | str | None) -> str:
         text = str(value) if not isinstance(value, bool) else ("True" if value else "False")
         parts.append(f"{key}={text}")
     return ",".join(parts)
-
-
-def build_argv(
-    request: EvaluateRequest,
-    *,
-    output_path: str | os.PathLike[str],
-    include_path: str | os.PathLike[str] | None = None,
-    evaluator: Sequence[str] = (),
-    python: str = sys.executable,
-) -> list[str]:
-    """The whole command line of a fresh evaluation process."""
-    command = evaluator_command(request, evaluator, python=python)
-    return command + lmms_eval_args(request, output_path=output_path, include_path=include_path)
 
 
 def evaluator_command(
