@@ -54,13 +54,26 @@ async def test_work_stream_settings(nc: Any, topology: Topology) -> None:
     assert events.max_msgs_per_subject == topology.events_per_subject
 
 
-async def test_ensure_updates_a_changed_setting(nc: Any, topology: Topology) -> None:
+async def test_a_process_with_other_settings_reports_them_and_changes_nothing(nc: Any, topology: Topology) -> None:
     js = nc.jetstream()
     changed = Topology(prefix=topology.prefix, queue_limit=7, ack_wait=9.0)
-    await changed.ensure(js)
+    mismatches = await changed.ensure(js)
+    assert {(m.setting, m.current, m.wanted) for m in mismatches} == {("max_msgs", 1_000_000, 7), ("ack_wait", 5.0, 9.0)}
+    assert "evalq setup" in str(mismatches[0])
+    assert (await js.stream_info(topology.work_stream("default"))).config.max_msgs == 1_000_000
+    consumer = await js.consumer_info(topology.work_stream("default"), topology.consumer)
+    assert consumer.config.ack_wait == topology.ack_wait == 5.0
+    assert await changed.ack_wait_of(js, "default") == 5.0
+
+
+async def test_setup_applies_a_changed_setting(nc: Any, topology: Topology) -> None:
+    js = nc.jetstream()
+    changed = Topology(prefix=topology.prefix, queue_limit=7, ack_wait=9.0)
+    assert await changed.ensure(js, update=True) == []
     assert (await js.stream_info(topology.work_stream("default"))).config.max_msgs == 7
     consumer = await js.consumer_info(topology.work_stream("default"), topology.consumer)
     assert consumer.config.ack_wait == 9.0
+    assert await changed.ensure(js) == [], "once applied, nothing differs"
 
 
 async def test_pools_are_created_on_demand(nc: Any, topology: Topology) -> None:

@@ -14,6 +14,7 @@ __all__ = ["EventPublisher"]
 class EventPublisher:
     def __init__(self, nc: Client, topology: Topology, *, timeout: float) -> None:
         self.nc = nc
+        self.js = nc.jetstream(timeout=timeout)
         self.topology = topology
         self.timeout = timeout
 

@@ -1,6 +1,6 @@
 """Job records in the `<prefix>-jobs` bucket; every state change is a compare-and-set.
 
-The gateway and the workers both write here. A transition reads the record and its
+The gateway and the workers both write here, only through `lifecycle.Recorder`. A transition reads the record and its
 revision, computes the next record, and writes it only if the revision is unchanged; on
 a conflict it reads again. So two writers racing for a terminal state cannot both win,
 which is what makes the terminal record (and its event) exist exactly once.
@@ -13,15 +13,12 @@ from collections.abc import Callable
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from .errors import Conflict
 from .schemas import JobInfo, decode, encode
 
-__all__ = ["Conflict", "JobStore"]
+__all__ = ["JobStore"]
 
 Change = Callable[[JobInfo], JobInfo | None]
-
-
-class Conflict(Exception):
-    """A compare-and-set kept losing the race (internal; callers retry or give up)."""
 
 
 class JobStore:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResultFiles", "collect", "metrics_of", "tail"]
+from ..lifecycle import Failure, Outcome, Success
+from ..schemas import JobResult
+
+__all__ = ["ResultFiles", "collect", "metrics_of", "outcome_of", "tail", "upload"]
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
@@ -87,3 +91,43 @@ def tail(path: Path, lines: int = 40, max_bytes: int = 16384) -> str:
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
     kept = [line for line in text.split("\n") if line.strip()]
     return "\n".join(kept[-lines:])
+
+
+Upload = Callable[[str, bytes], Awaitable[object]]
+
+
+async def upload(put: Upload, job_id: str, files: list[tuple[Path, str]]) -> list[str]:
+    """Store each regular file as `<job_id>/<name>`; returns the names stored."""
+    names = []
+    for path, name in files:
+        if path.is_symlink() or not path.is_file():
+            continue
+        object_name = f"{job_id}/{name}"
+        await put(object_name, path.read_bytes())
+        names.append(object_name)
+    return names
+
+
+async def outcome_of(
+    output: Path, log_path: Path, exit_code: int, *, job_id: str, put: Upload, duration_s: float, tail_lines: int
+) -> Outcome:
+    """What a finished evaluation produced, its artifacts uploaded: a Success or a Failure."""
+    files = collect(output)
+    metrics = None
+    problem = "no *_results.json was written"
+    if files.results is not None:
+        try:
+            metrics = metrics_of(files.results)
+        except (ValueError, OSError) as exc:
+            problem = f"{files.results.name} could not be read: {exc}"
+    if metrics is None:
+        log_tail = tail(log_path, tail_lines)
+        last = log_tail.splitlines()[-1] if log_tail else ""
+        error = f"lmms-eval exited with code {exit_code} and {problem}" + (f": {last}" if last else "")
+        await upload(put, job_id, [(log_path, "eval.log")])
+        return Failure(error=error, exit_code=exit_code, log_tail=log_tail)
+    artifacts = [(files.results, "results.json")] if files.results else []
+    artifacts += [(sample, f"samples/{safe_name(sample.name)}") for sample in files.samples]
+    artifacts.append((log_path, "eval.log"))
+    names = await upload(put, job_id, artifacts)
+    return Success(result=JobResult(metrics=metrics, artifacts=names, duration_s=duration_s))

@@ -1,0 +1,385 @@
+"""The job lifecycle: every state a job can be in, every change between them, and the one
+function that records a change. This is where a job's terminal state is written.
+
+::
+
+    enqueue ──> queued ──start──> running ──finish──> completed | failed | cancelled
+                  │  ^              │  │ ^
+                  │  └──requeue─────┘  │ └─ start (redelivered), progress
+                  │                    └──request_cancel──> cancelling ──finish──> cancelled
+                  ├──request_cancel──> cancelled
+                  └──finish──> failed | cancelled   (gave up, or cancelled before it ran)
+
+Each change is a pure function ``JobInfo -> JobInfo | None``: the next record, or None when
+the current state does not allow it (`ALLOWED` is the table they all consult). `Recorder`
+applies one with a compare-and-set on the record, publishes the event it implies under its
+``Nats-Msg-Id``, and, when the record turns out to be terminal already, publishes that
+terminal event if it is missing. Two writers (the gateway cancelling, a worker finishing)
+can race: the compare-and-set lets exactly one of them make the record terminal, and the
+stream's deduplication keeps its event to one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal, TypeVar, Union
+
+import msgspec
+from nats.js.errors import NotFoundError
+
+from .events import EventPublisher
+from .jobstore import JobStore
+from .outage import outlast
+from .schemas import (
+    TERMINAL,
+    Cancelled,
+    Completed,
+    EvaluateRequest,
+    Event,
+    Failed,
+    JobInfo,
+    JobResult,
+    JobStatus,
+    Progress,
+    ProgressEvent,
+    Queued,
+    Requeued,
+    Started,
+)
+
+__all__ = [
+    "ALLOWED",
+    "TERMINAL",
+    "Applied",
+    "Cancellation",
+    "Event",
+    "Failure",
+    "Outcome",
+    "Recorder",
+    "Refused",
+    "Success",
+    "Transition",
+    "allowed",
+    "enqueue",
+    "finish",
+    "outcome_status",
+    "progress",
+    "request_cancel",
+    "requeue",
+    "start",
+    "terminal_event",
+]
+
+log = logging.getLogger("evalq.lifecycle")
+
+Transition = Literal["start", "progress", "request_cancel", "finish", "requeue"]
+STATES: tuple[JobStatus, ...] = ("queued", "running", "cancelling", "completed", "failed", "cancelled")
+TRANSITIONS: tuple[Transition, ...] = ("start", "progress", "request_cancel", "finish", "requeue")
+
+# (state, transition) -> the states it may lead to. A pair that is absent is refused.
+ALLOWED: dict[tuple[JobStatus, Transition], frozenset[JobStatus]] = {
+    ("queued", "start"): frozenset({"running"}),
+    # A redelivery: the worker that held it stopped answering.
+    ("running", "start"): frozenset({"running"}),
+    ("running", "progress"): frozenset({"running"}),
+    ("queued", "request_cancel"): frozenset({"cancelled"}),
+    ("running", "request_cancel"): frozenset({"cancelling"}),
+    # From queued: a job that used up its attempts, or whose output folder is unusable.
+    ("queued", "finish"): frozenset({"completed", "failed", "cancelled"}),
+    ("running", "finish"): frozenset({"completed", "failed", "cancelled"}),
+    # An evaluation that ended on its own before the cancel reached it keeps its outcome.
+    ("cancelling", "finish"): frozenset({"completed", "failed", "cancelled"}),
+    ("running", "requeue"): frozenset({"queued"}),
+}
+
+
+def allowed(state: str, transition: Transition) -> frozenset[JobStatus]:
+    """The states `transition` may lead to from `state`; empty when it is refused."""
+    return ALLOWED.get((state, transition), frozenset())  # type: ignore[arg-type]
+
+
+# --- outcomes: how an evaluation ended -----------------------------------------------
+
+
+class Success(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome", tag="completed"):
+    result: JobResult
+
+
+class Failure(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome", tag="failed"):
+    error: str
+    exit_code: int | None = None
+    log_tail: str | None = None
+
+
+class Cancellation(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome", tag="cancelled"):
+    reason: str
+    # From the cancel request to the end of the evaluation's processes, when it was running.
+    latency_s: float | None = None
+
+
+Outcome = Union[Success, Failure, Cancellation]
+
+
+def outcome_status(outcome: Outcome) -> JobStatus:
+    return outcome.__struct_config__.tag  # type: ignore[return-value]
+
+
+# --- the changes, as pure functions ----------------------------------------------------
+
+
+def enqueue(job_id: str, request: EvaluateRequest, *, created_at: str, stream_seq: int | None) -> JobInfo:
+    """The first record of a job."""
+    return JobInfo(
+        job_id=job_id,
+        status="queued",
+        created_at=created_at,
+        request=request,
+        stream_seq=stream_seq,
+        labels=request.labels,
+        pool=request.pool,
+    )
+
+
+def start(info: JobInfo, *, attempt: int, worker: str, at: str) -> JobInfo | None:
+    if not allowed(info.status, "start"):
+        return None
+    return msgspec.structs.replace(
+        info, status="running", attempts=attempt, worker=worker, started_at=at, progress=None
+    )
+
+
+def progress(info: JobInfo, value: Progress) -> JobInfo | None:
+    if not allowed(info.status, "progress"):
+        return None
+    return msgspec.structs.replace(info, progress=value)
+
+
+def request_cancel(info: JobInfo, *, at: str) -> JobInfo | None:
+    """Queued: cancelled at once. Running: `cancelling`, and the worker's watcher ends it."""
+    targets = allowed(info.status, "request_cancel")
+    if "cancelled" in targets:
+        return msgspec.structs.replace(
+            info, status="cancelled", completed_at=at, cancel_requested_at=at, error="cancelled while queued"
+        )
+    if "cancelling" in targets:
+        return msgspec.structs.replace(info, status="cancelling", cancel_requested_at=at)
+    return None
+
+
+def finish(info: JobInfo, outcome: Outcome, *, at: str) -> JobInfo | None:
+    status = outcome_status(outcome)
+    if status not in allowed(info.status, "finish"):
+        return None
+    match outcome:
+        case Success(result=result):
+            return msgspec.structs.replace(info, status=status, completed_at=at, result=result, error=None)
+        case Failure(error=error):
+            return msgspec.structs.replace(info, status=status, completed_at=at, result=None, error=error)
+        case Cancellation(reason=reason):
+            return msgspec.structs.replace(info, status=status, completed_at=at, result=None, error=reason or None)
+    return None  # pragma: no cover - the match is exhaustive
+
+
+def requeue(info: JobInfo) -> JobInfo | None:
+    if not allowed(info.status, "requeue"):
+        return None
+    return msgspec.structs.replace(info, status="queued", worker=None, progress=None)
+
+
+# --- the events each change implies --------------------------------------------------
+
+
+def queued_event(info: JobInfo) -> Queued:
+    return Queued(
+        job_id=info.job_id, time=info.created_at, labels=info.labels, pool=info.pool, stream_seq=info.stream_seq
+    )
+
+
+def terminal_event(info: JobInfo, outcome: Outcome | None = None, *, worker: str | None = None) -> Event:
+    """The terminal event of a terminal record; `outcome` adds what only its writer knew."""
+    common = dict(job_id=info.job_id, time=info.completed_at or info.created_at, attempt=info.attempts, worker=worker)
+    labels = info.labels
+    if info.status == "completed":
+        result = info.result or JobResult()
+        return Completed(
+            **common,  # type: ignore[arg-type]
+            labels=labels,
+            metrics=result.metrics,
+            artifacts=result.artifacts,
+            duration_s=result.duration_s,
+        )
+    if info.status == "failed":
+        failure = outcome if isinstance(outcome, Failure) else Failure(error=info.error or "failed")
+        return Failed(
+            **common,  # type: ignore[arg-type]
+            labels=labels,
+            error=info.error or failure.error,
+            exit_code=failure.exit_code,
+            log_tail=failure.log_tail,
+        )
+    reason = outcome.reason if isinstance(outcome, Cancellation) else (info.error or "cancelled")
+    latency = outcome.latency_s if isinstance(outcome, Cancellation) else None
+    return Cancelled(**common, labels=labels, reason=reason, cancel_latency_s=latency)  # type: ignore[arg-type]
+
+
+def started_event(info: JobInfo, *, worker: str, at: str) -> Started:
+    return Started(job_id=info.job_id, time=at, attempt=info.attempts, worker=worker, labels=info.labels)
+
+
+def progress_event(info: JobInfo, value: Progress, *, worker: str, at: str) -> ProgressEvent:
+    return ProgressEvent(
+        job_id=info.job_id, time=at, attempt=info.attempts, worker=worker, labels=info.labels, progress=value
+    )
+
+
+def requeued_event(info: JobInfo, *, attempt: int, worker: str, reason: str, at: str) -> Requeued:
+    return Requeued(job_id=info.job_id, time=at, attempt=attempt, worker=worker, labels=info.labels, reason=reason)
+
+
+# --- recording ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The change was written: the record before and after it."""
+
+    before: JobInfo
+    after: JobInfo
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The change was not allowed; `current` is the record as it is (None: there is none)."""
+
+    current: JobInfo | None
+
+
+Change = Callable[[JobInfo], JobInfo | None]
+T = TypeVar("T")
+
+
+class Recorder:
+    """Applies lifecycle changes to the jobs bucket and publishes the events they imply.
+
+    `patience`, when given, is how long a step that meets a NATS outage is retried: a
+    worker's outcome is worth hours of GPU time, so it waits out a server restart; the
+    gateway answers 503 at once instead.
+    """
+
+    def __init__(
+        self, jobs: JobStore, events: EventPublisher, *, lookup_timeout: float, patience: float | None = None
+    ) -> None:
+        self.jobs = jobs
+        self.events = events
+        self.lookup_timeout = lookup_timeout
+        self.patience = patience
+
+    async def _step(self, step: Callable[[], Awaitable[T]], what: str, patient: bool) -> T:
+        if patient and self.patience:
+            return await outlast(step, what, self.patience)
+        return await step()
+
+    async def record(
+        self,
+        job_id: str,
+        change: Change,
+        event: Callable[[Applied], Event | None] | None = None,
+        *,
+        patient: bool = False,
+        repair: bool = True,
+    ) -> Applied | Refused:
+        """Compare-and-set `change` on the record; publish `event(applied)`; repair a terminal one.
+
+        When the record is terminal and the change refused, the terminal event is published
+        if the stream lacks it (a writer that died between the two). Raises when the event
+        cannot be published: the caller must not ack the work message then, so that its
+        redelivery comes back here.
+        """
+        moved = await self._step(lambda: self.jobs.transition(job_id, change), "record the change", patient)
+        if moved is None:
+            found = await self._step(lambda: self.jobs.get(job_id), "read the record", patient)
+            current = found[0] if found else None
+            if repair and current is not None and current.status in TERMINAL:
+                await self.ensure_terminal_event(current, patient=patient)
+            return Refused(current)
+        applied = Applied(*moved)
+        published = event(applied) if event is not None else None
+        if published is not None:
+            await self._step(lambda: self.events.publish(published), "publish the event", patient)
+        return applied
+
+    async def finish(
+        self, job_id: str, outcome: Outcome, *, at: str, worker: str | None, patient: bool = True
+    ) -> Applied | Refused:
+        """Record a terminal outcome and publish its event (with the outcome's details when
+        this call wrote it, or when an earlier write of the same outcome timed out yet landed)."""
+
+        def event(applied: Applied) -> Event:
+            return terminal_event(applied.after, outcome, worker=worker)
+
+        done = await self.record(
+            job_id, lambda info: finish(info, outcome, at=at), event, patient=patient, repair=False
+        )
+        if isinstance(done, Refused) and done.current is not None and done.current.status in TERMINAL:
+            record = done.current
+            # Ours when a write that timed out had in fact landed: its event keeps the details.
+            ours = record.completed_at == at and record.status == outcome_status(outcome)
+            await self.ensure_terminal_event(record, outcome if ours else None, worker=worker, patient=patient)
+        return done
+
+    async def ensure_terminal_event(
+        self, info: JobInfo, outcome: Outcome | None = None, *, worker: str | None = None, patient: bool = False
+    ) -> None:
+        """Publish a terminal record's event unless the stream has one already.
+
+        Raises when it cannot look or publish, so that the caller leaves the message unacked.
+        """
+        for kind in sorted(TERMINAL):
+            if await self._has_event(info.job_id, kind, patient):
+                return
+        missing = terminal_event(info, outcome, worker=worker or info.worker)
+        await self._step(lambda: self.events.publish(missing), "publish the outcome", patient)
+
+    async def ensure_queued_event(self, info: JobInfo, *, bound: float) -> None:
+        """Publish the `queued` event if the stream lacks it, so that `started` never precedes it.
+
+        The gateway sends the event and the record side by side; a gateway that died between
+        them leaves a record without its event. Bounded: during an outage a job must not wait
+        here so long that it is redelivered to another worker. Best effort: a lookup that fails
+        leaves the order to the gateway.
+        """
+        try:
+            found = await asyncio.wait_for(self._has_event(info.job_id, "queued", False), bound)
+        except Exception as exc:
+            log.warning("could not look for the queued event of %s: %s", info.job_id, exc)
+            return
+        if not found:
+            with contextlib.suppress(Exception):
+                await self.events.publish(queued_event(info))
+
+    async def announce(self, event: Event) -> bool:
+        """Publish an event that records no change (`started` once the process exists, a
+        redelivery's `requeued`); best effort: a follower misses it, nothing else does."""
+        try:
+            await self.events.publish(event)
+        except Exception as exc:
+            log.warning("could not publish %s for %s: %s", type(event).__name__, event.job_id, exc)
+            return False
+        return True
+
+    async def _has_event(self, job_id: str, kind: str, patient: bool) -> bool:
+        subject = self.events.topology.event_subject(job_id, kind)
+        stream = self.events.topology.events_stream
+
+        async def look() -> bool:
+            try:
+                await self.events.js.get_last_msg(stream, subject)
+            except NotFoundError:
+                return False
+            return True
+
+        return await self._step(look, f"look for the {kind} event", patient)

@@ -1,0 +1,64 @@
+"""A worker's entry in the `<prefix>-workers` bucket: who it is, what it can run, what it runs.
+
+The entry is written every heartbeat and carries its own time to live (`Nats-TTL`, three
+heartbeats), so a worker that dies drops out of the bucket by itself, and workers with
+different heartbeats share one bucket without one's setting expiring another's entry.
+A worker that advertises its inventory is written only once it has it: an entry without
+tasks would make the gateway accept any task, and `evalq tasks` answer nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+import msgspec
+from nats.aio.client import Client
+
+from .. import jetstream
+from ..schemas import WorkerInfo, encode, now
+
+__all__ = ["Registration"]
+
+log = logging.getLogger("evalq.worker")
+
+
+class Registration:
+    def __init__(self, nc: Client, bucket: str, info: WorkerInfo, *, heartbeat: float, timeout: float) -> None:
+        self.nc = nc
+        self.bucket = bucket
+        self.info = info
+        self.heartbeat = heartbeat
+        self.timeout = timeout
+        self.ttl = f"{max(1, math.ceil(3 * heartbeat))}s"
+        self.listed = False  # written at least once: the heartbeat keeps it written
+        self._closed = False
+
+    async def put(self, *, current_job: str | None) -> None:
+        self.info = msgspec.structs.replace(self.info, heartbeat_at=now(), current_job=current_job)
+        write = jetstream.Write(f"$KV.{self.bucket}.{self.info.worker_id}", encode(self.info), {"Nats-TTL": self.ttl})
+        await jetstream.publish(self.nc, write, timeout=self.timeout)
+        self.listed = True
+
+    async def advertise(self, changes: dict[str, object], *, current_job: str | None) -> None:
+        """Add what the worker can run to its entry, and write it (the first time, if it waited)."""
+        self.info = msgspec.structs.replace(self.info, **changes)
+        await self.put(current_job=current_job)
+
+    async def beat(self, current_job: object) -> None:
+        """Rewrite the entry every heartbeat until closed; `current_job()` names the job in hand."""
+        while not self._closed:
+            await asyncio.sleep(self.heartbeat)  # the heartbeat period itself
+            if not self.listed:
+                continue
+            try:
+                await self.put(current_job=current_job())  # type: ignore[operator]
+            except Exception as exc:  # a NATS outage must not end the heartbeat
+                log.warning("heartbeat failed: %s", exc)
+
+    async def remove(self) -> None:
+        self._closed = True
+        if self.listed:
+            kv = await self.nc.jetstream(timeout=self.timeout).key_value(self.bucket)
+            await kv.delete(self.info.worker_id)
