@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import metadata
 from pathlib import Path
 
 import psutil
@@ -13,8 +14,9 @@ import pytest
 
 from evalq.schemas import EvaluateRequest
 from evalq.worker.argv import lmms_eval_args, scrubbed_env
+from evalq.worker.inventory import Inventory, take_inventory
 from evalq.worker.results import collect, metrics_of
-from evalq.worker.taskpaths import build_include_dir
+from evalq.worker.taskpaths import DEMO_TASK, build_include_dir
 from evalq.worker.warm import WarmEvaluator, WarmProcess, ZygoteError
 
 from .conftest import REPO
@@ -140,3 +142,44 @@ async def test_a_zygote_that_cannot_warm_up_says_why(zygote_factory: Factory, tm
     with pytest.raises(ZygoteError, match="this lmms-eval is broken"):
         await asyncio.wait_for(warm.ready(), 120)
     assert warm.failures == 1
+
+
+async def test_the_zygote_takes_the_inventory_without_initialising_cuda(zygote_factory: Factory) -> None:
+    warm = await zygote_factory()
+    zygote_pid = (await warm.ping())["pid"]
+    inventory = await warm.inventory(timeout=300)
+    assert isinstance(inventory, Inventory)
+    assert inventory.lmms_eval_version == metadata.version("lmms-eval")
+    assert DEMO_TASK in inventory.tasks, "the include folder's tasks are listed with the bundled ones"
+    assert len(inventory.tasks) > 100, "lmms-eval's bundled tasks are listed"
+    assert "dummy" in inventory.models
+    after = await warm.ping()
+    assert after["pid"] == zygote_pid and after["cuda_initialized"] is False
+
+    # An answer that never came must not be read as the next request's: the zygote goes.
+    with pytest.raises(TimeoutError):
+        await warm.inventory(timeout=0.001)
+    assert (await asyncio.wait_for(warm.ping(), 300))["pid"] != zygote_pid
+    assert warm.starts == 2
+
+
+async def test_take_inventory_falls_back_to_a_subprocess(
+    zygote_factory: Factory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = tmp_path / "broken" / "lmms_eval"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('this lmms-eval is broken')\n")
+    warm = await zygote_factory(wait=False, PYTHONPATH=f"{broken.parent}{os.pathsep}{REPO}")
+    env = scrubbed_env({**os.environ, "PYTHONPATH": str(REPO)})
+    inventory = await take_inventory(tmp_path / "tasks", env, warm, timeout=300)
+    assert warm.failures == 1, "the zygote was asked first"
+    assert inventory is not None
+    assert DEMO_TASK in inventory.tasks and "dummy" in inventory.models
+    assert inventory.lmms_eval_version == metadata.version("lmms-eval")
+
+    assert "the warm evaluator could not list models and tasks" in caplog.text
+
+    # An lmms-eval that cannot be imported where the subprocess runs: no inventory, and why.
+    caplog.clear()
+    assert await take_inventory(tmp_path / "tasks", {**env, "PYTHONPATH": str(broken.parent)}, None, 300) is None
+    assert "this lmms-eval is broken" in caplog.text

@@ -12,9 +12,14 @@ from nats.js.kv import KeyValue
 from ..errors import InvalidField
 from ..schemas import EvaluateRequest, WorkerInfo, decode
 
-__all__ = ["WorkerDirectory"]
+__all__ = ["WorkerDirectory", "is_ready"]
 
 log = logging.getLogger("evalq.gateway")
+
+
+def is_ready(worker: WorkerInfo) -> bool:
+    """Whether the worker has listed what it can run; until then it says nothing about it."""
+    return worker.tasks is not None
 
 
 class WorkerDirectory:
@@ -54,9 +59,14 @@ class WorkerDirectory:
         self._workers = sorted(workers, key=lambda w: w.worker_id)
         self._read_at = time.monotonic()
 
+    async def ready_workers(self, pool: str | None = None) -> list[WorkerInfo]:
+        """The ready workers (of `pool`, or of every pool), from the cached view."""
+        return [w for w in await self.workers() if is_ready(w) and (pool is None or w.pool == pool)]
+
     async def check(self, request: EvaluateRequest) -> None:
         """Refuse what no live worker of the pool can run; accept anything while none has said."""
-        known = [w for w in await self.workers() if w.pool == request.pool and w.tasks is not None]
+        # The cached view is enough: a worker missing from it only makes this more lenient.
+        known = await self.ready_workers(request.pool)
         if not known:
             return
         models = set().union(*(w.models or [] for w in known))
@@ -82,7 +92,18 @@ class WorkerDirectory:
             )
 
     async def tasks(self) -> list[str]:
-        return sorted(set().union(*(w.tasks or [] for w in await self.workers())))
+        """Every task some ready worker lists."""
+        return sorted(set().union(*(w.tasks or [] for w in await self._answering())))
 
     async def models(self) -> list[str]:
-        return sorted(set().union(*(w.models or [] for w in await self.workers())))
+        """Every model some ready worker lists."""
+        return sorted(set().union(*(w.models or [] for w in await self._answering())))
+
+    async def _answering(self) -> list[WorkerInfo]:
+        ready = await self.ready_workers()
+        if not ready:
+            # The cached view may predate the first worker's inventory: an empty answer
+            # is only given after reading the bucket afresh.
+            await self.workers(fresh=True)
+            ready = await self.ready_workers()
+        return ready

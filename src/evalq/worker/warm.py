@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -22,19 +21,48 @@ import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from ..schemas import Progress
+from .inventory import Inventory
 from .runner import GroupLeader, die_with_parent, pump_output
-from .zygote import MAX_MESSAGE
+from .zygote_protocol import (
+    MAX_MESSAGE,
+    About,
+    Exited,
+    Failure,
+    InventoryReply,
+    Ping,
+    Ready,
+    Reply,
+    Request,
+    Run,
+    Started,
+    TakeInventory,
+    decode_reply,
+    encode,
+)
 
 __all__ = ["WarmEvaluator", "WarmProcess", "ZygoteError"]
 
 log = logging.getLogger("evalq.worker")
 
 
+R = TypeVar("R", bound=Reply)
+
+
 class ZygoteError(RuntimeError):
-    """The zygote could not start, or stopped answering."""
+    """The zygote could not start, refused a request, or stopped answering."""
+
+
+def _expect(reply: Reply, kind: type[R]) -> R:
+    if isinstance(reply, Failure):
+        raise ZygoteError(f"the warm evaluator refused: {reply.error}")
+    if not isinstance(reply, kind):
+        raise ZygoteError(f"the warm evaluator answered {type(reply).__name__}, expected {kind.__name__}")
+    return reply
 
 
 class WarmEvaluator:
@@ -127,31 +155,60 @@ class WarmEvaluator:
             reply = await asyncio.wait_for(self._receive(), self.startup_timeout)
         except TimeoutError:
             raise ZygoteError(f"the warm evaluator did not start within {self.startup_timeout:.0f} s") from None
-        if "error" in reply:
-            raise ZygoteError(f"the warm evaluator could not start: {reply['error']}")
+        if isinstance(reply, Failure):
+            raise ZygoteError(f"the warm evaluator could not start: {reply.error}")
+        ready = _expect(reply, Ready)
         self.failures = 0
-        self.warm_s = reply.get("warm_s")
+        self.warm_s = ready.warm_s
         log.info("warm evaluator ready (pid %s, warmed in %s s)", self.pid, self.warm_s)
 
-    async def _receive(self) -> dict[str, Any]:
-        assert self.control is not None
+    async def _receive(self) -> Reply:
+        if self.control is None:
+            raise ZygoteError("the warm evaluator was closed")
         data = await asyncio.get_running_loop().sock_recv(self.control, MAX_MESSAGE)
         if not data:
             raise ZygoteError(f"the warm evaluator exited; see {self.log_path}")
-        message: dict[str, Any] = json.loads(data)
-        return message
+        try:
+            return decode_reply(data)
+        except msgspec.DecodeError as exc:
+            raise ZygoteError(f"unreadable message from the warm evaluator: {exc}") from None
 
-    def _send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
-        assert self.control is not None
+    def _send(self, message: Request, fds: Sequence[int] = ()) -> None:
+        if self.control is None:
+            raise ZygoteError("the warm evaluator was closed")
         # One small datagram into an idle socket: it never blocks.
-        socket.send_fds(self.control, [json.dumps(message).encode()], list(fds))
+        socket.send_fds(self.control, [encode(message)], list(fds))
+
+    async def _answer(self) -> Reply:
+        """The reply to the request just sent; one that will not come ends this zygote."""
+        try:
+            return await self._receive()
+        except BaseException:
+            # Its reply may still arrive, and would be read as the next request's: a
+            # cancelled or failed exchange leaves no zygote to desynchronise.
+            await self.close(grace=0)
+            raise
+
+    async def _ask(self, request: Ping | TakeInventory, kind: type[R]) -> R:
+        async with self._lock:
+            await self.ready()
+            self._send(request)
+            return _expect(await self._answer(), kind)
 
     async def ping(self) -> dict[str, Any]:
         """The zygote's own view of itself: pid, `cuda_initialized`, threads, `imported`."""
-        await self.ready()
-        async with self._lock:
-            self._send({"op": "ping"})
-            return await self._receive()
+        return msgspec.structs.asdict(await self._ask(Ping(), About))
+
+    async def inventory(self, timeout: float) -> Inventory:
+        """What this worker can run, as the zygote's lmms-eval lists it.
+
+        Waits for the zygote to warm up, and for a job it runs to end (one request at a
+        time). Raises ZygoteError if it cannot answer, TimeoutError after `timeout` s (the
+        zygote is then stopped; the next request starts a new one).
+        """
+        async with asyncio.timeout(timeout):
+            reply = await self._ask(TakeInventory(), InventoryReply)
+        return reply.inventory
 
     async def launch(
         self,
@@ -163,10 +220,10 @@ class WarmEvaluator:
         module: str = "lmms_eval",
     ) -> WarmProcess:
         """Fork a job running `python -m <module> <argv>`; its output goes to `log_path`."""
-        await self.ready()
         job = WarmProcess(self, log_path=log_path, on_progress=on_progress)
         await self._lock.acquire()
         try:
+            await self.ready()
             await job._begin(module, list(argv), cwd)
         except BaseException:
             self._lock.release()
@@ -206,7 +263,7 @@ class WarmProcess(GroupLeader):
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         read_end, write_end = os.pipe()
         try:
-            self.zygote._send({"op": "run", "module": module, "argv": argv, "cwd": os.fspath(cwd)}, [write_end])
+            self.zygote._send(Run(module=module, argv=argv, cwd=os.fspath(cwd)), [write_end])
         except BaseException:
             os.close(read_end)
             raise
@@ -216,17 +273,13 @@ class WarmProcess(GroupLeader):
         pipe = os.fdopen(read_end, "rb", buffering=0)  # the transport closes it at EOF
         await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
         self._pump = asyncio.create_task(pump_output(reader, self.log_path, self.on_progress))
-        reply = await self.zygote._receive()
-        if "pid" not in reply:
-            raise ZygoteError(f"the warm evaluator refused the job: {reply}")
-        self.pid = int(reply["pid"])
+        self.pid = _expect(await self.zygote._answer(), Started).pid
         self._exited = asyncio.create_task(self._wait_exit())
 
     async def _wait_exit(self) -> int:
         try:
-            reply = await self.zygote._receive()
-            code = int(reply["exit"])
-        except (ZygoteError, OSError, KeyError, ValueError) as exc:
+            code = _expect(await self.zygote._receive(), Exited).code
+        except (ZygoteError, OSError) as exc:
             # The zygote died under the job; with it went the job (parent-death signal).
             log.warning("warm evaluator lost during a job: %s", exc)
             code = -signal.SIGKILL

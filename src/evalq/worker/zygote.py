@@ -2,14 +2,14 @@
 
 Run as `python -m evalq.worker.zygote --control-fd N --include-path DIR` by the worker
 (see `warm.py`). It imports lmms-eval, torch and transformers and indexes every task
-YAML once, without touching CUDA, then serves requests on a SOCK_SEQPACKET socket:
+YAML once, without touching CUDA, then serves the requests of `zygote_protocol` on a
+SOCK_SEQPACKET socket:
 
-- `{"op": "run", "module": "lmms_eval", "argv": [...], "cwd": "..."}` with one file
-  descriptor attached (the job's output pipe): forks a child that becomes a session and
-  process-group leader, points stdout and stderr at the pipe, and runs the module as
-  `python -m` would. Replies `{"pid": N}`, then `{"pid": N, "exit": code}` when it ends
-  (a negative code is the signal that ended it, as with `subprocess`).
-- `{"op": "ping"}`: replies with its pid and whether CUDA has been initialised.
+- `Run`, with one file descriptor attached (the job's output pipe): forks a child that
+  becomes a session and process-group leader, points stdout and stderr at the pipe, and
+  runs the module as `python -m` would. Replies `Started`, then `Exited` when it ends.
+- `Ping`: replies `About`, with its pid and whether CUDA has been initialised.
+- `TakeInventory`: replies the worker's inventory, from the lmms-eval it has imported.
 
 One request at a time: the worker runs one job at a time. The zygote never runs a job
 itself, so a job that crashes takes only its own child down.
@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import runpy
+import select
 import signal
 import socket
 import sys
@@ -30,10 +30,30 @@ import time
 import traceback
 from typing import Any
 
-from .runner import die_with_parent
+import msgspec
 
-# The largest control message either side reads (a request carries a job's whole argv).
-MAX_MESSAGE = 1 << 20
+from ..schemas import GpuInfo
+from .inventory import cuda_gpus, list_lmms_eval
+from .runner import die_with_parent
+from .zygote_protocol import (
+    MAX_MESSAGE,
+    About,
+    Exited,
+    Failure,
+    InventoryReply,
+    Ping,
+    Ready,
+    Reply,
+    Request,
+    Run,
+    Started,
+    TakeInventory,
+    decode_request,
+    encode,
+)
+
+# How long the throwaway child that lists GPUs may take (a wedged driver can hang it).
+GPU_LISTING_TIMEOUT = 120.0
 
 
 def _cuda_initialised() -> bool:
@@ -41,13 +61,13 @@ def _cuda_initialised() -> bool:
     return bool(torch is not None and torch.cuda.is_initialized())
 
 
-def _about() -> dict[str, Any]:
-    return {
-        "pid": os.getpid(),
-        "cuda_initialized": _cuda_initialised(),
-        "threads": threading.active_count(),
-        "imported": sorted(name for name in ("lmms_eval", "torch", "transformers") if name in sys.modules),
-    }
+def _about() -> About:
+    return About(
+        pid=os.getpid(),
+        cuda_initialized=_cuda_initialised(),
+        threads=threading.active_count(),
+        imported=sorted(name for name in ("lmms_eval", "torch", "transformers") if name in sys.modules),
+    )
 
 
 def warm(include_path: str | None) -> None:
@@ -80,7 +100,7 @@ def warm(include_path: str | None) -> None:
     TaskManager("ERROR", include_path=include_path)
 
 
-def _run_child(request: dict[str, Any], output_fd: int, control: socket.socket, zygote_pid: int) -> None:
+def _run_child(request: Run, output_fd: int, control: socket.socket, zygote_pid: int) -> None:
     """In the forked child: become a group leader, wire the output, run the module. Never returns."""
     code = 1
     try:
@@ -97,9 +117,9 @@ def _run_child(request: dict[str, Any], output_fd: int, control: socket.socket, 
         os.dup2(output_fd, 1)
         os.dup2(output_fd, 2)
         os.close(output_fd)
-        os.chdir(request["cwd"])
-        module = request["module"]
-        sys.argv = [module, *request["argv"]]
+        os.chdir(request.cwd)
+        module = request.module
+        sys.argv = [module, *request.argv]
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
             code = 0
@@ -121,22 +141,100 @@ def _run_child(request: dict[str, Any], output_fd: int, control: socket.socket, 
         os._exit(code)  # never run the zygote's own cleanup in a child
 
 
-def _send(control: socket.socket, message: dict[str, Any]) -> None:
-    control.send(json.dumps(message).encode())
+def _gpus_in_child(control: socket.socket) -> list[GpuInfo]:
+    """The GPUs, listed by a forked child that exits, so the zygote itself stays CUDA-free.
+
+    torch is the source, as in the subprocess path, because its view is the one a job gets:
+    CUDA_VISIBLE_DEVICES applies and the indexes match (nvidia-smi lists every GPU of the
+    host, and may be missing from a container). Even `torch.cuda.is_available()` initialises
+    the CUDA driver, and a child forked after that cannot use CUDA: hence the throwaway child.
+    """
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            die_with_parent()
+            control.close()
+            os.close(read_end)
+            data = msgspec.msgpack.encode(cuda_gpus())
+            while data:
+                data = data[os.write(write_end, data) :]
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)  # never run the zygote's own cleanup in a child
+    os.close(write_end)
+    chunks: list[bytes] = []
+    try:
+        deadline = time.monotonic() + GPU_LISTING_TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_end], [], [], left)[0]:
+                raise TimeoutError(f"listing GPUs took over {GPU_LISTING_TIMEOUT:.0f} s")
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        os.close(read_end)
+        # After EOF the child is exiting (it held the only write end), so this returns.
+        _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"the child listing GPUs exited with {code}; see the zygote's log")
+    return msgspec.msgpack.decode(b"".join(chunks), type=list[GpuInfo])
 
 
-def serve(control: socket.socket) -> None:
+def _inventory(control: socket.socket, include_path: str | None) -> Reply:
+    try:
+        # Models and tasks are listed here, reusing the imports and the bundled task index.
+        reply: Reply = InventoryReply(inventory=list_lmms_eval(include_path, _gpus_in_child(control)))
+    except Exception as exc:
+        traceback.print_exc()
+        reply = Failure(error=f"could not take the inventory: {type(exc).__name__}: {exc}")
+    return reply
+
+
+def _send(control: socket.socket, message: Reply) -> None:
+    control.send(encode(message))
+
+
+def serve(control: socket.socket, include_path: str | None) -> None:
     zygote_pid = os.getpid()
     while True:
         data, fds, _flags, _addr = socket.recv_fds(control, MAX_MESSAGE, 1)
         if not data:
             return  # the worker closed its end: it is stopping
-        request = json.loads(data)
-        op = request.get("op")
-        if op != "run" or len(fds) != 1:
+        request: Request | None
+        try:
+            request = decode_request(data)
+            refusal = "expected a run request with one output descriptor"
+        except msgspec.DecodeError as exc:
+            request, refusal = None, f"unreadable request: {exc}"
+        if not isinstance(request, Run) or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            _send(control, _about() if op == "ping" else {"error": "expected a run request with one output descriptor"})
+            if isinstance(request, Ping):
+                _send(control, _about())
+            elif isinstance(request, TakeInventory):
+                _send(control, _inventory(control, include_path))
+                if _cuda_initialised():
+                    # Every later fork would be unsafe: end, and the worker starts a new zygote.
+                    print("CUDA was initialised while taking the inventory; exiting", file=sys.stderr)
+                    return
+            else:
+                _send(control, Failure(error=refusal))
             continue
         sys.stdout.flush()
         sys.stderr.flush()
@@ -144,9 +242,9 @@ def serve(control: socket.socket) -> None:
         if pid == 0:
             _run_child(request, fds[0], control, zygote_pid)
         os.close(fds[0])  # the child and its descendants hold the only write ends now
-        _send(control, {"pid": pid})
+        _send(control, Started(pid=pid))
         _, status = os.waitpid(pid, 0)
-        _send(control, {"pid": pid, "exit": os.waitstatus_to_exitcode(status)})
+        _send(control, Exited(pid=pid, code=os.waitstatus_to_exitcode(status)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,14 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         warm(args.include_path)
     except BaseException as exc:
         traceback.print_exc()
-        _send(control, {"error": f"could not warm up: {type(exc).__name__}: {exc}"})
+        _send(control, Failure(error=f"could not warm up: {type(exc).__name__}: {exc}"))
         return 1
     if _cuda_initialised():
         # A forked child cannot use CUDA that its parent initialised: refuse to serve.
-        _send(control, {"error": "CUDA was initialised while warming up; fork would be unsafe"})
+        _send(control, Failure(error="CUDA was initialised while warming up; fork would be unsafe"))
         return 1
-    _send(control, {"ready": True, "warm_s": round(time.monotonic() - begun, 3), **_about()})
-    serve(control)
+    _send(control, Ready(warm_s=round(time.monotonic() - begun, 3), about=_about()))
+    serve(control, args.include_path)
     return 0
 
 
