@@ -366,7 +366,7 @@ class Bench:
             for runner, prefix in runners.items():
                 async with (
                     EvalqSide(url, prefix) as evalq,
-                    AsyncClient(Settings(nats_url=[url], prefix=prefix)) as client,
+                    AsyncClient(Settings.of(nats_url=[url], prefix=prefix)) as client,
                 ):
                     await wait_until(evalq.healthy, 60, "the gateway")
                     # One untimed job first on every side: it pays one-off start-up (the warm
@@ -423,7 +423,7 @@ class Bench:
         from evalq.config import Settings
         from evalq.schemas import Completed
 
-        settings = Settings(nats_url=[url], prefix="fan")
+        settings = Settings.of(nats_url=[url], prefix="fan")
         delays: list[float] = []
         done = asyncio.Event()
         finished = 0

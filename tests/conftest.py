@@ -44,7 +44,7 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedSe
 
 @pytest.fixture
 def settings(nats_server: EmbeddedServer, tmp_path: Path) -> Settings:
-    return Settings(
+    return Settings.of(
         nats_url=[nats_server.url],
         prefix=f"t{uuid.uuid4().hex[:10]}",
         home=str(tmp_path / "home"),
@@ -150,14 +150,14 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment that gives a subprocess the same settings."""
     env = dict(os.environ)
     env.update(
-        EVALQ_NATS_URL=",".join(settings.nats_url),
-        EVALQ_PREFIX=settings.prefix,
+        EVALQ_NATS_URL=",".join(settings.connection.nats_url),
+        EVALQ_PREFIX=settings.queue.prefix,
         EVALQ_HOME=settings.home,
-        EVALQ_ACK_WAIT=str(settings.ack_wait),
-        EVALQ_HEARTBEAT=str(settings.heartbeat),
-        EVALQ_GRACE=str(settings.grace),
-        EVALQ_CANCEL_GRACE=str(settings.cancel_grace),
-        EVALQ_PROGRESS_INTERVAL=str(settings.progress_interval),
+        EVALQ_ACK_WAIT=str(settings.queue.ack_wait),
+        EVALQ_HEARTBEAT=str(settings.worker.heartbeat),
+        EVALQ_GRACE=str(settings.worker.grace),
+        EVALQ_CANCEL_GRACE=str(settings.worker.cancel_grace),
+        EVALQ_PROGRESS_INTERVAL=str(settings.worker.progress_interval),
         EVALQ_ADVERTISE_INVENTORY="false",
         PYTHONUNBUFFERED="1",
     )

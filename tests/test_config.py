@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from evalq.config import Settings, load_settings
+from evalq.config import Settings, load_settings, settings_table
 from evalq.errors import ConfigError
 
 
@@ -14,8 +14,8 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     settings = load_settings(environ={})
     assert settings == Settings()
-    assert settings.nats_url == ["nats://127.0.0.1:4222"]
-    assert settings.prefix == "evalq"
+    assert settings.connection.nats_url == ["nats://127.0.0.1:4222"]
+    assert settings.queue.prefix == "evalq"
 
 
 def test_env_then_toml_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,19 +30,19 @@ def test_env_then_toml_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         "EVALQ_TASK_PATHS": "/x:/y",
     }
     settings = load_settings({"replicas": 5, "pool": None}, environ=env)
-    assert settings.nats_url == ["nats://a:1", "nats://b:2"]
-    assert settings.prefix == "fromtoml"  # TOML over env
-    assert settings.replicas == 5  # flags over TOML
-    assert settings.max_attempts == 7
-    assert settings.advertise_inventory is False
-    assert settings.task_paths == ["/x", "/y"]
-    assert settings.pool == "default"  # a None flag changes nothing
+    assert settings.connection.nats_url == ["nats://a:1", "nats://b:2"]
+    assert settings.queue.prefix == "fromtoml"  # TOML over env
+    assert settings.queue.replicas == 5  # flags over TOML
+    assert settings.worker.max_attempts == 7
+    assert settings.worker.advertise_inventory is False
+    assert settings.worker.task_paths == ["/x", "/y"]
+    assert settings.worker.pool == "default"  # a None flag changes nothing
 
 
 def test_explicit_config_file(tmp_path: Path) -> None:
     path = tmp_path / "other.toml"
     path.write_text('[evalq]\nnats_url = "nats://c:3"\n')
-    assert load_settings(config=path, environ={}).nats_url == ["nats://c:3"]
+    assert load_settings(config=path, environ={}).connection.nats_url == ["nats://c:3"]
 
 
 @pytest.mark.parametrize(
@@ -66,3 +66,40 @@ def test_bad_toml(tmp_path: Path) -> None:
     path.write_text("[evalq\n")
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(config=path, environ={})
+
+
+def test_role_tables_in_toml(tmp_path: Path) -> None:
+    path = tmp_path / "evalq.toml"
+    path.write_text(
+        '[evalq]\nprefix = "q"\n[evalq.worker]\npool = "big"\nheartbeat = 2.5\n[evalq.queue]\nack_wait = 30\n'
+    )
+    settings = load_settings(config=path, environ={})
+    assert (settings.queue.prefix, settings.worker.pool, settings.worker.heartbeat) == ("q", "big", 2.5)
+    assert settings.queue.ack_wait == 30.0
+    path.write_text('[evalq.gateway]\npool = "big"\n')
+    with pytest.raises(ConfigError, match="not a gateway setting"):
+        load_settings(config=path, environ={})
+
+
+def test_flat_names_route_to_their_role() -> None:
+    settings = Settings.of(ack_wait=9, max_request_bytes=10, request_timeout=2, pool="p", home="/h")
+    assert settings.queue.ack_wait == 9.0 and settings.gateway.max_request_bytes == 10
+    assert settings.connection.request_timeout == 2.0 and settings.worker.pool == "p"
+    assert settings.with_(pool="q").worker.pool == "q" and settings.with_(pool="q").queue.ack_wait == 9.0
+    with pytest.raises(ConfigError, match="unknown setting 'nope'"):
+        Settings.of(nope=1)
+    with pytest.raises(ConfigError, match="heartbeat"):
+        Settings.of(heartbeat=0)
+
+
+def test_every_setting_is_documented_once_and_the_readme_table_matches() -> None:
+    table = settings_table()
+    names = [row.split("|")[2].strip().strip("`") for row in table.splitlines()[2:]]
+    assert len(names) == len(set(names)) == len(Settings().flat())
+    for row in table.splitlines()[2:]:
+        assert row.split("|")[4].strip(), f"undocumented setting: {row}"
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    begin, end = "<!-- settings-table:begin -->\n", "<!-- settings-table:end -->"
+    assert begin in readme and end in readme
+    generated = readme.split(begin, 1)[1].split(end, 1)[0]
+    assert generated == table, "README's table is stale: run `make docs`"

@@ -19,7 +19,7 @@ async def test_store_survives_a_restart(tmp_path: Path) -> None:
     server.start()
     try:
         assert server.url.startswith("nats://127.0.0.1:")
-        nc = await connect(Settings(nats_url=[server.url]))
+        nc = await connect(Settings.of(nats_url=[server.url]))
         js = nc.jetstream()
         await js.add_stream(name="KEEP", subjects=["keep.>"])
         await js.publish("keep.one", b"1")
@@ -31,7 +31,7 @@ async def test_store_survives_a_restart(tmp_path: Path) -> None:
     again = EmbeddedServer(tmp_path / "store")
     again.start()
     try:
-        nc = await connect(Settings(nats_url=[again.url]))
+        nc = await connect(Settings.of(nats_url=[again.url]))
         info = await nc.jetstream().stream_info("KEEP")
         assert info.state.messages == 1
         await nc.close()
@@ -52,4 +52,4 @@ def test_found_beside_the_interpreter() -> None:
 
 async def test_unreachable_server_gives_a_hint() -> None:
     with pytest.raises(ConnectError, match="evalq up"):
-        await connect(Settings(nats_url=["nats://127.0.0.1:1"], connect_timeout=1))
+        await connect(Settings.of(nats_url=["nats://127.0.0.1:1"], connect_timeout=1))

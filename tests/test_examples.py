@@ -76,7 +76,7 @@ async def test_nats_cli_script_speaks_the_contract(
     await worker_factory(evaluator=FAKE)
     commands = nats_commands(EXAMPLES / "nats_cli.sh")
     assert [c[3] for c in commands] == ["req", "req", "req", "sub", "kv", "object"]
-    prefix = settings.prefix
+    prefix = settings.queue.prefix
     job_id = ""
     for argv in commands:
         assert argv[:3] == ["nats", "--server", "$S"]

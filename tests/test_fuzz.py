@@ -91,7 +91,7 @@ class GatewayThread:
 
 @pytest.fixture(scope="module")
 def gateway_thread(nats_server: EmbeddedServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayThread]:
-    settings = Settings(
+    settings = Settings.of(
         nats_url=[nats_server.url],
         prefix=f"fz{uuid.uuid4().hex[:8]}",
         home=str(tmp_path_factory.mktemp("fuzz")),

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from evalq import AsyncClient, Client, JobCancelled, JobFailed
+from evalq import AsyncClient, Client, ConnectError, JobCancelled, JobFailed, Timeout
 from evalq.config import Settings
 from evalq.schemas import Completed
 
@@ -62,8 +62,9 @@ async def test_wait_for_a_cancelled_job_and_a_timeout(client: AsyncClient) -> No
     with pytest.raises(JobCancelled):
         await waiting
     never = await client.submit(**JOB)  # no worker is running
-    with pytest.raises(TimeoutError):
+    with pytest.raises(Timeout) as waited:
         await client.wait_for_job(never.job_id, timeout=0.5)
+    assert isinstance(waited.value, TimeoutError) and never.job_id in str(waited.value)
 
 
 async def test_events_follow_every_job(client: AsyncClient, worker_factory: Any) -> None:
@@ -118,7 +119,7 @@ async def test_sync_client_inside_and_outside_a_running_loop(settings: Settings,
             client.wait_for_job(job_id, timeout=10)
         events = list(client.watch(job_id))
         assert kinds(events) == ["queued", "cancelled"]
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(ConnectError, match="closed"):
         client.get_job(job_id)
 
 

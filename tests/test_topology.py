@@ -58,7 +58,10 @@ async def test_a_process_with_other_settings_reports_them_and_changes_nothing(nc
     js = nc.jetstream()
     changed = Topology(prefix=topology.prefix, queue_limit=7, ack_wait=9.0)
     mismatches = await changed.ensure(js)
-    assert {(m.setting, m.current, m.wanted) for m in mismatches} == {("max_msgs", 1_000_000, 7), ("ack_wait", 5.0, 9.0)}
+    assert {(m.setting, m.current, m.wanted) for m in mismatches} == {
+        ("max_msgs", 1_000_000, 7),
+        ("ack_wait", 5.0, 9.0),
+    }
     assert "evalq setup" in str(mismatches[0])
     assert (await js.stream_info(topology.work_stream("default"))).config.max_msgs == 1_000_000
     consumer = await js.consumer_info(topology.work_stream("default"), topology.consumer)

@@ -83,8 +83,9 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         raise _fail(str(exc), EXIT_FAILED) from None
     except JobCancelled as exc:
         raise _fail(str(exc), EXIT_CANCELLED) from None
-    except TimeoutError:
-        raise _fail("timed out", EXIT_TIMEOUT) from None
+    except TimeoutError as exc:
+        # evalq's Timeout says what did not answer; a bare one is the command's own --timeout.
+        raise _fail(str(exc) if isinstance(exc, EvalqError) else "timed out", EXIT_TIMEOUT) from None
     except EvalqError as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
@@ -166,7 +167,7 @@ def server(
     Example: `evalq server --port 4222`
     """
     from .embedded import EmbeddedServer
-    from .services import on_signals
+    from .processes import on_signals
 
     settings = _settings(ctx)
     embedded = EmbeddedServer(store_dir or settings.home_path / "nats", port=port)
@@ -185,18 +186,69 @@ def server(
 
 
 @app.command()
+def setup(
+    ctx: typer.Context,
+    pool: Annotated[list[str], typer.Option(help="A pool to create or update (repeat it); default: `default`.")] = [],  # noqa: B006
+    ack_wait: Annotated[Optional[float], typer.Option(help="Seconds before a silent job is redelivered.")] = None,
+    replicas: Annotated[Optional[int], typer.Option(help="JetStream replicas for every stream and bucket.")] = None,
+    queue_limit: Annotated[Optional[int], typer.Option(help="Jobs a pool holds.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what differs.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create the queue's JetStream objects, or apply these queue settings to them.
+
+    Every other process creates what is missing and leaves what exists as it is (a difference is
+    logged); this command is how the queue's settings change on purpose.
+
+    Example: `evalq setup --ack-wait 30 --pool default --pool big`
+    """
+    from .topology import Topology
+
+    settings = _settings(ctx, ack_wait=ack_wait, replicas=replicas, queue_limit=queue_limit)
+    pools = tuple(pool) or ("default",)
+
+    async def main() -> list[Any]:
+        from .connection import connect
+
+        # The differences are this command's answer, not warnings.
+        logging.getLogger("evalq.topology").setLevel(logging.ERROR)
+        nc = await connect(settings, name="evalq-setup")
+        try:
+            js = nc.jetstream(timeout=settings.connection.request_timeout, domain=settings.connection.js_domain)
+            topology = Topology.from_settings(settings)
+            differs = await topology.ensure(js, pools, update=False)
+            if not dry_run and differs:
+                await topology.ensure(js, pools, update=True)
+            return differs
+        finally:
+            await nc.close()
+
+    differs = _run(main())
+    if json_out:
+        _dump([{"object": d.object, "setting": d.setting, "was": d.current, "now": d.wanted} for d in differs])
+        return
+    verb = "would change" if dry_run else "changed"
+    for d in differs:
+        console.print(f"{d.object}: {d.setting} {verb} from {d.current!r} to {d.wanted!r}", highlight=False)
+    if not differs:
+        console.print(f"queue {settings.queue.prefix!r} is as configured (pools: {', '.join(pools)})")
+
+
+@app.command()
 def gateway(ctx: typer.Context) -> None:
     """Run the gateway service (validates, enqueues, answers status/cancel/queue).
 
     Example: `EVALQ_NATS_URL=nats://10.0.0.5:4222 evalq gateway`
     """
-    from .services import run_gateway
+    from .processes import run_gateway
 
     settings = _settings(ctx)
     _run(
         run_gateway(
             settings,
-            ready=lambda: errors.print(f"gateway serving {settings.prefix}.* on {', '.join(settings.nats_url)}"),
+            ready=lambda: errors.print(
+                f"gateway serving {settings.queue.prefix}.* on {', '.join(settings.connection.nats_url)}"
+            ),
         )
     )
 
@@ -224,7 +276,7 @@ def worker(
 
     Example: `CUDA_VISIBLE_DEVICES=0 evalq worker --pool default --task-path ./my_tasks`
     """
-    from .services import run_worker
+    from .processes import run_worker
 
     settings = _settings(
         ctx,
@@ -236,7 +288,7 @@ def worker(
         worker_id=worker_id,
         warm_evaluator=warm,
     )
-    _run(run_worker(settings, ready=lambda: errors.print(f"worker serving pool {settings.pool}")))
+    _run(run_worker(settings, ready=lambda: errors.print(f"worker serving pool {settings.worker.pool}")))
 
 
 @app.command()
@@ -249,7 +301,7 @@ def up(
 
     Example: `evalq up` then, in another shell, `evalq submit --model dummy --tasks evalq_demo --wait`
     """
-    from .services import run_up
+    from .processes import run_up
 
     settings = _settings(ctx, task_paths=task_path or None)
     _run(

@@ -21,9 +21,9 @@ HINT = "start a local queue with `evalq up`, or point EVALQ_NATS_URL at your NAT
 
 def connect_options(settings: Settings, name: str) -> dict[str, Any]:
     options: dict[str, Any] = {
-        "servers": settings.nats_url,
+        "servers": settings.connection.nats_url,
         "name": name,
-        "connect_timeout": settings.connect_timeout,
+        "connect_timeout": settings.connection.connect_timeout,
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
         "allow_reconnect": True,
@@ -31,20 +31,20 @@ def connect_options(settings: Settings, name: str) -> dict[str, Any]:
         "disconnected_cb": _on_disconnect,
         "reconnected_cb": _on_reconnect,
     }
-    if settings.creds:
-        options["user_credentials"] = settings.creds
-    if settings.user:
-        options["user"] = settings.user
-        options["password"] = settings.password or ""
-    if settings.token:
-        options["token"] = settings.token
-    if settings.nkey_seed:
-        options["nkeys_seed"] = settings.nkey_seed
-    if settings.tls_ca or settings.tls_cert:
+    if settings.connection.creds:
+        options["user_credentials"] = settings.connection.creds
+    if settings.connection.user:
+        options["user"] = settings.connection.user
+        options["password"] = settings.connection.password or ""
+    if settings.connection.token:
+        options["token"] = settings.connection.token
+    if settings.connection.nkey_seed:
+        options["nkeys_seed"] = settings.connection.nkey_seed
+    if settings.connection.tls_ca or settings.connection.tls_cert:
         try:
-            context = ssl.create_default_context(cafile=settings.tls_ca)
-            if settings.tls_cert:
-                context.load_cert_chain(settings.tls_cert, settings.tls_key)
+            context = ssl.create_default_context(cafile=settings.connection.tls_ca)
+            if settings.connection.tls_cert:
+                context.load_cert_chain(settings.connection.tls_cert, settings.connection.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot load TLS files: {exc}") from None
         options["tls"] = context
@@ -59,7 +59,7 @@ async def connect(settings: Settings, name: str = "evalq", **overrides: Any) -> 
         # Fail fast if nothing answers at first...
         nc = await nats.connect(**{**options, "max_reconnect_attempts": 1})
     except Exception as exc:  # nats-py raises several unrelated types here
-        servers = ", ".join(settings.nats_url)
+        servers = ", ".join(settings.connection.nats_url)
         reason = str(exc) or type(exc).__name__
         raise ConnectError(f"cannot connect to NATS at {servers} ({reason}); {HINT}") from None
     # ...but once connected, ride out server restarts for as long as it takes.

@@ -5,20 +5,26 @@
     EvalqError
     ├── ConfigError             settings that cannot be used (bad TOML, bad value, missing file)
     ├── ServerNotFound          the embedded nats-server binary is missing or did not start
-    ├── ConnectError            no NATS server answered; carries a hint for the user
-    ├── RequestError            a reply from the gateway that says no (carries code, message, path)
+    ├── ConnectError            no connection to NATS (none answered, or it closed); carries a hint
+    ├── Timeout                 no answer in time (a request, or wait_for_job); also a TimeoutError
+    ├── RequestError            a refusal, with code, message and path: the gateway's error reply,
+    │   │                       or the SDK's own 503 when nothing serves the request
     │   ├── BadRequest          400: the body is not JSON, or not a JSON object
     │   ├── JobNotFound         404: no such job
     │   ├── WrongState          409: the job is in a state that does not allow this
     │   ├── TooLarge            413: the body is over the gateway's size limit
     │   ├── InvalidField        422: a field is missing, unknown or out of range
-    │   └── Unavailable         503: the queue is full or no worker can run the job
+    │   └── Unavailable         503: the queue is full, no worker can run the job, no gateway
+    │                           answers, or the queue's JetStream objects are missing
+    ├── Conflict                a compare-and-set on a job's record kept losing the race (409 at the gateway)
     ├── JobFailed               wait_for_job: the job ended ``failed``
     └── JobCancelled            wait_for_job: the job ended ``cancelled``
 
-The gateway turns these into error replies at one place (``gateway/service.py``) and
-the publisher turns error replies back into them (``RequestError.from_reply``), so both
-sides agree on the codes.
+The gateway turns these into error replies at one place (``gateway/service.py``,
+``as_request_error``) and the publisher turns error replies back into them
+(``RequestError.for_code``), so both sides agree on the codes. The SDK maps every NATS
+error to one of these at one place too (``publisher/client.py``), so a caller of
+``AsyncClient`` or ``Client`` catches ``EvalqError`` and nothing else.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any
 __all__ = [
     "BadRequest",
     "ConfigError",
+    "Conflict",
     "ConnectError",
     "EvalqError",
     "InvalidField",
@@ -36,6 +43,7 @@ __all__ = [
     "JobNotFound",
     "RequestError",
     "ServerNotFound",
+    "Timeout",
     "TooLarge",
     "Unavailable",
     "WrongState",
@@ -56,6 +64,10 @@ class ServerNotFound(EvalqError):
 
 class ConnectError(EvalqError):
     pass
+
+
+class Timeout(EvalqError, TimeoutError):
+    """No answer in time; a TimeoutError too, so `except TimeoutError` still catches it."""
 
 
 class RequestError(EvalqError):
@@ -110,6 +122,10 @@ class Unavailable(RequestError):
 _BY_CODE: dict[int, type[RequestError]] = {
     cls.code: cls for cls in (BadRequest, JobNotFound, WrongState, TooLarge, InvalidField, Unavailable)
 }
+
+
+class Conflict(EvalqError):
+    """A compare-and-set kept losing the race."""
 
 
 class JobFailed(EvalqError):

@@ -1,11 +1,31 @@
-"""Durable writes: JetStream publishes that return once the stream has stored the message.
+"""Every raw JetStream request evalq makes, and the one place their errors are mapped.
 
-The same request and acknowledgement as nats-py's `JetStreamContext.publish`, and the same
-errors, with two differences that matter on the submit path (`bench/RESULTS.md`, profile):
+Two kinds live here:
 
-- the acknowledgement is decoded by msgspec;
-- a `Pipeline` sends several writes before waiting for any acknowledgement, so writes that
-  do not depend on each other cost one round trip together, and no task each.
+- durable writes: publishes that return once the stream has stored the message (`publish`,
+  `Pipeline`, `create_key`). The same request and acknowledgement as nats-py's
+  `JetStreamContext.publish`, but the acknowledgement is decoded by msgspec, and a
+  `Pipeline` sends several writes before waiting for any, so writes that do not depend on
+  each other cost one round trip together, and no task each (`bench/RESULTS.md`, profile);
+- reads of the JetStream API (`stream_info`, `consumer_info`, `msg_get_next`,
+  `stream_names`): replies decoded by Structs built once, asking only for what evalq reads.
+
+**Where.** API requests go to `Api.prefix`: `$JS.API`, or `$JS.<domain>.API` when the
+server's JetStream runs in a domain (`Settings.js_domain`, `api_prefix()`). Key-value
+writes go to `$KV.<bucket>.<key>`, which a domain does not change.
+
+**Errors.** `api_error()` is the one mapping from a JetStream error body to an exception.
+It returns nats-py's `APIError` subclasses: `BadRequestError` (400), `NotFoundError` (404),
+`ServerError` (500), `ServiceUnavailableError` (503), `APIError` for any other code, and
+`KeyWrongLastSequenceError` for a failed compare-and-set whatever its code. They stay
+nats-py's on purpose: callers here catch the same types around these calls as around
+nats-py's own, and each side has one boundary that turns them into evalq's errors (the
+gateway's `as_request_error`, the SDK's in `publisher/client.py`). Two more cases:
+
+- nobody answers an API request (`NoRespondersError`): JetStream is not enabled, or not in
+  this domain: `ServiceUnavailableError`, as nats-py's own manager raises; on a publish it
+  means no stream takes the subject: `NoStreamResponseError`;
+- no reply in time: nats-py's `TimeoutError`, unchanged.
 """
 
 from __future__ import annotations
@@ -14,33 +34,215 @@ import asyncio
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import APIError, KeyWrongLastSequenceError, NoStreamResponseError
+from nats.js import JetStreamContext
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServerError,
+    ServiceUnavailableError,
+)
 
-__all__ = ["Pipeline", "PubAck", "Sent", "Write", "create_key", "key_create", "publish"]
+__all__ = [
+    "DEFAULT_API",
+    "Api",
+    "ConsumerInfo",
+    "ErrorBody",
+    "Pipeline",
+    "PubAck",
+    "Sent",
+    "StoredMsg",
+    "StreamInfo",
+    "StreamState",
+    "Write",
+    "api_error",
+    "api_prefix",
+    "consumer_info",
+    "create_key",
+    "key_create",
+    "msg_get_next",
+    "publish",
+    "stream_info",
+    "stream_names",
+]
+
+DEFAULT_API = "$JS.API"
+
+# The server's codes for "the subject's last sequence is not the one expected".
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+# "no message found": the end of a scan, not a failure.
+_NO_MESSAGE = 10037
+_BY_STATUS: dict[int, type[APIError]] = {
+    400: BadRequestError,
+    404: NotFoundError,
+    500: ServerError,
+    503: ServiceUnavailableError,
+}
 
 
-class _ApiError(msgspec.Struct):
+# --- errors ---------------------------------------------------------------------------
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    """The `error` object of a JetStream API reply or publish acknowledgement."""
+
     code: int = 0
     err_code: int | None = None
     description: str | None = None
+
+
+def api_error(body: ErrorBody) -> APIError:
+    """The nats-py exception for a JetStream error body, for the caller to raise."""
+    if body.err_code in _WRONG_LAST_SEQUENCE:
+        conflict = KeyWrongLastSequenceError(description=body.description)
+        # Its constructor sets only the description; boundaries read the codes as on any APIError.
+        conflict.code, conflict.err_code, conflict.stream, conflict.seq = body.code, body.err_code, None, None
+        return conflict
+    cls = _BY_STATUS.get(body.code, APIError)
+    return cls(code=body.code, err_code=body.err_code, description=body.description)
+
+
+# --- where API requests go ----------------------------------------------------------------
+
+
+def api_prefix(domain: str | None = None) -> str:
+    """`$JS.API`, or `$JS.<domain>.API` for JetStream in a domain."""
+    return f"$JS.{domain}.API" if domain else DEFAULT_API
+
+
+@dataclass(frozen=True)
+class Api:
+    """A connection, the API prefix its requests go to, and how long each may take."""
+
+    nc: Client
+    prefix: str = DEFAULT_API
+    timeout: float = 5.0
+
+    @classmethod
+    def of(cls, nc: Client, *, domain: str | None = None, timeout: float = 5.0) -> Api:
+        return cls(nc, api_prefix(domain), timeout)
+
+    @classmethod
+    def of_context(cls, js: JetStreamContext) -> Api:
+        """The connection, prefix (domain included) and timeout a JetStream context was made with."""
+        # nats-py keeps these private and has no accessor; this is the one place that reads them.
+        return cls(js._nc, js._prefix, js._timeout)
+
+
+# --- reads ------------------------------------------------------------------------------------
+
+
+class _Reply(msgspec.Struct):
+    """What every API reply may carry instead of its answer."""
+
+    error: ErrorBody | None = None
+
+
+class StreamState(msgspec.Struct, frozen=True):
+    messages: int = 0
+    first_seq: int = 0
+    deleted: list[int] | None = None  # interior gaps, only when asked for with deleted_details
+
+
+class StreamInfo(_Reply):
+    state: StreamState = msgspec.field(default_factory=StreamState)
+
+
+class ConsumerInfo(_Reply):
+    num_ack_pending: int = 0
+
+
+class StoredMsg(msgspec.Struct, frozen=True):
+    subject: str
+    seq: int
+
+
+class _MsgGetReply(_Reply):
+    message: StoredMsg | None = None
+
+
+class _StreamNamesReply(_Reply):
+    total: int = 0
+    streams: list[str] | None = None
+
+
+R = TypeVar("R", bound=_Reply)
+
+_stream_info = msgspec.json.Decoder(StreamInfo)
+_consumer_info = msgspec.json.Decoder(ConsumerInfo)
+_msg_get = msgspec.json.Decoder(_MsgGetReply)
+_stream_names = msgspec.json.Decoder(_StreamNamesReply)
+_encode = msgspec.json.Encoder().encode
+
+
+async def _request(api: Api, path: str, body: bytes, decoder: msgspec.json.Decoder[R]) -> R:
+    try:
+        msg = await api.nc.request(f"{api.prefix}.{path}", body, timeout=api.timeout)
+    except NoRespondersError:
+        raise ServiceUnavailableError(
+            description=f"no JetStream answers on {api.prefix}: is it enabled, and is the domain right?"
+        ) from None
+    reply = decoder.decode(msg.data)
+    if reply.error is not None:
+        raise api_error(reply.error)
+    return reply
+
+
+async def stream_info(api: Api, stream: str, *, deleted_details: bool = False) -> StreamInfo:
+    """The stream's state; `deleted_details` lists the sequences deleted from its middle."""
+    body = b'{"deleted_details":true}' if deleted_details else b""
+    return await _request(api, f"STREAM.INFO.{stream}", body, _stream_info)
+
+
+async def consumer_info(api: Api, stream: str, consumer: str) -> ConsumerInfo:
+    """The consumer's counts; `NotFoundError` if it does not exist."""
+    return await _request(api, f"CONSUMER.INFO.{stream}.{consumer}", b"", _consumer_info)
+
+
+async def msg_get_next(api: Api, stream: str, seq: int, subject: str) -> StoredMsg | None:
+    """The first message at or after `seq` whose subject matches `subject`; None past the last."""
+    body = _encode({"seq": seq, "next_by_subj": subject})
+    try:
+        return (await _request(api, f"STREAM.MSG.GET.{stream}", body, _msg_get)).message
+    except NotFoundError as exc:
+        if exc.err_code == _NO_MESSAGE:
+            return None
+        raise
+
+
+async def stream_names(api: Api, *, subject: str | None = None) -> list[str]:
+    """Every stream's name (only those holding `subject` when given), all pages."""
+    names: list[str] = []
+    while True:
+        query: dict[str, Any] = {"offset": len(names)}
+        if subject is not None:
+            query["subject"] = subject
+        page = await _request(api, "STREAM.NAMES", _encode(query), _stream_names)
+        names += page.streams or []
+        if not page.streams or len(names) >= page.total:
+            return names
+
+
+# --- durable writes ---------------------------------------------------------------------
 
 
 class PubAck(msgspec.Struct, frozen=True):
     stream: str = ""
     seq: int = 0
     duplicate: bool = False
-    error: _ApiError | None = None
+    error: ErrorBody | None = None
 
 
 _ack_decoder = msgspec.json.Decoder(PubAck)
-# The server's codes for "the subject's last sequence is not the one expected".
-_WRONG_LAST_SEQUENCE = (10071, 10164)
 
 
 @dataclass(frozen=True)
@@ -72,12 +274,7 @@ def _ack_of(msg: Msg) -> PubAck:
         raise NoStreamResponseError
     ack = _ack_decoder.decode(msg.data)
     if ack.error is not None:
-        try:
-            APIError.from_error(msgspec.structs.asdict(ack.error))  # raises the matching subclass
-        except APIError as err:
-            if err.err_code in _WRONG_LAST_SEQUENCE:
-                raise KeyWrongLastSequenceError(description=err.description) from None
-            raise
+        raise api_error(ack.error)
     return ack
 
 

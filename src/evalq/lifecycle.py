@@ -290,14 +290,17 @@ class Recorder:
         event: Callable[[Applied], Event | None] | None = None,
         *,
         patient: bool = False,
-        repair: bool = True,
+        repair: bool = False,
     ) -> Applied | Refused:
         """Compare-and-set `change` on the record; publish `event(applied)`; repair a terminal one.
 
-        When the record is terminal and the change refused, the terminal event is published
-        if the stream lacks it (a writer that died between the two). Raises when the event
-        cannot be published: the caller must not ack the work message then, so that its
-        redelivery comes back here.
+        With `repair`, when the record is terminal and the change refused, the terminal event
+        is published if the stream lacks it (a writer that died between the two). Only a
+        holder of the job's work message repairs: the writer of a terminal record publishes
+        its event before it lets the message go, so a missing event is found by whoever
+        takes the message next, and nobody races the writer's own, fuller event. Raises when
+        the event cannot be published: the caller must not ack the work message then, so
+        that its redelivery comes back here.
         """
         moved = await self._step(lambda: self.jobs.transition(job_id, change), "record the change", patient)
         if moved is None:
@@ -321,9 +324,7 @@ class Recorder:
         def event(applied: Applied) -> Event:
             return terminal_event(applied.after, outcome, worker=worker)
 
-        done = await self.record(
-            job_id, lambda info: finish(info, outcome, at=at), event, patient=patient, repair=False
-        )
+        done = await self.record(job_id, lambda info: finish(info, outcome, at=at), event, patient=patient)
         if isinstance(done, Refused) and done.current is not None and done.current.status in TERMINAL:
             record = done.current
             # Ours when a write that timed out had in fact landed: its event keeps the details.

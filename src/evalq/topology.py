@@ -7,21 +7,49 @@ test) can share one NATS server without seeing each other.
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext, api
-from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
+from . import jetstream
 from .config import Settings
 
-__all__ = ["Topology"]
+__all__ = ["Mismatch", "Topology"]
+
+log = logging.getLogger("evalq.topology")
 
 STREAM_IN_USE = 10058
+T = TypeVar("T")
 _TRANSIENT = (ServiceUnavailableError, NoRespondersError, NatsTimeout, asyncio.TimeoutError)
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """An existing object's setting that differs from this process's: reported, not rewritten."""
+
+    object: str
+    setting: str
+    current: Any
+    wanted: Any
+
+    def __str__(self) -> str:
+        return (
+            f"{self.object}: {self.setting} is {self.current!r} on the server, this process has {self.wanted!r}; "
+            "the server's value is in force (`evalq setup` applies this process's settings)"
+        )
+
+
+# The settings `ensure` compares on objects that exist; names the server may fill in
+# itself (created, sealed, ...) are left out.
+_OWNED_STREAM_FIELDS = ("num_replicas", "max_msgs", "max_age", "max_msgs_per_subject", "duplicate_window")
+_OWNED_CONSUMER_FIELDS = ("ack_wait", "max_deliver", "max_ack_pending")
 
 
 @dataclass(frozen=True)
@@ -31,25 +59,23 @@ class Topology:
     prefix: str = "evalq"
     replicas: int = 1
     queue_limit: int = 1_000_000
-    ack_wait: float = 60.0
+    ack_wait: float = 12.0
     duplicate_window: float = 300.0
     events_max_age: float = 30 * 86400.0
     events_per_subject: int = 1000
     idempotency_ttl: float = 86400.0
-    workers_ttl: float = 15.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
         return cls(
-            prefix=settings.prefix,
-            replicas=settings.replicas,
-            queue_limit=settings.queue_limit,
-            ack_wait=settings.ack_wait,
-            duplicate_window=settings.duplicate_window,
-            events_max_age=settings.events_max_age_days * 86400.0,
-            events_per_subject=settings.events_per_subject,
-            idempotency_ttl=settings.idempotency_ttl,
-            workers_ttl=3 * settings.heartbeat,
+            prefix=settings.queue.prefix,
+            replicas=settings.queue.replicas,
+            queue_limit=settings.queue.queue_limit,
+            ack_wait=settings.queue.ack_wait,
+            duplicate_window=settings.queue.duplicate_window,
+            events_max_age=settings.queue.events_max_age_days * 86400.0,
+            events_per_subject=settings.queue.events_per_subject,
+            idempotency_ttl=settings.queue.idempotency_ttl,
         )
 
     # --- subjects -----------------------------------------------------------------
@@ -154,28 +180,39 @@ class Topology:
     # --- ensure -----------------------------------------------------------------------
 
     async def ensure(
-        self, js: JetStreamContext, pools: tuple[str, ...] = ("default",), *, timeout: float = 30.0
-    ) -> None:
-        """Create or update every object; running it twice changes nothing.
+        self,
+        js: JetStreamContext,
+        pools: tuple[str, ...] = ("default",),
+        *,
+        update: bool = False,
+        timeout: float = 30.0,
+    ) -> list[Mismatch]:
+        """Create every missing object; running it twice changes nothing.
 
+        Objects that exist are left as they are: the queue's settings belong to whoever
+        created it, or to `evalq setup` (`update=True`), never to a process that happens to
+        start with other values. Each difference is returned and logged, so it is visible.
         Retries transient errors (a cluster still electing a leader) until `timeout`.
         """
-        deadline = time.monotonic() + timeout
-        await _retrying(deadline, lambda: self._ensure_once(js, pools))
+        found = await _retrying(time.monotonic() + timeout, lambda: self._ensure_once(js, pools, update))
+        for mismatch in found:
+            log.warning("%s", mismatch)
+        return found
 
-    async def ensure_pool(self, js: JetStreamContext, pool: str, *, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        await _retrying(deadline, lambda: self._ensure_pool(js, pool))
+    async def ensure_pool(self, js: JetStreamContext, pool: str, *, timeout: float = 30.0) -> list[Mismatch]:
+        """Create one pool's work stream and consumer if missing (a worker's or a gateway's first use)."""
+        return await _retrying(time.monotonic() + timeout, lambda: self._ensure_pool(js, pool, False))
 
-    async def _ensure_once(self, js: JetStreamContext, pools: tuple[str, ...]) -> None:
-        await _put_stream(js, self.events_stream_config())
-        await _put_kv(
+    async def _ensure_once(self, js: JetStreamContext, pools: tuple[str, ...], update: bool) -> list[Mismatch]:
+        found = await _put_stream(js, self.events_stream_config(), update)
+        found += await _put_kv(
             js,
             api.KeyValueConfig(
                 bucket=self.jobs_bucket, history=1, replicas=self.replicas, storage=api.StorageType.FILE
             ),
+            update,
         )
-        await _put_kv(
+        found += await _put_kv(
             js,
             api.KeyValueConfig(
                 bucket=self.idempotency_bucket,
@@ -183,13 +220,12 @@ class Topology:
                 replicas=self.replicas,
                 storage=api.StorageType.FILE,
             ),
+            update,
         )
-        await _put_kv(
-            js,
-            api.KeyValueConfig(
-                bucket=self.workers_bucket, ttl=self.workers_ttl, replicas=self.replicas, storage=api.StorageType.FILE
-            ),
-        )
+        # No bucket-wide max age: each worker's entry carries its own TTL (Nats-TTL), three
+        # of its own heartbeats, so workers with different heartbeats share the bucket.
+        workers = api.KeyValueConfig(bucket=self.workers_bucket, replicas=self.replicas, storage=api.StorageType.FILE)
+        found += await _put_kv(js, workers, update, migrate=True)
         try:
             await js.create_object_store(
                 self.results_bucket, config=api.ObjectStoreConfig(replicas=self.replicas, storage=api.StorageType.FILE)
@@ -197,47 +233,54 @@ class Topology:
         except BadRequestError as exc:
             if exc.err_code != STREAM_IN_USE:
                 raise
-            await _update_replicas(js, f"OBJ_{self.results_bucket}", self.replicas, None)
+            found += await _check_stream(js, f"OBJ_{self.results_bucket}", {"num_replicas": self.replicas}, update)
         for pool in pools:
-            await self._ensure_pool(js, pool)
+            found += await self._ensure_pool(js, pool, update)
+        return found
 
-    async def _ensure_pool(self, js: JetStreamContext, pool: str) -> None:
-        await _put_stream(js, self.work_stream_config(pool))
-        await js.add_consumer(self.work_stream(pool), self.consumer_config())
+    async def _ensure_pool(self, js: JetStreamContext, pool: str, update: bool) -> list[Mismatch]:
+        found = await _put_stream(js, self.work_stream_config(pool), update)
+        stream = self.work_stream(pool)
+        wanted = self.consumer_config()
+        try:
+            current = await js.consumer_info(stream, self.consumer)
+        except NotFoundError:
+            await js.add_consumer(stream, wanted)
+            return found
+        differs = {
+            name: (getattr(current.config, name), getattr(wanted, name))
+            for name in _OWNED_CONSUMER_FIELDS
+            if getattr(current.config, name) != getattr(wanted, name)
+        }
+        if differs and update:
+            await js.add_consumer(stream, wanted)  # an update of a durable with the same name
+        elif differs:
+            found += [Mismatch(f"consumer {stream}/{self.consumer}", k, *v) for k, v in differs.items()]
+        return found
+
+    async def ack_wait_of(self, js: JetStreamContext, pool: str) -> float:
+        """The pool consumer's ack_wait as it is on the server (it may differ from this process's)."""
+        info = await js.consumer_info(self.work_stream(pool), self.consumer)
+        return float(info.config.ack_wait or self.ack_wait)
 
     async def pools(self, js: JetStreamContext) -> list[str]:
-        """The pools whose work stream exists, sorted (asks for this prefix's streams only, page by page)."""
-        names: list[str] = []
-        offset = 0
-        while True:
-            body = json.dumps({"subject": f"{self.prefix}.work.>", "offset": offset}).encode()
-            reply = json.loads((await js._nc.request("$JS.API.STREAM.NAMES", body, timeout=10)).data)
-            if "error" in reply:
-                raise APIError.from_error(reply["error"])
-            page = reply.get("streams") or []
-            for stream in page:
-                pool = self.pool_of_stream(stream)
-                if pool is not None:
-                    names.append(pool)
-            offset += len(page)
-            if not page or offset >= int(reply.get("total", 0)):
-                break
-        return sorted(names)
+        """The pools whose work stream exists, sorted (asks for this prefix's streams only)."""
+        streams = await jetstream.stream_names(jetstream.Api.of_context(js), subject=f"{self.prefix}.work.>")
+        return sorted(pool for pool in map(self.pool_of_stream, streams) if pool is not None)
 
     async def has_pool(self, js: JetStreamContext, pool: str) -> bool:
         try:
-            await js.stream_info(self.work_stream(pool))
+            await jetstream.stream_info(jetstream.Api.of_context(js), self.work_stream(pool))
         except NotFoundError:
             return False
         return True
 
 
-async def _retrying(deadline: float, step: object) -> None:
+async def _retrying(deadline: float, step: Callable[[], Awaitable[T]]) -> T:
     delay = 0.1
     while True:
         try:
-            await step()  # type: ignore[operator]
-            return
+            return await step()
         except _TRANSIENT:
             if time.monotonic() + delay > deadline:
                 raise
@@ -245,32 +288,45 @@ async def _retrying(deadline: float, step: object) -> None:
             delay = min(delay * 2, 2.0)
 
 
-async def _put_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+async def _put_stream(js: JetStreamContext, config: api.StreamConfig, update: bool) -> list[Mismatch]:
     try:
         await js.add_stream(config)
+        return []
     except BadRequestError as exc:
         if exc.err_code != STREAM_IN_USE:
             raise
-        await js.update_stream(config)
+    assert config.name is not None
+    owned = {name: getattr(config, name) for name in _OWNED_STREAM_FIELDS if getattr(config, name) is not None}
+    return await _check_stream(js, config.name, owned, update)
 
 
-async def _put_kv(js: JetStreamContext, config: api.KeyValueConfig) -> None:
+async def _put_kv(
+    js: JetStreamContext, config: api.KeyValueConfig, update: bool, *, migrate: bool = False
+) -> list[Mismatch]:
     try:
         await js.create_key_value(config)
+        return []
     except BadRequestError as exc:
         if exc.err_code != STREAM_IN_USE:
             raise
-        await _update_replicas(js, f"KV_{config.bucket}", config.replicas, config.ttl)
+    stream = f"KV_{config.bucket}"
+    owned: dict[str, Any] = {"num_replicas": config.replicas, "max_age": config.ttl or 0.0}
+    if migrate:
+        # Older versions gave the workers bucket a max age; entries now carry their own TTL.
+        info = await js.stream_info(stream)
+        if info.config.max_age or not info.config.allow_msg_ttl:
+            log.info("workers bucket %s: entries now expire by their own TTL", config.bucket)
+            await js.update_stream(info.config.evolve(max_age=0.0, allow_msg_ttl=True))
+    return await _check_stream(js, stream, owned, update)
 
 
-async def _update_replicas(js: JetStreamContext, stream: str, replicas: int, max_age: float | None) -> None:
-    info = await js.stream_info(stream)
-    current = info.config
-    if current.num_replicas == replicas and (max_age is None or current.max_age == max_age):
-        return
-    try:
-        await js.update_stream(
-            current.evolve(num_replicas=replicas, max_age=max_age if max_age is not None else current.max_age)
-        )
-    except APIError:
-        raise
+async def _check_stream(js: JetStreamContext, stream: str, owned: dict[str, Any], update: bool) -> list[Mismatch]:
+    """Compare an existing stream's owned settings with `owned`; update it only when asked."""
+    current = (await js.stream_info(stream)).config
+    differs = {name: (getattr(current, name), want) for name, want in owned.items() if getattr(current, name) != want}
+    if not differs:
+        return []
+    if update:
+        await js.update_stream(current.evolve(**{name: want for name, (_, want) in differs.items()}))
+        return []
+    return [Mismatch(f"stream {stream}", name, have, want) for name, (have, want) in differs.items()]

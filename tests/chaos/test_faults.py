@@ -161,7 +161,7 @@ async def test_worker_killed_during_upload(
     first = processes.start([*EVALQ, "worker"], big, name="worker")
     accepted = await client.submit(**JOB, limit=2)
     # The first chunk of the job's results in the object store: the worker is uploading.
-    chunks = await nc.subscribe(f"$O.{settings.prefix}-results.C.>")
+    chunks = await nc.subscribe(f"$O.{settings.queue.prefix}-results.C.>")
     await chunks.next_msg(timeout=120)
     os.kill(first.pid, signal.SIGKILL)
     first.wait(10)

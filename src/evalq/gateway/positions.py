@@ -13,46 +13,22 @@ import asyncio
 import bisect
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import msgspec
 from nats.aio.client import Client
 
+from .. import jetstream
 from ..topology import Topology
 
 __all__ = ["PoolSnapshot", "Positions"]
 
 
-class _State(msgspec.Struct):
-    messages: int = 0
-    first_seq: int = 0
-    last_seq: int = 0
-    deleted: list[int] | None = None
-
-
-class _StreamInfo(msgspec.Struct):
-    state: _State | None = None
-    error: dict[str, object] | None = None
-
-
-class _ConsumerInfo(msgspec.Struct):
-    num_ack_pending: int = 0
-    num_pending: int = 0
-    error: dict[str, object] | None = None
-
-
-_stream_decoder = msgspec.json.Decoder(_StreamInfo)
-_consumer_decoder = msgspec.json.Decoder(_ConsumerInfo)
-
-
 @dataclass
 class PoolSnapshot:
     first_seq: int
-    last_seq: int
     messages: int
     deleted: list[int]  # sorted interior gaps
     ack_pending: int
-    taken_at: float = field(default_factory=time.monotonic)
 
     @property
     def queued(self) -> int:
@@ -67,10 +43,9 @@ class PoolSnapshot:
 
 
 class Positions:
-    def __init__(self, nc: Client, topology: Topology, timeout: float = 5.0) -> None:
-        self.nc = nc
+    def __init__(self, nc: Client, topology: Topology, timeout: float = 5.0, *, domain: str | None = None) -> None:
+        self.api = jetstream.Api.of(nc, domain=domain, timeout=timeout)
         self.topology = topology
-        self.timeout = timeout
         self._inflight: dict[str, tuple[float, asyncio.Future[PoolSnapshot]]] = {}
         self.fetches = 0  # snapshot reads actually made (for tests and benchmarks)
 
@@ -112,19 +87,15 @@ class Positions:
 
     async def _fetch(self, pool: str) -> PoolSnapshot:
         stream = self.topology.work_stream(pool)
-        api = "$JS.API"
-        stream_reply, consumer_reply = await asyncio.gather(
-            self.nc.request(f"{api}.STREAM.INFO.{stream}", b'{"deleted_details":true}', timeout=self.timeout),
-            self.nc.request(f"{api}.CONSUMER.INFO.{stream}.{self.topology.consumer}", b"", timeout=self.timeout),
+        # Both errors propagate: a position computed without the consumer's count would be
+        # wrong by every job a worker holds, so no answer is better than that one.
+        info, consumer = await asyncio.gather(
+            jetstream.stream_info(self.api, stream, deleted_details=True),
+            jetstream.consumer_info(self.api, stream, self.topology.consumer),
         )
-        info = _stream_decoder.decode(stream_reply.data)
-        consumer = _consumer_decoder.decode(consumer_reply.data)
-        state = info.state or _State()
-        ack_pending = consumer.num_ack_pending if consumer.error is None else 0
         return PoolSnapshot(
-            first_seq=state.first_seq,
-            last_seq=state.last_seq,
-            messages=state.messages,
-            deleted=sorted(state.deleted or []),
-            ack_pending=ack_pending,
+            first_seq=info.state.first_seq,
+            messages=info.state.messages,
+            deleted=sorted(info.state.deleted or []),
+            ack_pending=consumer.num_ack_pending,
         )

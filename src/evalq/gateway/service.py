@@ -12,7 +12,6 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
 
 import msgspec
 from nats.aio.client import Client
@@ -30,21 +29,30 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from .. import __version__, jetstream
+from .. import __version__, jetstream, lifecycle
 from ..config import Settings
-from ..errors import BadRequest, InvalidField, JobNotFound, RequestError, TooLarge, Unavailable, WrongState
+from ..errors import (
+    BadRequest,
+    Conflict,
+    InvalidField,
+    JobNotFound,
+    RequestError,
+    TooLarge,
+    Unavailable,
+    WrongState,
+)
 from ..events import EventPublisher
 from ..jobstore import JobStore
+from ..lifecycle import Applied, Recorder, Refused
 from ..schemas import (
-    Cancelled,
     CancelReply,
     EvaluateRequest,
+    Event,
     Health,
     JobAccepted,
     JobInfo,
     JobRef,
     ModelsReply,
-    Queued,
     QueueStatus,
     TasksReply,
     WorkItem,
@@ -75,19 +83,6 @@ _KEY_MAX = 256
 Handler = Callable[[Request], Awaitable[msgspec.Struct]]
 
 
-class _MsgRef(msgspec.Struct):
-    subject: str
-    seq: int
-
-
-class _MsgGet(msgspec.Struct):
-    message: _MsgRef | None = None
-    error: dict[str, Any] | None = None
-
-
-_msg_get = msgspec.json.Decoder(_MsgGet)
-
-
 def as_request_error(exc: BaseException) -> RequestError:
     """Map any exception to the error reply it deserves; the one boundary for codes."""
     if isinstance(exc, RequestError):
@@ -98,8 +93,19 @@ def as_request_error(exc: BaseException) -> RequestError:
     if isinstance(exc, msgspec.DecodeError):
         message, path = error_path(exc)
         return BadRequest(message, path=path)
-    if isinstance(exc, APIError) and exc.err_code in _FULL:
-        return Unavailable(f"{_FULL[exc.err_code]} ({exc.description}); retry later")
+    if isinstance(exc, Conflict):
+        # Others kept changing the record first: the request may succeed if sent again.
+        return WrongState(f"{exc or 'the job changed while this request ran'}; retry")
+    if isinstance(exc, APIError):
+        # getattr: nats-py's key-value errors never set their codes.
+        full = _FULL.get(getattr(exc, "err_code", None) or 0)
+        if full is not None:
+            return Unavailable(f"{full} ({exc.description}); retry later")
+    if isinstance(exc, NotFoundError):
+        # A stream or consumer the answer needs is gone (deleted, or a pool still being
+        # created): answering without it would be wrong, and it may be back on a retry.
+        log.warning("a JetStream object is missing: %s", exc)
+        return Unavailable(f"{exc}; retry once the queue's objects exist again (a worker or gateway creates them)")
     if isinstance(exc, _UNAVAILABLE):
         return Unavailable("JetStream did not answer in time; retry with the same Idempotency-Key")
     log.error("internal error", exc_info=exc)
@@ -113,13 +119,13 @@ class Gateway:
         self.nc = nc
         self.settings = settings
         self.topology = topology or Topology.from_settings(settings)
-        self.js = nc.jetstream(timeout=settings.request_timeout)
+        self.js = nc.jetstream(timeout=settings.connection.request_timeout)
         self.pipeline = jetstream.Pipeline(nc)
-        self.positions = Positions(nc, self.topology, timeout=settings.request_timeout)
-        self.events = EventPublisher(nc, self.topology, timeout=settings.request_timeout)
+        self.positions = Positions(nc, self.topology, timeout=settings.connection.request_timeout)
+        self.events = EventPublisher(nc, self.topology, timeout=settings.connection.request_timeout)
         self._service: Service | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(settings.gateway_concurrency)
+        self._slots = asyncio.Semaphore(settings.gateway.gateway_concurrency)
         self._pools: set[str] = set()
         self.in_flight = 0
         self.peak_in_flight = 0  # how many requests were being served at once, at most
@@ -129,6 +135,7 @@ class Gateway:
     async def start(self) -> Gateway:
         await self.topology.ensure(self.js)
         self.jobs = JobStore(await self.js.key_value(self.topology.jobs_bucket))
+        self.recorder = Recorder(self.jobs, self.events, lookup_timeout=self.settings.connection.request_timeout)
         self.idempotency = await self.js.key_value(self.topology.idempotency_bucket)
         self.directory = WorkerDirectory(await self.js.key_value(self.topology.workers_bucket))
         self._pools = set(await self.topology.pools(self.js))
@@ -162,7 +169,7 @@ class Gateway:
             await self._service.stop()
             self._service = None
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=self.settings.request_timeout)
+            await asyncio.wait(self._tasks, timeout=self.settings.connection.request_timeout)
 
     async def __aenter__(self) -> Gateway:
         return await self.start()
@@ -214,8 +221,10 @@ class Gateway:
     # --- endpoints -------------------------------------------------------------------------
 
     async def submit(self, request: Request) -> JobAccepted:
-        if len(request.data) > self.settings.max_request_bytes:
-            raise TooLarge(f"request body is {len(request.data)} bytes; the limit is {self.settings.max_request_bytes}")
+        if len(request.data) > self.settings.gateway.max_request_bytes:
+            raise TooLarge(
+                f"request body is {len(request.data)} bytes; the limit is {self.settings.gateway.max_request_bytes}"
+            )
         job = decode(request.data, EvaluateRequest)
         await self._check_pool(job.pool)
         await self.directory.check(job)
@@ -232,7 +241,7 @@ class Gateway:
                     self.topology.idempotency_bucket,
                     digest,
                     job_id.encode(),
-                    timeout=self.settings.request_timeout,
+                    timeout=self.settings.connection.request_timeout,
                 )
             except KeyWrongLastSequenceError:
                 entry = await self.idempotency.get(digest)
@@ -250,24 +259,15 @@ class Gateway:
             {"Nats-Msg-Id": job_id},
             stream=self.topology.work_stream(job.pool),
         )
-        ack = await jetstream.publish(self.nc, work, timeout=self.settings.request_timeout)
-        info = JobInfo(
-            job_id=job_id,
-            status="queued",
-            created_at=created,
-            request=job,
-            stream_seq=ack.seq,
-            labels=job.labels,
-            pool=job.pool,
-        )
+        ack = await jetstream.publish(self.nc, work, timeout=self.settings.connection.request_timeout)
+        info = lifecycle.enqueue(job_id, job, created_at=created, stream_seq=ack.seq)
 
         # The event and the record go out together and the position read overlaps their
         # acknowledgements: one round trip for the three, and no task each. A worker that
         # takes the job makes sure `queued` is in the events stream before it publishes
-        # `started` (Worker._ensure_queued), so the order of events holds.
-        queued = Queued(job_id=job_id, time=created, labels=job.labels, pool=job.pool, stream_seq=ack.seq)
+        # `started` (Recorder.ensure_queued_event), so the order of events holds.
         sent = [
-            await self.pipeline.send(self.events.write(queued)),
+            await self.pipeline.send(self.events.write(lifecycle.queued_event(info))),
             await self.pipeline.send(jetstream.key_create(self.topology.jobs_bucket, job_id, encode(info))),
         ]
         position: int | BaseException
@@ -275,7 +275,7 @@ class Gateway:
             position = await self.positions.position(job.pool, ack.seq)
         except Exception as exc:
             position = exc
-        event_outcome, record_outcome = await self.pipeline.wait(sent, timeout=self.settings.request_timeout)
+        event_outcome, record_outcome = await self.pipeline.wait(sent, timeout=self.settings.connection.request_timeout)
         # A record that exists was written by an earlier attempt under the same Idempotency-Key.
         record_exists = isinstance(record_outcome, KeyWrongLastSequenceError)
         for outcome in (event_outcome, None if record_exists else record_outcome, position):
@@ -336,40 +336,31 @@ class Gateway:
         job_id, _ = await self._job(request)
         stamp = now()
 
-        def change(info: JobInfo) -> JobInfo | None:
-            if info.status == "queued":
-                return msgspec.structs.replace(
-                    info,
-                    status="cancelled",
-                    completed_at=stamp,
-                    cancel_requested_at=stamp,
-                    error="cancelled while queued",
-                )
-            if info.status == "running":
-                return msgspec.structs.replace(info, status="cancelling", cancel_requested_at=stamp)
-            return None
+        def event(applied: Applied) -> Event | None:
+            # Only a queued job ends here; a running one ends when its worker stops it.
+            return lifecycle.terminal_event(applied.after) if applied.after.status == "cancelled" else None
 
-        moved = await self.jobs.transition(job_id, change)
-        if moved is None:
-            current = await self.jobs.get(job_id)
-            status = current[0].status if current else "unknown"
+        # The event goes out before the work message is deleted: if publishing fails, the
+        # message stays, and the worker that takes it finds the terminal record and
+        # publishes the missing event (deduplicated by Nats-Msg-Id).
+        moved = await self.recorder.record(job_id, lambda info: lifecycle.request_cancel(info, at=stamp), event)
+        if isinstance(moved, Refused):
+            status = moved.current.status if moved.current else "unknown"
             if status == "cancelling":
                 return CancelReply(job_id=job_id, status="cancelling", message="Cancellation already requested")
             raise WrongState(f"job {job_id} is {status}; only queued or running jobs can be cancelled", path="$.job_id")
-        before, after = moved
+        before, after = moved.before, moved.after
         if after.status == "cancelled":
-            # The event goes out before the work message is deleted: if publishing fails, the
-            # message stays, and the worker that takes it finds the terminal record and
-            # publishes the missing event (deduplicated by Nats-Msg-Id).
-            await self.events.publish(
-                Cancelled(job_id=job_id, time=stamp, labels=after.labels, reason="cancelled while queued")
-            )
             if before.stream_seq is not None:
                 try:
                     # Deleting it from the stream is what takes it out of every position.
                     await self.js.delete_msg(self.topology.work_stream(before.pool), before.stream_seq)
                 except NotFoundError:
                     pass  # a worker already took it; it will see the record and skip it
+                except Exception as exc:
+                    # The record and event say cancelled: a worker that takes the message
+                    # skips it, so the cancel stands and is answered as such.
+                    log.warning("job %s cancelled; its work message stays until a worker skips it: %s", job_id, exc)
             return CancelReply(job_id=job_id, status="cancelled", message="Removed from the queue")
         return CancelReply(
             job_id=job_id, status="cancelling", message=f"Stopping the evaluation on worker {after.worker}"
@@ -401,20 +392,19 @@ class Gateway:
 
     async def _queued_ids(self, pool: str, limit: int = 1000) -> list[str]:
         """Job ids in run order (the first `limit`), read from the stream itself."""
+        api = jetstream.Api.of(
+            self.nc, domain=self.settings.connection.js_domain, timeout=self.settings.connection.request_timeout
+        )
         stream = self.topology.work_stream(pool)
         head = f"{self.topology.prefix}.work.{pool}."
         ids: list[str] = []
         seq = 1
         while len(ids) < limit:
-            body = encode({"seq": seq, "next_by_subj": f"{head}>"})
-            reply = await self.nc.request(
-                f"$JS.API.STREAM.MSG.GET.{stream}", body, timeout=self.settings.request_timeout
-            )
-            got = _msg_get.decode(reply.data)
-            if got.message is None:
+            stored = await jetstream.msg_get_next(api, stream, seq, f"{head}>")
+            if stored is None:
                 break
-            ids.append(got.message.subject[len(head) :])
-            seq = got.message.seq + 1
+            ids.append(stored.subject[len(head) :])
+            seq = stored.seq + 1
         return ids
 
     async def _terminal_counts(self) -> dict[str, int]:

@@ -3,6 +3,10 @@
 Method names follow lmms-eval's `EvalClient` (`evaluate`, `get_job`, `cancel_job`,
 `wait_for_job`, `health`, `is_healthy`, `list_tasks`, `list_models`), so switching is a
 change of import; every return value is a typed Struct.
+
+Every public method raises `EvalqError`s only: `_as_evalq_error` is the one place where what
+nats-py raises (timeouts, no responders, a closed connection, JetStream's API errors)
+becomes the evalq error that says what to do about it.
 """
 
 from __future__ import annotations
@@ -11,21 +15,21 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from ..config import Settings, load_settings
-from ..connection import connect
-from ..errors import EvalqError, JobCancelled, JobFailed, RequestError, Unavailable
+from ..connection import HINT, connect
+from ..errors import ConnectError, EvalqError, JobCancelled, JobFailed, RequestError, Timeout, Unavailable
 from ..schemas import (
     TERMINAL,
     Cancelled,
@@ -48,7 +52,17 @@ from ..topology import Topology
 
 __all__ = ["AsyncClient"]
 
+T = TypeVar("T")
 _SERVICE_CODE = "Nats-Service-Error-Code"
+# nats-py's ways of saying "there is no connection to send this on".
+_NO_CONNECTION = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoServersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+)
 
 
 class _ErrorBody(msgspec.Struct):
@@ -59,6 +73,34 @@ class _ErrorBody(msgspec.Struct):
 
 class _ErrorReply(msgspec.Struct):
     error: _ErrorBody
+
+
+def _as_evalq_error(exc: Exception, what: str, settings: Settings, timeout: float) -> EvalqError | None:
+    """The evalq error for what `what` (a subject, a stream, a bucket) raised; None to let it through."""
+    if isinstance(exc, EvalqError):
+        return exc
+    if isinstance(exc, TimeoutError):  # nats-py's timeouts are TimeoutErrors too
+        return Timeout(
+            f"no answer from {what} within {timeout:g}s: retry, or raise EVALQ_REQUEST_TIMEOUT "
+            "(a user without permission to publish there gets no answer either)"
+        )
+    if isinstance(exc, NoRespondersError):
+        return Unavailable(f"no gateway is answering on {what}: start one with `evalq gateway` (or `evalq up`)")
+    if isinstance(exc, (ServiceUnavailableError, NoStreamResponseError)):
+        domain = f" in domain {settings.connection.js_domain!r}" if settings.connection.js_domain else ""
+        return Unavailable(f"JetStream{domain} is not answering for {what}: is it enabled on the server? ({exc})")
+    if isinstance(exc, NotFoundError):
+        return Unavailable(
+            f"{what} does not exist on this server: start a gateway (`evalq gateway`) with prefix "
+            f"{settings.queue.prefix!r}, which creates the queue ({exc})"
+        )
+    if isinstance(exc, _NO_CONNECTION):
+        return ConnectError(f"no connection to NATS ({exc}): open a new client; {HINT}")
+    if isinstance(exc, msgspec.DecodeError):
+        return EvalqError(f"unreadable reply from {what} ({exc}); do the client and the gateway run the same evalq?")
+    if isinstance(exc, nats.errors.Error):  # JetStream's errors derive from it too
+        return EvalqError(f"NATS refused {what}: {exc}")
+    return None
 
 
 class AsyncClient:
@@ -79,7 +121,7 @@ class AsyncClient:
         base = settings or load_settings()
         self.settings = base.with_(**overrides) if overrides else base
         self.topology = Topology.from_settings(self.settings)
-        self.timeout = timeout or self.settings.request_timeout
+        self.timeout = timeout or self.settings.connection.request_timeout
         self._nc = nc
         self._owns_connection = nc is None
 
@@ -91,9 +133,13 @@ class AsyncClient:
         return self
 
     async def close(self) -> None:
-        if self._nc is not None and self._owns_connection:
-            await self._nc.drain()
-        self._nc = None
+        nc, self._nc = self._nc, None
+        if nc is not None and self._owns_connection:
+            try:
+                await nc.drain()
+            except Exception:
+                # Draining needs a live connection; without one, closing is what is left to do.
+                await nc.close()
 
     async def __aenter__(self) -> AsyncClient:
         return await self.connect()
@@ -106,13 +152,30 @@ class AsyncClient:
     @property
     def nc(self) -> NatsClient:
         if self._nc is None:
-            raise EvalqError("the client is not connected; use `async with AsyncClient() as client:`")
+            raise ConnectError(
+                "the client is not connected: use `async with AsyncClient() as client:` or `await client.connect()`"
+            )
         return self._nc
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """The SDK's error boundary: inside it, nats-py's errors become evalq's."""
+        try:
+            yield
+        except Exception as exc:
+            mapped = _as_evalq_error(exc, what, self.settings, self.timeout)
+            if mapped is None or mapped is exc:
+                raise
+            raise mapped from exc
 
     # --- requests ----------------------------------------------------------------------
 
-    async def _request(self, endpoint: str, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
+    async def _ask(self, endpoint: str, reply: type[T], body: bytes = b"", headers: dict[str, str] | None = None) -> T:
         subject = self.topology.subject(endpoint)
+        with self._errors(subject):
+            return decode(await self._request(subject, body, headers), reply)
+
+    async def _request(self, subject: str, body: bytes, headers: dict[str, str] | None) -> bytes:
         give_up = time.monotonic() + self.timeout
         delay = 0.05
         while True:
@@ -123,7 +186,7 @@ class AsyncClient:
                 # A gateway restarting, or this client reconnecting: its subscriptions are
                 # back within moments, so wait for one up to the request timeout.
                 if time.monotonic() + delay > give_up:
-                    raise Unavailable(f"no gateway answers on {subject}; is `evalq gateway` running?") from None
+                    raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         if reply.headers and _SERVICE_CODE in reply.headers:
@@ -154,8 +217,8 @@ class AsyncClient:
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         for attempt in range(retries + 1):
             try:
-                return decode(await self._request("submit", body, headers), JobAccepted)
-            except (TimeoutError, NatsTimeout, Unavailable):
+                return await self._ask("submit", JobAccepted, body, headers)
+            except (Timeout, Unavailable):
                 if attempt == retries:
                     raise
                 await asyncio.sleep(min(0.2 * 2**attempt, 2.0))  # back-off before the same-key retry
@@ -166,45 +229,52 @@ class AsyncClient:
         return await self.submit(model=model, tasks=tasks, **fields)
 
     async def get_job(self, job_id: str) -> JobInfo:
-        return decode(await self._request("status", encode({"job_id": job_id})), JobInfo)
+        return await self._ask("status", JobInfo, encode({"job_id": job_id}))
 
     async def cancel_job(self, job_id: str) -> CancelReply:
-        return decode(await self._request("cancel", encode({"job_id": job_id})), CancelReply)
+        return await self._ask("cancel", CancelReply, encode({"job_id": job_id}))
 
     async def queue(self) -> QueueStatus:
-        return decode(await self._request("queue", b"{}"), QueueStatus)
+        return await self._ask("queue", QueueStatus, b"{}")
 
     get_queue_status = queue
 
     async def health(self) -> Health:
-        return decode(await self._request("health"), Health)
+        return await self._ask("health", Health)
 
     async def is_healthy(self) -> bool:
         try:
             return (await self.health()).status == "healthy"
-        except (TimeoutError, EvalqError, NatsTimeout):
+        except EvalqError:
             return False
 
     async def list_tasks(self) -> list[str]:
-        return decode(await self._request("tasks"), TasksReply).tasks
+        return (await self._ask("tasks", TasksReply)).tasks
 
     async def list_models(self) -> list[str]:
-        return decode(await self._request("models"), ModelsReply).models
+        return (await self._ask("models", ModelsReply)).models
 
     # --- events ------------------------------------------------------------------------
 
     async def events(self, job_id: str = "*", kind: str = "*", *, history: bool = False) -> AsyncIterator[Event]:
-        """Every event matching the filter, as it happens (from the start when `history`)."""
-        js = self.nc.jetstream()
-        sub = await js.subscribe(
-            self.topology.events_filter(job_id, kind),
-            stream=self.topology.events_stream,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL if history else DeliverPolicy.NEW,
-        )
+        """Every event matching the filter, as it happens (from the start when `history`).
+
+        A filter, not a lookup: an id no job has matches nothing, so this waits rather than
+        raising `JobNotFound` (`watch` asks first).
+        """
+        what = f"the events stream {self.topology.events_stream}"
+        with self._errors(what):
+            js = self.nc.jetstream(domain=self.settings.connection.js_domain, timeout=self.timeout)
+            sub = await js.subscribe(
+                self.topology.events_filter(job_id, kind),
+                stream=self.topology.events_stream,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL if history else DeliverPolicy.NEW,
+            )
         try:
-            async for msg in sub.messages:
-                yield decode_event(msg.data)
+            with self._errors(what):
+                async for msg in sub.messages:
+                    yield decode_event(msg.data)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -213,21 +283,28 @@ class AsyncClient:
         """The job's events from `queued` on, ending after its terminal event.
 
         An ordered consumer that delivers all: a watcher that starts late still sees the
-        whole history, so there is no race between submit and watch.
+        whole history, so there is no race between submit and watch. An unknown id raises
+        `JobNotFound` first instead of waiting for events that never come.
         """
+        await self.get_job(job_id)
         async for event in self.events(job_id, history=True):
             yield event
             if isinstance(event, (Completed, Failed, Cancelled)):
                 return
 
     async def wait_for_job(self, job_id: str, timeout: float | None = None) -> JobInfo:
-        """Wait for the job's end; returns its JobInfo, or raises JobFailed / JobCancelled / TimeoutError."""
-        async with asyncio.timeout(timeout):
-            info = await self.get_job(job_id)  # 404 for an unknown id, before any waiting
-            if info.status not in TERMINAL:
-                async for _ in self.watch(job_id):
-                    pass
-                info = await self.get_job(job_id)
+        """Wait for the job's end; returns its JobInfo, or raises JobFailed / JobCancelled / Timeout."""
+        try:
+            async with asyncio.timeout(timeout):
+                info = await self.get_job(job_id)  # 404 for an unknown id, before any waiting
+                if info.status not in TERMINAL:
+                    async for _ in self.watch(job_id):
+                        pass
+                    info = await self.get_job(job_id)
+        except TimeoutError as exc:
+            if isinstance(exc, EvalqError):
+                raise
+            raise Timeout(f"job {job_id} did not end within {timeout}s; it goes on: wait again, or cancel it") from None
         if info.status == "failed":
             raise JobFailed(job_id, info.error or "failed", info)
         if info.status == "cancelled":
@@ -241,24 +318,33 @@ class AsyncClient:
     # --- results -------------------------------------------------------------------------
 
     async def results(self, job_id: str, dest_dir: str | Path = ".") -> list[Path]:
-        """Download the job's artifacts into `dest_dir/<job_id>/`; returns the files written."""
-        store = await self.nc.jetstream().object_store(self.topology.results_bucket)
+        """Download the job's artifacts into `dest_dir/<job_id>/`; returns the files written.
+
+        A job with none yet gives an empty list; an unknown id (asked of the gateway when no
+        file is found) raises `JobNotFound`.
+        """
+        bucket = self.topology.results_bucket
         root = (Path(dest_dir) / job_id).resolve()
         written: list[Path] = []
-        try:
-            infos = await store.list()
-        except NotFoundError:  # what nats-py raises for an empty store
-            infos = []
-        for info in infos:
-            name = info.name or ""
-            if not name.startswith(f"{job_id}/") or info.deleted:
-                continue
-            relative = PurePosixPath(name[len(job_id) + 1 :])
-            if relative.is_absolute() or ".." in relative.parts or not relative.parts:
-                continue  # never write outside dest_dir, whatever the store holds
-            target = root.joinpath(*relative.parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            result = await store.get(name)
-            target.write_bytes(result.data or b"")
-            written.append(target)
+        with self._errors(f"the results bucket {bucket}"):
+            js = self.nc.jetstream(domain=self.settings.connection.js_domain, timeout=self.timeout)
+            store = await js.object_store(bucket)
+            try:
+                infos = await store.list()
+            except NotFoundError:  # what nats-py raises for an empty store
+                infos = []
+            for info in infos:
+                name = info.name or ""
+                if not name.startswith(f"{job_id}/") or info.deleted:
+                    continue
+                relative = PurePosixPath(name[len(job_id) + 1 :])
+                if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+                    continue  # never write outside dest_dir, whatever the store holds
+                target = root.joinpath(*relative.parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                result = await store.get(name)
+                target.write_bytes(result.data or b"")
+                written.append(target)
+        if not written:
+            await self.get_job(job_id)
         return sorted(written)

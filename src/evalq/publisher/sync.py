@@ -1,7 +1,8 @@
 """`Client`: the blocking face of AsyncClient, for scripts and training loops.
 
 It runs its own event loop on a private thread, so it works the same whether or not the
-caller is already inside a running asyncio loop (a notebook, say).
+caller is already inside a running asyncio loop (a notebook, say). It raises what
+AsyncClient raises: `EvalqError`s only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ..config import Settings
+from ..errors import ConnectError
 from ..schemas import (
     CancelReply,
     EvaluateRequest,
@@ -47,10 +49,14 @@ class Client:
             self._stop_loop()
             raise
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectError("this Client is closed: make a new one (`with Client() as client:`)")
+
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._closed:
             coro.close()
-            raise RuntimeError("this Client is closed")
+            self._check_open()
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _stop_loop(self) -> None:
@@ -81,9 +87,10 @@ class Client:
         request: EvaluateRequest | dict[str, Any] | None = None,
         *,
         idempotency_key: str | None = None,
+        retries: int = 3,
         **fields: Any,
     ) -> JobAccepted:
-        return self._run(self._async.submit(request, idempotency_key=idempotency_key, **fields))
+        return self._run(self._async.submit(request, idempotency_key=idempotency_key, retries=retries, **fields))
 
     def evaluate(self, model: str, tasks: list[str], **fields: Any) -> JobAccepted:
         return self._run(self._async.evaluate(model, tasks, **fields))
@@ -127,6 +134,7 @@ class Client:
         return self._iterate(self._async.events(job_id, kind, history=history))
 
     def _iterate(self, source: Any) -> Iterator[Event]:
+        self._check_open()
         items: queue.Queue[Any] = queue.Queue()
 
         async def pump() -> None:

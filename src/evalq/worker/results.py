@@ -16,6 +16,7 @@ from typing import Any
 
 from ..lifecycle import Failure, Outcome, Success
 from ..schemas import JobResult
+from .progress import ANSI_ESCAPE
 
 __all__ = ["ResultFiles", "collect", "metrics_of", "outcome_of", "tail", "upload"]
 
@@ -88,7 +89,7 @@ def tail(path: Path, lines: int = 40, max_bytes: int = 16384) -> str:
     except OSError:
         return ""
     text = data.decode(errors="replace").replace("\r", "\n")
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    text = ANSI_ESCAPE.sub("", text)
     kept = [line for line in text.split("\n") if line.strip()]
     return "\n".join(kept[-lines:])
 

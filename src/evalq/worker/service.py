@@ -67,6 +67,10 @@ class _Current:
     requeue: asyncio.Event = field(default_factory=asyncio.Event)
     last_progress_at: float = 0.0
     last_phase: str = ""
+    # Progress is reported only between `started` and the outcome, so that no progress event
+    # precedes the one or follows the other.
+    announced: bool = False
+    reports: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class Worker:
@@ -81,13 +85,13 @@ class Worker:
         self.nc = nc
         self.settings = settings
         self.topology = topology or Topology.from_settings(settings)
-        self.js = nc.jetstream(timeout=settings.request_timeout)
-        self.pool = settings.pool
+        self.js = nc.jetstream(timeout=settings.connection.request_timeout)
+        self.pool = settings.worker.pool
         host = socket.gethostname()
-        self.worker_id = settings.worker_id or re.sub(
+        self.worker_id = settings.worker.worker_id or re.sub(
             r"[^A-Za-z0-9_\-]", "-", f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
-        self.events = EventPublisher(nc, self.topology, timeout=settings.request_timeout)
+        self.events = EventPublisher(nc, self.topology, timeout=settings.connection.request_timeout)
         self.results_root = settings.results_root
         self.state_dir = settings.home_path / "worker" / self.worker_id
         self.registration = Registration(
@@ -101,12 +105,12 @@ class Worker:
                 version=__version__,
                 started_at=now(),
             ),
-            heartbeat=settings.heartbeat,
-            timeout=settings.request_timeout,
+            heartbeat=settings.worker.heartbeat,
+            timeout=settings.connection.request_timeout,
         )
         # The consumer's ack_wait as the server has it: the keep-alive follows it, whatever
         # this worker's own setting says.
-        self.ack_wait = settings.ack_wait
+        self.ack_wait = settings.queue.ack_wait
         self.current: _Current | None = None
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -122,31 +126,31 @@ class Worker:
     async def start(self) -> Worker:
         await self.topology.ensure(self.js, pools=(self.pool,))
         self.ack_wait = await self.topology.ack_wait_of(self.js, self.pool)
-        if self.ack_wait != self.settings.ack_wait:
+        if self.ack_wait != self.settings.queue.ack_wait:
             log.warning(
                 "pool %s: the consumer's ack_wait is %.0f s, this worker's setting %.0f s; keeping jobs alive "
                 "for the consumer's (`evalq setup` changes it)",
                 self.pool,
                 self.ack_wait,
-                self.settings.ack_wait,
+                self.settings.queue.ack_wait,
             )
         self.jobs = JobStore(await self.js.key_value(self.topology.jobs_bucket))
         self.recorder = Recorder(
             self.jobs,
             self.events,
-            lookup_timeout=self.settings.request_timeout,
-            patience=self.settings.outage_timeout,
+            lookup_timeout=self.settings.connection.request_timeout,
+            patience=self.settings.worker.outage_timeout,
         )
         self.results = await self.js.object_store(self.topology.results_bucket)
         self.sub = await self.js.pull_subscribe_bind(self.topology.consumer, self.topology.work_stream(self.pool))
         self.results_root.mkdir(parents=True, exist_ok=True)
-        self.include_dir = build_include_dir(self.state_dir / "tasks", self.settings.task_paths)
-        if self.settings.warm_evaluator and not self.settings.evaluator and sys.platform == "linux":
+        self.include_dir = build_include_dir(self.state_dir / "tasks", self.settings.worker.task_paths)
+        if self.settings.worker.warm_evaluator and not self.settings.worker.evaluator and sys.platform == "linux":
             self.warm = WarmEvaluator(
                 self.include_dir, env=scrubbed_env(os.environ), log_path=self.state_dir / "zygote.log"
             )
             self.warm.start()  # warms up while the worker waits for its first job
-        if self.settings.advertise_inventory:
+        if self.settings.worker.advertise_inventory:
             # Listed only with its inventory: see registration.py.
             self._tasks.append(asyncio.create_task(self._advertise(), name="inventory"))
         else:
@@ -197,10 +201,10 @@ class Worker:
             self._stop_job(self.current)
 
     def _stop_job(self, current: _Current) -> None:
-        if self.settings.shutdown_mode == "requeue":
+        if self.settings.worker.shutdown_mode == "requeue":
             current.requeue.set()
         else:
-            asyncio.get_running_loop().call_later(self.settings.grace, current.requeue.set)
+            asyncio.get_running_loop().call_later(self.settings.worker.grace, current.requeue.set)
 
     @property
     def stopping(self) -> bool:
@@ -292,27 +296,33 @@ class Worker:
             await msg.in_progress()
         with contextlib.suppress(Exception):
             self.ack_wait = await self.topology.ack_wait_of(self.js, self.pool)
-        await self.recorder.ensure_queued_event(info, bound=min(self.settings.request_timeout, self.ack_wait / 3))
+        await self.recorder.ensure_queued_event(
+            info, bound=min(self.settings.connection.request_timeout, self.ack_wait / 3)
+        )
         if info.status == "cancelling":
             await self._conclude(msg, job_id, Cancellation(reason="cancelled before it started"))
             return
-        if attempt > self.settings.max_attempts:
+        if attempt > self.settings.worker.max_attempts:
             reason = (
-                f"gave up after {attempt - 1} attempts (max_attempts={self.settings.max_attempts}); "
+                f"gave up after {attempt - 1} attempts (max_attempts={self.settings.worker.max_attempts}); "
                 f"the last worker was {info.worker or 'unknown'}"
             )
             await self._conclude(msg, job_id, Failure(error=reason))
             return
-        if info.status == "running":
-            reason = f"worker {info.worker} stopped answering during attempt {info.attempts}; redelivered"
-            await self.recorder.announce(
-                lifecycle.requeued_event(info, attempt=attempt, worker=self.worker_id, reason=reason, at=now())
-            )
-
         started = now()
         moved = await self.recorder.record(
-            job_id, lambda record: lifecycle.start(record, attempt=attempt, worker=self.worker_id, at=started)
+            job_id,
+            lambda record: lifecycle.start(record, attempt=attempt, worker=self.worker_id, at=started),
+            repair=True,
         )
+        if isinstance(moved, Applied) and moved.before.status == "running":
+            # Announced only once this worker has it: a refused start restarts nothing.
+            reason = (
+                f"worker {moved.before.worker} stopped answering during attempt {moved.before.attempts}; redelivered"
+            )
+            await self.recorder.announce(
+                lifecycle.requeued_event(moved.before, attempt=attempt, worker=self.worker_id, reason=reason, at=now())
+            )
         if isinstance(moved, Refused):
             if moved.current is not None and moved.current.status == "cancelling":
                 await self._conclude(msg, job_id, Cancellation(reason="cancelled before it started"))
@@ -358,14 +368,18 @@ class Worker:
             current.process = process
             # `started` follows the launch, so a follower that sees it can act on the process.
             await self.recorder.announce(lifecycle.started_event(info, worker=self.worker_id, at=now()))
+            current.announced = True
             waiting = asyncio.create_task(process.wait())
             stop_reasons = [asyncio.create_task(current.cancel.wait()), asyncio.create_task(current.requeue.wait())]
             await asyncio.wait([waiting, *stop_reasons], return_when=asyncio.FIRST_COMPLETED)
             if not waiting.done():
-                await process.terminate(self.settings.cancel_grace)
+                await process.terminate(self.settings.worker.cancel_grace)
             exit_code = await waiting
         finally:
             ended.set()
+            current.announced = False
+            if current.reports:
+                await asyncio.wait(current.reports, timeout=self.settings.connection.request_timeout)
             pending: list[asyncio.Task[Any]] = [watcher, *stop_reasons]
             for task in pending:
                 task.cancel()
@@ -392,7 +406,7 @@ class Worker:
                 job_id=info.job_id,
                 put=self._store_artifact,
                 duration_s=round(time.monotonic() - begun, 3),
-                tail_lines=self.settings.log_tail_lines,
+                tail_lines=self.settings.worker.log_tail_lines,
             )
         await self._conclude(current.msg, info.job_id, outcome)
 
@@ -413,7 +427,7 @@ class Worker:
                 return warm
             except (ZygoteError, OSError) as exc:
                 log.warning("warm evaluator unavailable (%s); starting a fresh lmms-eval process", exc)
-        argv = evaluator_command(request, self.settings.evaluator) + args
+        argv = evaluator_command(request, self.settings.worker.evaluator) + args
         env = scrubbed_env(os.environ)
         process = EvalProcess(argv, env=env, cwd=output, log_path=log_path, on_progress=on_progress)
         await process.start()
@@ -470,13 +484,17 @@ class Worker:
                         await watcher.stop()  # type: ignore[no-untyped-call]
 
     def _on_progress(self, current: _Current, progress: Progress) -> None:
+        if not current.announced:
+            return
         clock = time.monotonic()
         phase_changed = progress.phase != current.last_phase
-        if not phase_changed and clock - current.last_progress_at < self.settings.progress_interval:
+        if not phase_changed and clock - current.last_progress_at < self.settings.worker.progress_interval:
             return
         current.last_progress_at = clock
         current.last_phase = progress.phase
-        asyncio.get_running_loop().create_task(self._report_progress(current, progress))
+        report = asyncio.get_running_loop().create_task(self._report_progress(current, progress))
+        current.reports.add(report)
+        report.add_done_callback(current.reports.discard)
 
     async def _report_progress(self, current: _Current, value: Progress) -> None:
         def event(applied: Applied) -> lifecycle.Event:
@@ -489,7 +507,7 @@ class Worker:
 
     async def _store_artifact(self, name: str, data: bytes) -> None:
         # An evaluation's artifacts are worth its GPU time: wait out a NATS restart.
-        await outlast(lambda: self.results.put(name, data), f"upload {name}", self.settings.outage_timeout)
+        await outlast(lambda: self.results.put(name, data), f"upload {name}", self.settings.worker.outage_timeout)
 
     # --- settling the message --------------------------------------------------------------
 
@@ -501,7 +519,7 @@ class Worker:
             # Its redelivery finds the record (terminal, or not yet) and comes back here.
             log.warning("could not record the outcome of %s: %s", job_id, exc)
             return
-        await outlast(msg.ack, "ack", self.settings.outage_timeout)
+        await outlast(msg.ack, "ack", self.settings.worker.outage_timeout)
 
     async def _requeue(self, current: _Current, reason: str) -> None:
         """Hand the job back: `queued` again, a `requeued` event, and the message nak'd."""
