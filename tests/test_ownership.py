@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from evalq import AsyncClient
+from evalq import AsyncClient, InvalidField
 from evalq.config import Settings
 from evalq.connection import connect
 from evalq.embedded import EmbeddedServer
@@ -116,3 +116,26 @@ async def test_a_killed_workers_job_restarts_elsewhere_within_20_s(
     assert started[0].worker != started[1].worker
     assert restarted_at[0] - killed_at[0] <= 20.0, f"restarted {restarted_at[0] - killed_at[0]:.1f} s after the kill"
     assert kinds(events)[-1] == "cancelled"
+
+
+async def test_a_worker_is_listed_only_with_its_inventory(client: AsyncClient, worker_factory: Any) -> None:
+    """`health` never shows a worker whose tasks are unknown, so `tasks` never answers [] beside it."""
+    handle = await worker_factory(advertise_inventory=True)
+    deadline = time.monotonic() + 240  # the warm evaluator's imports, on 2 shared cores
+    looks = 0
+    while True:
+        assert time.monotonic() < deadline, "the worker never listed itself"
+        workers = (await client.health()).workers
+        tasks = await client.list_tasks()
+        looks += 1
+        if workers:
+            assert [w.worker_id for w in workers] == [handle.worker.worker_id]
+            assert workers[0].tasks and "evalq_demo" in workers[0].tasks
+            assert "evalq_demo" in tasks and "dummy" in await client.list_models()
+            break
+        assert tasks == [], "tasks came from a worker that health does not show"
+        await asyncio.sleep(0.2)
+    assert looks > 1, "listed before its inventory could have been taken"
+    # A job for a task no worker lists is refused once one is listed.
+    with pytest.raises(InvalidField, match="unknown task"):
+        await client.submit(**{**JOB, "tasks": ["no_such_task"]})

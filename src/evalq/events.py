@@ -12,9 +12,9 @@ __all__ = ["EventPublisher"]
 
 
 class EventPublisher:
-    def __init__(self, nc: Client, topology: Topology, *, timeout: float) -> None:
+    def __init__(self, nc: Client, topology: Topology, *, timeout: float, domain: str | None = None) -> None:
         self.nc = nc
-        self.js = nc.jetstream(timeout=timeout)
+        self.js = nc.jetstream(timeout=timeout, domain=domain)
         self.topology = topology
         self.timeout = timeout
 

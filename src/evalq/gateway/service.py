@@ -119,10 +119,11 @@ class Gateway:
         self.nc = nc
         self.settings = settings
         self.topology = topology or Topology.from_settings(settings)
-        self.js = nc.jetstream(timeout=settings.connection.request_timeout)
+        domain = settings.connection.js_domain
+        self.js = nc.jetstream(timeout=settings.connection.request_timeout, domain=domain)
         self.pipeline = jetstream.Pipeline(nc)
-        self.positions = Positions(nc, self.topology, timeout=settings.connection.request_timeout)
-        self.events = EventPublisher(nc, self.topology, timeout=settings.connection.request_timeout)
+        self.positions = Positions(nc, self.topology, timeout=settings.connection.request_timeout, domain=domain)
+        self.events = EventPublisher(nc, self.topology, timeout=settings.connection.request_timeout, domain=domain)
         self._service: Service | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.gateway.gateway_concurrency)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 
 import msgspec
 from nats.aio.client import Client
@@ -34,6 +35,7 @@ class Registration:
         self.ttl = f"{max(1, math.ceil(3 * heartbeat))}s"
         self.listed = False  # written at least once: the heartbeat keeps it written
         self._closed = False
+        self._subject = f"$KV.{bucket}.{info.worker_id}"
 
     async def put(self, *, current_job: str | None) -> None:
         self.info = msgspec.structs.replace(self.info, heartbeat_at=now(), current_job=current_job)
@@ -46,19 +48,20 @@ class Registration:
         self.info = msgspec.structs.replace(self.info, **changes)
         await self.put(current_job=current_job)
 
-    async def beat(self, current_job: object) -> None:
+    async def beat(self, current_job: Callable[[], str | None]) -> None:
         """Rewrite the entry every heartbeat until closed; `current_job()` names the job in hand."""
         while not self._closed:
             await asyncio.sleep(self.heartbeat)  # the heartbeat period itself
             if not self.listed:
                 continue
             try:
-                await self.put(current_job=current_job())  # type: ignore[operator]
+                await self.put(current_job=current_job())
             except Exception as exc:  # a NATS outage must not end the heartbeat
                 log.warning("heartbeat failed: %s", exc)
 
     async def remove(self) -> None:
+        """Take the entry out at once (a delete marker), rather than after its TTL."""
         self._closed = True
         if self.listed:
-            kv = await self.nc.jetstream(timeout=self.timeout).key_value(self.bucket)
-            await kv.delete(self.info.worker_id)
+            marker = jetstream.Write(self._subject, b"", {"KV-Operation": "DEL"})
+            await jetstream.publish(self.nc, marker, timeout=self.timeout)

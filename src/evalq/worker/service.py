@@ -85,13 +85,14 @@ class Worker:
         self.nc = nc
         self.settings = settings
         self.topology = topology or Topology.from_settings(settings)
-        self.js = nc.jetstream(timeout=settings.connection.request_timeout)
+        domain = settings.connection.js_domain
+        self.js = nc.jetstream(timeout=settings.connection.request_timeout, domain=domain)
         self.pool = settings.worker.pool
         host = socket.gethostname()
         self.worker_id = settings.worker.worker_id or re.sub(
             r"[^A-Za-z0-9_\-]", "-", f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
-        self.events = EventPublisher(nc, self.topology, timeout=settings.connection.request_timeout)
+        self.events = EventPublisher(nc, self.topology, timeout=settings.connection.request_timeout, domain=domain)
         self.results_root = settings.results_root
         self.state_dir = settings.home_path / "worker" / self.worker_id
         self.registration = Registration(
