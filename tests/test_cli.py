@@ -114,8 +114,29 @@ async def test_results_and_workers(
         "events",
         "queue",
         "workers",
+        "setup",
     ],
 )
 async def test_every_command_has_help_with_an_example(settings: Settings, command: str) -> None:
     code, out, _ = await evalq(settings, command, "--help")
     assert code == 0 and "Example" in out
+
+
+async def test_setup_is_how_queue_settings_change(settings: Settings, nc: Any, topology: Any) -> None:
+    js = nc.jetstream()
+    code, out, _ = await evalq(settings, "setup", "--ack-wait", "7", "--dry-run", "--json")
+    assert code == 0
+    assert json.loads(out) == [
+        {
+            "object": f"consumer {topology.work_stream('default')}/{topology.consumer}",
+            "setting": "ack_wait",
+            "was": 5.0,
+            "now": 7.0,
+        }
+    ]
+    assert (await js.consumer_info(topology.work_stream("default"), topology.consumer)).config.ack_wait == 5.0
+    code, out, _ = await evalq(settings, "setup", "--ack-wait", "7")
+    assert code == 0 and "ack_wait changed from 5.0 to 7.0" in out
+    assert (await js.consumer_info(topology.work_stream("default"), topology.consumer)).config.ack_wait == 7.0
+    code, out, _ = await evalq(settings, "setup", "--ack-wait", "7")
+    assert code == 0 and "as configured" in out

@@ -164,3 +164,11 @@ async def test_requests_go_to_the_configured_domain(tmp_path: Path) -> None:
                 await topology.pools(nc.jetstream(domain="elsewhere", timeout=2.0))
         finally:
             await nc.close()
+
+
+def test_key_writes_name_their_bucket_and_ttl() -> None:
+    put = jetstream.key_put("b-workers", "w1", b"{}", ttl=2.5)
+    assert (put.subject, put.headers) == ("$KV.b-workers.w1", {"Nats-TTL": "3s"})
+    assert jetstream.key_put("b", "k", b"", ttl=0.2).headers == {"Nats-TTL": "1s"}
+    assert jetstream.key_put("b", "k", b"").headers is None
+    assert jetstream.key_delete("b", "k").headers == {"KV-Operation": "DEL"}

@@ -229,7 +229,9 @@ def setup(
         return
     verb = "would change" if dry_run else "changed"
     for d in differs:
-        console.print(f"{d.object}: {d.setting} {verb} from {d.current!r} to {d.wanted!r}", highlight=False)
+        console.print(
+            f"{d.object}: {d.setting} {verb} from {d.current!r} to {d.wanted!r}", highlight=False, soft_wrap=True
+        )
     if not differs:
         console.print(f"queue {settings.queue.prefix!r} is as configured (pools: {', '.join(pools)})")
 

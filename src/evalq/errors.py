@@ -9,12 +9,12 @@
     ├── Timeout                 no answer in time (a request, or wait_for_job); also a TimeoutError
     ├── RequestError            a refusal, with code, message and path: the gateway's error reply,
     │   │                       or the SDK's own 503 when nothing serves the request
-    │   ├── BadRequest          400: the body is not JSON, or not a JSON object
+    │   ├── BadRequest          400: the body is not JSON (or not UTF-8); a bad Idempotency-Key
     │   ├── JobNotFound         404: no such job
     │   ├── WrongState          409: the job is in a state that does not allow this
     │   ├── TooLarge            413: the body is over the gateway's size limit
-    │   ├── InvalidField        422: a field is missing, unknown or out of range
-    │   └── Unavailable         503: the queue is full, no worker can run the job, no gateway
+    │   ├── InvalidField        422: a field is missing, unknown or out of range; no worker offers it
+    │   └── Unavailable         503: the queue is full, JetStream did not answer, no gateway
     │                           answers, or the queue's JetStream objects are missing
     ├── Conflict                a compare-and-set on a job's record kept losing the race (409 at the gateway)
     ├── JobFailed               wait_for_job: the job ended ``failed``

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -69,6 +70,8 @@ __all__ = [
     "consumer_info",
     "create_key",
     "key_create",
+    "key_delete",
+    "key_put",
     "msg_get_next",
     "publish",
     "stream_info",
@@ -267,6 +270,17 @@ class Write:
 def key_create(bucket: str, key: str, value: bytes) -> Write:
     """A key-value write that the stream refuses if the key was ever written."""
     return Write(f"$KV.{bucket}.{key}", value, {"Nats-Expected-Last-Subject-Sequence": "0"})
+
+
+def key_put(bucket: str, key: str, value: bytes, *, ttl: float | None = None) -> Write:
+    """A key-value write; with `ttl`, the entry expires by itself (`Nats-TTL`, whole seconds, at least 1)."""
+    headers = {"Nats-TTL": f"{max(1, math.ceil(ttl))}s"} if ttl is not None else None
+    return Write(f"$KV.{bucket}.{key}", value, headers)
+
+
+def key_delete(bucket: str, key: str) -> Write:
+    """A key-value delete marker."""
+    return Write(f"$KV.{bucket}.{key}", b"", {"KV-Operation": "DEL"})
 
 
 def _ack_of(msg: Msg) -> PubAck:

@@ -1,6 +1,6 @@
 """Every wire type, as msgspec Structs, with one encoder and decoder each.
 
-These shapes are the contract in DESIGN.md: users script against the field names.
+These shapes are the contract in docs/DESIGN.md: users script against the field names.
 Structs are frozen and keyword-only; requests refuse unknown fields so a typo never
 passes silently. Constraints live in the types, so a refusal always carries a JSON path.
 """
@@ -17,7 +17,6 @@ from msgspec import Meta, Struct
 __all__ = [
     "TERMINAL",
     "CancelReply",
-    "CancelRequest",
     "Cancelled",
     "Completed",
     "EvaluateRequest",
@@ -149,9 +148,6 @@ class JobRef(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The body of `status` and `cancel`."""
 
     job_id: JobId
-
-
-CancelRequest = JobRef
 
 
 class WorkItem(_Wire, frozen=True, kw_only=True):

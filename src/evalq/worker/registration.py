@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Callable
 
 import msgspec
@@ -32,14 +31,12 @@ class Registration:
         self.info = info
         self.heartbeat = heartbeat
         self.timeout = timeout
-        self.ttl = f"{max(1, math.ceil(3 * heartbeat))}s"
         self.listed = False  # written at least once: the heartbeat keeps it written
         self._closed = False
-        self._subject = f"$KV.{bucket}.{info.worker_id}"
 
     async def put(self, *, current_job: str | None) -> None:
         self.info = msgspec.structs.replace(self.info, heartbeat_at=now(), current_job=current_job)
-        write = jetstream.Write(f"$KV.{self.bucket}.{self.info.worker_id}", encode(self.info), {"Nats-TTL": self.ttl})
+        write = jetstream.key_put(self.bucket, self.info.worker_id, encode(self.info), ttl=3 * self.heartbeat)
         await jetstream.publish(self.nc, write, timeout=self.timeout)
         self.listed = True
 
@@ -63,5 +60,6 @@ class Registration:
         """Take the entry out at once (a delete marker), rather than after its TTL."""
         self._closed = True
         if self.listed:
-            marker = jetstream.Write(self._subject, b"", {"KV-Operation": "DEL"})
-            await jetstream.publish(self.nc, marker, timeout=self.timeout)
+            await jetstream.publish(
+                self.nc, jetstream.key_delete(self.bucket, self.info.worker_id), timeout=self.timeout
+            )
