@@ -61,6 +61,7 @@ JobId = Annotated[
 # These two checks run in EvaluateRequest.__post_init__ rather than as `Meta(pattern=...)`:
 # msgspec (0.19-0.22) corrupts its heap when a union holds a pattern-constrained str beside
 # a dict of str values, and the process aborts later.
+JOB_ID_SEGMENT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 ARG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
 ARG_TEXT = re.compile(r"^[^,=\x00-\x1f\x7f]*$")
 ArgValue = Union[Annotated[str, Meta(max_length=4096)], bool, int, float]
@@ -122,6 +123,10 @@ class EvaluateRequest(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     def __post_init__(self) -> None:
         for field in ("model_args", "gen_kwargs"):
             _check_args(getattr(self, field), field)
+        if self.output_dir is not None and any(JOB_ID_SEGMENT.fullmatch(part) for part in self.output_dir.split("/")):
+            # A job's folder is `<output_dir>/<job_id>`: a segment shaped like a job id could
+            # put this job's folder inside another job's, and its results in place of theirs.
+            raise ValueError("Expected no folder shaped like a job id - at `$.output_dir`")
 
 
 def _check_args(args: dict[str, Any] | str | None, field: str) -> None:

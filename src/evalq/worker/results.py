@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..lifecycle import Failure, Outcome, Success
-from ..schemas import JobResult
+from ..schemas import JOB_ID_SEGMENT, JobResult
 from .progress import ANSI_ESCAPE
 
 __all__ = ["ResultFiles", "collect", "metrics_of", "outcome_of", "tail", "upload"]
@@ -24,29 +24,51 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
 class ResultFiles:
-    def __init__(self, results: Path | None, samples: list[Path]) -> None:
+    def __init__(
+        self, results: Path | None, samples: list[Path], problem: str = "no *_results.json was written"
+    ) -> None:
         self.results = results
         self.samples = samples
+        self.problem = problem
 
 
-def _walk(root: Path) -> list[Path]:
-    found: list[Path] = []
-    for directory, dirs, files in os.walk(root, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(directory, d)))
-        for name in sorted(files):
-            path = Path(directory, name)
-            if not path.is_symlink() and path.is_file():
-                found.append(path)
-    return found
+def _files(directory: Path) -> list[Path]:
+    """Regular files directly in `directory`, no links."""
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError:
+        return []
+    return [p for p in entries if not p.is_symlink() and p.is_file()]
 
 
-def collect(output: Path) -> ResultFiles:
-    """The newest `*_results.json` under `output` (searched recursively) and the samples."""
-    files = _walk(output) if output.is_dir() else []
-    results = [p for p in files if p.name.endswith("_results.json")]
-    samples = [p for p in files if p.suffix == ".jsonl" and "_samples_" in p.name]
-    newest = max(results, key=lambda p: (p.stat().st_mtime, p.name)) if results else None
-    return ResultFiles(newest, samples)
+def collect(output: Path, *, since: float | None = None) -> ResultFiles:
+    """The results file this run wrote in its own folder, and its samples.
+
+    lmms-eval writes `<output>/<model>/<date_id>_results.json` (or straight into `<output>`
+    when the model has no name), and `<date_id>_samples_<task>.jsonl` beside it. Only those
+    two levels are read, and only in this job's folder, which the worker made empty for
+    this run: a folder shaped like another job's is never entered, and more than one
+    results file, or one older than the run (`since`, a wall-clock time), is not a result.
+    """
+    if not output.is_dir() or output.is_symlink():
+        return ResultFiles(None, [])
+    places = [output] + [
+        d
+        for d in sorted(output.iterdir())
+        if d.is_dir() and not d.is_symlink() and not JOB_ID_SEGMENT.fullmatch(d.name)
+    ]
+    found = [p for place in places for p in _files(place) if p.name.endswith("_results.json")]
+    if not found:
+        return ResultFiles(None, [])
+    if len(found) > 1:
+        names = ", ".join(str(p.relative_to(output)) for p in found)
+        return ResultFiles(None, [], f"more than one results file was found ({names}); none is taken as this run's")
+    results = found[0]
+    if since is not None and results.stat().st_mtime < since - 1.0:
+        return ResultFiles(None, [], f"{results.name} predates this run")
+    date_id = results.name[: -len("_results.json")]
+    samples = [p for p in _files(results.parent) if p.name.startswith(f"{date_id}_samples_") and p.suffix == ".jsonl"]
+    return ResultFiles(results, samples)
 
 
 def metrics_of(results_file: Path) -> dict[str, dict[str, Any]]:
@@ -110,12 +132,20 @@ async def upload(put: Upload, job_id: str, files: list[tuple[Path, str]]) -> lis
 
 
 async def outcome_of(
-    output: Path, log_path: Path, exit_code: int, *, job_id: str, put: Upload, duration_s: float, tail_lines: int
+    output: Path,
+    log_path: Path,
+    exit_code: int,
+    *,
+    job_id: str,
+    put: Upload,
+    duration_s: float,
+    tail_lines: int,
+    started_at: float | None = None,
 ) -> Outcome:
     """What a finished evaluation produced, its artifacts uploaded: a Success or a Failure."""
-    files = collect(output)
+    files = collect(output, since=started_at)
     metrics = None
-    problem = "no *_results.json was written"
+    problem = files.problem
     if files.results is not None:
         try:
             metrics = metrics_of(files.results)

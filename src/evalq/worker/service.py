@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -36,7 +37,7 @@ from ..events import EventPublisher
 from ..jobstore import JobStore
 from ..lifecycle import Applied, Cancellation, Failure, Outcome, Recorder, Refused
 from ..outage import outlast
-from ..schemas import TERMINAL, JobInfo, Progress, WorkerInfo, WorkItem, decode, now
+from ..schemas import JOB_ID_SEGMENT, TERMINAL, JobInfo, Progress, WorkerInfo, WorkItem, decode, now
 from ..topology import Topology
 from .argv import evaluator_command, lmms_eval_args, scrubbed_env
 from .inventory import take_inventory
@@ -259,6 +260,23 @@ class Worker:
                         with contextlib.suppress(Exception):
                             await self.registration.put(current_job=None)  # no longer advertise the job
 
+    async def _refuse_unreadable(self, msg: Msg, exc: Exception) -> None:
+        """A message this worker cannot read (written before a rule it now enforces, or by
+        hand): its job, if it has a record, fails with the reason; the message is dropped."""
+        log.error("an unreadable work message (seq %s): %s", msg.metadata.sequence.stream, exc)
+        try:
+            job_id = msgspec.json.decode(msg.data, type=dict[str, Any]).get("job_id")
+        except (msgspec.DecodeError, ValueError):
+            job_id = None
+        found = None
+        if isinstance(job_id, str):
+            with contextlib.suppress(Exception):  # not even a valid key: nothing to fail
+                found = await self.jobs.get(job_id)
+        if isinstance(job_id, str) and found is not None:
+            await self._conclude(msg, job_id, Failure(error=f"the job's request is not valid here: {exc}"))
+            return
+        await msg.term()
+
     async def _record_of(self, item: WorkItem, seq: int) -> JobInfo:
         """The job's record; created from the message if the gateway never wrote it."""
         deadline = time.monotonic() + 5.0
@@ -280,9 +298,8 @@ class Worker:
         attempt = meta.num_delivered or 1
         try:
             item = decode(msg.data, WorkItem)
-        except (msgspec.DecodeError, ValueError):
-            log.error("dropping an unreadable work message (seq %s)", meta.sequence.stream)
-            await msg.term()
+        except (msgspec.DecodeError, ValueError) as exc:
+            await self._refuse_unreadable(msg, exc)
             return
         info = await self._record_of(item, meta.sequence.stream)
         job_id = info.job_id
@@ -353,10 +370,9 @@ class Worker:
         assert info.request is not None
         output = self._output_dir(info)
         begun = time.monotonic()
-        if output is None:
-            await self._conclude(
-                current.msg, info.job_id, Failure(error="output_dir resolves outside the results root")
-            )
+        launched_at = time.time()
+        if isinstance(output, str):
+            await self._conclude(current.msg, info.job_id, Failure(error=output))
             return
         log_path = output / "eval.log"
         ended = asyncio.Event()
@@ -408,6 +424,7 @@ class Worker:
                 put=self._store_artifact,
                 duration_s=round(time.monotonic() - begun, 3),
                 tail_lines=self.settings.worker.log_tail_lines,
+                started_at=launched_at,
             )
         await self._conclude(current.msg, info.job_id, outcome)
 
@@ -435,17 +452,31 @@ class Worker:
         log.info("job %s attempt %d: pid %s: %s", job_id, current.attempt, process.pid, " ".join(argv))
         return process
 
-    def _output_dir(self, info: JobInfo) -> Path | None:
+    def _output_dir(self, info: JobInfo) -> Path | str:
+        """This job's own folder, made empty for this attempt; or why there can be none.
+
+        `<results root>/<output_dir>/<job_id>`: no segment of `output_dir` may look like a
+        job id (the gateway refuses one; a message from before that rule is refused here),
+        so no job's folder is ever inside another's, and results are read only from here.
+        """
         assert info.request is not None
         root = self.results_root.resolve()
+        parts = Path(info.request.output_dir or "").parts
+        if any(JOB_ID_SEGMENT.fullmatch(part) for part in parts):
+            return "output_dir names a folder shaped like a job id; each job's folder is its own"
         # A symlink planted under the root must not lead the job (or its upload) outside:
         # resolve before creating anything, and again after.
-        output = (root / (info.request.output_dir or "") / info.job_id).resolve()
+        output = (root / Path(*parts) / info.job_id).resolve() if parts else (root / info.job_id).resolve()
         if not output.is_relative_to(root):
-            return None
+            return "output_dir resolves outside the results root"
+        if output.exists():
+            # An earlier attempt's files must not pass for this one's results.
+            shutil.rmtree(output, ignore_errors=True)
         output.mkdir(parents=True, exist_ok=True)
         output = output.resolve()
-        return output if output.is_relative_to(root) else None
+        if not output.is_relative_to(root) or any(output.iterdir()):
+            return "the job's output folder could not be made empty"
+        return output
 
     async def _keep_alive(self, msg: Msg, settled: asyncio.Event) -> None:
         """Restart the message's ack timer until the job is settled, uploads and all."""
