@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 
 from .. import __version__, lifecycle
+from ..capability import cannot_run
 from ..config import Settings
 from ..events import EventPublisher
 from ..jobstore import JobStore
@@ -53,6 +54,10 @@ log = logging.getLogger("evalq.worker")
 
 # A zygote that fails to start this many times in a row is given up on.
 _ZYGOTE_STARTS = 3
+# A job this worker cannot run goes back to the queue after this delay, at most this many
+# deliveries, so that a worker that can run it takes it.
+_HAND_BACK_DELAY = 1.0
+_HAND_BACKS = 20
 
 
 @dataclass
@@ -260,6 +265,39 @@ class Worker:
                         with contextlib.suppress(Exception):
                             await self.registration.put(current_job=None)  # no longer advertise the job
 
+    async def _hand_on(self, msg: Msg, info: JobInfo, unable: str, *, deliveries: int) -> None:
+        """A job this worker cannot run: back to the queue for a worker that can, or failed
+        with the reason when no live worker of the pool can (or after `_HAND_BACKS`)."""
+        assert info.request is not None
+        able = [peer.worker_id for peer in await self._peers() if cannot_run(peer, info.request) is None]
+        if able and deliveries < _HAND_BACKS:
+            log.info("job %s: %s; handing it back for %s", info.job_id, unable, ", ".join(able))
+            await msg.nak(delay=_HAND_BACK_DELAY)
+            return
+        why = f"no live worker of pool {self.pool!r} can run it: {self.worker_id} took it, but {unable}"
+        if able:
+            why += f"; it was handed back {deliveries} times and never reached {', '.join(able)}"
+        await self._conclude(msg, info.job_id, Failure(error=why))
+
+    async def _peers(self) -> list[WorkerInfo]:
+        """The other live workers of this pool, as the workers bucket lists them."""
+        peers: list[WorkerInfo] = []
+        try:
+            kv = await self.js.key_value(self.topology.workers_bucket)
+            keys = await kv.keys()
+        except Exception:  # no keys, or NATS away: nobody known to hand it to
+            return peers
+        for key in keys:
+            if key == self.worker_id:
+                continue
+            with contextlib.suppress(Exception):
+                entry = await kv.get(key)
+                if entry.value:
+                    peer = decode(entry.value, WorkerInfo)
+                    if peer.pool == self.pool:
+                        peers.append(peer)
+        return peers
+
     async def _refuse_unreadable(self, msg: Msg, exc: Exception) -> None:
         """A message this worker cannot read (written before a rule it now enforces, or by
         hand): its job, if it has a record, fails with the reason; the message is dropped."""
@@ -295,7 +333,6 @@ class Worker:
     async def _take(self, msg: Msg) -> None:
         """One message: settle it at once if there is nothing to run, else run its job."""
         meta = msg.metadata
-        attempt = meta.num_delivered or 1
         try:
             item = decode(msg.data, WorkItem)
         except (msgspec.DecodeError, ValueError) as exc:
@@ -303,6 +340,9 @@ class Worker:
             return
         info = await self._record_of(item, meta.sequence.stream)
         job_id = info.job_id
+        # Attempts count starts, not deliveries: a job handed back before it started (this
+        # worker could not run it) has not been tried.
+        attempt = info.attempts + 1
         if info.status in TERMINAL:
             # Finished before (a crash between the record and the ack, or cancelled while
             # queued): make sure the terminal event exists, then let the message go.
@@ -326,6 +366,11 @@ class Worker:
                 f"the last worker was {info.worker or 'unknown'}"
             )
             await self._conclude(msg, job_id, Failure(error=reason))
+            return
+        assert info.request is not None
+        unable = cannot_run(self.registration.info, info.request)
+        if unable is not None:
+            await self._hand_on(msg, info, unable, deliveries=meta.num_delivered or 1)
             return
         started = now()
         moved = await self.recorder.record(
