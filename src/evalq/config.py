@@ -71,6 +71,13 @@ class ConnectionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     js_domain: Annotated[str | None, _doc("the server's JetStream domain; API requests go to `$JS.<domain>.API`")] = (
         None
     )
+    inbox_prefix: Annotated[
+        str,
+        Meta(
+            pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$",
+            description="subject prefix of this process's reply inboxes; with deploy/nats each user has its own",
+        ),
+    ] = "_INBOX"
 
 
 class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -102,7 +109,9 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pool: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]+$", description="the pool a worker serves")] = "default"
     task_paths: Annotated[list[str], _doc("extra lmms-eval task folders (`os.pathsep`-separated)")] = []
-    max_attempts: Annotated[int, Meta(ge=1, description="deliveries before a job is failed")] = 3
+    max_attempts: Annotated[
+        int, Meta(ge=1, description="starts before a job is failed (a hand-back before a start is not one)")
+    ] = 3
     heartbeat: Annotated[Seconds, _doc("seconds between registry writes; an entry lives three of them")] = 5.0
     grace: Annotated[Seconds, _doc("seconds a stopping worker lets its job finish (`shutdown_mode` finish)")] = 30.0
     cancel_grace: Annotated[Seconds, _doc("seconds between SIGTERM and SIGKILL when a running job is cancelled")] = 10.0
