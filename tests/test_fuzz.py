@@ -153,9 +153,30 @@ def test_any_value_at_any_field_gets_an_answer_with_a_path(gateway_thread: Gatew
             decode(encode(body), EvaluateRequest)
 
 
+# Cases that once got through or broke the gateway; each is sent as it is, every run.
+EDGE_CASES = [
+    # `$` also matches before a final newline: a pool of "default\n" was a 500.
+    encode({**JOB, "pool": "default\n"}),
+    encode({**JOB, "output_dir": "evil\n"}),
+    encode({**JOB, "model_args": {"pretrained\n": "m"}}),
+    encode({**JOB, "model_args": "pretrained=m\n"}),
+    encode({**JOB, "tasks": ["evalq_demo\n"]}),
+    # Control characters in a label would forge lines or send escapes to a terminal.
+    encode({**JOB, "labels": {"k": "v\x00"}}),
+    encode({**JOB, "labels": {"k": "v\r\n2026-01-01T00:00:00.000Z forged completed"}}),
+    encode({**JOB, "labels": {"k": "\x1b]0;title\x07\x1b[2J"}}),
+    encode({**JOB, "labels": {"k": "\x9b2J"}}),
+    # Integers past what lmms-eval takes.
+    encode({**JOB, "limit": 10**30}),
+    encode({**JOB, "model_args": {"max_pixels": 2**60}}),
+    encode({**JOB, "gen_kwargs": {"seed": -(2**64)}}),
+]
+
+
 def fuzz_cases(count: int, seed: int = 1) -> Iterator[bytes]:
     """Invalid bodies only: a case that happens to be valid is broken before it is sent."""
-    for body in _raw_cases(count, seed):
+    yield from EDGE_CASES
+    for body in _raw_cases(count - len(EDGE_CASES), seed):
         try:
             decode(body, EvaluateRequest)
         except (msgspec.DecodeError, ValueError):
@@ -180,7 +201,7 @@ def _raw_cases(count: int, seed: int) -> Iterator[bytes]:
             size = 900_000 if index % 4000 == 3 else rng.randint(1000, 20_000)
             yield b'{"model": "' + b"m" * size + b'", "tasks": ["t"]}'
         elif kind == 4:
-            number = rng.choice(["1e400", "-1", "0", str(2**64), "-1e-400", "NaN", "1.5"])
+            number = rng.choice(["1e400", "-1", "0", str(2**64), "-1e-400", "NaN", "1.5", str(10**30), "1000000001"])
             field = rng.choice(["num_gpus", "num_fewshot", "limit", "batch_size"])
             yield f'{{"model": "d", "tasks": ["t"], "{field}": {number}}}'.encode()
         elif kind == 5:
@@ -191,10 +212,26 @@ def _raw_cases(count: int, seed: int) -> Iterator[bytes]:
         elif kind == 6:
             yield rng.choice([b"null", b"[]", b'""', b"0", b"{}", b'{"model": null}', b'{"tasks": "a"}'])
         else:
-            field = rng.choice(["model_args", "gen_kwargs", "output_dir", "device", "pool", "tasks", "model"])
-            hostile = rng.choice(["a,b=c", "../../etc", "/abs", "x=1,y", "--flag", "$(id)", "a\nb", "\x00", "é" * 300])
-            value: Any = [hostile] if field == "tasks" else ({"k": hostile} if field == "model_args" else hostile)
+            field = rng.choice(["model_args", "gen_kwargs", "output_dir", "device", "pool", "tasks", "model", "labels"])
+            hostile = rng.choice(
+                [
+                    *("a,b=c", "../../etc", "/abs", "x=1,y", "--flag", "$(id)", "a\nb", "\x00", "é" * 300),
+                    *("default\n", "evil\n", "\x1b[31m", "\x1b]0;t\x07", "x\r\ny", "\x9b"),
+                ]
+            )
+            value: Any = (
+                [hostile] if field == "tasks" else ({"k": hostile} if field in ("model_args", "labels") else hostile)
+            )
             yield encode({**JOB, field: value})
+
+
+def test_edge_cases_are_refused_with_a_path(gateway_thread: GatewayThread) -> None:
+    before = gateway_thread.run(gateway_thread.stored())
+    for body in EDGE_CASES:
+        code, reply = gateway_thread.run(gateway_thread.request(body), timeout=30)
+        assert code == 422, (body, reply)
+        assert_path_points_into(json.loads(body), reply["error"]["path"])
+    assert gateway_thread.run(gateway_thread.stored()) == before
 
 
 def test_raw_fuzz_of_the_submit_subject(gateway_thread: GatewayThread) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import logging
 from typing import Any
 
 import msgspec
@@ -12,8 +14,9 @@ import pytest
 from evalq import AsyncClient, errors
 from evalq.config import Settings
 from evalq.gateway import Gateway
+from evalq.gateway.service import KeyClaim, request_fingerprint
 from evalq.jobstore import JobStore
-from evalq.schemas import JobInfo, WorkerInfo, encode
+from evalq.schemas import EvaluateRequest, JobInfo, WorkerInfo, decode, encode
 from evalq.topology import Topology
 
 from .jobs import JOB
@@ -126,6 +129,85 @@ async def test_two_concurrent_submits_with_one_key_make_one_job(
     assert await stream_messages(nc, topology) == 1
 
 
+async def test_a_key_is_tied_to_its_request(client: AsyncClient, nc: Any, topology: Topology) -> None:
+    first = await client.submit(
+        **JOB, model_args={"a": 1, "b": "x"}, labels={"step": "2000"}, idempotency_key="step-2000"
+    )
+    # The same request, its keys in another order, is the same request.
+    again = await client.submit(
+        **JOB, labels={"step": "2000"}, model_args={"b": "x", "a": 1}, idempotency_key="step-2000"
+    )
+    assert (again.job_id, again.duplicate) == (first.job_id, True)
+    other = {"model": "other_model", "tasks": ["other_task"]}
+    with pytest.raises(errors.WrongState) as caught:
+        await client.submit(**other, idempotency_key="step-2000")
+    assert caught.value.code == 409
+    assert "already used for another request" in caught.value.message
+    assert first.job_id in caught.value.message
+    reply = await raw(nc, topology, "submit", encode({**JOB, "limit": 2}), {"Idempotency-Key": "step-2000"})
+    assert reply.headers["Nats-Service-Error-Code"] == "409"
+    assert json.loads(reply.data)["error"]["path"] == "$"
+    assert await stream_messages(nc, topology) == 1  # the other requests were never enqueued
+    info = await client.get_job(first.job_id)
+    assert info.request is not None and info.request.model_args == {"a": 1, "b": "x"}
+
+
+async def claim_key(nc: Any, topology: Topology, key: str, value: bytes) -> None:
+    """What a first attempt that died before recording its job leaves: the key's entry only."""
+    kv = await nc.jetstream().key_value(topology.idempotency_bucket)
+    await kv.create(hashlib.sha256(key.encode()).hexdigest(), value)
+
+
+async def test_a_retry_after_the_first_attempt_died_keeps_its_job_and_its_request(
+    client: AsyncClient, nc: Any, topology: Topology
+) -> None:
+    job_id = "0b4c1a52-0d4e-4a3b-9d1e-2f1f9b7c6d5e"
+    fingerprint = request_fingerprint(decode(encode(JOB), EvaluateRequest))
+    await claim_key(nc, topology, "died", encode(KeyClaim(job_id=job_id, fingerprint=fingerprint)))
+    with pytest.raises(errors.WrongState) as caught:
+        await client.submit(**JOB, limit=3, idempotency_key="died")
+    assert job_id in caught.value.message
+    assert await stream_messages(nc, topology) == 0
+    retried = await client.submit(**JOB, idempotency_key="died")
+    assert (retried.job_id, retried.duplicate) == (job_id, True)
+    assert (await client.get_job(job_id)).status == "queued"
+    assert await stream_messages(nc, topology) == 1
+
+
+async def test_an_older_gateways_plain_job_id_entry_is_still_read(
+    client: AsyncClient, nc: Any, topology: Topology
+) -> None:
+    job_id = "7d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6"
+    await claim_key(nc, topology, "old", job_id.encode())
+    retried = await client.submit(**JOB, idempotency_key="old")
+    assert (retried.job_id, retried.duplicate) == (job_id, True)
+    # Once the job is recorded, its record's request is what the key was used for.
+    assert (await client.submit(**JOB, idempotency_key="old")).job_id == job_id
+    with pytest.raises(errors.WrongState):
+        await client.submit(**JOB, limit=3, idempotency_key="old")
+    assert await stream_messages(nc, topology) == 1
+
+
+async def test_concurrent_submits_of_different_requests_with_one_key_make_one_job(
+    client: AsyncClient, nc: Any, topology: Topology
+) -> None:
+    variants = [{**JOB, "limit": 1 + index % 2} for index in range(8)]
+    results = await asyncio.gather(
+        *(client.submit(**variant, idempotency_key="shared") for variant in variants), return_exceptions=True
+    )
+    accepted = [(variant, r) for variant, r in zip(variants, results, strict=True) if not isinstance(r, BaseException)]
+    refused = [(variant, r) for variant, r in zip(variants, results, strict=True) if isinstance(r, BaseException)]
+    assert all(isinstance(r, errors.WrongState) for _, r in refused), refused
+    assert len({r.job_id for _, r in accepted}) == 1
+    assert sum(not r.duplicate for _, r in accepted) == 1
+    winner = accepted[0][0]["limit"]
+    assert {v["limit"] for v, _ in accepted} == {winner}  # every same request got the job...
+    assert {v["limit"] for v, _ in refused} == {2 if winner == 1 else 1}  # ...and every other one a 409
+    assert await stream_messages(nc, topology) == 1
+    info = await client.get_job(accepted[0][1].job_id)
+    assert info.request is not None and info.request.limit == winner
+
+
 async def test_many_requests_in_flight_are_served_together(client: AsyncClient, gateway: Gateway) -> None:
     results = await asyncio.gather(*(client.submit(**JOB) for _ in range(200)))
     assert sorted(r.position_in_queue for r in results) == list(range(200))  # type: ignore[type-var]
@@ -146,19 +228,34 @@ BAD_INPUTS = [
     (b'{"model": "dummy", "tasks": ["a"], "output_dir": "/abs"}', 422, "$.output_dir"),
     (b'{"model": "dummy", "tasks": ["a"], "pool": "nope"}', 422, "$.pool"),
     (encode({"model": "dummy", "tasks": ["a"], "labels": {"x": "y" * 900_000}}), 413, "$"),
+    # `$` in a pattern also matches before a final newline: every check is a full match.
+    (encode({**JOB, "pool": "default\n"}), 422, "$.pool"),
+    (encode({**JOB, "output_dir": "evil\n"}), 422, "$.output_dir"),
+    (encode({**JOB, "model": "dummy\n"}), 422, "$.model"),
+    (encode({**JOB, "model_args": {"pretrained\n": "m"}}), 422, "$.model_args"),
+    (encode({**JOB, "gen_kwargs": "temperature=0\n"}), 422, "$.gen_kwargs"),
+    # Labels are printed wherever events are: no control character.
+    (encode({**JOB, "labels": {"epoch": "3\x00"}}), 422, "$.labels.epoch"),
+    (encode({**JOB, "labels": {"epoch": "3\r\nforged line"}}), 422, "$.labels.epoch"),
+    (encode({**JOB, "labels": {"epoch": "\x1b]0;title\x07"}}), 422, "$.labels.epoch"),
+    # Integers bounded to what lmms-eval takes.
+    (encode({**JOB, "limit": 10**30}), 422, "$.limit"),
+    (encode({**JOB, "model_args": {"max_pixels": 2**60}}), 422, "$.model_args[...]"),
 ]
 
 
 @pytest.mark.parametrize(("body", "code", "path"), BAD_INPUTS)
 async def test_bad_input_is_refused_and_never_enqueued(
-    nc: Any, gateway: Gateway, topology: Topology, body: bytes, code: int, path: str
+    nc: Any, gateway: Gateway, topology: Topology, caplog: pytest.LogCaptureFixture, body: bytes, code: int, path: str
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="evalq")
     reply = await raw(nc, topology, "submit", body)
     assert reply.headers["Nats-Service-Error-Code"] == str(code)
     assert reply.headers["Nats-Service-Error"]
     error = json.loads(reply.data)["error"]
     assert (error["code"], error["path"]) == (code, path)
     assert "Traceback" not in reply.data.decode()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]  # no internal error
     assert await stream_messages(nc, topology) == 0
     ok = await raw(nc, topology, "submit", encode(JOB))  # and the gateway keeps serving
     assert json.loads(ok.data)["status"] == "queued"

@@ -54,6 +54,34 @@ def test_minimal_request_gets_lmms_eval_defaults() -> None:
         ({"device": "cuda; rm -rf /"}, "$.device"),
         ({"pool": "has.dot"}, "$.pool"),
         ({"labels": {"k": 1}}, "$.labels[...]"),
+        # `$` also matches before a final newline: every pattern must match the whole value.
+        ({"pool": "default\n"}, "$.pool"),
+        ({"model": "dummy\n"}, "$.model"),
+        ({"tasks": ["evalq_demo\n"]}, "$.tasks[0]"),
+        ({"device": "cpu\n"}, "$.device"),
+        ({"batch_size": "auto\n"}, "$.batch_size"),
+        ({"output_dir": "evil\n"}, "$.output_dir"),
+        ({"output_dir": "runs/..\n"}, "$.output_dir"),
+        ({"model_args": {"pretrained\n": "m"}}, "$.model_args"),
+        ({"model_args": "pretrained\n=m"}, "$.model_args"),
+        ({"gen_kwargs": "temperature=0\n"}, "$.gen_kwargs"),
+        ({"gen_kwargs": {"stop": "a\x85b"}}, "$.gen_kwargs.stop"),
+        # No control character in a label value: C0, DEL and C1.
+        ({"labels": {"epoch": "3\x00"}}, "$.labels.epoch"),
+        ({"labels": {"epoch": "3\rforged"}}, "$.labels.epoch"),
+        ({"labels": {"epoch": "3\nforged"}}, "$.labels.epoch"),
+        ({"labels": {"ok": "x", "epoch": "\x1b[2J"}}, "$.labels.epoch"),
+        ({"labels": {"epoch": "\x7f"}}, "$.labels.epoch"),
+        ({"labels": {"epoch": "\x9b31m"}}, "$.labels.epoch"),
+        # Every int bounded to what lmms-eval takes.
+        ({"limit": 10**30}, "$.limit"),
+        ({"limit": 10**9 + 1}, "$.limit"),
+        ({"num_fewshot": 1025}, "$.num_fewshot"),
+        ({"num_gpus": 65}, "$.num_gpus"),
+        ({"batch_size": 65537}, "$.batch_size"),
+        ({"batch_size": "auto:10000"}, "$.batch_size"),
+        ({"model_args": {"max_pixels": 2**53 + 1}}, "$.model_args[...]"),
+        ({"gen_kwargs": {"seed": -(2**53) - 1}}, "$.gen_kwargs[...]"),
     ],
 )
 def test_invalid_fields_are_refused_with_their_path(fields: dict[str, object], path: str) -> None:
@@ -80,6 +108,24 @@ def test_accepted_shapes() -> None:
     )
     assert request.model_args == {"pretrained": "/models/m", "trust_remote_code": True, "max_pixels": 1024, "t": 0.5}
     assert request.limit == 0.25
+
+
+def test_the_bounds_themselves_are_accepted() -> None:
+    request = decode(
+        body(
+            limit=10**9,
+            num_fewshot=1024,
+            num_gpus=64,
+            batch_size=65536,
+            model_args={"max_pixels": 2**53, "t": 1e300},
+            gen_kwargs={"seed": -(2**53)},
+            labels={"note": "größe: 3 — ok"},
+        ),
+        EvaluateRequest,
+    )
+    assert request.limit == 10**9
+    assert request.model_args == {"max_pixels": 2**53, "t": 1e300}
+    assert request.labels == {"note": "größe: 3 — ok"}
 
 
 def test_events_are_a_tagged_union() -> None:

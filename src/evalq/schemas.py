@@ -48,13 +48,15 @@ __all__ = [
 
 # --- constrained scalars -------------------------------------------------------------
 
-NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
+# Patterns are anchored with `\A...\Z`, never `^...$`: msgspec searches with them, and `$`
+# also matches before a final newline, which would let `"default\n"` through.
+NAME_PATTERN = r"\A[A-Za-z0-9_.\-]+\Z"
 Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=NAME_PATTERN)]
 # Pools become stream names and subject tokens: no dots.
-PoolName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_\-]+$")]
+PoolName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"\A[A-Za-z0-9_\-]+\Z")]
 JobId = Annotated[
     str,
-    Meta(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"),
+    Meta(pattern=r"\A[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z"),
 ]
 # lmms-eval splits `k=v,k=v` on `,` and `=`: either character inside a key or value
 # would silently change the arguments, so both are refused; so are control characters.
@@ -62,24 +64,30 @@ JobId = Annotated[
 # msgspec (0.19-0.22) corrupts its heap when a union holds a pattern-constrained str beside
 # a dict of str values, and the process aborts later.
 JOB_ID_SEGMENT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-ARG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
-ARG_TEXT = re.compile(r"^[^,=\x00-\x1f\x7f]*$")
-ArgValue = Union[Annotated[str, Meta(max_length=4096)], bool, int, float]
+# Both are used with fullmatch, so a final newline is not let through.
+ARG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
+ARG_TEXT = re.compile(r"[^,=\x00-\x1f\x7f-\x9f]*")
+# Control characters (C0, DEL, C1): none may be in a label, which is printed wherever events are.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# lmms-eval reads an int in model_args/gen_kwargs back from text and hands it to the model,
+# where it may become a C integer or a float: bounded to the ints a float holds exactly.
+ArgInt = Annotated[int, Meta(ge=-(2**53), le=2**53)]
+ArgValue = Union[Annotated[str, Meta(max_length=4096)], bool, ArgInt, float]
 ArgDict = Annotated[dict[Annotated[str, Meta(min_length=1, max_length=128)], ArgValue], Meta(max_length=64)]
 ArgString = Annotated[str, Meta(max_length=16384)]
 BatchSize = Union[
     Annotated[int, Meta(ge=1, le=65536)],
-    Annotated[str, Meta(pattern=r"^auto(:[1-9][0-9]{0,3})?$")],
+    Annotated[str, Meta(pattern=r"\Aauto(:[1-9][0-9]{0,3})?\Z")],
 ]
-Limit = Union[Annotated[int, Meta(ge=1)], Annotated[float, Meta(gt=0.0, le=1.0)]]
-Device = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_:]+(,[A-Za-z0-9_:]+)*$")]
+Limit = Union[Annotated[int, Meta(ge=1, le=10**9)], Annotated[float, Meta(gt=0.0, le=1.0)]]
+Device = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\A[A-Za-z0-9_:]+(,[A-Za-z0-9_:]+)*\Z")]
 # A relative name kept under the worker's results root: no absolute path, no `..`.
 OutputDir = Annotated[
     str,
     Meta(
         min_length=1,
         max_length=256,
-        pattern=r"^(?!/)(?!.*(^|/)\.\.?(/|$))[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$",
+        pattern=r"\A(?!/)(?!.*(?:\A|/)\.\.?(?:/|\Z))[A-Za-z0-9_.\-]+(?:/[A-Za-z0-9_.\-]+)*\Z",
     ),
 ]
 LabelKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=NAME_PATTERN)]
@@ -119,6 +127,9 @@ class EvaluateRequest(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     output_dir: OutputDir | None = None
     pool: PoolName = "default"
     labels: Labels = {}
+    # Seconds the evaluation may run before its worker ends it; the pool's policy gives a
+    # default and a maximum (policy.py).
+    timeout: Annotated[int, Meta(ge=1, le=30 * 86400)] | None = None
 
     def __post_init__(self) -> None:
         for field in ("model_args", "gen_kwargs"):
@@ -127,6 +138,11 @@ class EvaluateRequest(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             # A job's folder is `<output_dir>/<job_id>`: a segment shaped like a job id could
             # put this job's folder inside another job's, and its results in place of theirs.
             raise ValueError("Expected no folder shaped like a job id - at `$.output_dir`")
+        for key, value in self.labels.items():
+            if CONTROL.search(value):
+                # Labels are echoed in every event: a control character would forge lines or
+                # send escapes to the terminal of whoever follows them.
+                raise ValueError(f"Expected a label with no control character - at `$.labels.{key}`")
 
 
 def _check_args(args: dict[str, Any] | str | None, field: str) -> None:
@@ -136,16 +152,16 @@ def _check_args(args: dict[str, Any] | str | None, field: str) -> None:
     if isinstance(args, str):
         pairs = [item.partition("=") for item in args.split(",")] if args else []
         for index, (key, eq, value) in enumerate(pairs):
-            if not eq or not ARG_KEY.match(key) or not ARG_TEXT.match(value):
+            if not eq or not ARG_KEY.fullmatch(key) or not ARG_TEXT.fullmatch(value):
                 raise ValueError(
                     f"Expected `k=v,k=v` with no `,` or `=` inside a key or value, got item {index} "
                     f"{key + eq + value!r} - at `$.{field}`"
                 )
         return
     for key, value in args.items():
-        if not ARG_KEY.match(key):
+        if not ARG_KEY.fullmatch(key):
             raise ValueError(f"Invalid key {key!r}: expected a name matching {ARG_KEY.pattern!r} - at `$.{field}`")
-        if isinstance(value, str) and not ARG_TEXT.match(value):
+        if isinstance(value, str) and not ARG_TEXT.fullmatch(value):
             raise ValueError(f"Expected a value with no `,`, `=` or control character - at `$.{field}.{key}`")
 
 

@@ -83,6 +83,30 @@ _KEY_MAX = 256
 Handler = Callable[[Request], Awaitable[msgspec.Struct]]
 
 
+class KeyClaim(msgspec.Struct, frozen=True, kw_only=True):
+    """An Idempotency-Key's entry: the job it names, and the request it was used for."""
+
+    job_id: str
+    # sha256 of the request's canonical JSON; None in an entry written before it was stored.
+    fingerprint: str | None = None
+
+
+# Canonical: every field in its declared order, dict keys sorted, so the same request sent
+# with its keys in another order is the same request.
+_canonical = msgspec.json.Encoder(order="deterministic")
+
+
+def request_fingerprint(job: EvaluateRequest) -> str:
+    return hashlib.sha256(_canonical.encode(job)).hexdigest()
+
+
+def read_claim(value: bytes) -> KeyClaim:
+    """An entry's value: a KeyClaim, or an older gateway's plain job id."""
+    if value.startswith(b"{"):
+        return msgspec.json.decode(value, type=KeyClaim)
+    return KeyClaim(job_id=value.decode())
+
+
 def as_request_error(exc: BaseException) -> RequestError:
     """Map any exception to the error reply it deserves; the one boundary for codes."""
     if isinstance(exc, RequestError):
@@ -233,25 +257,13 @@ class Gateway:
         job_id, duplicate = str(uuid.uuid4()), False
         key = (request.headers or {}).get("Idempotency-Key")
         if key is not None:
-            if not key or len(key) > _KEY_MAX:
-                raise BadRequest(f"Idempotency-Key must be 1 to {_KEY_MAX} characters", path="$")
-            digest = hashlib.sha256(key.encode()).hexdigest()
-            try:
-                await jetstream.create_key(
-                    self.nc,
-                    self.topology.idempotency_bucket,
-                    digest,
-                    job_id.encode(),
-                    timeout=self.settings.connection.request_timeout,
-                )
-            except KeyWrongLastSequenceError:
-                entry = await self.idempotency.get(digest)
-                job_id, duplicate = (entry.value or b"").decode(), True
-                existing = await self.jobs.get(job_id)
-                if existing is not None:
-                    return await self._accepted(existing[0], duplicate=True)
-                # The first attempt died before recording the job: finish its work under
-                # the same id. The stream's Nats-Msg-Id window keeps it to one message.
+            claimed, existing = await self._claim(key, job, job_id)
+            if existing is not None:
+                return await self._accepted(existing, duplicate=True)
+            # Another id with no record: the first attempt with this key died before recording
+            # the job, so its work goes on under that id; the stream's Nats-Msg-Id window
+            # keeps it to one message.
+            job_id, duplicate = claimed, claimed != job_id
 
         created = now()
         work = jetstream.Write(
@@ -291,6 +303,44 @@ class Gateway:
             duplicate=duplicate or bool(ack.duplicate),
             message="Job queued (duplicate of an earlier submission)" if duplicate else "Job queued",
         )
+
+    async def _claim(self, key: str, job: EvaluateRequest, job_id: str) -> tuple[str, JobInfo | None]:
+        """Tie an Idempotency-Key to this request under `job_id`, or find the job it names.
+
+        Returns the job id to enqueue under and the job's record, if it has one. A key that
+        was used for a different request is refused (409): answering with that job would
+        silently drop this one.
+        """
+        if not key or len(key) > _KEY_MAX:
+            raise BadRequest(f"Idempotency-Key must be 1 to {_KEY_MAX} characters", path="$")
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        fingerprint = request_fingerprint(job)
+        try:
+            await jetstream.create_key(
+                self.nc,
+                self.topology.idempotency_bucket,
+                digest,
+                encode(KeyClaim(job_id=job_id, fingerprint=fingerprint)),
+                timeout=self.settings.connection.request_timeout,
+            )
+            return job_id, None
+        except KeyWrongLastSequenceError:
+            pass
+        entry = await self.idempotency.get(digest)
+        claim = read_claim(entry.value or b"")
+        found = await self.jobs.get(claim.job_id)
+        existing = found[0] if found is not None else None
+        used_for = claim.fingerprint
+        if used_for is None and existing is not None and existing.request is not None:
+            # An entry written before fingerprints were stored: the record's request stands in.
+            used_for = request_fingerprint(existing.request)
+        if used_for is not None and used_for != fingerprint:
+            raise WrongState(
+                f"this Idempotency-Key was already used for another request (job {claim.job_id}); "
+                "a different request needs a new key",
+                path="$",
+            )
+        return claim.job_id, existing
 
     async def _accepted(self, info: JobInfo, *, duplicate: bool) -> JobAccepted:
         position = None
