@@ -5,6 +5,7 @@
     EvalqError
     ├── ConfigError             settings that cannot be used (bad TOML, bad value, missing file)
     ├── ServerNotFound          the embedded nats-server binary is missing or did not start
+    ├── StoreLocked             another evalq server holds the embedded server's store (its lock file)
     ├── ConnectError            no connection to NATS (none answered, or it closed); carries a hint
     ├── Timeout                 no answer in time (a request, or wait_for_job); also a TimeoutError
     ├── RequestError            a refusal, with code, message and path: the gateway's error reply,
@@ -43,6 +44,7 @@ __all__ = [
     "JobNotFound",
     "RequestError",
     "ServerNotFound",
+    "StoreLocked",
     "Timeout",
     "TooLarge",
     "Unavailable",
@@ -60,6 +62,10 @@ class ConfigError(EvalqError):
 
 class ServerNotFound(EvalqError):
     pass
+
+
+class StoreLocked(EvalqError):
+    """Another process holds the store's lock; a second server would corrupt the store."""
 
 
 class ConnectError(EvalqError):
