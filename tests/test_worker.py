@@ -18,6 +18,7 @@ import pytest
 from evalq import AsyncClient, JobFailed
 from evalq.config import Settings
 from evalq.jobstore import JobStore
+from evalq.policy import PoolPolicy, store_policy
 from evalq.schemas import (
     Cancelled,
     Completed,
@@ -79,9 +80,11 @@ async def test_demo_job_end_to_end(client: AsyncClient, worker_factory: Any, tmp
 
 
 async def test_tiny_transformers_model_runs_a_real_forward_pass(
-    client: AsyncClient, worker_factory: Any, tmp_path: Path
+    client: AsyncClient, worker_factory: Any, tmp_path: Path, nc: Any, topology: Topology
 ) -> None:
     model_dir = build_tiny_model(tmp_path / "tiny")
+    # Its config needs trust_remote_code, which a pool allows for local paths under its roots.
+    await store_policy(nc, topology, "default", PoolPolicy(model_roots=[str(tmp_path)]), timeout=10)
     await worker_factory()
     info = await asyncio.wait_for(
         client.submit_and_wait(

@@ -20,6 +20,7 @@ from .errors import (
     Unavailable,
     WrongState,
 )
+from .policy import PoolPolicy
 from .publisher import AsyncClient, Client
 from .schemas import (
     CancelReply,
@@ -54,6 +55,7 @@ __all__ = [
     "JobInfo",
     "JobNotFound",
     "JobResult",
+    "PoolPolicy",
     "Progress",
     "QueueStatus",
     "RequestError",

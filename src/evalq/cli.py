@@ -192,22 +192,76 @@ def setup(
     ack_wait: Annotated[Optional[float], typer.Option(help="Seconds before a silent job is redelivered.")] = None,
     replicas: Annotated[Optional[int], typer.Option(help="JetStream replicas for every stream and bucket.")] = None,
     queue_limit: Annotated[Optional[int], typer.Option(help="Jobs a pool holds.")] = None,
+    trust_remote_code: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--trust-remote-code/--no-trust-remote-code",
+            help="Policy: whether requests may set trust_remote_code for any model they may name "
+            "(without it, only for a model named by a local path under a model root).",
+        ),
+    ] = None,
+    model_root: Annotated[
+        list[str],
+        typer.Option(help="Policy: an absolute folder under which requests may name local models (repeat it)."),
+    ] = [],  # noqa: B006
+    hub_prefix: Annotated[
+        list[str],
+        typer.Option(
+            help="Policy: hub ids requests may name: an organisation (`my-org`), a prefix with a `/`, "
+            "or `*` for any (repeat it)."
+        ),
+    ] = [],  # noqa: B006
+    default_timeout: Annotated[
+        Optional[int], typer.Option(help="Policy: seconds a job without its own timeout may run (0: no limit).")
+    ] = None,
+    max_timeout: Annotated[
+        Optional[int], typer.Option(help="Policy: the largest timeout a job may have, in seconds (0: no limit).")
+    ] = None,
+    reset_policy: Annotated[
+        bool, typer.Option("--reset-policy", help="Policy: start from the default instead of the pool's current one.")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what differs.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Create the queue's JetStream objects, or apply these queue settings to them.
+    """Create the queue's JetStream objects, or apply these queue settings and pool policies to them.
 
     Every other process creates what is missing and leaves what exists as it is (a difference is
     logged); this command is how the queue's settings change on purpose.
 
+    The policy options set what requests to each `--pool` may make its workers load and how long
+    their jobs may run. A list option replaces the pool's list; options not given keep the pool's
+    current values. A pool never set up refuses local paths, hub ids and trust_remote_code.
+
     Example: `evalq setup --ack-wait 30 --pool default --pool big`
+
+    Example: `evalq setup --pool gpu --model-root /models --hub-prefix my-org --max-timeout 86400`
     """
+    from . import policy as policies
     from .topology import Topology
 
     settings = _settings(ctx, ack_wait=ack_wait, replicas=replicas, queue_limit=queue_limit)
     pools = tuple(pool) or ("default",)
+    changes: dict[str, Any] = {}
+    if trust_remote_code is not None:
+        changes["trust_remote_code"] = trust_remote_code
+    for root in model_root:
+        if not root.startswith("/"):
+            raise typer.BadParameter(f"{root!r} is not an absolute path", param_hint="--model-root")
+    if model_root:
+        changes["model_roots"] = model_root
+    if hub_prefix:
+        changes["hub_prefixes"] = hub_prefix
+    for name, seconds in (("default_timeout_s", default_timeout), ("max_timeout_s", max_timeout)):
+        if seconds is not None:
+            changes[name] = seconds or None
+    try:
+        # Checked before connecting, so a bad value changes nothing.
+        policies.revised(policies.PoolPolicy(), **changes)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="the policy options") from None
+    set_policy = bool(changes) or reset_policy
 
-    async def main() -> list[Any]:
+    async def main() -> list[dict[str, Any]]:
         from .connection import connect
 
         # The differences are this command's answer, not warnings.
@@ -216,22 +270,40 @@ def setup(
         try:
             js = nc.jetstream(timeout=settings.connection.request_timeout, domain=settings.connection.js_domain)
             topology = Topology.from_settings(settings)
-            differs = await topology.ensure(js, pools, update=False)
-            if not dry_run and differs:
+            found = await topology.ensure(js, pools, update=False)
+            if not dry_run and found:
                 await topology.ensure(js, pools, update=True)
+            differs = [{"object": d.object, "setting": d.setting, "was": d.current, "now": d.wanted} for d in found]
+            for name in pools if set_policy else ():
+                current = await policies.load_policy(js, topology, name)
+                wanted = policies.revised(policies.PoolPolicy() if reset_policy else current, **changes)
+                if wanted == current:
+                    continue
+                if not dry_run:
+                    timeout = settings.connection.request_timeout
+                    await policies.store_policy(nc, topology, name, wanted, timeout=timeout)
+                was, now = msgspec.to_builtins(current), msgspec.to_builtins(wanted)
+                differs.append({"object": f"pool {name}", "setting": "policy", "was": was, "now": now})
             return differs
         finally:
             await nc.close()
 
     differs = _run(main())
     if json_out:
-        _dump([{"object": d.object, "setting": d.setting, "was": d.current, "now": d.wanted} for d in differs])
+        _dump(differs)
         return
     verb = "would change" if dry_run else "changed"
+    lines = []
     for d in differs:
-        console.print(
-            f"{d.object}: {d.setting} {verb} from {d.current!r} to {d.wanted!r}", highlight=False, soft_wrap=True
-        )
+        if d["setting"] != "policy":
+            lines.append(f"{d['object']}: {d['setting']} {verb} from {d['was']!r} to {d['now']!r}")
+            continue
+        # A policy is shown field by field: only what differs.
+        for field, now in d["now"].items():
+            if d["was"][field] != now:
+                lines.append(f"{d['object']}: policy {field} {verb} from {d['was'][field]!r} to {now!r}")
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
     if not differs:
         console.print(f"queue {settings.queue.prefix!r} is as configured (pools: {', '.join(pools)})")
 

@@ -129,6 +129,10 @@ class Topology:
         return f"{self.prefix}-workers"
 
     @property
+    def pools_bucket(self) -> str:
+        return f"{self.prefix}-pools"
+
+    @property
     def results_bucket(self) -> str:
         return f"{self.prefix}-results"
 
@@ -226,6 +230,9 @@ class Topology:
         # of its own heartbeats, so workers with different heartbeats share the bucket.
         workers = api.KeyValueConfig(bucket=self.workers_bucket, replicas=self.replicas, storage=api.StorageType.FILE)
         found += await _put_kv(js, workers, update, migrate=True)
+        # Pool name -> PoolPolicy; only `evalq setup` writes it (policy.py).
+        policies = api.KeyValueConfig(bucket=self.pools_bucket, replicas=self.replicas, storage=api.StorageType.FILE)
+        found += await _put_kv(js, policies, update)
         try:
             await js.create_object_store(
                 self.results_bucket, config=api.ObjectStoreConfig(replicas=self.replicas, storage=api.StorageType.FILE)

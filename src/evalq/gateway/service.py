@@ -44,6 +44,8 @@ from ..errors import (
 from ..events import EventPublisher
 from ..jobstore import JobStore
 from ..lifecycle import Applied, Recorder, Refused
+from ..policy import Policies
+from ..policy import check as check_policy
 from ..schemas import (
     CancelReply,
     EvaluateRequest,
@@ -163,6 +165,7 @@ class Gateway:
         self.recorder = Recorder(self.jobs, self.events, lookup_timeout=self.settings.connection.request_timeout)
         self.idempotency = await self.js.key_value(self.topology.idempotency_bucket)
         self.directory = WorkerDirectory(await self.js.key_value(self.topology.workers_bucket))
+        self.policies = Policies(await self.js.key_value(self.topology.pools_bucket))
         self._pools = set(await self.topology.pools(self.js))
         group = self.topology.service_name
         self._service = await add_service(
@@ -253,6 +256,7 @@ class Gateway:
         job = decode(request.data, EvaluateRequest)
         await self._check_pool(job.pool)
         await self.directory.check(job)
+        check_policy(job, await self.policies.get(job.pool))
 
         job_id, duplicate = str(uuid.uuid4()), False
         key = (request.headers or {}).get("Idempotency-Key")
