@@ -20,13 +20,16 @@ elapsed() { $PY -c "print(f'{$2 - $1:.1f}')"; }
 command -v nvidia-smi >/dev/null && nvidia-smi -L || echo "no nvidia-smi"
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.device_count())'
 
-evalq up --port "$PORT" >"$EVALQ_HOME/up.log" 2>&1 &
+# Not through the evalq function: $! must be the process itself, not a subshell, for the trap to stop it.
+$PY -m evalq up --port "$PORT" >"$EVALQ_HOME/up.log" 2>&1 &
 UP=$!
 trap 'kill -TERM $UP 2>/dev/null; wait $UP 2>/dev/null || true; echo "--- up.log"; tail -20 "$EVALQ_HOME/up.log"' EXIT
 for _ in $(seq 1 300); do grep -q "evalq up:" "$EVALQ_HOME/up.log" && break; kill -0 $UP; sleep 0.1; done
 
 TINY="$EVALQ_HOME/tiny"
 $PY tests/tiny_model.py "$TINY" >/dev/null
+# The tiny model's config needs trust_remote_code: the pool allows it for local models under a root.
+evalq setup --model-root "$EVALQ_HOME"
 
 ARGS="pretrained=$TINY,trust_remote_code=True,device_map=$DEVICE"
 t0=$(now)
