@@ -4,7 +4,8 @@ It honours the same argv (`--tasks`, `--output_path`, `--limit`), prints tqdm-li
 progress and writes a valid `*_results.json`. FAKE_EVAL_MODE picks a behaviour:
 `ok` (default), `slow` (runs until killed), `fail` (exits 0 with no results, as
 lmms-eval does), `poison` (kills the worker that started it),
-`big` (also writes a 40 MB samples file).
+`big` (also writes a 40 MB samples file), `hostile` (fails like `fail`, its progress
+phase and last lines full of terminal escapes, control characters and rich markup).
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+# What a job's output may hold, and a terminal must never be handed as it is: an OSC title
+# (survives the CSI stripping of the log tail), a BEL, a NUL, a C1 CSI, a full reset, and
+# text that rich would read as markup.
+HOSTILE = "\x1b]0;pwned\x07 [bold red]not markup[/bold red] \x00 \x9b2J \x1bc end"
 
 
 def arg(name: str, default: str = "") -> str:
@@ -35,15 +41,19 @@ def main() -> None:
         time.sleep(30)
         return
     steps = total if mode != "slow" else 10**6
+    phase = "\x1b]0;phase\x07[blink]Responding" if mode == "hostile" else "Model Responding"
     for done in range(steps + 1):
         shown = min(done, total)
         pct = int(100 * shown / total) if total else 100
-        sys.stderr.write(f"\rModel Responding: {pct:3d}%|{'#' * (pct // 10):<10}| {shown}/{total} [00:00<00:00]")
+        sys.stderr.write(f"\r{phase}: {pct:3d}%|{'#' * (pct // 10):<10}| {shown}/{total} [00:00<00:00]")
         sys.stderr.flush()
         time.sleep(0.05 if mode != "slow" else 0.2)
     sys.stderr.write("\n")
     if mode == "fail":
         sys.stderr.write("Traceback (most recent call last):\nRuntimeError: the fake evaluation broke\n")
+        return
+    if mode == "hostile":
+        sys.stderr.write(f"first {HOSTILE}\nlast {HOSTILE}\n")
         return
     output.mkdir(parents=True, exist_ok=True)
     results = {

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from evalq import AsyncClient
 from evalq.config import Settings
+from evalq.jobstore import JobStore
+from evalq.schemas import Requeued, encode, now
+from evalq.topology import Topology
 
 from .conftest import EVALQ, run_command, settings_env
-from .jobs import FAKE
+from .events import all_events
+from .fake_evaluator import HOSTILE
+from .jobs import FAKE, JOB
 
 
 async def evalq(settings: Settings, *args: str, timeout: float = 120, **env: str) -> tuple[int, str, str]:
@@ -97,6 +104,71 @@ async def test_results_and_workers(
     assert {Path(f).name for f in json.loads(out)["files"]} == {"results.json", "eval.log"}
     code, out, _ = await evalq(settings, "workers", "--json")
     assert code == 0 and len(json.loads(out)) == 1
+
+
+# Any control character but the newline between lines: the CLI prints none it was sent.
+RAW_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+# HOSTILE as the CLI shows it: each control character written out, the markup as text.
+SHOWN = r"\x1b]0;pwned\x07 [bold red]not markup[/bold red] \x00 \x9b2J \x1bc end"
+
+
+def assert_shown_escaped(output: str) -> None:
+    assert not RAW_CONTROL.search(output), repr(output)
+    assert SHOWN in output, output
+
+
+async def test_a_failed_jobs_output_is_printed_escaped(
+    settings: Settings, client: AsyncClient, worker_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_EVAL_MODE", "hostile")
+    await worker_factory(evaluator=FAKE)
+    wide = {"COLUMNS": "400"}  # no wrapping inside the line looked for
+    code, out, err = await evalq(
+        settings, "submit", "--model", "dummy", "--tasks", "evalq_demo", "--limit", "2", "--wait", **wide
+    )
+    assert code == 1, err
+    assert_shown_escaped(out + err)
+    assert f"last {SHOWN}" in err.splitlines()[-1]  # the log tail keeps its lines, escaped inside each
+    accepted = re.search(r"accepted (\S+)", out)
+    assert accepted is not None, out
+    job = accepted.group(1)
+    info = await client.get_job(job)
+    assert info.status == "failed" and info.error is not None and HOSTILE in info.error
+    code, out, err = await evalq(settings, "status", job, **wide)
+    assert code == 0, err
+    assert_shown_escaped(out)
+    count = len(await all_events(client, job))
+    code, out, err = await evalq(settings, "events", "--job", job, "--history", "--count", str(count), **wide)
+    assert code == 0, err
+    assert_shown_escaped(out)
+    assert len(out.splitlines()) == count  # one line per event: none forged
+    code, out, err = await evalq(settings, "watch", job, **wide)
+    assert code == 1
+    assert_shown_escaped(err)
+
+
+async def test_labels_and_reasons_from_older_records_are_printed_escaped(
+    settings: Settings, client: AsyncClient, nc: Any, topology: Topology
+) -> None:
+    # The gateway now refuses such labels; a record or event written before it did is
+    # still shown, escaped.
+    job = (await client.submit(**JOB)).job_id
+    jobs = JobStore(await nc.jetstream().key_value(topology.jobs_bucket))
+    await jobs.transition(job, lambda info: msgspec.structs.replace(info, labels={"note": HOSTILE + "\nforged"}))
+    event = Requeued(job_id=job, time=now(), reason=HOSTILE, labels={"note": "\r\nforged line"})
+    await nc.jetstream().publish(topology.event_subject(job, "requeued"), encode(event))
+    wide = {"COLUMNS": "400"}
+    code, out, err = await evalq(settings, "status", job, **wide)
+    assert code == 0, err
+    assert_shown_escaped(out)
+    assert SHOWN + r"\x0aforged" in out
+    code, out, err = await evalq(settings, "events", "--job", job, "--history", "--count", "2", **wide)
+    assert code == 0, err
+    assert_shown_escaped(out)
+    assert len(out.splitlines()) == 2 and r"note=\x0d\x0aforged line" in out
+    code, out, err = await evalq(settings, "queue", **wide)
+    assert code == 0, err
+    assert not RAW_CONTROL.search(out) and r"\x0aforged" in out
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import wraps
@@ -19,6 +20,7 @@ from typing import Annotated, Any, Optional, TypeVar
 import msgspec
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -70,8 +72,41 @@ def _dump(obj: Any) -> None:
     sys.stdout.flush()
 
 
+# C0, DEL and C1: a terminal acts on them (ESC starts a sequence, CR rewrites the line).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _plain(text: object, *, lines: bool = False) -> str:
+    """`text` with each control character written as a `\\xNN` escape; `lines` keeps newlines."""
+    parts = str(text).split("\n") if lines else [str(text)]
+    return "\n".join(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", part) for part in parts)
+
+
+def _shown(text: object, *, lines: bool = False) -> str:
+    """Text from the network or a file, safe to print through rich.
+
+    Job output, errors, labels, names and paths come from other processes: a control
+    character could forge a line or reach the terminal, and `[...]` would be read as rich
+    markup. With `lines`, newlines are kept, for a log tail printed as lines on purpose.
+    """
+    return "\n".join(escape(line) for line in _plain(text, lines=lines).split("\n"))
+
+
+class _PlainFormatter(logging.Formatter):
+    """Log lines with control characters escaped: a message may quote a request or a job's output."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _plain(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return _plain(super().formatException(ei), lines=True)
+
+    def formatStack(self, stack_info: str) -> str:
+        return _plain(super().formatStack(stack_info), lines=True)
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    errors.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    errors.print(f"[red]error:[/red] {_shown(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -134,9 +169,9 @@ def main_options(
     if version:
         console.print(f"evalq {__version__}")
         raise typer.Exit()
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     ctx.obj = {
         "nats_url": nats_url.split(",") if nats_url else None,
         "prefix": prefix,
@@ -174,7 +209,9 @@ def server(
 
     async def main() -> None:
         async with embedded:
-            console.print(f"nats-server listening on {embedded.url} (store {embedded.store_dir}); Ctrl-C stops it")
+            console.print(
+                _shown(f"nats-server listening on {embedded.url} (store {embedded.store_dir}); Ctrl-C stops it")
+            )
             stop = asyncio.Event()
             remove = on_signals(stop.set)
             try:
@@ -303,9 +340,9 @@ def setup(
             if d["was"][field] != now:
                 lines.append(f"{d['object']}: policy {field} {verb} from {d['was'][field]!r} to {now!r}")
     for line in lines:
-        console.print(line, highlight=False, soft_wrap=True)
+        console.print(_shown(line), highlight=False, soft_wrap=True)
     if not differs:
-        console.print(f"queue {settings.queue.prefix!r} is as configured (pools: {', '.join(pools)})")
+        console.print(_shown(f"queue {settings.queue.prefix!r} is as configured (pools: {', '.join(pools)})"))
 
 
 @app.command()
@@ -321,7 +358,7 @@ def gateway(ctx: typer.Context) -> None:
         run_gateway(
             settings,
             ready=lambda: errors.print(
-                f"gateway serving {settings.queue.prefix}.* on {', '.join(settings.connection.nats_url)}"
+                _shown(f"gateway serving {settings.queue.prefix}.* on {', '.join(settings.connection.nats_url)}")
             ),
         )
     )
@@ -362,7 +399,7 @@ def worker(
         worker_id=worker_id,
         warm_evaluator=warm,
     )
-    _run(run_worker(settings, ready=lambda: errors.print(f"worker serving pool {settings.worker.pool}")))
+    _run(run_worker(settings, ready=lambda: errors.print(_shown(f"worker serving pool {settings.worker.pool}"))))
 
 
 @app.command()
@@ -379,7 +416,11 @@ def up(
 
     settings = _settings(ctx, task_paths=task_path or None)
     _run(
-        run_up(settings, port=port, ready=lambda url: errors.print(f"evalq up: {url} (gateway + worker); Ctrl-C stops"))
+        run_up(
+            settings,
+            port=port,
+            ready=lambda url: errors.print(_shown(f"evalq up: {url} (gateway + worker); Ctrl-C stops")),
+        )
     )
 
 
@@ -464,8 +505,8 @@ def submit(
             else:
                 dup = " (duplicate)" if accepted.duplicate else ""
                 console.print(
-                    f"[green]accepted[/green] {accepted.job_id}{dup}  position {accepted.position_in_queue}  "
-                    f"(pool {pool}, stream seq {accepted.stream_seq})",
+                    f"[green]accepted[/green] {_shown(accepted.job_id)}{dup}  position {accepted.position_in_queue}  "
+                    f"(pool {_shown(pool)}, stream seq {accepted.stream_seq})",
                     highlight=False,
                 )
             if not wait:
@@ -505,7 +546,10 @@ def cancel(ctx: typer.Context, job_id: str, json_: JsonOpt = False) -> None:
         if json_:
             _dump(reply)
         else:
-            console.print(f"{reply.job_id}: [bold]{reply.status}[/bold] - {reply.message}", highlight=False)
+            console.print(
+                f"{_shown(reply.job_id)}: [bold]{_shown(reply.status)}[/bold] - {_shown(reply.message)}",
+                highlight=False,
+            )
 
     _client_command(main)(ctx)
 
@@ -547,13 +591,14 @@ async def _follow(client: AsyncClient, job_id: str, json_: bool, timeout: float 
         return 0
     if isinstance(final, Failed):
         if not json_:
-            errors.print(f"[red]failed:[/red] {final.error}", highlight=False)
+            errors.print(f"[red]failed:[/red] {_shown(final.error)}", highlight=False)
             if final.log_tail:
-                errors.print("\n".join(final.log_tail.splitlines()[-10:]), highlight=False, markup=False)
+                # split("\n"), not splitlines(): any other line break stays inside its line, escaped.
+                errors.print(_shown("\n".join(final.log_tail.split("\n")[-10:]), lines=True), highlight=False)
         return EXIT_FAILED
     if isinstance(final, Cancelled):
         if not json_:
-            errors.print(f"[yellow]cancelled:[/yellow] {final.reason}", highlight=False)
+            errors.print(f"[yellow]cancelled:[/yellow] {_shown(final.reason)}", highlight=False)
         return EXIT_CANCELLED
     return EXIT_FAILED
 
@@ -572,15 +617,15 @@ async def _follow_pretty(client: AsyncClient, job_id: str) -> Event | None:
         async for event in client.watch(job_id):
             final = event
             if isinstance(event, Queued):
-                progress.console.print(f"queued   {job_id} (pool {event.pool})", highlight=False)
+                progress.console.print(_shown(f"queued   {job_id} (pool {event.pool})"), highlight=False)
             elif isinstance(event, Started):
-                progress.console.print(f"started  on {event.worker} (attempt {event.attempt})", highlight=False)
+                progress.console.print(_shown(f"started  on {event.worker} (attempt {event.attempt})"), highlight=False)
             elif isinstance(event, Requeued):
-                progress.console.print(f"requeued {event.reason}", highlight=False)
+                progress.console.print(_shown(f"requeued {event.reason}"), highlight=False)
             elif isinstance(event, ProgressEvent):
                 p = event.progress
                 if p.phase not in bars:
-                    bars[p.phase] = progress.add_task(p.phase, total=p.total)
+                    bars[p.phase] = progress.add_task(_shown(p.phase), total=p.total)
                 progress.update(bars[p.phase], completed=p.done, total=p.total)
             elif isinstance(event, Completed):
                 for task_id in bars.values():
@@ -597,7 +642,7 @@ def _print_metrics(metrics: dict[str, dict[str, Any]]) -> None:
     table.add_column("value", justify="right")
     for task, values in metrics.items():
         for name, value in values.items():
-            table.add_row(task, name, f"{value:.4g}" if isinstance(value, float) else str(value))
+            table.add_row(_shown(task), _shown(name), f"{value:.4g}" if isinstance(value, float) else _shown(value))
     console.print(table)
 
 
@@ -623,7 +668,7 @@ def _print_job(info: JobInfo) -> None:
     ]
     for key, value in rows:
         if value is not None:
-            table.add_row(key, str(value))
+            table.add_row(key, _shown(value))
     console.print(table)
     if info.result and info.result.metrics:
         _print_metrics(info.result.metrics)
@@ -651,7 +696,7 @@ def results(
             _dump({"job_id": job_id, "files": [str(f) for f in files]})
         else:
             for path in files:
-                console.print(str(path), highlight=False)
+                console.print(_shown(path), highlight=False)
 
     _client_command(main)(ctx)
 
@@ -675,7 +720,7 @@ def events(
             if json_:
                 _dump(event)
             else:
-                console.print(_event_line(event), highlight=False)
+                console.print(_shown(_event_line(event)), highlight=False)
             seen += 1
             if count is not None and seen >= count:
                 return
@@ -721,7 +766,7 @@ def queue(ctx: typer.Context, json_: JsonOpt = False) -> None:
             if not isinstance(info, JobInfo):
                 continue
             progress = f"{info.progress.phase} {info.progress.percent:.0f}%" if info.progress else ""
-            table.add_row(
+            cells = (
                 info.pool,
                 "" if info.position_in_queue is None else str(info.position_in_queue),
                 info.job_id,
@@ -731,6 +776,7 @@ def queue(ctx: typer.Context, json_: JsonOpt = False) -> None:
                 info.worker or "",
                 progress,
             )
+            table.add_row(*(_shown(cell) for cell in cells))
         console.print(table)
         console.print(
             f"completed {state.completed_jobs}  failed {state.failed_jobs}  cancelled {state.cancelled_jobs}  "
@@ -758,7 +804,7 @@ def workers(ctx: typer.Context, json_: JsonOpt = False) -> None:
             table.add_column(column)
         for w in health.workers:
             gpus = ", ".join(g.name for g in w.gpus) or "cpu"
-            table.add_row(
+            cells = (
                 w.worker_id,
                 w.host,
                 w.pool,
@@ -769,6 +815,7 @@ def workers(ctx: typer.Context, json_: JsonOpt = False) -> None:
                 w.current_job or "",
                 w.heartbeat_at,
             )
+            table.add_row(*(_shown(cell) for cell in cells))
         console.print(table)
 
     _client_command(main)(ctx)
@@ -787,8 +834,10 @@ def health(ctx: typer.Context, json_: JsonOpt = False) -> None:
             _dump(state)
         else:
             console.print(
-                f"{state.status}: pools {', '.join(state.pools)}; {state.queue_size} queued; "
-                f"{len(state.workers)} workers; evalq {state.version}",
+                _shown(
+                    f"{state.status}: pools {', '.join(state.pools)}; {state.queue_size} queued; "
+                    f"{len(state.workers)} workers; evalq {state.version}"
+                ),
                 highlight=False,
             )
 
@@ -804,7 +853,7 @@ def tasks(ctx: typer.Context, json_: JsonOpt = False) -> None:
 
     async def main(client: AsyncClient) -> None:
         names = await client.list_tasks()
-        _dump({"tasks": names}) if json_ else console.print("\n".join(names), highlight=False)
+        _dump({"tasks": names}) if json_ else console.print("\n".join(_shown(n) for n in names), highlight=False)
 
     _client_command(main)(ctx)
 
@@ -818,7 +867,7 @@ def models(ctx: typer.Context, json_: JsonOpt = False) -> None:
 
     async def main(client: AsyncClient) -> None:
         names = await client.list_models()
-        _dump({"models": names}) if json_ else console.print("\n".join(names), highlight=False)
+        _dump({"models": names}) if json_ else console.print("\n".join(_shown(n) for n in names), highlight=False)
 
     _client_command(main)(ctx)
 
