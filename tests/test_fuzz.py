@@ -46,6 +46,7 @@ FIELDS = [
     "output_dir",
     "pool",
     "labels",
+    "timeout",
 ]
 
 
@@ -202,7 +203,7 @@ def _raw_cases(count: int, seed: int) -> Iterator[bytes]:
             yield b'{"model": "' + b"m" * size + b'", "tasks": ["t"]}'
         elif kind == 4:
             number = rng.choice(["1e400", "-1", "0", str(2**64), "-1e-400", "NaN", "1.5", str(10**30), "1000000001"])
-            field = rng.choice(["num_gpus", "num_fewshot", "limit", "batch_size"])
+            field = rng.choice(["num_gpus", "num_fewshot", "limit", "batch_size", "timeout"])
             yield f'{{"model": "d", "tasks": ["t"], "{field}": {number}}}'.encode()
         elif kind == 5:
             mutated = bytearray(valid)
