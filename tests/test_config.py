@@ -103,3 +103,9 @@ def test_every_setting_is_documented_once_and_the_readme_table_matches() -> None
     assert begin in readme and end in readme
     generated = readme.split(begin, 1)[1].split(end, 1)[0]
     assert generated == table, "README's table is stale: run `make docs`"
+
+
+@pytest.mark.parametrize("name", ["prefix", "pool"])
+def test_a_name_with_a_trailing_newline_is_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.of(**{name: "evalq\n"})

@@ -141,3 +141,9 @@ def test_events_are_a_tagged_union() -> None:
 def test_time_is_rfc3339_utc() -> None:
     stamp = schemas.now()
     assert stamp.endswith("Z") and "T" in stamp
+
+
+def test_a_bad_dict_key_names_its_dict() -> None:
+    with pytest.raises(msgspec.ValidationError) as refused:
+        decode(b'{"model": "m", "tasks": ["t"], "labels": {"bad key": "v"}}', EvaluateRequest)
+    assert error_path(refused.value)[1] == "$.labels"

@@ -74,7 +74,7 @@ class ConnectionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     inbox_prefix: Annotated[
         str,
         Meta(
-            pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$",
+            pattern=r"\A[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\Z",
             description="subject prefix of this process's reply inboxes; with deploy/nats each user has its own",
         ),
     ] = "_INBOX"
@@ -82,7 +82,7 @@ class ConnectionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
 
 class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     prefix: Annotated[
-        str, Meta(pattern=r"^[A-Za-z0-9_\-]+$", description="subject prefix; streams and buckets derive from it")
+        str, Meta(pattern=r"\A[A-Za-z0-9_\-]+\Z", description="subject prefix; streams and buckets derive from it")
     ] = "evalq"
     replicas: Annotated[int, Meta(ge=1, le=5, description="JetStream replicas for every stream and bucket")] = 1
     queue_limit: Annotated[
@@ -107,7 +107,7 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pool: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]+$", description="the pool a worker serves")] = "default"
+    pool: Annotated[str, Meta(pattern=r"\A[A-Za-z0-9_\-]+\Z", description="the pool a worker serves")] = "default"
     task_paths: Annotated[list[str], _doc("extra lmms-eval task folders (`os.pathsep`-separated)")] = []
     max_attempts: Annotated[
         int, Meta(ge=1, description="starts before a job is failed (a hand-back before a start is not one)")

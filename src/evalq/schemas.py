@@ -385,7 +385,8 @@ def _utf8(data: bytes | str) -> bytes | str:
     return data
 
 
-_PATH = re.compile(r" - at `(\$[^`]*)`$")
+# msgspec ends a message with "- at `$.path`", or "- at `key` in `$.path`" for a dict key.
+_PATH = re.compile(r" - at (?:`key` in )?`(\$[^`]*)`\Z")
 
 
 def error_path(error: msgspec.DecodeError) -> tuple[str, str]:
