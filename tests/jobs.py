@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,3 +38,18 @@ async def submit_until_accepted(client: AsyncClient, key: str, deadline: float, 
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)  # back-off between retries, as a real client would
+
+
+async def enqueue_unchecked(nc: Any, topology: Any, request: dict[str, Any]) -> str:
+    """A job as a gateway from before a rule would have left it: a record and a work message,
+    neither checked against today's rules. Returns its id."""
+    from evalq.schemas import encode, now
+
+    job_id = str(uuid.uuid4())
+    js = nc.jetstream()
+    created = now()
+    record = {"job_id": job_id, "status": "queued", "created_at": created, "request": request, "pool": "default"}
+    await (await js.key_value(topology.jobs_bucket)).create(job_id, encode(record))
+    body = encode({"job_id": job_id, "request": request, "created_at": created})
+    await js.publish(topology.work_subject("default", job_id), body, headers={"Nats-Msg-Id": job_id})
+    return job_id

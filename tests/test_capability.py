@@ -6,21 +6,19 @@ import asyncio
 import logging
 import shutil
 import time
-import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from evalq import AsyncClient, lifecycle
+from evalq import AsyncClient
 from evalq.capability import cannot_run
-from evalq.jobstore import JobStore
-from evalq.schemas import TERMINAL, EvaluateRequest, JobInfo, Started, WorkerInfo, encode, now
+from evalq.schemas import TERMINAL, EvaluateRequest, JobInfo, Started, WorkerInfo
 from evalq.topology import Topology
 
 from .events import all_events
-from .jobs import FAKE, JOB
+from .jobs import FAKE, JOB, enqueue_unchecked
 
 WORKER = WorkerInfo(worker_id="w", host="h", pid=1, models=["dummy"], tasks=["evalq_demo"], gpu_count=0)
 
@@ -85,15 +83,7 @@ async def test_a_job_goes_to_the_worker_that_can_run_it(
 
     # With the able worker gone, a job for its task (queued before it left) fails with why.
     await extra.stop()
-    orphan = str(uuid.uuid4())
-    request = EvaluateRequest(model="dummy", tasks=["team_task"], limit=2)
-    jobs = JobStore(await nc.jetstream().key_value(topology.jobs_bucket))
-    await jobs.create(lifecycle.enqueue(orphan, request, created_at=now(), stream_seq=None))
-    await nc.jetstream().publish(
-        topology.work_subject("default", orphan),
-        encode({"job_id": orphan, "request": request, "created_at": now()}),
-        headers={"Nats-Msg-Id": orphan},
-    )
+    orphan = await enqueue_unchecked(nc, topology, {**JOB, "tasks": ["team_task"], "limit": 2})
     info = await ended(client, orphan)
     assert info.status == "failed"
     assert "no live worker of pool 'default' can run it" in (info.error or "")

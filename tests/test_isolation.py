@@ -6,21 +6,19 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from evalq import AsyncClient, InvalidField, lifecycle
+from evalq import AsyncClient, InvalidField
 from evalq.config import Settings
-from evalq.jobstore import JobStore
-from evalq.schemas import TERMINAL, EvaluateRequest, Failed, encode, now
+from evalq.schemas import TERMINAL, Failed
 from evalq.topology import Topology
 from evalq.worker.results import collect
 
 from .events import all_events
-from .jobs import FAKE, JOB
+from .jobs import FAKE, JOB, enqueue_unchecked
 
 VICTIM_LIKE = "0b3e9a8e-1111-4222-8333-123456789abc"
 
@@ -74,19 +72,7 @@ async def test_a_crashed_job_is_failed_with_its_own_log_whatever_was_queued_besi
     os.environ["FAKE_EVAL_MODE"] = "fail"
     try:
         victim = await client.submit(**JOB)
-        attacker_id = str(uuid.uuid4())
-        forged = {**JOB, "output_dir": victim.job_id}
-        jobs = JobStore(await nc.jetstream().key_value(topology.jobs_bucket))
-        await jobs.create(
-            lifecycle.enqueue(
-                attacker_id, EvaluateRequest(model="dummy", tasks=["evalq_demo"]), created_at=now(), stream_seq=None
-            )
-        )
-        await nc.jetstream().publish(
-            topology.work_subject("default", attacker_id),
-            encode({"job_id": attacker_id, "request": forged, "created_at": now()}),
-            headers={"Nats-Msg-Id": attacker_id},
-        )
+        attacker_id = await enqueue_unchecked(nc, topology, {**JOB, "output_dir": victim.job_id})
         await worker_factory(evaluator=FAKE)
         finals = {}
         for job in (victim.job_id, attacker_id):
@@ -104,6 +90,7 @@ async def test_a_crashed_job_is_failed_with_its_own_log_whatever_was_queued_besi
     assert len(failed) == 1 and "the fake evaluation broke" in (failed[0].log_tail or "")
     attacker_final = finals[attacker_id]
     assert attacker_final.status == "failed" and "output_dir" in (attacker_final.error or "")
+    assert attacker_final.request is None, "a stored request that fails today's rules reads as none"
     victim_dir = settings.results_root / victim.job_id
     assert victim_dir.is_dir() and not any(p.is_dir() for p in victim_dir.iterdir()), (
         "a folder was nested in the victim's"

@@ -8,8 +8,11 @@ which is what makes the terminal record (and its event) exist exactly once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from typing import Any
 
+import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -17,6 +20,8 @@ from .errors import Conflict
 from .schemas import JobInfo, decode, encode
 
 __all__ = ["JobStore"]
+
+log = logging.getLogger("evalq")
 
 Change = Callable[[JobInfo], JobInfo | None]
 
@@ -32,7 +37,7 @@ class JobStore:
             return None
         if entry.value is None:
             return None
-        return decode(entry.value, JobInfo), entry.revision or 0
+        return _read(entry.value), entry.revision or 0
 
     async def create(self, info: JobInfo) -> int | None:
         """Write a new record; None if one exists already (someone else created it)."""
@@ -60,3 +65,16 @@ class JobStore:
                 continue
             return before, after
         raise Conflict(f"job {job_id}: too many concurrent updates")
+
+
+def _read(data: bytes) -> JobInfo:
+    """A stored record. One whose request fails today's rules (stored before a rule was
+    added) is still a record: its request reads as None, so the job can be failed, shown
+    and cancelled, but never run."""
+    try:
+        return decode(data, JobInfo)
+    except msgspec.ValidationError as exc:
+        raw = msgspec.json.decode(data, type=dict[str, Any])
+        raw["request"] = None
+        log.warning("job %s: its stored request is not valid any more (%s)", raw.get("job_id"), exc)
+        return msgspec.convert(raw, JobInfo)

@@ -38,12 +38,13 @@ from ..events import EventPublisher
 from ..jobstore import JobStore
 from ..lifecycle import Applied, Cancellation, Failure, Outcome, Recorder, Refused
 from ..outage import outlast
+from ..policy import effective_timeout, load_policy, recheck
 from ..schemas import JOB_ID_SEGMENT, TERMINAL, JobInfo, Progress, WorkerInfo, WorkItem, decode, now
 from ..topology import Topology
 from .argv import evaluator_command, lmms_eval_args, scrubbed_env
 from .inventory import take_inventory
 from .registration import Registration
-from .results import outcome_of
+from .results import outcome_of, tail, upload
 from .runner import EvalProcess
 from .taskpaths import build_include_dir
 from .warm import WarmEvaluator, WarmProcess, ZygoteError
@@ -68,6 +69,9 @@ class _Current:
     msg: Msg
     attempt: int
     process: EvalProcess | WarmProcess | None = None
+    # Seconds the evaluation may run (the job's timeout, or its pool's); None: no limit.
+    limit_s: int | None = None
+    timed_out: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_requested_at: float | None = None
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     requeue: asyncio.Event = field(default_factory=asyncio.Event)
@@ -367,11 +371,28 @@ class Worker:
             )
             await self._conclude(msg, job_id, Failure(error=reason))
             return
-        assert info.request is not None
+        if info.request is None:
+            await self._conclude(msg, job_id, Failure(error="the job's stored request is not valid here"))
+            return
         unable = cannot_run(self.registration.info, info.request)
         if unable is not None:
             await self._hand_on(msg, info, unable, deliveries=meta.num_delivered or 1)
             return
+        try:
+            policy = await load_policy(self.js, self.topology, self.pool)
+        except Exception as exc:  # NATS away: decide on the next delivery, not on a guess
+            log.warning("job %s: could not read the pool's policy (%s); handing it back", job_id, exc)
+            await msg.nak(delay=_HAND_BACK_DELAY)
+            return
+        # The gateway checked the request; this machine's disk may say otherwise (a symlink).
+        # lmms-eval runs in the job's own folder (empty when it starts): a relative name is
+        # looked up there.
+        folder = self.results_root / (info.request.output_dir or "") / job_id
+        refused = recheck(info.request, policy, cwd=folder)
+        if refused is not None:
+            await self._conclude(msg, job_id, Failure(error=f"the policy of pool {self.pool!r} refuses it: {refused}"))
+            return
+        limit_s = effective_timeout(info.request, policy)
         started = now()
         moved = await self.recorder.record(
             job_id,
@@ -392,7 +413,7 @@ class Worker:
             else:
                 await msg.ack()  # terminal already (its event made sure of by the recorder): nothing to run
             return
-        self.current = _Current(info=moved.after, msg=msg, attempt=attempt)
+        self.current = _Current(info=moved.after, msg=msg, attempt=attempt, limit_s=limit_s)
         if self.stopping:
             self._stop_job(self.current)
         if self.registration.listed:
@@ -433,6 +454,8 @@ class Worker:
             current.announced = True
             waiting = asyncio.create_task(process.wait())
             stop_reasons = [asyncio.create_task(current.cancel.wait()), asyncio.create_task(current.requeue.wait())]
+            if current.limit_s is not None:
+                stop_reasons.append(asyncio.create_task(self._time_limit(current)))
             await asyncio.wait([waiting, *stop_reasons], return_when=asyncio.FIRST_COMPLETED)
             if not waiting.done():
                 await process.terminate(self.settings.worker.cancel_grace)
@@ -457,6 +480,14 @@ class Worker:
             if current.cancel_requested_at is not None and process.ended_at is not None:
                 latency = round(max(0.0, process.ended_at - current.cancel_requested_at), 3)
             outcome = Cancellation(reason="cancelled while running", latency_s=latency)
+        elif current.timed_out.is_set():
+            log_tail = tail(log_path, self.settings.worker.log_tail_lines)
+            await upload(self._store_artifact, info.job_id, [(log_path, "eval.log")])
+            outcome = Failure(
+                error=f"timeout: the evaluation ran longer than its limit of {current.limit_s} s and was stopped",
+                exit_code=exit_code,
+                log_tail=log_tail,
+            )
         elif current.requeue.is_set():
             await self._requeue(current, f"worker {self.worker_id} is shutting down")
             return
@@ -522,6 +553,11 @@ class Worker:
         if not output.is_relative_to(root) or any(output.iterdir()):
             return "the job's output folder could not be made empty"
         return output
+
+    async def _time_limit(self, current: _Current) -> None:
+        assert current.limit_s is not None
+        await asyncio.sleep(current.limit_s)  # the job's time limit itself
+        current.timed_out.set()
 
     async def _keep_alive(self, msg: Msg, settled: asyncio.Event) -> None:
         """Restart the message's ack timer until the job is settled, uploads and all."""
