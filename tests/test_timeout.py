@@ -3,9 +3,11 @@ a cancel and ends `failed` with reason `timeout` and its log tail."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
+import msgspec
 import psutil
 import pytest
 
@@ -14,6 +16,7 @@ from evalq.policy import PoolPolicy, store_policy
 from evalq.schemas import Failed, Started
 from evalq.topology import Topology
 
+from .conftest import EVALQ, run_command, settings_env
 from .events import follow, kinds
 from .jobs import FAKE, JOB, enqueue_unchecked
 
@@ -74,3 +77,16 @@ async def test_the_worker_checks_the_policy_again(
     failed = events[-1]
     assert isinstance(failed, Failed) and "policy of pool 'default' refuses it" in failed.error
     assert not any(isinstance(e, Started) for e in events), "the job ran"
+
+
+async def test_the_cli_and_the_sdk_set_the_jobs_own_limit(settings: Any, client: AsyncClient) -> None:
+    code, out, err = await run_command(
+        [*EVALQ, "submit", "--model", "dummy", "--tasks", "evalq_demo", "--job-timeout", "5", "--json"],
+        settings_env(settings),
+    )
+    assert code == 0, err
+    job_id = msgspec.json.decode(out)["job_id"]
+    info = await client.get_job(job_id)
+    assert info.request is not None and info.request.timeout == 5
+    with pytest.raises(asyncio.TimeoutError):  # the wait's own timeout, not the job's
+        await client.submit_and_wait(timeout=0.5, job_timeout=7, **JOB)

@@ -470,6 +470,9 @@ def submit(
     idempotency_key: Annotated[Optional[str], typer.Option(help="Retry-safe key: same key, same job.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job to its end, like `evalq watch`.")] = False,
     timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    job_timeout: Annotated[
+        Optional[int], typer.Option(help="Seconds the evaluation may run before it is stopped and failed.")
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Submit an evaluation job; prints its id and queue position.
@@ -493,6 +496,7 @@ def submit(
         "device": device,
         "gen_kwargs": gen_kwargs,
         "output_dir": output_dir,
+        "timeout": job_timeout,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     settings = _settings(ctx)

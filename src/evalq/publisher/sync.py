@@ -121,8 +121,10 @@ class Client:
     def wait_for_job(self, job_id: str, timeout: float | None = None) -> JobInfo:
         return self._run(self._async.wait_for_job(job_id, timeout=timeout))
 
-    def submit_and_wait(self, timeout: float | None = None, **fields: Any) -> JobInfo:
-        return self._run(self._async.submit_and_wait(timeout=timeout, **fields))
+    def submit_and_wait(
+        self, timeout: float | None = None, *, job_timeout: int | None = None, **fields: Any
+    ) -> JobInfo:
+        return self._run(self._async.submit_and_wait(timeout=timeout, job_timeout=job_timeout, **fields))
 
     def results(self, job_id: str, dest_dir: str | Path = ".") -> list[Path]:
         return self._run(self._async.results(job_id, dest_dir))
