@@ -23,6 +23,9 @@ def connect_options(settings: Settings, name: str) -> dict[str, Any]:
     options: dict[str, Any] = {
         "servers": settings.connection.nats_url,
         "name": name,
+        # Every reply (requests, JetStream API answers, consumer deliveries) comes back under
+        # this prefix; deploy/nats lets each user subscribe only to its own.
+        "inbox_prefix": settings.connection.inbox_prefix,
         "connect_timeout": settings.connection.connect_timeout,
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
@@ -68,7 +71,13 @@ async def connect(settings: Settings, name: str = "evalq", **overrides: Any) -> 
 
 
 async def _on_error(exc: Exception) -> None:
-    log.debug("nats: %s", exc)
+    text = str(exc).lower()
+    if "permissions violation" in text:
+        # Otherwise a refused reply inbox shows only as a request that times out.
+        hint = " (is EVALQ_INBOX_PREFIX the one this user may subscribe to?)" if "subscription" in text else ""
+        log.warning("nats: %s%s", exc, hint)
+    else:
+        log.debug("nats: %s", exc)
 
 
 async def _on_disconnect() -> None:

@@ -12,7 +12,11 @@ becomes the evalq error that says what to do about it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -23,8 +27,10 @@ from typing import Any, TypeVar
 import msgspec
 import nats.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
-from nats.js.api import DeliverPolicy
+from nats.js.api import ObjectInfo, RawStreamMsg
+from nats.js.client import JetStreamContext
 from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from ..config import Settings, load_settings
@@ -256,25 +262,41 @@ class AsyncClient:
 
     # --- events ------------------------------------------------------------------------
 
+    def _js(self) -> JetStreamContext:
+        return self.nc.jetstream(domain=self.settings.connection.js_domain, timeout=self.timeout)
+
     async def events(self, job_id: str = "*", kind: str = "*", *, history: bool = False) -> AsyncIterator[Event]:
-        """Every event matching the filter, as it happens (from the start when `history`).
+        """Every event matching the filter, as it is stored (from the start when `history`).
+
+        No consumer is created, so a user who may not create one can follow events: the
+        stored events are read by sequence (`STREAM.MSG.GET` with `next_by_subj`), and a core
+        subscription to the same subjects says when to read again. Events come in the
+        stream's order, each once, none missed between the history and the live ones.
 
         A filter, not a lookup: an id no job has matches nothing, so this waits rather than
         raising `JobNotFound` (`watch` asks first).
         """
-        what = f"the events stream {self.topology.events_stream}"
+        stream = self.topology.events_stream
+        subject = self.topology.events_filter(job_id, kind)
+        what = f"the events stream {stream}"
+        bell = _Doorbell(patience=self.timeout)
         with self._errors(what):
-            js = self.nc.jetstream(domain=self.settings.connection.js_domain, timeout=self.timeout)
-            sub = await js.subscribe(
-                self.topology.events_filter(job_id, kind),
-                stream=self.topology.events_stream,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL if history else DeliverPolicy.NEW,
-            )
+            js = self._js()
+            sub = await self.nc.subscribe(subject, cb=bell.ring)
         try:
             with self._errors(what):
-                async for msg in sub.messages:
-                    yield decode_event(msg.data)
+                # The server has the subscription before the stream is read, so an event
+                # stored after the read below rings.
+                await self.nc.flush(math.ceil(self.timeout))
+                seq = 0 if history else (await js.stream_info(stream)).state.last_seq
+                while True:
+                    bell.clear()
+                    while (msg := await _next_stored(js, stream, subject, seq)) is not None:
+                        seq = msg.seq or seq + 1
+                        data = msg.data or b""
+                        bell.stored(data)
+                        yield decode_event(data)
+                    await bell.wait(self.nc)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -282,8 +304,8 @@ class AsyncClient:
     async def watch(self, job_id: str) -> AsyncIterator[Event]:
         """The job's events from `queued` on, ending after its terminal event.
 
-        An ordered consumer that delivers all: a watcher that starts late still sees the
-        whole history, so there is no race between submit and watch. An unknown id raises
+        `events` with its history: a watcher that starts late still sees the whole history,
+        so there is no race between submit and watch. An unknown id raises
         `JobNotFound` first instead of waiting for events that never come.
         """
         await self.get_job(job_id)
@@ -320,31 +342,131 @@ class AsyncClient:
     async def results(self, job_id: str, dest_dir: str | Path = ".") -> list[Path]:
         """Download the job's artifacts into `dest_dir/<job_id>/`; returns the files written.
 
-        A job with none yet gives an empty list; an unknown id (asked of the gateway when no
-        file is found) raises `JobNotFound`.
+        The artifacts are those the job's record names, plus `results.json` and `eval.log`
+        (a failed job has its log only). They are read by sequence, with no consumer. A job
+        with none yet gives an empty list; an unknown id (asked of the gateway when no file is
+        found) raises `JobNotFound`.
         """
         bucket = self.topology.results_bucket
         root = (Path(dest_dir) / job_id).resolve()
         written: list[Path] = []
         with self._errors(f"the results bucket {bucket}"):
-            js = self.nc.jetstream(domain=self.settings.connection.js_domain, timeout=self.timeout)
-            store = await js.object_store(bucket)
-            try:
-                infos = await store.list()
-            except NotFoundError:  # what nats-py raises for an empty store
-                infos = []
-            for info in infos:
-                name = info.name or ""
-                if not name.startswith(f"{job_id}/") or info.deleted:
-                    continue
+            js = self._js()
+            names = [f"{job_id}/results.json", f"{job_id}/eval.log"]
+            record = await _last_stored(
+                js, f"KV_{self.topology.jobs_bucket}", f"$KV.{self.topology.jobs_bucket}.{job_id}"
+            )
+            if record is not None and record.data:
+                info = decode(record.data, JobInfo)
+                if info.result is not None:
+                    names = [*info.result.artifacts, *(name for name in names if name not in info.result.artifacts)]
+            for name in names:
                 relative = PurePosixPath(name[len(job_id) + 1 :])
-                if relative.is_absolute() or ".." in relative.parts or not relative.parts:
-                    continue  # never write outside dest_dir, whatever the store holds
+                outside = relative.is_absolute() or ".." in relative.parts or not relative.parts
+                if not name.startswith(f"{job_id}/") or outside:
+                    continue  # never write outside dest_dir, whatever the store or the record holds
+                data = await _read_object(js, bucket, name)
+                if data is None:
+                    continue
                 target = root.joinpath(*relative.parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                result = await store.get(name)
-                target.write_bytes(result.data or b"")
+                target.write_bytes(data)
                 written.append(target)
         if not written:
             await self.get_job(job_id)
         return sorted(written)
+
+
+# JetStream's error code for "no such message" (any other 404 is a missing stream).
+_NO_MESSAGE = 10037
+
+
+async def _next_stored(js: JetStreamContext, stream: str, subject: str, after: int) -> RawStreamMsg | None:
+    """The first message on `subject` stored after sequence `after`; None when there is none yet."""
+    try:
+        return await js.get_msg(stream, after + 1, subject=subject, next=True)
+    except NotFoundError as exc:
+        if exc.err_code == _NO_MESSAGE:
+            return None
+        raise
+
+
+async def _last_stored(js: JetStreamContext, stream: str, subject: str) -> RawStreamMsg | None:
+    try:
+        return await js.get_msg(stream, subject=subject)
+    except NotFoundError as exc:
+        if exc.err_code == _NO_MESSAGE:
+            return None
+        raise
+
+
+async def _read_object(js: JetStreamContext, bucket: str, name: str) -> bytes | None:
+    """An object of the store, read chunk by chunk with no consumer; None if it is absent or deleted."""
+    stream = f"OBJ_{bucket}"
+    meta = await _last_stored(js, stream, f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}")
+    if meta is None or not meta.data:
+        return None
+    info = ObjectInfo.from_response(json.loads(meta.data))
+    if info.deleted or not info.nuid:
+        return None
+    chunks = f"$O.{bucket}.C.{info.nuid}"
+    data = bytearray()
+    seq = 0
+    for _ in range(info.chunks or 0):
+        chunk = await _next_stored(js, stream, chunks, seq)
+        if chunk is None:
+            break
+        seq = chunk.seq or seq + 1
+        data += chunk.data or b""
+    digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
+    if len(data) != (info.size or 0) or (info.digest and info.digest.upper() != digest.upper()):
+        raise EvalqError(f"{name} in {bucket} is incomplete or changed while it was read: download it again")
+    return bytes(data)
+
+
+class _Doorbell:
+    """Says when a follower should read the events stream again.
+
+    A core subscriber may see a message a moment before the stream has stored it, so a
+    message seen live stays pending until a read finds it stored, and until then the
+    follower reads again after a short, growing pause. One the stream never stores (a
+    duplicate it dropped) is forgotten after `patience` seconds.
+    """
+
+    def __init__(self, patience: float) -> None:
+        self.patience = patience
+        self.pending: dict[bytes, float] = {}
+        self.rung = asyncio.Event()
+        self.pause = _FIRST_PAUSE
+
+    async def ring(self, msg: Msg) -> None:
+        self.pending.setdefault(msg.data, time.monotonic() + self.patience)
+        self.rung.set()
+
+    def clear(self) -> None:
+        self.rung.clear()
+
+    def stored(self, data: bytes) -> None:
+        self.pending.pop(data, None)
+
+    async def wait(self, nc: NatsClient) -> None:
+        """Until there may be something new to read."""
+        reconnects = nc.stats["reconnects"]
+        while True:
+            now = time.monotonic()
+            self.pending = {data: until for data, until in self.pending.items() if until > now}
+            if not self.pending:
+                self.pause = _FIRST_PAUSE
+            try:
+                await asyncio.wait_for(self.rung.wait(), self.pause if self.pending else _RECONNECT_CHECK)
+                return
+            except TimeoutError:
+                if self.pending:
+                    self.pause = min(self.pause * 2, 0.5)
+                    return
+                if nc.stats["reconnects"] != reconnects:
+                    return  # events published while the connection was down rang no bell
+
+
+_FIRST_PAUSE = 0.005
+_RECONNECT_CHECK = 1.0
