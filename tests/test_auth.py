@@ -1,15 +1,21 @@
 """Authentication and least privilege with deploy/nats/accounts.conf, and a TLS variant.
 
 Each test runs its own nats-server with the committed accounts file (default prefix
-`evalq`); passwords come from the server's environment, certificates are made here.
+`evalq`); passwords come from the server's environment, certificates are made here. The
+attacks a hostile submitter could make are each tried and shown refused: reading other
+users' inboxes, creating consumers (durable, or pushing to a subject it chooses), and
+choosing a reply subject that a gateway's or JetStream's answer would be written to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import os
+import re
 import shutil
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 import pytest
+import yaml
 
 from evalq import AsyncClient
 from evalq.config import Settings
@@ -25,16 +32,24 @@ from evalq.embedded import EmbeddedServer
 from evalq.errors import ConnectError
 from evalq.gateway import Gateway
 from evalq.jobstore import JobStore
-from evalq.schemas import encode
+from evalq.schemas import Completed, Event, encode
 from evalq.topology import Topology
 from evalq.worker import Worker
 
 from .conftest import REPO
+from .events import kinds
 from .jobs import FAKE
 from .jobs import JOB as BASE_JOB
 
 ACCOUNTS = REPO / "deploy" / "nats" / "accounts.conf"
 PASSWORDS = {"submitter": "s3cret-sub", "gateway": "s3cret-gw", "worker": "s3cret-wk"}
+# What accounts.conf tells each role to set: its own inbox prefix, and for submitters the
+# domain under which their account reaches the queue's JetStream reads.
+ROLE_SETTINGS: dict[str, dict[str, Any]] = {
+    "submitter": {"inbox_prefix": "_INBOX_submitter", "js_domain": "evalq"},
+    "gateway": {"inbox_prefix": "_INBOX_gateway"},
+    "worker": {"inbox_prefix": "_INBOX_worker"},
+}
 JOB = {**BASE_JOB, "limit": 2}
 
 
@@ -42,9 +57,24 @@ def server_env() -> dict[str, str]:
     return {**os.environ, **{f"EVALQ_{user.upper()}_PASSWORD": pw for user, pw in PASSWORDS.items()}}
 
 
+SHIPPED = "shipped"
+# The shipped file with the submitter's user permissions opened to everything: what the
+# SUBMITTERS account alone refuses, should those permissions ever be too wide.
+ACCOUNT_ONLY = "account only"
+
+
 @pytest.fixture
-def auth_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    shutil.copy(ACCOUNTS, tmp_path / "accounts.conf")  # includes resolve beside the including file
+def auth_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[EmbeddedServer]:
+    text = ACCOUNTS.read_text()  # included files resolve beside the including file
+    if getattr(request, "param", SHIPPED) == ACCOUNT_ONLY:
+        opened = re.sub(
+            r"(?ms)^SUBMITTER_PERMISSIONS = \{.*?^\}$",
+            'SUBMITTER_PERMISSIONS = { publish = ">", subscribe = ">" }',
+            text,
+        )
+        assert opened != text
+        text = opened
+    (tmp_path / "accounts.conf").write_text(text)
     config = tmp_path / "auth.conf"
     config.write_text('include "accounts.conf"\n')
     server = EmbeddedServer(tmp_path / "store", config_file=config, env=server_env())
@@ -54,7 +84,14 @@ def auth_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
 
 
 def as_user(base: Settings, server: EmbeddedServer, user: str) -> Settings:
-    return base.with_(nats_url=[server.url], prefix="evalq", user=user, password=PASSWORDS[user], request_timeout=3.0)
+    return base.with_(
+        nats_url=[server.url],
+        prefix="evalq",
+        user=user,
+        password=PASSWORDS[user],
+        request_timeout=3.0,
+        **ROLE_SETTINGS[user],
+    )
 
 
 class Violations:
@@ -85,7 +122,7 @@ async def deployment(auth_server: EmbeddedServer, settings: Settings) -> AsyncIt
     worker_nc = await connect(worker_settings)
     worker = await Worker(worker_nc, worker_settings).start()
     running = asyncio.create_task(worker.run())
-    yield {"server": auth_server, "base": settings}
+    yield {"server": auth_server, "base": settings, "gateway_nc": gateway_nc, "worker_nc": worker_nc}
     worker.request_stop()
     await asyncio.wait_for(running, 30)
     await worker.stop()
@@ -96,16 +133,213 @@ async def deployment(auth_server: EmbeddedServer, settings: Settings) -> AsyncIt
 
 async def test_every_role_does_its_job(deployment: dict[str, Any], tmp_path: Path) -> None:
     submitter = as_user(deployment["base"], deployment["server"], "submitter")
-    async with AsyncClient(submitter) as client:
+    async with AsyncClient(submitter) as client, AsyncClient(submitter) as follower:
+        followed: list[Event] = []
+
+        async def follow() -> None:
+            # Started before the job exists: its events come live, with no consumer.
+            async for event in follower.events(history=True):
+                followed.append(event)
+                if isinstance(event, Completed):
+                    return
+
+        following = asyncio.create_task(follow())
         accepted = await client.submit(**JOB)
         info = await client.wait_for_job(accepted.job_id, timeout=60)
         assert info.status == "completed"
-        events = [e async for e in client.watch(accepted.job_id)]
-        assert events[-1].job_id == accepted.job_id
+        await asyncio.wait_for(following, 30)
+        events = [e async for e in client.watch(accepted.job_id)]  # the history, read afterwards
+        assert kinds(events) == kinds(followed) and kinds(events)[0] == "queued" and kinds(events)[-1] == "completed"
         files = await client.results(accepted.job_id, tmp_path)
         assert {f.name for f in files} == {"results.json", "eval.log"}
         assert (await client.queue()).completed_jobs == 1
         assert (await client.health()).workers
+
+        # Cancel a job that waits in a pool with no worker yet.
+        await Topology().ensure_pool(deployment["gateway_nc"].jetstream(), "held")
+        held = await client.submit(**JOB, pool="held")
+        assert (await client.cancel_job(held.job_id)).status == "cancelled"
+        assert kinds([e async for e in client.watch(held.job_id)]) == ["queued", "cancelled"]
+    admin = deployment["gateway_nc"].jetstream()
+    assert await admin.consumers_info(Topology().events_stream) == []
+
+
+async def test_results_of_many_chunks_come_through_the_submitters_account(
+    deployment: dict[str, Any], tmp_path: Path
+) -> None:
+    job = str(uuid.uuid4())
+    big = os.urandom(300_000)  # three chunks of the object store
+    store = await deployment["worker_nc"].jetstream().object_store(Topology().results_bucket)
+    await store.put(f"{job}/results.json", big)
+    await store.put(f"{job}/eval.log", b"")
+    submitter = as_user(deployment["base"], deployment["server"], "submitter")
+    async with AsyncClient(submitter) as client:
+        files = await client.results(job, tmp_path)
+    assert [f.name for f in files] == ["eval.log", "results.json"]
+    assert files[1].read_bytes() == big and files[0].read_bytes() == b""
+
+
+async def test_a_submitter_reads_no_other_users_inbox(deployment: dict[str, Any], tmp_path: Path) -> None:
+    base, server = deployment["base"], deployment["server"]
+    violations = Violations()
+    spy = await connect(as_user(base, server, "submitter"), error_cb=violations.on_error)
+    caught: list[str] = []
+
+    async def catch(msg: Any) -> None:
+        caught.append(msg.subject)
+
+    try:
+        for subject in ("_INBOX.>", "_INBOX_gateway.>", "_INBOX_worker.>", "_R_.>", "$JS.API.>", ">"):
+            await spy.subscribe(subject, cb=catch)
+            assert f'subscription to "{subject.lower()}"' in (await violations.wait()).lower()
+        # What it may read: its own role's inbox, and the events.
+        await spy.subscribe("_INBOX_submitter.>", cb=catch)
+        await spy.subscribe("evalq.events.>", cb=catch)
+        await spy.flush()
+        assert len(violations.seen) == 6
+
+        busy = {role: deployment[f"{role}_nc"].stats["in_msgs"] for role in ("gateway", "worker")}
+        # Another submitter's client, on an inbox prefix under its role's own.
+        own = as_user(base, server, "submitter").with_(inbox_prefix="_INBOX_submitter.own")
+        async with AsyncClient(own) as client:
+            accepted = await client.submit(**JOB)
+            await client.wait_for_job(accepted.job_id, timeout=60)
+            await client.results(accepted.job_id, tmp_path)
+        await spy.flush()
+        # Meanwhile the gateway and the worker got their answers from JetStream and the
+        # gateway, to their inboxes; none of it reached the spy.
+        assert all(deployment[f"{role}_nc"].stats["in_msgs"] > busy[role] + 5 for role in busy)
+        leaked = [subject for subject in caught if not subject.startswith(("_INBOX_submitter.own.", "evalq.events."))]
+        assert leaked == []
+        assert any(subject.startswith("_INBOX_submitter.own.") for subject in caught)  # the spy did listen
+        assert len(violations.seen) == 6
+    finally:
+        await spy.close()
+
+
+async def _attempt(nc: Any, subject: str, body: dict[str, Any]) -> str:
+    """What a JetStream API request got: refused (no answer, nobody, an error) or accepted."""
+    try:
+        reply = await nc.request(subject, encode(body), timeout=2)
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+        return f"refused: {type(exc).__name__}"
+    answer = json.loads(reply.data) if reply.data else {}
+    return f"refused: {answer['error']}" if "error" in answer else f"ACCEPTED: {reply.data[:200]!r}"
+
+
+@pytest.mark.parametrize("auth_server", [SHIPPED, ACCOUNT_ONLY], indirect=True)
+async def test_a_submitter_creates_no_consumer_and_chooses_no_delivery_subject(deployment: dict[str, Any]) -> None:
+    base, server = deployment["base"], deployment["server"]
+    topology = Topology()
+    admin = deployment["gateway_nc"].jetstream()
+    async with AsyncClient(as_user(base, server, "submitter")) as client:
+        job = (await client.submit(**JOB)).job_id
+        await client.wait_for_job(job, timeout=60)
+    work = topology.work_stream("default")
+    stored = (await admin.stream_info(work)).state.messages
+    targets = [
+        f"$KV.{topology.jobs_bucket}.{job}",
+        f"evalq.work.default.{uuid.uuid4()}",
+        "evalq.submit",
+        f"$JS.API.STREAM.DELETE.{work}",
+    ]
+    durable = {"durable_name": "spy", "deliver_policy": "all", "ack_policy": "none"}
+    attempts: list[tuple[str, dict[str, Any]]] = []
+    for api in ("$JS.evalq.API", "$JS.API"):
+        for stream in (topology.events_stream, f"KV_{topology.jobs_bucket}", f"OBJ_{topology.results_bucket}"):
+            attempts += [
+                (f"{api}.CONSUMER.DURABLE.CREATE.{stream}.spy", {"stream_name": stream, "config": durable}),
+                (f"{api}.CONSUMER.CREATE.{stream}.spy", {"stream_name": stream, "config": durable}),
+                (f"{api}.CONSUMER.CREATE.{stream}", {"stream_name": stream, "config": {"ack_policy": "none"}}),
+            ]
+        for target in targets:
+            config = {"deliver_subject": target, "deliver_policy": "all", "ack_policy": "none"}
+            attempts.append((f"{api}.CONSUMER.CREATE.{topology.events_stream}", {"config": config}))
+    violations = Violations()
+    nc = await connect(as_user(base, server, "submitter"), error_cb=violations.on_error)
+    try:
+        outcomes = await asyncio.gather(*(_attempt(nc, subject, body) for subject, body in attempts))
+    finally:
+        await nc.close()
+    accepted = {
+        subject: outcome for (subject, _), outcome in zip(attempts, outcomes, strict=True) if "ACCEPTED" in outcome
+    }
+    assert accepted == {}
+    assert await admin.consumers_info(topology.events_stream) == []
+    for stream in (f"KV_{topology.jobs_bucket}", f"OBJ_{topology.results_bucket}"):
+        # Only the services' own: a worker watches a job's record through an ordered consumer.
+        foreign = [
+            consumer.name
+            for consumer in await admin.consumers_info(stream)
+            if consumer.config.durable_name
+            or not (consumer.config.deliver_subject or "").startswith(("_INBOX_worker.", "_INBOX_gateway."))
+        ]
+        assert foreign == [], stream
+    assert [c.name for c in await admin.consumers_info(work)] == [topology.consumer]
+    assert (await admin.stream_info(work)).state.messages == stored  # still there, nothing added
+    found = await JobStore(await admin.key_value(topology.jobs_bucket)).get(job)
+    assert found is not None and found[0].status == "completed"
+
+
+@pytest.mark.parametrize("auth_server", [SHIPPED, ACCOUNT_ONLY], indirect=True)
+async def test_a_reply_subject_reaches_nothing_of_the_queue(deployment: dict[str, Any]) -> None:
+    """Answers go where a request's reply subject says; a submitter's stay in its account."""
+    base, server = deployment["base"], deployment["server"]
+    topology = Topology()
+    admin = deployment["gateway_nc"].jetstream()
+    work = topology.work_stream("default")
+    nc = await connect(as_user(base, server, "submitter"))
+    try:
+        job = str(uuid.uuid4())
+        forged = [
+            ("evalq.status", encode({"job_id": job}), f"evalq.work.default.{uuid.uuid4()}"),
+            ("evalq.health", b"", f"$KV.{topology.jobs_bucket}.{job}"),
+            ("evalq.queue", b"{}", f"$JS.API.STREAM.DELETE.{work}"),
+            (f"$JS.evalq.API.STREAM.INFO.{topology.events_stream}", b"", f"evalq.work.default.{uuid.uuid4()}"),
+            (
+                f"$JS.evalq.API.STREAM.MSG.GET.{topology.events_stream}",
+                b'{"seq": 1}',
+                f"$KV.{topology.jobs_bucket}.{job}",
+            ),
+        ]
+        # Answers aimed at the events: a submitter may read those subjects, so it sees each
+        # answer land in its own account, and the events stream must not have stored it.
+        aimed = [
+            ("evalq.status", encode({"job_id": job}), topology.event_subject(job, "completed")),
+            ("evalq.health", b"", topology.event_subject(job, "failed")),
+            (f"$JS.evalq.API.STREAM.INFO.{topology.events_stream}", b"", topology.event_subject(job, "cancelled")),
+            (
+                f"$JS.evalq.API.STREAM.MSG.GET.{topology.events_stream}",
+                b'{"seq": 1}',
+                topology.event_subject(job, "started"),
+            ),
+        ]
+        landed = await nc.subscribe(topology.events_filter(job))
+        for subject, body, reply in [*forged, *aimed]:
+            await nc.publish(subject, body, reply=reply)
+        subjects = sorted([(await landed.next_msg(timeout=10)).subject for _ in aimed])
+        assert subjects == sorted(reply for _, _, reply in aimed)
+    finally:
+        await nc.close()
+    events = await admin.stream_info(topology.events_stream, subjects_filter=topology.events_filter(job))
+    assert not events.state.subjects
+    assert (await admin.stream_info(work)).state.messages == 0
+    assert await JobStore(await admin.key_value(topology.jobs_bucket)).get(job) is None
+
+
+def test_the_deploy_files_give_each_role_the_inbox_its_user_may_read() -> None:
+    accounts = ACCOUNTS.read_text()
+    for values in ROLE_SETTINGS.values():
+        assert f'"{values["inbox_prefix"]}.>"' in accounts
+    assert '"_INBOX.>"' not in accounts
+    compose = yaml.safe_load((REPO / "deploy" / "container" / "compose.yaml").read_text())["services"]
+    for service, role in (("gateway-1", "gateway"), ("gateway-2", "gateway"), ("worker-gpu0", "worker")):
+        environment = compose[service]["environment"]
+        assert environment["EVALQ_USER"] == role
+        assert environment["EVALQ_INBOX_PREFIX"] == ROLE_SETTINGS[role]["inbox_prefix"]
+    for unit, role in (("evalq-gateway.service", "gateway"), ("evalq-worker@.service", "worker")):
+        text = (REPO / "deploy" / "systemd" / unit).read_text()
+        assert f"Environment=EVALQ_INBOX_PREFIX={ROLE_SETTINGS[role]['inbox_prefix']}\n" in text
 
 
 async def test_anonymous_and_wrong_passwords_are_refused(auth_server: EmbeddedServer, settings: Settings) -> None:
