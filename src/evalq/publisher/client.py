@@ -333,7 +333,13 @@ class AsyncClient:
             raise JobCancelled(job_id, info.error or "cancelled", info)
         return info
 
-    async def submit_and_wait(self, timeout: float | None = None, **fields: Any) -> JobInfo:
+    async def submit_and_wait(
+        self, timeout: float | None = None, *, job_timeout: int | None = None, **fields: Any
+    ) -> JobInfo:
+        """Submit, then wait up to `timeout` s for the end; `job_timeout` is the job's own
+        time limit (the request's `timeout` field)."""
+        if job_timeout is not None:
+            fields["timeout"] = job_timeout
         accepted = await self.submit(**fields)
         return await self.wait_for_job(accepted.job_id, timeout=timeout)
 
