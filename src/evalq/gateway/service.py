@@ -295,6 +295,12 @@ class Gateway:
         event_outcome, record_outcome = await self.pipeline.wait(sent, timeout=self.settings.connection.request_timeout)
         # A record that exists was written by an earlier attempt under the same Idempotency-Key.
         record_exists = isinstance(record_outcome, KeyWrongLastSequenceError)
+        full = [o for o in (event_outcome, record_outcome) if isinstance(o, APIError) and o.err_code in _FULL]
+        if full and not record_exists and not ack.duplicate and not duplicate:
+            # The store filled between the job's writes: take back what landed, so that a 503
+            # means the job does not exist (a retry with the key makes it anew).
+            await self._take_back(job, job_id, ack.seq, event_outcome, key)
+            raise full[0]
         for outcome in (event_outcome, None if record_exists else record_outcome, position):
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -307,6 +313,22 @@ class Gateway:
             duplicate=duplicate or bool(ack.duplicate),
             message="Job queued (duplicate of an earlier submission)" if duplicate else "Job queued",
         )
+
+    async def _take_back(
+        self, job: EvaluateRequest, job_id: str, seq: int, event: jetstream.PubAck | BaseException, key: str | None
+    ) -> None:
+        """Undo a submission that could not be finished, best effort. The deletes free room
+        first; then the key goes, so that its retry makes the job anew rather than finding an
+        id whose message is gone."""
+        stream = self.topology.work_stream(job.pool)
+        try:
+            await self.js.delete_msg(stream, seq)
+            if isinstance(event, jetstream.PubAck):
+                await self.js.delete_msg(self.topology.events_stream, event.seq)
+            if key:
+                await self.idempotency.delete(hashlib.sha256(key.encode()).hexdigest())
+        except Exception as exc:
+            log.warning("job %s: could not take back its writes after the store filled: %s", job_id, exc)
 
     async def _claim(self, key: str, job: EvaluateRequest, job_id: str) -> tuple[str, JobInfo | None]:
         """Tie an Idempotency-Key to this request under `job_id`, or find the job it names.
