@@ -14,11 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from evalq.services import run_gateway
 from pyinstrument import Profiler
 from pyinstrument.frame import Frame
 
 from evalq.config import load_settings
+from evalq.processes import run_gateway
 
 _IDLE = {"epoll.poll", "select.epoll.poll", "select", "poll"}  # the event loop waiting: wall time, not CPU
 

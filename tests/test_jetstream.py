@@ -172,3 +172,7 @@ def test_key_writes_name_their_bucket_and_ttl() -> None:
     assert jetstream.key_put("b", "k", b"", ttl=0.2).headers == {"Nats-TTL": "1s"}
     assert jetstream.key_put("b", "k", b"").headers is None
     assert jetstream.key_delete("b", "k").headers == {"KV-Operation": "DEL"}
+
+
+def test_a_delete_marker_can_expire() -> None:
+    assert jetstream.key_delete("b", "k", ttl=3).headers == {"KV-Operation": "DEL", "Nats-TTL": "3s"}

@@ -20,7 +20,6 @@ from evalq import AsyncClient, InvalidField
 from evalq.config import Settings
 from evalq.policy import (
     PoolPolicy,
-    _as_text,
     check,
     effective_timeout,
     is_location_key,
@@ -28,9 +27,9 @@ from evalq.policy import (
     recheck,
     revised,
 )
-from evalq.schemas import EvaluateRequest
+from evalq.schemas import EvaluateRequest, format_args
 from evalq.topology import Topology
-from evalq.worker.argv import format_args
+from evalq.worker.argv import lmms_eval_args
 
 from .jobs import JOB
 from .test_cli import evalq
@@ -168,8 +167,10 @@ def test_every_path_parameter_of_lmms_evals_models_is_a_location() -> None:
 
 
 def test_the_checked_text_is_the_text_a_worker_passes() -> None:
-    args = {"pretrained": "/m", "trust_remote_code": True, "flag": False, "n": 3, "t": 0.5, "q": "'x"}
-    assert _as_text(args) == format_args(args)
+    request = EvaluateRequest(model="dummy", tasks=["t"], model_args={"pretrained": "/m", "trust_remote_code": True})
+    argv = lmms_eval_args(request, output_path=Path("/o"), include_path=Path("/i"))
+    assert f"--model_args={format_args(request.model_args)}" in argv
+    assert format_args({"flag": False, "n": 3, "t": 0.5}) == "flag=False,n=3,t=0.5"
 
 
 def test_timeouts() -> None:

@@ -84,3 +84,10 @@ async def test_pools_are_created_on_demand(nc: Any, topology: Topology) -> None:
     assert not await topology.has_pool(js, "big")
     await topology.ensure_pool(js, "big")
     assert await topology.pools(js) == ["big", "default"]
+
+
+async def test_a_duration_that_does_not_survive_nanoseconds_is_no_mismatch(nc: Any, topology: Topology) -> None:
+    js = nc.jetstream()
+    odd = Topology(prefix=topology.prefix, ack_wait=1.001)
+    await odd.ensure(js, update=True)
+    assert await odd.ensure(js) == [], "1.001 s comes back as 1.000999999 s: the same setting"

@@ -278,9 +278,12 @@ def key_put(bucket: str, key: str, value: bytes, *, ttl: float | None = None) ->
     return Write(f"$KV.{bucket}.{key}", value, headers)
 
 
-def key_delete(bucket: str, key: str) -> Write:
-    """A key-value delete marker."""
-    return Write(f"$KV.{bucket}.{key}", b"", {"KV-Operation": "DEL"})
+def key_delete(bucket: str, key: str, *, ttl: float | None = None) -> Write:
+    """A key-value delete marker; with `ttl`, the marker itself expires (the key is gone)."""
+    headers = {"KV-Operation": "DEL"}
+    if ttl is not None:
+        headers["Nats-TTL"] = f"{max(1, math.ceil(ttl))}s"
+    return Write(f"$KV.{bucket}.{key}", b"", headers)
 
 
 def _ack_of(msg: Msg) -> PubAck:

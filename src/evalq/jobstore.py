@@ -74,6 +74,8 @@ def _read(data: bytes) -> JobInfo:
     try:
         return decode(data, JobInfo)
     except msgspec.ValidationError as exc:
+        if "`$.request" not in str(exc):
+            raise
         raw = msgspec.json.decode(data, type=dict[str, Any])
         raw["request"] = None
         log.warning("job %s: its stored request is not valid any more (%s)", raw.get("job_id"), exc)

@@ -8,7 +8,7 @@ function that records a change. This is where a job's terminal state is written.
                   │  └──requeue─────┘  │ └─ start (redelivered), progress
                   │                    └──request_cancel──> cancelling ──finish──> cancelled
                   ├──request_cancel──> cancelled
-                  └──finish──> failed | cancelled   (gave up, or cancelled before it ran)
+                  └──finish──> completed | failed | cancelled   (gave up, or cancelled before it ran)
 
 Each change is a pure function ``JobInfo -> JobInfo | None``: the next record, or None when
 the current state does not allow it (`ALLOWED` is the table they all consult). `Recorder`
@@ -270,12 +270,9 @@ class Recorder:
     gateway answers 503 at once instead.
     """
 
-    def __init__(
-        self, jobs: JobStore, events: EventPublisher, *, lookup_timeout: float, patience: float | None = None
-    ) -> None:
+    def __init__(self, jobs: JobStore, events: EventPublisher, *, patience: float | None = None) -> None:
         self.jobs = jobs
         self.events = events
-        self.lookup_timeout = lookup_timeout
         self.patience = patience
 
     async def _step(self, step: Callable[[], Awaitable[T]], what: str, patient: bool) -> T:

@@ -56,7 +56,7 @@ from nats.js.kv import KeyValue
 
 from . import jetstream
 from .errors import InvalidField
-from .schemas import EvaluateRequest
+from .schemas import EvaluateRequest, format_args
 from .topology import Topology
 
 __all__ = [
@@ -230,18 +230,6 @@ def _hub_allowed(value: str, prefixes: list[str]) -> bool:
 # --- model_args as lmms-eval reads them ------------------------------------------------
 
 
-def _as_text(args: Mapping[str, object] | str) -> str:
-    # The same text a worker passes as `--model_args` (worker/argv.py's format_args); the
-    # gateway does not import the worker, and a test keeps the two equal.
-    if isinstance(args, str):
-        return args
-    parts = []
-    for key, value in args.items():
-        text = str(value) if not isinstance(value, bool) else ("True" if value else "False")
-        parts.append(f"{key}={text}")
-    return ",".join(parts)
-
-
 def _smart_split(text: str) -> list[str]:
     # lmms-eval 0.7.3's `_smart_comma_split`: no split inside quotes or brackets. A quote in
     # a value can hide the pairs after it from lmms-eval, so its reading is checked too.
@@ -277,7 +265,7 @@ def _readings(args: Mapping[str, object] | str | None) -> Iterator[list[tuple[st
     """The (key, value) pairs of `model_args` as evalq splits them, then as lmms-eval does."""
     if args is None:
         return
-    text = _as_text(args)
+    text = format_args(args)
     yield [(key, value) for key, eq, value in (item.partition("=") for item in text.split(",")) if eq]
     stripped = text.strip()
     yield [(k, v) for k, eq, v in (item.partition("=") for item in _smart_split(stripped)) if eq]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 import msgspec
@@ -43,6 +44,7 @@ __all__ = [
     "decode_event",
     "encode",
     "error_path",
+    "format_args",
     "now",
 ]
 
@@ -165,6 +167,20 @@ def _check_args(args: dict[str, Any] | str | None, field: str) -> None:
             raise ValueError(f"Expected a value with no `,`, `=` or control character - at `$.{field}.{key}`")
 
 
+def format_args(args: Mapping[str, object] | str | None) -> str:
+    """`model_args`/`gen_kwargs` as lmms-eval reads them, `k=v,k=v` (values were validated to
+    hold no `,` or `=`): what a worker passes, and what the pool policy checks."""
+    if args is None:
+        return ""
+    if isinstance(args, str):
+        return args
+    parts = []
+    for key, value in args.items():
+        text = str(value) if not isinstance(value, bool) else ("True" if value else "False")
+        parts.append(f"{key}={text}")
+    return ",".join(parts)
+
+
 class JobRef(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The body of `status` and `cancel`."""
 
@@ -174,7 +190,7 @@ class JobRef(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
 class WorkItem(_Wire, frozen=True, kw_only=True):
     """The message stored in a pool's work stream: what a worker needs to run the job."""
 
-    job_id: str
+    job_id: JobId
     request: EvaluateRequest
     created_at: str
 

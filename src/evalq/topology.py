@@ -257,7 +257,7 @@ class Topology:
         differs = {
             name: (getattr(current.config, name), getattr(wanted, name))
             for name in _OWNED_CONSUMER_FIELDS
-            if getattr(current.config, name) != getattr(wanted, name)
+            if not _same(getattr(current.config, name), getattr(wanted, name))
         }
         if differs and update:
             await js.add_consumer(stream, wanted)  # an update of a durable with the same name
@@ -327,10 +327,19 @@ async def _put_kv(
     return await _check_stream(js, stream, owned, update)
 
 
+def _same(current: Any, wanted: Any) -> bool:
+    """Durations travel as whole nanoseconds: 1.001 s comes back as 1.000999999."""
+    if isinstance(current, float | int) and isinstance(wanted, float | int):
+        return round(current * 1e9) == round(wanted * 1e9) or abs(current - wanted) < 1e-6
+    return bool(current == wanted)
+
+
 async def _check_stream(js: JetStreamContext, stream: str, owned: dict[str, Any], update: bool) -> list[Mismatch]:
     """Compare an existing stream's owned settings with `owned`; update it only when asked."""
     current = (await js.stream_info(stream)).config
-    differs = {name: (getattr(current, name), want) for name, want in owned.items() if getattr(current, name) != want}
+    differs = {
+        name: (getattr(current, name), want) for name, want in owned.items() if not _same(getattr(current, name), want)
+    }
     if not differs:
         return []
     if update:

@@ -162,7 +162,7 @@ class Gateway:
     async def start(self) -> Gateway:
         await self.topology.ensure(self.js)
         self.jobs = JobStore(await self.js.key_value(self.topology.jobs_bucket))
-        self.recorder = Recorder(self.jobs, self.events, lookup_timeout=self.settings.connection.request_timeout)
+        self.recorder = Recorder(self.jobs, self.events)
         self.idempotency = await self.js.key_value(self.topology.idempotency_bucket)
         self.directory = WorkerDirectory(await self.js.key_value(self.topology.workers_bucket))
         self.policies = Policies(await self.js.key_value(self.topology.pools_bucket))
@@ -277,6 +277,13 @@ class Gateway:
             stream=self.topology.work_stream(job.pool),
         )
         ack = await jetstream.publish(self.nc, work, timeout=self.settings.connection.request_timeout)
+        if ack.duplicate and not await self._stored(work.subject, job.pool):
+            # Its id is in the stream's duplicate window, but its message was taken back
+            # (a full store): store it again under a new id.
+            again = jetstream.Write(
+                work.subject, work.payload, {"Nats-Msg-Id": f"{job_id}.{created}"}, stream=work.stream
+            )
+            ack = await jetstream.publish(self.nc, again, timeout=self.settings.connection.request_timeout)
         info = lifecycle.enqueue(job_id, job, created_at=created, stream_seq=ack.seq)
 
         # The event and the record go out together and the position read overlaps their
@@ -299,7 +306,7 @@ class Gateway:
         if full and not record_exists and not ack.duplicate and not duplicate:
             # The store filled between the job's writes: take back what landed, so that a 503
             # means the job does not exist (a retry with the key makes it anew).
-            await self._take_back(job, job_id, ack.seq, event_outcome, key)
+            await self._take_back(job, job_id, ack.seq, event_outcome, record_outcome, key)
             raise full[0]
         for outcome in (event_outcome, None if record_exists else record_outcome, position):
             if isinstance(outcome, BaseException):
@@ -314,21 +321,39 @@ class Gateway:
             message="Job queued (duplicate of an earlier submission)" if duplicate else "Job queued",
         )
 
-    async def _take_back(
-        self, job: EvaluateRequest, job_id: str, seq: int, event: jetstream.PubAck | BaseException, key: str | None
-    ) -> None:
-        """Undo a submission that could not be finished, best effort. The deletes free room
-        first; then the key goes, so that its retry makes the job anew rather than finding an
-        id whose message is gone."""
-        stream = self.topology.work_stream(job.pool)
+    async def _stored(self, subject: str, pool: str) -> bool:
         try:
-            await self.js.delete_msg(stream, seq)
-            if isinstance(event, jetstream.PubAck):
-                await self.js.delete_msg(self.topology.events_stream, event.seq)
-            if key:
-                await self.idempotency.delete(hashlib.sha256(key.encode()).hexdigest())
-        except Exception as exc:
-            log.warning("job %s: could not take back its writes after the store filled: %s", job_id, exc)
+            await self.js.get_last_msg(self.topology.work_stream(pool), subject)
+        except NotFoundError:
+            return False
+        return True
+
+    async def _take_back(
+        self,
+        job: EvaluateRequest,
+        job_id: str,
+        seq: int,
+        event: jetstream.PubAck | BaseException,
+        record: jetstream.PubAck | BaseException,
+        key: str | None,
+    ) -> None:
+        """Undo a submission that could not be finished, best effort. The message deletes free
+        room first; the key goes last, so that its retry makes the job anew rather than
+        finding an id whose message is gone."""
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("work message", lambda: self.js.delete_msg(self.topology.work_stream(job.pool), seq))
+        ]
+        if isinstance(event, jetstream.PubAck):
+            steps.append(("queued event", lambda: self.js.delete_msg(self.topology.events_stream, event.seq)))
+        if isinstance(record, jetstream.PubAck):
+            steps.append(("record", lambda: self.jobs.kv.delete(job_id)))
+        if key:
+            steps.append(("key", lambda: self.idempotency.delete(hashlib.sha256(key.encode()).hexdigest())))
+        for what, step in steps:
+            try:
+                await step()
+            except Exception as exc:
+                log.warning("job %s: could not take back its %s after the store filled: %s", job_id, what, exc)
 
     async def _claim(self, key: str, job: EvaluateRequest, job_id: str) -> tuple[str, JobInfo | None]:
         """Tie an Idempotency-Key to this request under `job_id`, or find the job it names.

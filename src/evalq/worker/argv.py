@@ -10,9 +10,9 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from ..schemas import EvaluateRequest
+from ..schemas import EvaluateRequest, format_args
 
-__all__ = ["evaluator_command", "format_args", "lmms_eval_args", "scrubbed_env"]
+__all__ = ["evaluator_command", "lmms_eval_args", "scrubbed_env"]
 
 # Variables that would make lmms-eval (torch.distributed, accelerate) think it is one rank
 # of someone else's job; a worker may itself run under SLURM or torchrun.
@@ -28,19 +28,6 @@ _SCRUB_EXACT = {
     "NODE_RANK",
 }
 _SCRUB_PREFIXES = ("SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_", "ACCELERATE_")
-
-
-def format_args(args: Mapping[str, object] | str | None) -> str:
-    """lmms-eval's `k=v,k=v` form (values were validated to hold no `,` or `=`)."""
-    if args is None:
-        return ""
-    if isinstance(args, str):
-        return args
-    parts = []
-    for key, value in args.items():
-        text = str(value) if not isinstance(value, bool) else ("True" if value else "False")
-        parts.append(f"{key}={text}")
-    return ",".join(parts)
 
 
 def evaluator_command(

@@ -31,14 +31,16 @@ class Registration:
         self.info = info
         self.heartbeat = heartbeat
         self.timeout = timeout
-        self.listed = False  # written at least once: the heartbeat keeps it written
+        # Should be in the bucket (once it has its inventory, when it advertises one): the
+        # heartbeat writes it while this holds, so one failed first write is not the last.
+        self.wanted = False
         self._closed = False
 
     async def put(self, *, current_job: str | None) -> None:
         self.info = msgspec.structs.replace(self.info, heartbeat_at=now(), current_job=current_job)
         write = jetstream.key_put(self.bucket, self.info.worker_id, encode(self.info), ttl=3 * self.heartbeat)
+        self.wanted = True
         await jetstream.publish(self.nc, write, timeout=self.timeout)
-        self.listed = True
 
     async def advertise(self, changes: dict[str, object], *, current_job: str | None) -> None:
         """Add what the worker can run to its entry, and write it (the first time, if it waited)."""
@@ -49,7 +51,7 @@ class Registration:
         """Rewrite the entry every heartbeat until closed; `current_job()` names the job in hand."""
         while not self._closed:
             await asyncio.sleep(self.heartbeat)  # the heartbeat period itself
-            if not self.listed:
+            if not self.wanted:
                 continue
             try:
                 await self.put(current_job=current_job())
@@ -59,7 +61,8 @@ class Registration:
     async def remove(self) -> None:
         """Take the entry out at once (a delete marker), rather than after its TTL."""
         self._closed = True
-        if self.listed:
-            await jetstream.publish(
-                self.nc, jetstream.key_delete(self.bucket, self.info.worker_id), timeout=self.timeout
-            )
+        if self.wanted:
+            # The marker expires too: worker ids are new at every start, and markers that
+            # stayed would pile up in a bucket that has no max age.
+            marker = jetstream.key_delete(self.bucket, self.info.worker_id, ttl=3 * self.heartbeat)
+            await jetstream.publish(self.nc, marker, timeout=self.timeout)

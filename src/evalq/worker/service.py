@@ -55,10 +55,11 @@ log = logging.getLogger("evalq.worker")
 
 # A zygote that fails to start this many times in a row is given up on.
 _ZYGOTE_STARTS = 3
-# A job this worker cannot run goes back to the queue after this delay, at most this many
-# deliveries, so that a worker that can run it takes it.
+# A job this worker cannot run goes back to the queue after this delay, doubling with each
+# delivery up to ack_wait, so that a worker that can run it takes it when it is free.
 _HAND_BACK_DELAY = 1.0
-_HAND_BACKS = 20
+# Deliveries whose handling raised before the job's outcome was known, after which it fails.
+_BROKEN = 10
 
 
 @dataclass
@@ -149,7 +150,6 @@ class Worker:
         self.recorder = Recorder(
             self.jobs,
             self.events,
-            lookup_timeout=self.settings.connection.request_timeout,
             patience=self.settings.worker.outage_timeout,
         )
         self.results = await self.js.object_store(self.topology.results_bucket)
@@ -257,30 +257,49 @@ class Worker:
                 continue
             for msg in msgs:
                 if self.stopping:
-                    await msg.nak()  # taken while stopping: hand it straight back
+                    with contextlib.suppress(Exception):
+                        await msg.nak()  # taken while stopping: hand it straight back
                     continue
                 try:
                     await self._take(msg)
-                except Exception:
+                except Exception as exc:
                     log.exception("job handling failed; the message will be redelivered")
+                    await self._after_error(msg, exc)
                 finally:
                     self.current = None
-                    if self.registration.listed:
+                    if self.registration.wanted:
                         with contextlib.suppress(Exception):
                             await self.registration.put(current_job=None)  # no longer advertise the job
 
+    async def _after_error(self, msg: Msg, exc: Exception) -> None:
+        """A message whose handling keeps failing before its outcome is known (not an outage:
+        its cause is in the message or the record) fails its job after `_BROKEN` deliveries,
+        rather than coming back every ack_wait for ever."""
+        deliveries = msg.metadata.num_delivered or 1
+        if deliveries < _BROKEN:
+            return
+        job_id = None
+        with contextlib.suppress(Exception):
+            job_id = decode(msg.data, WorkItem).job_id
+        if job_id is None:
+            with contextlib.suppress(Exception):
+                await msg.term()
+            return
+        reason = f"handling the job failed {deliveries} times; the last error: {type(exc).__name__}: {exc}"
+        with contextlib.suppress(Exception):
+            await self._conclude(msg, job_id, Failure(error=reason))
+
     async def _hand_on(self, msg: Msg, info: JobInfo, unable: str, *, deliveries: int) -> None:
-        """A job this worker cannot run: back to the queue for a worker that can, or failed
-        with the reason when no live worker of the pool can (or after `_HAND_BACKS`)."""
+        """A job this worker cannot run: back to the queue while a live worker of the pool can
+        run it (it may be busy: the delay grows to ack_wait), failed with the reason when none can."""
         assert info.request is not None
         able = [peer.worker_id for peer in await self._peers() if cannot_run(peer, info.request) is None]
-        if able and deliveries < _HAND_BACKS:
-            log.info("job %s: %s; handing it back for %s", info.job_id, unable, ", ".join(able))
-            await msg.nak(delay=_HAND_BACK_DELAY)
+        if able:
+            delay = min(self.ack_wait, _HAND_BACK_DELAY * 2 ** min(deliveries - 1, 10))
+            log.info("job %s: %s; handing it back for %s (in %.0f s)", info.job_id, unable, ", ".join(able), delay)
+            await msg.nak(delay=delay)
             return
         why = f"no live worker of pool {self.pool!r} can run it: {self.worker_id} took it, but {unable}"
-        if able:
-            why += f"; it was handed back {deliveries} times and never reached {', '.join(able)}"
         await self._conclude(msg, info.job_id, Failure(error=why))
 
     async def _peers(self) -> list[WorkerInfo]:
@@ -335,7 +354,20 @@ class Worker:
         return found[0] if found else info
 
     async def _take(self, msg: Msg) -> None:
-        """One message: settle it at once if there is nothing to run, else run its job."""
+        """One message, kept alive from the moment it is taken until it is settled: a slow
+        step before the start (a leader election) must not get it redelivered to a second
+        worker while this one goes on."""
+        settled = asyncio.Event()
+        keep_alive = asyncio.create_task(self._keep_alive(msg, settled))
+        try:
+            await self._handle(msg)
+        finally:
+            settled.set()
+            keep_alive.cancel()
+            await asyncio.wait([keep_alive], timeout=10)
+
+    async def _handle(self, msg: Msg) -> None:
+        """Settle the message at once if there is nothing to run, else run its job."""
         meta = msg.metadata
         try:
             item = decode(msg.data, WorkItem)
@@ -396,9 +428,11 @@ class Worker:
         started = now()
         moved = await self.recorder.record(
             job_id,
-            lambda record: lifecycle.start(record, attempt=attempt, worker=self.worker_id, at=started),
+            lambda record: lifecycle.start(record, attempt=record.attempts + 1, worker=self.worker_id, at=started),
             repair=True,
         )
+        if isinstance(moved, Applied):
+            attempt = moved.after.attempts
         if isinstance(moved, Applied) and moved.before.status == "running":
             # Announced only once this worker has it: a refused start restarts nothing.
             reason = (
@@ -416,17 +450,10 @@ class Worker:
         self.current = _Current(info=moved.after, msg=msg, attempt=attempt, limit_s=limit_s)
         if self.stopping:
             self._stop_job(self.current)
-        if self.registration.listed:
+        if self.registration.wanted:
             with contextlib.suppress(Exception):
                 await self.registration.put(current_job=job_id)
-        settled = asyncio.Event()
-        keep_alive = asyncio.create_task(self._keep_alive(msg, settled))
-        try:
-            await self._supervise(self.current)
-        finally:
-            settled.set()
-            keep_alive.cancel()
-            await asyncio.wait([keep_alive], timeout=10)
+        await self._supervise(self.current)
 
     # --- supervising one evaluation ------------------------------------------------------
 
@@ -447,7 +474,12 @@ class Worker:
         waiting: asyncio.Task[int] | None = None
         stop_reasons: list[asyncio.Task[Any]] = []
         try:
-            process = await self._launch(current, output, log_path)
+            try:
+                process = await self._launch(current, output, log_path)
+            except (OSError, ZygoteError) as exc:
+                ended.set()
+                await self._conclude(current.msg, info.job_id, Failure(error=f"the evaluation could not start: {exc}"))
+                return
             current.process = process
             # `started` follows the launch, so a follower that sees it can act on the process.
             await self.recorder.announce(lifecycle.started_event(info, worker=self.worker_id, at=now()))
@@ -464,7 +496,8 @@ class Worker:
             ended.set()
             current.announced = False
             if current.reports:
-                await asyncio.wait(current.reports, timeout=self.settings.connection.request_timeout)
+                # Each report's requests are bounded by their own timeouts.
+                await asyncio.wait(current.reports)
             pending: list[asyncio.Task[Any]] = [watcher, *stop_reasons]
             for task in pending:
                 task.cancel()
