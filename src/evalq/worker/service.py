@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -295,7 +296,10 @@ class Worker:
         assert info.request is not None
         able = [peer.worker_id for peer in await self._peers() if cannot_run(peer, info.request) is None]
         if able:
-            delay = min(self.ack_wait, _HAND_BACK_DELAY * 2 ** min(deliveries - 1, 10))
+            # Jittered: the server hands a returning message to the oldest waiting fetch, and
+            # this worker's fetches keep time with its own hand-back; without jitter the same
+            # worker can take it back every time.
+            delay = min(self.ack_wait, _HAND_BACK_DELAY * 2 ** min(deliveries - 1, 10)) + random.uniform(0, 2.0)
             log.info("job %s: %s; handing it back for %s (in %.0f s)", info.job_id, unable, ", ".join(able), delay)
             await msg.nak(delay=delay)
             return
