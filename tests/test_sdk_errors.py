@@ -54,7 +54,8 @@ SyncCall = Callable[[Client, str, Path], Any]
 
 # Every public method but `is_healthy` (which answers False instead of raising) and the
 # lifecycle ones (connect, close), each called as a user would.
-ASYNC_CALLS: dict[str, AsyncCall] = {
+# The same call on either client: the async one returns an awaitable, the blocking one the value.
+_BOTH: dict[str, Callable[[Any, str, Path], Any]] = {
     "submit": lambda c, job, dest: c.submit(**JOB, retries=0),
     "evaluate": lambda c, job, dest: c.evaluate("dummy", ["evalq_demo"], retries=0),
     "submit_and_wait": lambda c, job, dest: c.submit_and_wait(timeout=5, **JOB, retries=0),
@@ -67,22 +68,14 @@ ASYNC_CALLS: dict[str, AsyncCall] = {
     "list_tasks": lambda c, job, dest: c.list_tasks(),
     "list_models": lambda c, job, dest: c.list_models(),
     "results": lambda c, job, dest: c.results(job, dest),
+}
+ASYNC_CALLS: dict[str, AsyncCall] = {
+    **_BOTH,
     "watch": lambda c, job, dest: _first(c.watch(job)),
     "events": lambda c, job, dest: _first(c.events(job, history=True)),
 }
 SYNC_CALLS: dict[str, SyncCall] = {
-    "submit": lambda c, job, dest: c.submit(**JOB, retries=0),
-    "evaluate": lambda c, job, dest: c.evaluate("dummy", ["evalq_demo"], retries=0),
-    "submit_and_wait": lambda c, job, dest: c.submit_and_wait(timeout=5, **JOB, retries=0),
-    "get_job": lambda c, job, dest: c.get_job(job),
-    "cancel_job": lambda c, job, dest: c.cancel_job(job),
-    "wait_for_job": lambda c, job, dest: c.wait_for_job(job, timeout=5),
-    "queue": lambda c, job, dest: c.queue(),
-    "get_queue_status": lambda c, job, dest: c.get_queue_status(),
-    "health": lambda c, job, dest: c.health(),
-    "list_tasks": lambda c, job, dest: c.list_tasks(),
-    "list_models": lambda c, job, dest: c.list_models(),
-    "results": lambda c, job, dest: c.results(job, dest),
+    **_BOTH,
     "watch": lambda c, job, dest: next(iter(c.watch(job)), None),
     "events": lambda c, job, dest: next(iter(c.events(job, history=True)), None),
 }

@@ -373,7 +373,7 @@ def worker(
     shutdown_mode: Annotated[
         Optional[str], typer.Option(help="'finish' (within --grace) or 'requeue' (at once).")
     ] = None,
-    max_attempts: Annotated[Optional[int], typer.Option(help="Deliveries before a job is failed.")] = None,
+    max_attempts: Annotated[Optional[int], typer.Option(help="Starts before a job is failed.")] = None,
     worker_id: Annotated[Optional[str], typer.Option(help="A stable id (default host-pid-random).")] = None,
     warm: Annotated[
         Optional[bool],

@@ -337,8 +337,8 @@ class Worker:
         if isinstance(job_id, str):
             with contextlib.suppress(Exception):  # not even a valid key: nothing to fail
                 found = await self.jobs.get(job_id)
-        if isinstance(job_id, str) and found is not None:
-            await self._conclude(msg, job_id, Failure(error=f"the job's request is not valid here: {exc}"))
+        if found is not None:
+            await self._conclude(msg, found[0].job_id, Failure(error=f"the job's request is not valid here: {exc}"))
             return
         await msg.term()
 
@@ -389,9 +389,6 @@ class Worker:
             await self.recorder.ensure_terminal_event(info, patient=True)
             await msg.ack()
             return
-        # Waiting for the record can take seconds: restart the ack timer before going on.
-        with contextlib.suppress(Exception):
-            await msg.in_progress()
         with contextlib.suppress(Exception):
             self.ack_wait = await self.topology.ack_wait_of(self.js, self.pool)
         await self.recorder.ensure_queued_event(
