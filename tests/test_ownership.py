@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.js.errors import NoKeysError
 
 from evalq import AsyncClient, InvalidField
 from evalq.config import Settings
@@ -57,15 +58,18 @@ async def test_workers_with_other_settings_and_a_gateway_on_defaults_change_noth
                 assert time.monotonic() < deadline, "the job never finished"
                 try:
                     seen.append(set(await kv.keys()))
-                except Exception:  # no keys at all: an empty listing
+                except NoKeysError:
                     seen.append(set())
+                except TimeoutError:  # a listing this loaded host did not answer in time says nothing
+                    pass
                 await asyncio.sleep(0.25)
     finally:
         await gateway_nc.close()
 
     both = {slow_beat.worker.worker_id, fast_beat.worker.worker_id}
     assert len(seen) >= 12 / 0.25 * 0.5, "watched for fewer than three of the slow heartbeats"
-    assert all(both <= keys for keys in seen), "a worker's registration expired between its heartbeats"
+    missing = [both - keys for keys in seen if not both <= keys]
+    assert not missing, f"a worker's registration expired between its heartbeats: {missing}"
     info = await client.get_job(accepted.job_id)
     assert (info.status, info.attempts) == ("completed", 1)
     events = await all_events(client, accepted.job_id)

@@ -49,12 +49,17 @@ class Registration:
 
     async def beat(self, current_job: Callable[[], str | None]) -> None:
         """Rewrite the entry every heartbeat until closed; `current_job()` names the job in hand."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while not self._closed:
-            await asyncio.sleep(self.heartbeat)  # the heartbeat period itself
+            # Beats keep their period whatever a write took: a slow write followed by a full
+            # period would leave the entry older than its TTL on a loaded host.
+            due = max(due + self.heartbeat, loop.time())
+            await asyncio.sleep(due - loop.time())
             if not self.wanted:
                 continue
             try:
-                await self.put(current_job=current_job())
+                await asyncio.wait_for(self.put(current_job=current_job()), timeout=self.heartbeat)
             except Exception as exc:  # a NATS outage must not end the heartbeat
                 log.warning("heartbeat failed: %s", exc)
 
