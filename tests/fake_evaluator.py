@@ -6,12 +6,18 @@ progress and writes a valid `*_results.json`. FAKE_EVAL_MODE picks a behaviour:
 lmms-eval does), `poison` (kills the worker that started it),
 `big` (also writes a 40 MB samples file), `hostile` (fails like `fail`, its progress
 phase and last lines full of terminal escapes, control characters and rich markup).
+
+The steps of a sharded job (`--evalq_shard=plan|record|replay`) are honoured too: `plan`
+counts `--limit` documents per task, `record` runs as above (or sleeps FAKE_PIECE_SECONDS,
+with no CPU, when set) and writes an empty responses file, `replay` writes results at once.
+FAKE_FAIL_OFFSET makes the piece at that `--offset` fail like `fail`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import sys
 import time
@@ -30,11 +36,35 @@ def arg(name: str, default: str = "") -> str:
     return default
 
 
+def write_results(output: Path, tasks: list[str]) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    results = {
+        "results": {task: {"alias": task, "exact_match,none": 0.6} for task in tasks},
+        "lmms_eval_version": "fake",
+    }
+    (output / "19700101_000000_results.json").write_text(json.dumps(results))
+
+
 def main() -> None:
     mode = os.environ.get("FAKE_EVAL_MODE", "ok")
     tasks = arg("tasks", "fake").split(",")
     output = Path(arg("output_path", "."))
     total = int(float(arg("limit", "5")))
+    step, step_file = arg("evalq_shard"), arg("evalq_shard_file")
+    if step == "plan":
+        Path(step_file).write_text(json.dumps({task: total for task in tasks}))
+        return
+    if step == "replay":
+        write_results(output, tasks)
+        return
+    if step == "record":
+        Path(step_file).write_bytes(pickle.dumps({}))
+        if arg("offset") and arg("offset") == os.environ.get("FAKE_FAIL_OFFSET"):
+            mode = "fail"
+        if os.environ.get("FAKE_PIECE_SECONDS"):
+            time.sleep(float(os.environ["FAKE_PIECE_SECONDS"]))  # the piece's fixed duration itself
+            write_results(output, tasks)
+            return
     sys.stderr.write(f"fake evaluator pid {os.getpid()} argv {json.dumps(sys.argv[1:])}\n")
     if mode == "poison":
         os.kill(os.getppid(), signal.SIGKILL)
@@ -55,12 +85,7 @@ def main() -> None:
     if mode == "hostile":
         sys.stderr.write(f"first {HOSTILE}\nlast {HOSTILE}\n")
         return
-    output.mkdir(parents=True, exist_ok=True)
-    results = {
-        "results": {task: {"alias": task, "exact_match,none": 0.6} for task in tasks},
-        "lmms_eval_version": "fake",
-    }
-    (output / "19700101_000000_results.json").write_text(json.dumps(results))
+    write_results(output, tasks)
 
 
 if __name__ == "__main__":

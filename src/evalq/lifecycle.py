@@ -44,10 +44,15 @@ from .schemas import (
     JobInfo,
     JobResult,
     JobStatus,
+    Piece,
+    PieceStatus,
     Progress,
     ProgressEvent,
     Queued,
     Requeued,
+    ShardCompleted,
+    ShardFailed,
+    ShardStarted,
     Started,
 )
 
@@ -67,6 +72,12 @@ __all__ = [
     "enqueue",
     "finish",
     "outcome_status",
+    "piece_cancel",
+    "piece_fail",
+    "piece_finish",
+    "piece_progress",
+    "piece_start",
+    "plan",
     "progress",
     "request_cancel",
     "requeue",
@@ -141,6 +152,7 @@ def enqueue(job_id: str, request: EvaluateRequest, *, created_at: str, stream_se
         stream_seq=stream_seq,
         labels=request.labels,
         pool=request.pool,
+        shards=request.shards,
     )
 
 
@@ -166,7 +178,13 @@ def request_cancel(info: JobInfo, *, at: str) -> JobInfo | None:
             info, status="cancelled", completed_at=at, cancel_requested_at=at, error="cancelled while queued"
         )
     if "cancelling" in targets:
-        return msgspec.structs.replace(info, status="cancelling", cancel_requested_at=at)
+        # A sharded job's pieces that wait are cancelled with it; those running stop on
+        # their own (their workers watch the record).
+        pieces = [
+            msgspec.structs.replace(p, status="cancelled", completed_at=at) if p.status == "queued" else p
+            for p in info.pieces
+        ]
+        return msgspec.structs.replace(info, status="cancelling", cancel_requested_at=at, pieces=pieces)
     return None
 
 
@@ -188,6 +206,146 @@ def requeue(info: JobInfo) -> JobInfo | None:
     if not allowed(info.status, "requeue"):
         return None
     return msgspec.structs.replace(info, status="queued", worker=None, progress=None)
+
+
+# --- the pieces of a sharded job ---------------------------------------------------------
+#
+# A sharded job is `running` from the moment a worker starts planning it until its merge
+# ends it; its pieces live in its record, so every piece change is a compare-and-set on
+# the same record as the job's own changes, and "all done" or "none running" is read from
+# one consistent record.
+
+PieceTransition = Literal["piece_start", "piece_finish", "piece_fail", "piece_cancel"]
+# (piece state, transition) -> the piece states it may lead to.
+PIECE_ALLOWED: dict[tuple[PieceStatus, PieceTransition], frozenset[PieceStatus]] = {
+    ("queued", "piece_start"): frozenset({"running"}),
+    # A redelivery: the worker that ran it stopped answering.
+    ("running", "piece_start"): frozenset({"running"}),
+    ("running", "piece_finish"): frozenset({"completed"}),
+    # Back to the queue for another attempt, or failed for good (and the job with it).
+    ("running", "piece_fail"): frozenset({"queued", "failed"}),
+    ("queued", "piece_cancel"): frozenset({"cancelled"}),
+    ("running", "piece_cancel"): frozenset({"cancelled"}),
+}
+# The job states in which each piece change may happen: pieces start and report only
+# while the job runs; a piece that ends may still say so while the job is being cancelled.
+_JOB_STATES_FOR: dict[PieceTransition, frozenset[str]] = {
+    "piece_start": frozenset({"running"}),
+    "piece_finish": frozenset({"running", "cancelling"}),
+    "piece_fail": frozenset({"running", "cancelling"}),
+    "piece_cancel": frozenset({"running", "cancelling", "failed", "cancelled"}),
+}
+
+
+def piece_allowed(info: JobInfo, index: int, transition: PieceTransition) -> frozenset[PieceStatus]:
+    if info.status not in _JOB_STATES_FOR[transition] or not 0 <= index < len(info.pieces):
+        return frozenset()
+    return PIECE_ALLOWED.get((info.pieces[index].status, transition), frozenset())
+
+
+def _with_piece(info: JobInfo, index: int, piece: Piece) -> JobInfo:
+    pieces = list(info.pieces)
+    pieces[index] = piece
+    done = sum(1 for p in pieces if p.status == "completed")
+    return msgspec.structs.replace(info, pieces=pieces, shards_done=done, progress=_pieces_progress(pieces))
+
+
+def _pieces_progress(pieces: list[Piece]) -> Progress:
+    done = sum(p.docs if p.status == "completed" else min(p.done, p.docs) for p in pieces)
+    total = sum(p.docs for p in pieces) or 1
+    return Progress(phase="documents", done=done, total=total, percent=round(100.0 * done / total, 1))
+
+
+def plan(info: JobInfo, pieces: list[Piece]) -> JobInfo | None:
+    """Give a running job its pieces, once."""
+    if info.status != "running" or info.pieces or not pieces:
+        return None
+    return msgspec.structs.replace(
+        info, pieces=list(pieces), shards=len(pieces), shards_done=0, progress=_pieces_progress(list(pieces))
+    )
+
+
+def piece_start(info: JobInfo, index: int, *, worker: str, at: str) -> JobInfo | None:
+    if "running" not in piece_allowed(info, index, "piece_start"):
+        return None
+    piece = info.pieces[index]
+    started = msgspec.structs.replace(
+        piece, status="running", attempts=piece.attempts + 1, worker=worker, started_at=at, done=0, error=None
+    )
+    return _with_piece(info, index, started)
+
+
+def piece_progress(info: JobInfo, index: int, done: int) -> JobInfo | None:
+    if info.status != "running" or not 0 <= index < len(info.pieces) or info.pieces[index].status != "running":
+        return None
+    piece = info.pieces[index]
+    # Later bars of the same run (post-processing) may count from zero again: never go back.
+    return _with_piece(info, index, msgspec.structs.replace(piece, done=max(piece.done, min(done, piece.docs))))
+
+
+def piece_finish(info: JobInfo, index: int, *, at: str, seconds: float) -> JobInfo | None:
+    if "completed" not in piece_allowed(info, index, "piece_finish"):
+        return None
+    piece = info.pieces[index]
+    finished = msgspec.structs.replace(piece, status="completed", done=piece.docs, completed_at=at, seconds=seconds)
+    return _with_piece(info, index, finished)
+
+
+def piece_fail(info: JobInfo, index: int, *, error: str, final: bool, at: str) -> JobInfo | None:
+    """A piece's attempt failed: back to `queued` for the next attempt, or `failed` when `final`."""
+    target: PieceStatus = "failed" if final else "queued"
+    if target not in piece_allowed(info, index, "piece_fail"):
+        return None
+    piece = msgspec.structs.replace(
+        info.pieces[index], status=target, error=error, done=0, worker=None, completed_at=at if final else None
+    )
+    return _with_piece(info, index, piece)
+
+
+def piece_cancel(info: JobInfo, index: int, *, at: str) -> JobInfo | None:
+    if "cancelled" not in piece_allowed(info, index, "piece_cancel"):
+        return None
+    return _with_piece(info, index, msgspec.structs.replace(info.pieces[index], status="cancelled", completed_at=at))
+
+
+def pieces_running(info: JobInfo) -> list[int]:
+    return [p.index for p in info.pieces if p.status == "running"]
+
+
+def all_pieces_done(info: JobInfo) -> bool:
+    return bool(info.pieces) and all(p.status == "completed" for p in info.pieces)
+
+
+def shard_started_event(info: JobInfo, index: int, *, worker: str, at: str) -> ShardStarted:
+    piece = info.pieces[index]
+    return ShardStarted(
+        job_id=info.job_id,
+        time=at,
+        attempt=piece.attempts,
+        worker=worker,
+        labels=info.labels,
+        shard=index,
+        shards=len(info.pieces),
+    )
+
+
+def shard_completed_event(info: JobInfo, index: int, *, worker: str, at: str) -> ShardCompleted:
+    piece = info.pieces[index]
+    return ShardCompleted(
+        job_id=info.job_id,
+        time=at,
+        attempt=piece.attempts,
+        worker=worker,
+        labels=info.labels,
+        shard=index,
+        seconds=piece.seconds,
+    )
+
+
+def shard_failed_event(info: JobInfo, index: int, *, attempt: int, worker: str, error: str, at: str) -> ShardFailed:
+    return ShardFailed(
+        job_id=info.job_id, time=at, attempt=attempt, worker=worker, labels=info.labels, shard=index, error=error
+    )
 
 
 # --- the events each change implies --------------------------------------------------
@@ -328,6 +486,17 @@ class Recorder:
             ours = record.completed_at == at and record.status == outcome_status(outcome)
             await self.ensure_terminal_event(record, outcome if ours else None, worker=worker, patient=patient)
         return done
+
+    async def end_cancelled_if_idle(self, job_id: str, *, at: str) -> None:
+        """A sharded job being cancelled ends once none of its pieces runs. Each party that
+        stops a piece (or asks for the cancel) writes its change first, then looks: whoever
+        looks last sees no piece running and records the end, once."""
+        found = await self._step(lambda: self.jobs.get(job_id), "read the record", True)
+        if found is None:
+            return
+        record = found[0]
+        if record.status == "cancelling" and record.pieces and not pieces_running(record):
+            await self.finish(job_id, Cancellation(reason="cancelled while running"), at=at, worker=None)
 
     async def ensure_terminal_event(
         self, info: JobInfo, outcome: Outcome | None = None, *, worker: str | None = None, patient: bool = False

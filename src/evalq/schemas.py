@@ -31,11 +31,17 @@ __all__ = [
     "JobResult",
     "JobStatus",
     "ModelsReply",
+    "Piece",
+    "PieceItem",
+    "PieceStatus",
     "Progress",
     "ProgressEvent",
     "QueueStatus",
     "Queued",
     "Requeued",
+    "ShardCompleted",
+    "ShardFailed",
+    "ShardStarted",
     "Started",
     "TasksReply",
     "WorkItem",
@@ -132,6 +138,9 @@ class EvaluateRequest(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # Seconds the evaluation may run before its worker ends it; the pool's policy gives a
     # default and a maximum (policy.py).
     timeout: Annotated[int, Meta(ge=1, le=30 * 86400)] | None = None
+    # Split the evaluation into at most this many pieces, run by any workers of the pool
+    # at once and merged exactly (sharding.py); 1 runs it whole on one worker.
+    shards: Annotated[int, Meta(ge=1, le=256)] = 1
 
     def __post_init__(self) -> None:
         for field in ("model_args", "gen_kwargs"):
@@ -195,6 +204,35 @@ class WorkItem(_Wire, frozen=True, kw_only=True):
     created_at: str
 
 
+PieceStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+
+
+class Piece(_Wire, frozen=True, kw_only=True):
+    """One piece of a sharded job: whole tasks, or one task's documents `[offset, offset+limit)`."""
+
+    index: int
+    tasks: list[str]
+    offset: int | None = None
+    limit: int | None = None
+    docs: int
+    status: PieceStatus = "queued"
+    attempts: int = 0
+    worker: str | None = None
+    done: int = 0
+    started_at: str | None = None
+    completed_at: str | None = None
+    seconds: float | None = None
+    error: str | None = None
+
+
+class PieceItem(_Wire, frozen=True, kw_only=True):
+    """A message of a pool's pieces stream: run piece `index` of a job, or (`merge`) merge them."""
+
+    job_id: JobId
+    step: Literal["piece", "merge"] = "piece"
+    index: int = 0
+
+
 # --- replies -------------------------------------------------------------------------
 
 
@@ -242,6 +280,11 @@ class JobInfo(_Wire, frozen=True, kw_only=True):
     labels: dict[str, str] = {}
     pool: str = "default"
     cancel_requested_at: str | None = None
+    # Sharded jobs: the number of pieces (the request's `shards` until the job is planned),
+    # how many have completed, and each piece's state.
+    shards: int = 1
+    shards_done: int = 0
+    pieces: list[Piece] = []
 
 
 class CancelReply(_Wire, frozen=True, kw_only=True):
@@ -349,7 +392,24 @@ class Cancelled(_EventBase, frozen=True, kw_only=True, tag="cancelled"):
     cancel_latency_s: float | None = None
 
 
-Event = Union[Queued, Started, ProgressEvent, Requeued, Completed, Failed, Cancelled]
+class ShardStarted(_EventBase, frozen=True, kw_only=True, tag="shard_started"):
+    shard: int
+    shards: int
+
+
+class ShardCompleted(_EventBase, frozen=True, kw_only=True, tag="shard_completed"):
+    shard: int
+    seconds: float | None = None
+
+
+class ShardFailed(_EventBase, frozen=True, kw_only=True, tag="shard_failed"):
+    shard: int
+    error: str
+
+
+Event = Union[
+    Queued, Started, ProgressEvent, Requeued, ShardStarted, ShardCompleted, ShardFailed, Completed, Failed, Cancelled
+]
 TERMINAL_EVENTS: tuple[type, ...] = (Completed, Failed, Cancelled)
 
 # --- encoders and decoders, built once -----------------------------------------------
@@ -362,6 +422,7 @@ _decoders: dict[Any, msgspec.json.Decoder[Any]] = {
         EvaluateRequest,
         JobRef,
         WorkItem,
+        PieceItem,
         JobAccepted,
         JobInfo,
         CancelReply,

@@ -87,6 +87,10 @@ class Topology:
     def work_subject(self, pool: str, job_id: str) -> str:
         return f"{self.prefix}.work.{pool}.{job_id}"
 
+    def piece_subject(self, pool: str, job_id: str, step: str) -> str:
+        """`<prefix>.pieces.<pool>.<job_id>.<index>`, or `....merge` for the merge step."""
+        return f"{self.prefix}.pieces.{pool}.{job_id}.{step}"
+
     def event_subject(self, job_id: str, kind: str) -> str:
         return f"{self.prefix}.events.{job_id}.{kind}"
 
@@ -103,6 +107,9 @@ class Topology:
 
     def work_stream(self, pool: str) -> str:
         return f"{self.stream_prefix}_WORK_{pool}"
+
+    def pieces_stream(self, pool: str) -> str:
+        return f"{self.stream_prefix}_PIECES_{pool}"
 
     def pool_of_stream(self, stream: str) -> str | None:
         head = f"{self.stream_prefix}_WORK_"
@@ -154,6 +161,19 @@ class Topology:
             max_msgs=self.queue_limit,
             # A full queue refuses new jobs (503) rather than dropping old ones.
             discard=api.DiscardPolicy.NEW,
+        )
+
+    def pieces_stream_config(self, pool: str) -> api.StreamConfig:
+        # The pieces of started sharded jobs (and their merge steps). Workers fetch from it
+        # before the work stream: what was started finishes before new jobs start.
+        return api.StreamConfig(
+            name=self.pieces_stream(pool),
+            description=f"evalq pieces of sharded jobs started in pool {pool}",
+            subjects=[f"{self.prefix}.pieces.{pool}.>"],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+            num_replicas=self.replicas,
+            duplicate_window=self.duplicate_window,
         )
 
     def consumer_config(self) -> api.ConsumerConfig:
@@ -246,23 +266,25 @@ class Topology:
         return found
 
     async def _ensure_pool(self, js: JetStreamContext, pool: str, update: bool) -> list[Mismatch]:
-        found = await _put_stream(js, self.work_stream_config(pool), update)
-        stream = self.work_stream(pool)
-        wanted = self.consumer_config()
-        try:
-            current = await js.consumer_info(stream, self.consumer)
-        except NotFoundError:
-            await js.add_consumer(stream, wanted)
-            return found
-        differs = {
-            name: (getattr(current.config, name), getattr(wanted, name))
-            for name in _OWNED_CONSUMER_FIELDS
-            if not _same(getattr(current.config, name), getattr(wanted, name))
-        }
-        if differs and update:
-            await js.add_consumer(stream, wanted)  # an update of a durable with the same name
-        elif differs:
-            found += [Mismatch(f"consumer {stream}/{self.consumer}", k, *v) for k, v in differs.items()]
+        found: list[Mismatch] = []
+        for config in (self.work_stream_config(pool), self.pieces_stream_config(pool)):
+            found += await _put_stream(js, config, update)
+            stream = str(config.name)
+            wanted = self.consumer_config()
+            try:
+                current = await js.consumer_info(stream, self.consumer)
+            except NotFoundError:
+                await js.add_consumer(stream, wanted)
+                continue
+            differs = {
+                name: (getattr(current.config, name), getattr(wanted, name))
+                for name in _OWNED_CONSUMER_FIELDS
+                if not _same(getattr(current.config, name), getattr(wanted, name))
+            }
+            if differs and update:
+                await js.add_consumer(stream, wanted)  # an update of a durable with the same name
+            elif differs:
+                found += [Mismatch(f"consumer {stream}/{self.consumer}", k, *v) for k, v in differs.items()]
         return found
 
     async def ack_wait_of(self, js: JetStreamContext, pool: str) -> float:

@@ -464,8 +464,25 @@ class Gateway:
                     # skips it, so the cancel stands and is answered as such.
                     log.warning("job %s cancelled; its work message stays until a worker skips it: %s", job_id, exc)
             return CancelReply(job_id=job_id, status="cancelled", message="Removed from the queue")
+        if after.pieces:
+            return await self._cancel_pieces(after)
         return CancelReply(
             job_id=job_id, status="cancelling", message=f"Stopping the evaluation on worker {after.worker}"
+        )
+
+    async def _cancel_pieces(self, job: JobInfo) -> CancelReply:
+        """A sharded job: its waiting pieces leave the pieces stream (the record already says
+        they are cancelled), its running ones stop on their workers, and the job ends when
+        none runs (here, when none was running)."""
+        subject = self.topology.piece_subject(job.pool, job.job_id, ">")
+        try:
+            await self.js.purge_stream(self.topology.pieces_stream(job.pool), subject=subject)
+        except Exception as exc:  # a worker that takes one finds the job cancelling and drops it
+            log.warning("job %s: its queued pieces stay until workers drop them: %s", job.job_id, exc)
+        await self.recorder.end_cancelled_if_idle(job.job_id, at=now())
+        running = len(lifecycle.pieces_running(job))
+        return CancelReply(
+            job_id=job.job_id, status="cancelling", message=f"Stopping {running} running piece(s); queued ones removed"
         )
 
     async def _known_pools(self) -> list[str]:

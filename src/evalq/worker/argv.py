@@ -31,12 +31,18 @@ _SCRUB_PREFIXES = ("SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_", "ACCELER
 
 
 def evaluator_command(
-    request: EvaluateRequest, evaluator: Sequence[str] = (), *, python: str = sys.executable
+    request: EvaluateRequest,
+    evaluator: Sequence[str] = (),
+    *,
+    python: str = sys.executable,
+    module: str = "lmms_eval",
+    several: bool | None = None,
 ) -> list[str]:
-    """What runs lmms-eval: the configured evaluator, accelerate for several GPUs, or Python."""
+    """What runs the evaluation: the configured evaluator, accelerate for several GPUs, or
+    Python; `module` is lmms-eval, or the step of a sharded job that wraps it."""
     if evaluator:
         return list(evaluator)
-    if request.num_gpus > 1:
+    if request.num_gpus > 1 if several is None else several:
         return [
             python,
             "-m",
@@ -44,9 +50,9 @@ def evaluator_command(
             "--multi_gpu",
             f"--num_processes={request.num_gpus}",
             "-m",
-            "lmms_eval",
+            module,
         ]
-    return [python, "-m", "lmms_eval"]
+    return [python, "-m", module]
 
 
 def lmms_eval_args(

@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +43,7 @@ from ..outage import outlast
 from ..policy import effective_timeout, load_policy, recheck
 from ..schemas import JOB_ID_SEGMENT, TERMINAL, JobInfo, Progress, WorkerInfo, WorkItem, decode, now
 from ..topology import Topology
+from . import sharded
 from .argv import evaluator_command, lmms_eval_args, scrubbed_env
 from .inventory import take_inventory
 from .registration import Registration
@@ -63,6 +65,19 @@ _HAND_BACK_DELAY = 1.0
 _BROKEN = 10
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One evaluation process: `python -m <module> <args>` (or the configured evaluator) in `cwd`."""
+
+    args: list[str]
+    cwd: Path
+    log_path: Path
+    module: str = "lmms_eval"
+    # Runs once per GPU under accelerate when the job asks for several (a plan or a merge
+    # loads no model and runs as one process).
+    per_gpu: bool = True
+
+
 @dataclass
 class _Current:
     """The job in hand, and why it may have to stop early."""
@@ -75,6 +90,12 @@ class _Current:
     limit_s: int | None = None
     timed_out: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_requested_at: float | None = None
+    launch_error: str = ""
+    # The piece of a sharded job this evaluation runs (None: the whole job, or its plan or merge).
+    piece: int | None = None
+    # A sharded job's plan and merge steps report no progress: the job's progress counts
+    # the documents its pieces answered.
+    quiet: bool = False
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     requeue: asyncio.Event = field(default_factory=asyncio.Event)
     last_progress_at: float = 0.0
@@ -155,6 +176,7 @@ class Worker:
         )
         self.results = await self.js.object_store(self.topology.results_bucket)
         self.sub = await self.js.pull_subscribe_bind(self.topology.consumer, self.topology.work_stream(self.pool))
+        self.pieces = await self.js.pull_subscribe_bind(self.topology.consumer, self.topology.pieces_stream(self.pool))
         self.results_root.mkdir(parents=True, exist_ok=True)
         self.include_dir = build_include_dir(self.state_dir / "tasks", self.settings.worker.task_paths)
         if self.settings.worker.warm_evaluator and not self.settings.worker.evaluator and sys.platform == "linux":
@@ -193,6 +215,8 @@ class Worker:
             await self.registration.remove()
         with contextlib.suppress(Exception):
             await self.sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self.pieces.unsubscribe()
         if self.warm is not None:
             await self.warm.close()
 
@@ -248,7 +272,7 @@ class Worker:
         """Take jobs one at a time until stopped."""
         while not self.stopping:
             try:
-                msgs = await self.sub.fetch(1, timeout=1.0)
+                msgs, is_piece = await self._fetch()
             except (TimeoutError, NatsTimeout):
                 continue
             except Exception as exc:  # e.g. disconnected: wait for the reconnect
@@ -262,7 +286,7 @@ class Worker:
                         await msg.nak()  # taken while stopping: hand it straight back
                     continue
                 try:
-                    await self._take(msg)
+                    await self._take(msg, piece=is_piece)
                 except Exception as exc:
                     log.exception("job handling failed; the message will be redelivered")
                     await self._after_error(msg, exc)
@@ -271,6 +295,13 @@ class Worker:
                     if self.registration.wanted:
                         with contextlib.suppress(Exception):
                             await self.registration.put(current_job=None)  # no longer advertise the job
+
+    async def _fetch(self) -> tuple[list[Msg], bool]:
+        """The next message: a piece of a started sharded job first, else a new job."""
+        with contextlib.suppress(TimeoutError, NatsTimeout):
+            return await self.pieces.fetch(1, timeout=0.1), True
+        # Short, so that pieces queued meanwhile wait at most this long for an idle worker.
+        return await self.sub.fetch(1, timeout=0.5), False
 
     async def _after_error(self, msg: Msg, exc: Exception) -> None:
         """A message whose handling keeps failing before its outcome is known (not an outage:
@@ -357,14 +388,17 @@ class Worker:
         found = await self.jobs.get(item.job_id)
         return found[0] if found else info
 
-    async def _take(self, msg: Msg) -> None:
+    async def _take(self, msg: Msg, *, piece: bool = False) -> None:
         """One message, kept alive from the moment it is taken until it is settled: a slow
         step before the start (a leader election) must not get it redelivered to a second
         worker while this one goes on."""
         settled = asyncio.Event()
         keep_alive = asyncio.create_task(self._keep_alive(msg, settled))
         try:
-            await self._handle(msg)
+            if piece:
+                await sharded.handle_piece_message(self, msg)
+            else:
+                await self._handle(msg)
         finally:
             settled.set()
             keep_alive.cancel()
@@ -388,6 +422,10 @@ class Worker:
             # queued): make sure the terminal event exists, then let the message go.
             await self.recorder.ensure_terminal_event(info, patient=True)
             await msg.ack()
+            return
+        if info.pieces and info.status == "running":
+            # A sharded job planned before (its planner died before the ack): queue what waits.
+            await sharded.queue_pieces(self, msg, info)
             return
         with contextlib.suppress(Exception):
             self.ack_wait = await self.topology.ack_wait_of(self.js, self.pool)
@@ -454,7 +492,10 @@ class Worker:
         if self.registration.wanted:
             with contextlib.suppress(Exception):
                 await self.registration.put(current_job=job_id)
-        await self._supervise(self.current)
+        if info.request.shards > 1:
+            await sharded.plan_job(self, self.current)
+        else:
+            await self._supervise(self.current)
 
     # --- supervising one evaluation ------------------------------------------------------
 
@@ -469,59 +510,19 @@ class Worker:
             await self._conclude(current.msg, info.job_id, Failure(error=output))
             return
         log_path = output / "eval.log"
-        ended = asyncio.Event()
-        # Follow the record from here on: a launch may wait for the warm evaluator's imports.
-        watcher = asyncio.create_task(self._watch_for_cancel(current, ended))
-        waiting: asyncio.Task[int] | None = None
-        stop_reasons: list[asyncio.Task[Any]] = []
-        try:
-            try:
-                process = await self._launch(current, output, log_path)
-            except (OSError, ZygoteError) as exc:
-                ended.set()
-                await self._conclude(current.msg, info.job_id, Failure(error=f"the evaluation could not start: {exc}"))
-                return
-            current.process = process
-            # `started` follows the launch, so a follower that sees it can act on the process.
-            await self.recorder.announce(lifecycle.started_event(info, worker=self.worker_id, at=now()))
-            current.announced = True
-            waiting = asyncio.create_task(process.wait())
-            stop_reasons = [asyncio.create_task(current.cancel.wait()), asyncio.create_task(current.requeue.wait())]
-            if current.limit_s is not None:
-                stop_reasons.append(asyncio.create_task(self._time_limit(current)))
-            await asyncio.wait([waiting, *stop_reasons], return_when=asyncio.FIRST_COMPLETED)
-            if not waiting.done():
-                await process.terminate(self.settings.worker.cancel_grace)
-            exit_code = await waiting
-        finally:
-            ended.set()
-            current.announced = False
-            if current.reports:
-                # Each report's requests are bounded by their own timeouts.
-                await asyncio.wait(current.reports)
-            pending: list[asyncio.Task[Any]] = [watcher, *stop_reasons]
-            for task in pending:
-                task.cancel()
-            await asyncio.wait(pending, timeout=10)
-            if waiting is not None and not waiting.done():
-                if current.process is not None:
-                    await current.process.terminate(0.5)
-                waiting.cancel()
 
+        async def announce() -> None:
+            await self.recorder.announce(lifecycle.started_event(info, worker=self.worker_id, at=now()))
+
+        args = lmms_eval_args(info.request, output_path=output, include_path=self.include_dir)
+        exit_code = await self._evaluate(current, Launch(args=args, cwd=output, log_path=log_path), announce)
         outcome: Outcome
-        if current.cancel.is_set():
-            latency = None
-            if current.cancel_requested_at is not None and process.ended_at is not None:
-                latency = round(max(0.0, process.ended_at - current.cancel_requested_at), 3)
-            outcome = Cancellation(reason="cancelled while running", latency_s=latency)
+        if exit_code is None:
+            outcome = Failure(error=f"the evaluation could not start: {current.launch_error}")
+        elif current.cancel.is_set():
+            outcome = self._cancellation(current)
         elif current.timed_out.is_set():
-            log_tail = tail(log_path, self.settings.worker.log_tail_lines)
-            await upload(self._store_artifact, info.job_id, [(log_path, "eval.log")])
-            outcome = Failure(
-                error=f"timeout: the evaluation ran longer than its limit of {current.limit_s} s and was stopped",
-                exit_code=exit_code,
-                log_tail=log_tail,
-            )
+            outcome = await self._timeout_failure(current, info.job_id, log_path, exit_code)
         elif current.requeue.is_set():
             await self._requeue(current, f"worker {self.worker_id} is shutting down")
             return
@@ -538,31 +539,100 @@ class Worker:
             )
         await self._conclude(current.msg, info.job_id, outcome)
 
-    async def _launch(self, current: _Current, output: Path, log_path: Path) -> EvalProcess | WarmProcess:
-        """Fork the job from the warm evaluator where it can run there, else start a fresh process."""
+    def _cancellation(self, current: _Current) -> Cancellation:
+        latency = None
+        ended_at = current.process.ended_at if current.process is not None else None
+        if current.cancel_requested_at is not None and ended_at is not None:
+            latency = round(max(0.0, ended_at - current.cancel_requested_at), 3)
+        return Cancellation(reason="cancelled while running", latency_s=latency)
+
+    async def _timeout_failure(self, current: _Current, object_prefix: str, log_path: Path, exit_code: int) -> Failure:
+        log_tail = tail(log_path, self.settings.worker.log_tail_lines)
+        await upload(self._store_artifact, object_prefix, [(log_path, "eval.log")])
+        return Failure(
+            error=f"timeout: the evaluation ran longer than its limit of {current.limit_s} s and was stopped",
+            exit_code=exit_code,
+            log_tail=log_tail,
+        )
+
+    async def _evaluate(self, current: _Current, launch: Launch, announce: Callable[[], Awaitable[None]]) -> int | None:
+        """Start one evaluation process and supervise it until it ends, is cancelled, runs out
+        of time or is handed back (`current` says which); its exit code, or None when it could
+        not start (`current.launch_error` says why)."""
+        ended = asyncio.Event()
+        # Follow the record from here on: a launch may wait for the warm evaluator's imports.
+        watcher = asyncio.create_task(self._watch_for_cancel(current, ended))
+        waiting: asyncio.Task[int] | None = None
+        stop_reasons: list[asyncio.Task[Any]] = []
+        try:
+            try:
+                process = await self._launch(current, launch)
+            except (OSError, ZygoteError) as exc:
+                current.launch_error = str(exc)
+                return None
+            current.process = process
+            # Announced after the launch, so a follower that sees it can act on the process.
+            await announce()
+            current.announced = True
+            waiting = asyncio.create_task(process.wait())
+            stop_reasons = [asyncio.create_task(current.cancel.wait()), asyncio.create_task(current.requeue.wait())]
+            if current.limit_s is not None:
+                stop_reasons.append(asyncio.create_task(self._time_limit(current)))
+            await asyncio.wait([waiting, *stop_reasons], return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                await process.terminate(self.settings.worker.cancel_grace)
+            return await waiting
+        finally:
+            ended.set()
+            current.announced = False
+            if current.reports:
+                # Each report's requests are bounded by their own timeouts.
+                await asyncio.wait(current.reports)
+            pending: list[asyncio.Task[Any]] = [watcher, *stop_reasons]
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=10)
+            if waiting is not None and not waiting.done():
+                if current.process is not None:
+                    await current.process.terminate(0.5)
+                waiting.cancel()
+
+    async def _launch(self, current: _Current, launch: Launch) -> EvalProcess | WarmProcess:
+        """Fork the evaluation from the warm evaluator where it can run there, else start a fresh process."""
         request = current.info.request
         assert request is not None
-        args = lmms_eval_args(request, output_path=output, include_path=self.include_dir)
         job_id = current.info.job_id
 
         def on_progress(progress: Progress) -> None:
             self._on_progress(current, progress)
 
-        if self.warm is not None and request.num_gpus <= 1 and self.warm.failures < _ZYGOTE_STARTS:
+        several = request.num_gpus > 1 and launch.per_gpu
+        if self.warm is not None and not several and self.warm.failures < _ZYGOTE_STARTS:
             try:
-                warm = await self.warm.launch(args, cwd=output, log_path=log_path, on_progress=on_progress)
-                log.info("job %s attempt %d: pid %s (warm): %s", job_id, current.attempt, warm.pid, " ".join(args))
+                warm = await self.warm.launch(
+                    launch.args, cwd=launch.cwd, log_path=launch.log_path, on_progress=on_progress, module=launch.module
+                )
+                log.info(
+                    "job %s attempt %d: pid %s (warm): %s", job_id, current.attempt, warm.pid, " ".join(launch.args)
+                )
                 return warm
             except (ZygoteError, OSError) as exc:
                 log.warning("warm evaluator unavailable (%s); starting a fresh lmms-eval process", exc)
-        argv = evaluator_command(request, self.settings.worker.evaluator) + args
+        command = evaluator_command(request, self.settings.worker.evaluator, module=launch.module, several=several)
+        argv = command + launch.args
         env = scrubbed_env(os.environ)
-        process = EvalProcess(argv, env=env, cwd=output, log_path=log_path, on_progress=on_progress)
+        process = EvalProcess(argv, env=env, cwd=launch.cwd, log_path=launch.log_path, on_progress=on_progress)
         await process.start()
         log.info("job %s attempt %d: pid %s: %s", job_id, current.attempt, process.pid, " ".join(argv))
         return process
 
-    def _output_dir(self, info: JobInfo) -> Path | str:
+    def _fresh_dir(self, path: Path) -> Path:
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _output_dir(self, info: JobInfo, *, fresh: bool = True) -> Path | str:
         """This job's own folder, made empty for this attempt; or why there can be none.
 
         `<results root>/<output_dir>/<job_id>`: no segment of `output_dir` may look like a
@@ -579,12 +649,12 @@ class Worker:
         output = (root / Path(*parts) / info.job_id).resolve() if parts else (root / info.job_id).resolve()
         if not output.is_relative_to(root):
             return "output_dir resolves outside the results root"
-        if output.exists():
+        if output.exists() and fresh:
             # An earlier attempt's files must not pass for this one's results.
             shutil.rmtree(output, ignore_errors=True)
         output.mkdir(parents=True, exist_ok=True)
         output = output.resolve()
-        if not output.is_relative_to(root) or any(output.iterdir()):
+        if not output.is_relative_to(root) or (fresh and any(output.iterdir())):
             return "the job's output folder could not be made empty"
         return output
 
@@ -616,7 +686,8 @@ class Worker:
                     if entry is None or not entry.value:
                         continue
                     record = decode(entry.value, JobInfo)
-                    if record.status == "cancelling":
+                    # A piece also stops when its job ended without it (another piece failed).
+                    if record.status == "cancelling" or (current.piece is not None and record.status in TERMINAL):
                         current.cancel_requested_at = asyncio.get_running_loop().time()
                         current.cancel.set()
                         return
@@ -631,7 +702,7 @@ class Worker:
                         await watcher.stop()  # type: ignore[no-untyped-call]
 
     def _on_progress(self, current: _Current, progress: Progress) -> None:
-        if not current.announced:
+        if not current.announced or current.quiet:
             return
         clock = time.monotonic()
         phase_changed = progress.phase != current.last_phase
@@ -644,11 +715,22 @@ class Worker:
         report.add_done_callback(current.reports.discard)
 
     async def _report_progress(self, current: _Current, value: Progress) -> None:
+        index = current.piece
+        change: lifecycle.Change
+        if index is None:
+            change = lambda info: lifecycle.progress(info, value)  # noqa: E731
+        else:
+            # A piece reports its share of its documents (a bar may count requests, several per
+            # document); the job's progress is the sum over its pieces.
+            docs = current.info.pieces[index].docs * min(value.done, value.total) // max(value.total, 1)
+            change = lambda info: lifecycle.piece_progress(info, index, docs)  # noqa: E731
+
         def event(applied: Applied) -> lifecycle.Event:
-            return lifecycle.progress_event(applied.after, value, worker=self.worker_id, at=now())
+            shown = value if index is None else (applied.after.progress or value)
+            return lifecycle.progress_event(applied.after, shown, worker=self.worker_id, at=now())
 
         try:
-            await self.recorder.record(current.info.job_id, lambda info: lifecycle.progress(info, value), event)
+            await self.recorder.record(current.info.job_id, change, event)
         except Exception as exc:
             log.debug("progress not reported: %s", exc)
 

@@ -2,7 +2,8 @@
 
 lmms-eval takes a single include path and does not descend into symlinked folders. So
 the worker builds a folder of real directories whose files link to the configured task
-folders, plus the packaged `evalq_demo` task, written with the absolute path of its data.
+folders, plus the packaged tasks (`evalq_demo`, and `evalq_shard_demo` for sharding),
+each written with the absolute path of its data.
 """
 
 from __future__ import annotations
@@ -13,26 +14,25 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["DEMO_TASK", "build_include_dir"]
+__all__ = ["DEMO_TASK", "PACKAGED_TASKS", "SHARD_DEMO_TASK", "build_include_dir"]
 
 DEMO_TASK = "evalq_demo"
-
-
-def _demo_source() -> Path:
-    return Path(str(resources.files("evalq") / "tasks" / DEMO_TASK))
+SHARD_DEMO_TASK = "evalq_shard_demo"
+PACKAGED_TASKS = (DEMO_TASK, SHARD_DEMO_TASK)
 
 
 def build_include_dir(target: Path, task_paths: Sequence[str]) -> Path:
     if target.exists():
         shutil.rmtree(target)
-    demo = target / DEMO_TASK
-    demo.mkdir(parents=True)
-    source = _demo_source()
-    data_file = demo / f"{DEMO_TASK}.jsonl"
-    shutil.copyfile(source / f"{DEMO_TASK}.jsonl", data_file)
-    shutil.copyfile(source / "utils.py", demo / "utils.py")
-    template = (source / f"{DEMO_TASK}.yaml.in").read_text()
-    (demo / f"{DEMO_TASK}.yaml").write_text(template.replace("@DATA_FILE@", str(data_file)))
+    for name in PACKAGED_TASKS:
+        folder = target / name
+        folder.mkdir(parents=True)
+        source = Path(str(resources.files("evalq") / "tasks" / name))
+        data_file = folder / f"{name}.jsonl"
+        shutil.copyfile(source / f"{name}.jsonl", data_file)
+        shutil.copyfile(source / "utils.py", folder / "utils.py")
+        template = (source / f"{name}.yaml.in").read_text()
+        (folder / f"{name}.yaml").write_text(template.replace("@DATA_FILE@", str(data_file)))
 
     for index, raw in enumerate(task_paths):
         folder = Path(raw).expanduser().resolve()

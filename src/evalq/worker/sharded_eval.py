@@ -1,0 +1,222 @@
+"""The three lmms-eval runs of a sharded job, each in its own evaluation process.
+
+Run as `python -m evalq.worker.sharded_eval --evalq_shard=MODE --evalq_shard_file=PATH
+<lmms-eval flags>` (forked from the warm evaluator, or started fresh, like any evaluation).
+A configured `evaluator` command is given the same two flags first, so a stand-in can
+take part in sharded jobs too.
+
+- `plan`: counts each task's documents (lmms-eval builds the tasks, so groups,
+  splits and `--limit` count as they will in the run) and writes `{task: count}` as JSON to PATH.
+- `record`: runs lmms-eval on one piece (its tasks, `--offset`, `--limit`)
+  and keeps every response the model gave, by (request type, task, document, index), in
+  PATH (one file per rank when accelerate runs several).
+- `replay`: runs lmms-eval on the whole request, answering every model request from the
+  pieces' responses (`PATH/<piece>/responses*.pkl`) instead of the model. lmms-eval computes
+  every metric, stderr, group and sample file, exactly as an unsharded run does: the
+  responses are the same, and so is everything computed from them.
+
+The model never loads in `replay`: the class lmms-eval asks for is swapped for one that
+only replays (it keeps the real class's name and whether it is a chat model, which decides
+how tasks build their prompts). A response that is missing ends the run with an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import runpy
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MODES", "RESPONSES_FILE", "load_responses", "main", "shard_flags"]
+
+RESPONSES_FILE = "responses.pkl"
+MODES = ("plan", "record", "replay")
+
+
+def shard_flags(mode: str, path: str | Path) -> list[str]:
+    """The two flags that make an evaluation one step of a sharded job."""
+    return [f"--evalq_shard={mode}", f"--evalq_shard_file={path}"]
+
+
+# The methods by which lmms-eval asks a model for responses, one per request type.
+REQUEST_TYPES = ("loglikelihood", "generate_until", "generate_until_multi_round")
+
+Key = tuple[str, str, Any, int]
+
+
+def _key(reqtype: str, request: Any) -> Key:
+    return (reqtype, str(request.task_name), request.doc_id, int(request.idx))
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Responses are plain values (strings, numbers, tuples); anything that needs a class
+    beyond numpy's scalars is refused, so a planted file cannot run code."""
+
+    _ALLOWED = {("numpy", "dtype"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"a response of type {module}.{name} is not replayed")
+
+
+def load_responses(path: Path) -> dict[Key, list[Any]]:
+    with open(path, "rb") as handle:
+        loaded = _SafeUnpickler(handle).load()
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} holds no responses")
+    return loaded
+
+
+def _patch_get_model(make: Callable[[type], type]) -> None:
+    import lmms_eval.models as models
+
+    original = models.get_model
+
+    def get_model(model_name: str, force_simple: bool = False) -> type:
+        return make(original(model_name, force_simple))
+
+    models.get_model = get_model  # type: ignore[assignment]
+
+
+def _run_lmms_eval(argv: list[str]) -> None:
+    sys.argv = ["lmms_eval", *argv]
+    runpy.run_module("lmms_eval", run_name="__main__", alter_sys=True)
+
+
+def _record(responses_path: Path, argv: list[str]) -> int:
+    kept: dict[Key, list[Any]] = defaultdict(list)
+
+    def recording(cls: type) -> type:
+        def wrap(reqtype: str) -> Callable[..., Any]:
+            real = getattr(cls, reqtype)
+
+            def method(self: Any, requests: list[Any]) -> Any:
+                answers = real(self, requests)
+                for request, answer in zip(requests, answers, strict=False):
+                    kept[_key(reqtype, request)].append(answer)
+                return answers
+
+            return method
+
+        recorder = type(cls.__name__, (cls,), {name: wrap(name) for name in REQUEST_TYPES if hasattr(cls, name)})
+        recorder.__module__, recorder.__qualname__ = cls.__module__, cls.__qualname__
+        return recorder
+
+    _patch_get_model(recording)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:  # one file per rank: each holds the responses of its own documents
+        rank = int(os.environ.get("RANK", "0") or 0)
+        responses_path = responses_path.with_name(f"{responses_path.stem}.rank{rank}{responses_path.suffix}")
+    try:
+        _run_lmms_eval(argv)
+    finally:
+        # Written even when the run failed: the worker reads success from the results file.
+        tmp = responses_path.with_suffix(".tmp")
+        with open(tmp, "wb") as handle:
+            pickle.dump(dict(kept), handle, protocol=4)
+        tmp.replace(responses_path)
+    return 0
+
+
+def _replay(responses_dir: Path, argv: list[str]) -> int:
+    from lmms_eval.api.model import lmms
+
+    answers: dict[Key, list[Any]] = {}
+    for path in sorted(responses_dir.glob("*/responses*.pkl")):
+        for key, values in load_responses(path).items():
+            answers.setdefault(key, []).extend(values)
+    cursor: dict[Key, int] = defaultdict(int)
+
+    def replay(reqtype: str) -> Callable[..., Any]:
+        def method(self: Any, requests: list[Any]) -> list[Any]:
+            out = []
+            for request in requests:
+                key = _key(reqtype, request)
+                values = answers.get(key, [])
+                index = cursor[key]
+                if index >= len(values):
+                    raise RuntimeError(f"no recorded response for {key} (answer {index + 1}); a piece is missing")
+                cursor[key] = index + 1
+                out.append(values[index])
+            return out
+
+        return method
+
+    def replaying(cls: type) -> type:
+        def create_from_arg_string(klass: type, arg_string: str, additional_config: Any = None) -> Any:
+            return klass()
+
+        body: dict[str, Any] = {name: replay(name) for name in REQUEST_TYPES}
+        body["is_simple"] = getattr(cls, "is_simple", True)
+        body["create_from_arg_string"] = classmethod(create_from_arg_string)
+        body["generate_until_agentic"] = lambda self, requests: (_ for _ in ()).throw(
+            RuntimeError("agentic requests are not replayed")
+        )
+        replayer = type(cls.__name__, (lmms,), body)
+        replayer.__module__, replayer.__qualname__ = cls.__module__, cls.__qualname__
+        return replayer
+
+    _patch_get_model(replaying)
+    _run_lmms_eval(argv)
+    return 0
+
+
+def _leaves(task_dict: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for name, value in task_dict.items():
+        if isinstance(value, dict):
+            found.update(_leaves(value))
+            continue
+        task = value[1] if isinstance(value, tuple) else value
+        if task is not None:
+            found[str(name)] = task
+    return found
+
+
+def _plan(out: Path, argv: list[str]) -> int:
+    from lmms_eval.evaluator_utils import get_sample_size
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--tasks", required=True)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--include_path", default=None)
+    parser.add_argument("--limit", type=float, default=None)
+    known, _ = parser.parse_known_args(argv)
+    manager = TaskManager("ERROR", include_path=known.include_path, model_name=known.model)
+    counts: dict[str, int] = {}
+    for name, task in _leaves(get_task_dict(known.tasks.split(","), manager)).items():
+        docs = len(task.eval_docs)
+        limit = known.limit
+        if limit is not None and limit >= 1:
+            limit = int(limit)
+        size = get_sample_size(task, limit)
+        counts[name] = docs if size is None else min(docs, size)
+    out.write_text(json.dumps(counts))
+    print(f"planned: {json.dumps(counts)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m evalq.worker.sharded_eval", add_help=False)
+    parser.add_argument("--evalq_shard", choices=MODES, required=True)
+    parser.add_argument("--evalq_shard_file", type=Path, required=True)
+    options, theirs = parser.parse_known_args(args)
+    path: Path = options.evalq_shard_file
+    if options.evalq_shard == "plan":
+        return _plan(path, theirs)
+    if options.evalq_shard == "record":
+        return _record(path, theirs)
+    return _replay(path, theirs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Sharded jobs: one evaluation split across a pool's workers, pieces pulled as workers free
+up, merged exactly, and resumed piece by piece."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evalq import AsyncClient, JobCancelled, JobFailed
+from evalq.config import Settings
+from evalq.schemas import ShardStarted
+from evalq.topology import Topology
+
+from .conftest import Processes
+from .events import all_events, follow, kinds
+from .jobs import FAKE
+
+BOTH = {"model": "dummy", "tasks": ["evalq_demo", "evalq_shard_demo"]}
+# What an unsharded run of BOTH gives (the first test checks it against a real one).
+UNSHARDED = {
+    "evalq_demo": {"exact_match": 0.6},
+    "evalq_shard_demo": {"exact_match": 19 / 240, "macro_f1": 0.03667953667953668},
+}
+
+
+async def _results_json(client: AsyncClient, job_id: str, dest: Path) -> dict[str, Any]:
+    files = await client.results(job_id, dest)
+    found = [p for p in files if p.name == "results.json"]
+    assert found, f"no results.json among {[p.name for p in files]}"
+    return json.loads(found[0].read_text())  # type: ignore[no-any-return]
+
+
+def _samples(files: list[Path], task: str) -> list[dict[str, Any]]:
+    path = next(p for p in files if p.name.endswith(f"_samples_{task}.jsonl"))
+    keep = ("doc_id", "target", "resps", "filtered_resps", "exact_match", "macro_f1")
+    return [{k: v for k, v in json.loads(line).items() if k in keep} for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+async def test_a_sharded_run_gives_the_unsharded_results_key_for_key(
+    client: AsyncClient, worker_factory: Any, tmp_path: Path
+) -> None:
+    for _ in range(2):
+        await worker_factory()
+    whole = await client.submit(**BOTH)
+    sharded = await client.submit(**BOTH, shards=5)
+    whole_info = await client.wait_for_job(whole.job_id, timeout=300)
+    sharded_info = await client.wait_for_job(sharded.job_id, timeout=300)
+    assert whole_info.status == "completed", whole_info.error
+    assert sharded_info.status == "completed", sharded_info.error
+    assert (sharded_info.shards, sharded_info.shards_done) == (5, 5)
+    assert sorted(p.docs for p in sharded_info.pieces) == [20, 60, 60, 60, 60]
+
+    expected = await _results_json(client, whole.job_id, tmp_path / "whole")
+    got = await _results_json(client, sharded.job_id, tmp_path / "sharded")
+    # Every metric and stderr key, with exact float equality.
+    assert got["results"] == expected["results"]
+    assert got.get("groups") == expected.get("groups")
+    assert got["n-samples"] == expected["n-samples"]
+    assert sharded_info.result is not None and whole_info.result is not None
+    assert sharded_info.result.metrics == whole_info.result.metrics
+    for task, metrics in UNSHARDED.items():
+        for name, value in metrics.items():
+            assert whole_info.result.metrics[task][name] == value
+
+    # Samples per task, in document order, as the unsharded run wrote them.
+    whole_files = await client.results(whole.job_id, tmp_path / "whole-files")
+    sharded_files = await client.results(sharded.job_id, tmp_path / "sharded-files")
+    for task in BOTH["tasks"]:
+        samples = _samples(sharded_files, task)
+        assert samples == _samples(whole_files, task)
+        assert [s["doc_id"] for s in samples] == sorted(s["doc_id"] for s in samples)
+    for index in range(5):
+        assert any(p.as_posix().endswith(f"/shards/{index}/eval.log") for p in sharded_files), (
+            f"no log of piece {index}"
+        )
+
+    events = await all_events(client, sharded.job_id)
+    names = kinds(events)
+    assert names[0] == "queued" and names[-1] == "completed"
+    assert names.count("started") == 1 and names.count("shard_started") == 5 and names.count("shard_completed") == 5
+    progress = [e.progress for e in events if e.__struct_config__.tag == "progress"]  # type: ignore[attr-defined]
+    assert progress and progress[-1].total == 260, "progress counts documents across all pieces"
+    assert all(a.done <= b.done for a, b in itertools.pairwise(progress))
+
+
+@pytest.mark.slow
+async def test_a_piece_of_a_killed_worker_runs_again_alone_and_the_metrics_hold(
+    settings: Settings, topology: Topology, client: AsyncClient, processes: Processes
+) -> None:
+    env = {"EVALQ_ACK_WAIT": "5"}
+    workers = {name: processes.worker(settings, EVALQ_WORKER_ID=name, **env) for name in ("w-one", "w-two")}
+    killed: list[str] = []
+    accepted = await client.submit(**BOTH, shards=5)
+
+    async def on_event(event: Any) -> None:
+        if isinstance(event, ShardStarted) and not killed:
+            killed.append(f"{event.worker}:{event.shard}")
+            os.kill(workers[event.worker or ""].pid, signal.SIGKILL)
+
+    events = await follow(client, accepted.job_id, timeout=400, on_event=on_event)
+    assert killed, kinds(events)
+    info = await client.get_job(accepted.job_id)
+    assert info.status == "completed", info.error
+    assert info.result is not None
+    for task, metrics in UNSHARDED.items():
+        for name, value in metrics.items():
+            assert info.result.metrics[task][name] == value
+    victim_worker, victim_shard = killed[0].split(":")
+    starts: dict[int, list[ShardStarted]] = {}
+    for event in events:
+        if isinstance(event, ShardStarted):
+            starts.setdefault(event.shard, []).append(event)
+    assert len(starts[int(victim_shard)]) == 2, "the killed worker's piece ran again"
+    assert starts[int(victim_shard)][1].worker != victim_worker
+    assert all(len(runs) == 1 for shard, runs in starts.items() if shard != int(victim_shard)), (
+        "a piece that was not the killed worker's ran twice"
+    )
+
+
+async def test_cancelling_a_sharded_job_stops_every_running_piece(
+    settings: Settings, client: AsyncClient, worker_factory: Any
+) -> None:
+    os.environ["FAKE_EVAL_MODE"] = "slow"
+    try:
+        handles = [await worker_factory(evaluator=FAKE) for _ in range(3)]
+        accepted = await client.submit(model="dummy", tasks=["fake"], limit=40, shards=6)
+        deadline = time.monotonic() + 60
+        pids: set[int] = set()
+        while len(pids) < 3:
+            assert time.monotonic() < deadline, "three pieces never ran at once"
+            for handle in handles:
+                current = handle.worker.current
+                if current is not None and current.piece is not None and current.process is not None:
+                    pids.add(current.process.pid or 0)
+            await asyncio.sleep(0.05)
+        reply = await client.cancel_job(accepted.job_id)
+        assert reply.status == "cancelling"
+        with pytest.raises(JobCancelled):
+            await client.wait_for_job(accepted.job_id, timeout=60)
+        info = await client.get_job(accepted.job_id)
+    finally:
+        os.environ.pop("FAKE_EVAL_MODE", None)
+    assert info.status == "cancelled"
+    assert {p.status for p in info.pieces} == {"cancelled"}
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    events = await all_events(client, accepted.job_id)
+    assert kinds(events)[-1] == "cancelled" and kinds(events).count("shard_started") == 3
+
+
+async def test_a_piece_that_keeps_failing_fails_the_job_and_stops_the_others(
+    settings: Settings, client: AsyncClient, worker_factory: Any
+) -> None:
+    os.environ["FAKE_FAIL_OFFSET"] = "0"
+    try:
+        for _ in range(2):
+            await worker_factory(evaluator=FAKE, max_attempts=2)
+        accepted = await client.submit(model="dummy", tasks=["fake"], limit=30, shards=3)
+        with pytest.raises(JobFailed):
+            await client.wait_for_job(accepted.job_id, timeout=90)
+        info = await client.get_job(accepted.job_id)
+    finally:
+        os.environ.pop("FAKE_FAIL_OFFSET", None)
+    assert info.status == "failed"
+    assert info.error and "piece" in info.error and "failed 2 times" in info.error
+    events = await all_events(client, accepted.job_id)
+    failed = [e for e in events if e.__struct_config__.tag == "shard_failed"]  # type: ignore[attr-defined]
+    assert len(failed) == 2 and {e.attempt for e in failed} == {1, 2}  # type: ignore[attr-defined]
+    assert kinds(events)[-1] == "failed"
