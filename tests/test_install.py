@@ -132,6 +132,9 @@ async def test_labels_and_task_names_with_markup_are_printed_as_text(
     # The gateway refuses the name; its error's brackets (the pattern, the path) stay whole.
     code, _, err = await run_command([*EVALQ, "submit", "--model", "dummy", "--tasks", "[red]x"], env)
     assert code == 1 and "[A-Za-z0-9_." in err and "$.tasks[0]" in err, err
+    # The CLI's own refusals quote the argument as given.
+    code, _, err = await run_command([*EVALQ, "submit", "--model", "dummy", "--tasks", "t", "--label", RED], env)
+    assert code == 2 and f"--label expects k=v, got '{RED}'" in err, err
     # Task names that workers advertise reach `evalq tasks` as they are.
     await _register(nc, topology, worker_id="w-markup", version=evalq.__version__, tasks=["[red]", "[red]t"])
     code, out, err = await run_command([*EVALQ, "tasks"], env)
