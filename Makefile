@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install test test-fast chaos bench bench-smoke lint format typecheck docs demo clean
+.PHONY: install test test-fast chaos bench bench-smoke client-check lint format typecheck docs demo clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ bench: $(STAMP)
 # A short run that checks the harness works; it never fails on a timing.
 bench-smoke: $(STAMP)
 	$(OFFLINE) $(BIN)/python bench/run.py --quick --output $(or $(BENCH_OUT),/tmp/evalq-bench-smoke.md)
+
+# Install the built wheel without extras into a fresh venv, as a user does, and use it against a
+# queue run from .venv: no torch, typed (mypy --strict), the CLI's client commands (about a minute).
+client-check: $(STAMP)
+	bash scripts/client-install-check.sh
 
 # README's configuration table is generated from the settings Structs (tests/test_config.py checks it).
 docs: $(STAMP)

@@ -115,3 +115,19 @@ async def test_nats_cli_script_speaks_the_contract(
             store = await nc.jetstream().object_store(prefix + bucket[len("evalq") :])
             results = json.loads((await store.get(name)).data)
             assert results["results"]["evalq_demo"]["exact_match,none"] == pytest.approx(0.6)
+
+
+async def test_typed_client_submits_waits_and_downloads(
+    settings: Settings, client: AsyncClient, worker_factory: Any, tmp_path: Path
+) -> None:
+    await worker_factory(evaluator=FAKE)
+    code, out, err = await run_example(
+        settings, str(EXAMPLES / "typed_client.py"), "--limit", "2", "--output", str(tmp_path)
+    )
+    assert code == 0, err
+    job = re.search(r"job (\S+) at position 0", out)
+    assert job is not None, out
+    assert "evalq_demo {'exact_match': 0.6}" in out and "2 files; 0 jobs waiting" in out
+    assert (tmp_path / job.group(1) / "results.json").is_file()
+    info = await client.get_job(job.group(1))
+    assert info.status == "completed" and info.labels == {"by": "typed_client"}

@@ -1,5 +1,7 @@
 """evalq: a durable job queue for lmms-eval evaluations over NATS JetStream."""
 
+# The one place the version is written: the package metadata reads it (pyproject.toml),
+# `evalq --version` prints it, the gateway reports it and each worker registers it.
 __version__ = "0.1.0"
 
 from .config import Settings, load_settings

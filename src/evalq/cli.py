@@ -33,6 +33,7 @@ from .schemas import (
     Completed,
     Event,
     Failed,
+    Health,
     JobInfo,
     ProgressEvent,
     Queued,
@@ -110,6 +111,15 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _need_extras(command: str) -> None:
+    """Exit 2 with the `pip install` line when this install lacks what `command` runs, before anything else."""
+    from .extras import missing_for
+
+    missing = missing_for(command)
+    if missing:
+        raise _fail(missing, 2)
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine; turn evalq's errors into one line and an exit code."""
     try:
@@ -145,6 +155,12 @@ def _client_command(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"evalq {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
@@ -163,12 +179,13 @@ def main_options(
     tls_key: Annotated[Optional[str], typer.Option(help="TLS client key.")] = None,
     home: Annotated[Optional[str], typer.Option(help="Local state folder [env EVALQ_HOME].")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        # Eager, so it answers before the check that a command was given.
+        typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
+    ] = False,
 ) -> None:
     """Global options come before the command: `evalq --nats-url nats://host:4222 queue`."""
-    if version:
-        console.print(f"evalq {__version__}")
-        raise typer.Exit()
     handler = logging.StreamHandler()
     handler.setFormatter(_PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
@@ -201,6 +218,7 @@ def server(
 
     Example: `evalq server --port 4222`
     """
+    _need_extras("server")
     from .embedded import EmbeddedServer
     from .processes import on_signals
 
@@ -387,6 +405,7 @@ def worker(
 
     Example: `CUDA_VISIBLE_DEVICES=0 evalq worker --pool default --task-path ./my_tasks`
     """
+    _need_extras("worker")
     from .processes import run_worker
 
     settings = _settings(
@@ -412,6 +431,7 @@ def up(
 
     Example: `evalq up` then, in another shell, `evalq submit --model dummy --tasks evalq_demo --wait`
     """
+    _need_extras("up")
     from .processes import run_up
 
     settings = _settings(ctx, task_paths=task_path or None)
@@ -827,7 +847,9 @@ def workers(ctx: typer.Context, json_: JsonOpt = False) -> None:
 
 @app.command()
 def health(ctx: typer.Context, json_: JsonOpt = False) -> None:
-    """Check the gateway: status, pools, queue size, workers.
+    """Check the gateway: status, pools, queue size, workers, and its evalq version.
+
+    Warns (on stderr) about each worker whose evalq differs from the gateway's in minor version.
 
     Example: `evalq health --json`
     """
@@ -844,8 +866,31 @@ def health(ctx: typer.Context, json_: JsonOpt = False) -> None:
                 ),
                 highlight=False,
             )
+        # On stderr, so `--json` stays one object on stdout.
+        for line in _version_skew(state):
+            errors.print(f"[yellow]warning:[/yellow] {_shown(line)}", highlight=False, soft_wrap=True)
 
     _client_command(main)(ctx)
+
+
+def _minor(version: str) -> str:
+    """`major.minor` of a version; the whole string when it has no such prefix."""
+    match = re.match(r"\d+\.\d+", version)
+    return match.group() if match else version
+
+
+def _version_skew(state: Health) -> list[str]:
+    """A line per worker whose evalq differs from the gateway's in major or minor version.
+
+    A gateway and its workers are meant to run one minor version: the wire types between them
+    may change across minor versions. An entry without a version predates the field: not judged.
+    """
+    return [
+        f"worker {w.worker_id} runs evalq {w.version}, the gateway {state.version}: "
+        "upgrade them to the same minor version"
+        for w in state.workers
+        if w.version and _minor(w.version) != _minor(state.version)
+    ]
 
 
 @app.command()
