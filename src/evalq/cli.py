@@ -38,6 +38,9 @@ from .schemas import (
     ProgressEvent,
     Queued,
     Requeued,
+    ShardCompleted,
+    ShardFailed,
+    ShardStarted,
     Started,
 )
 
@@ -493,11 +496,16 @@ def submit(
     job_timeout: Annotated[
         Optional[int], typer.Option(help="Seconds the evaluation may run before it is stopped and failed.")
     ] = None,
+    shards: Annotated[
+        int, typer.Option(help="Split the evaluation into at most this many pieces, run by the pool's workers at once.")
+    ] = 1,
     json_: JsonOpt = False,
 ) -> None:
     """Submit an evaluation job; prints its id and queue position.
 
     Example: `evalq submit --model dummy --tasks evalq_demo --limit 8 --label epoch=3 --wait`
+
+    Sharded: `evalq submit --model dummy --tasks evalq_demo,evalq_shard_demo --shards 5 --wait`
     """
     body: dict[str, Any] = {
         "model": model,
@@ -508,6 +516,8 @@ def submit(
         "pool": pool,
         "labels": _parse_pairs(label, "--label"),
     }
+    if shards != 1:
+        body["shards"] = shards
     optional = {
         "model_args": model_args,
         "limit": _number(limit),
@@ -646,6 +656,15 @@ async def _follow_pretty(client: AsyncClient, job_id: str) -> Event | None:
                 progress.console.print(_shown(f"started  on {event.worker} (attempt {event.attempt})"), highlight=False)
             elif isinstance(event, Requeued):
                 progress.console.print(_shown(f"requeued {event.reason}"), highlight=False)
+            elif isinstance(event, ShardStarted):
+                line = f"piece {event.shard + 1}/{event.shards} started on {event.worker} (attempt {event.attempt})"
+                progress.console.print(_shown(line), highlight=False)
+            elif isinstance(event, ShardCompleted):
+                line = f"piece {event.shard + 1} completed on {event.worker} in {event.seconds}s"
+                progress.console.print(_shown(line), highlight=False)
+            elif isinstance(event, ShardFailed):
+                line = f"piece {event.shard + 1} failed on {event.worker} (attempt {event.attempt}): {event.error}"
+                progress.console.print(f"[red]{_shown(line)}[/red]", highlight=False)
             elif isinstance(event, ProgressEvent):
                 p = event.progress
                 if p.phase not in bars:
@@ -688,14 +707,36 @@ def _print_job(info: JobInfo) -> None:
         ("model", info.request.model if info.request else None),
         ("tasks", ",".join(info.request.tasks) if info.request else None),
         ("progress", f"{info.progress.phase} {info.progress.done}/{info.progress.total}" if info.progress else None),
+        ("pieces", f"{info.shards_done}/{info.shards} done" if info.pieces else None),
         ("error", info.error),
     ]
     for key, value in rows:
         if value is not None:
             table.add_row(key, _shown(value))
     console.print(table)
+    if info.pieces:
+        _print_pieces(info)
     if info.result and info.result.metrics:
         _print_metrics(info.result.metrics)
+
+
+def _print_pieces(info: JobInfo) -> None:
+    table = Table(title="pieces")
+    for column in ("piece", "tasks", "documents", "status", "attempts", "worker", "seconds"):
+        table.add_column(column)
+    for piece in info.pieces:
+        span = "" if piece.offset is None else f" [{piece.offset}, {piece.offset + (piece.limit or 0)})"
+        cells = (
+            str(piece.index + 1),
+            ",".join(piece.tasks) + span,
+            f"{piece.done}/{piece.docs}",
+            piece.status,
+            str(piece.attempts),
+            piece.worker or "",
+            "" if piece.seconds is None else f"{piece.seconds:.1f}",
+        )
+        table.add_row(*(_shown(cell) for cell in cells))
+    console.print(table)
 
 
 @app.command()
@@ -763,6 +804,12 @@ def _event_line(event: Event) -> str:
         detail = event.error
     elif isinstance(event, (Cancelled, Requeued)):
         detail = event.reason
+    elif isinstance(event, ShardStarted):
+        detail = f"piece {event.shard + 1}/{event.shards}"
+    elif isinstance(event, ShardCompleted):
+        detail = f"piece {event.shard + 1} in {event.seconds}s"
+    elif isinstance(event, ShardFailed):
+        detail = f"piece {event.shard + 1}: {event.error}"
     labels = " ".join(f"{k}={v}" for k, v in event.labels.items())
     return f"{event.time} {event.job_id} {kind:<9} {event.worker or '-'} {detail} {labels}".rstrip()
 
@@ -780,7 +827,7 @@ def queue(ctx: typer.Context, json_: JsonOpt = False) -> None:
             _dump(state)
             return
         table = Table(title=f"queue: {state.queue_size} waiting, {len(state.running_jobs)} running")
-        for column in ("pool", "position", "job", "status", "labels", "attempts", "worker", "progress"):
+        for column in ("pool", "position", "job", "status", "labels", "attempts", "worker", "progress", "pieces"):
             table.add_column(column, no_wrap=column == "job", min_width=36 if column == "job" else None)
         ids = [(None, job) for job in state.running_jobs] + [
             (pool, job) for pool, jobs in state.queued_jobs.items() for job in jobs
@@ -799,6 +846,7 @@ def queue(ctx: typer.Context, json_: JsonOpt = False) -> None:
                 str(info.attempts),
                 info.worker or "",
                 progress,
+                f"{info.shards_done}/{info.shards}" if info.shards > 1 else "",
             )
             table.add_row(*(_shown(cell) for cell in cells))
         console.print(table)
