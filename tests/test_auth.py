@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ import nats.js.errors
 import pytest
 import yaml
 
-from evalq import AsyncClient
+from evalq import AsyncClient, JobCancelled
 from evalq.config import Settings
 from evalq.connection import connect
 from evalq.embedded import EmbeddedServer
@@ -154,6 +155,29 @@ async def test_every_role_does_its_job(deployment: dict[str, Any], tmp_path: Pat
         assert {f.name for f in files} == {"results.json", "eval.log"}
         assert (await client.queue()).completed_jobs == 1
         assert (await client.health()).workers
+
+        # A sharded job: the worker queues its pieces and merges them under its own user.
+        sharded = await client.submit(**{**JOB, "limit": 6, "shards": 3})
+        info = await client.wait_for_job(sharded.job_id, timeout=60)
+        assert (info.status, info.shards_done) == ("completed", 3)
+
+        # A sharded job cancelled with pieces waiting: the gateway takes them out of the
+        # pieces stream under its own user, and the running one stops.
+        os.environ["FAKE_EVAL_MODE"] = "slow"
+        try:
+            slow = await client.submit(**{**JOB, "limit": 6, "shards": 3})
+            deadline = time.monotonic() + 30
+            while not [p for p in (await client.get_job(slow.job_id)).pieces if p.status == "running"]:
+                assert time.monotonic() < deadline, "no piece of the sharded job started"
+                await asyncio.sleep(0.1)
+            assert (await client.cancel_job(slow.job_id)).status == "cancelling"
+            with pytest.raises(JobCancelled):
+                await client.wait_for_job(slow.job_id, timeout=60)
+        finally:
+            os.environ.pop("FAKE_EVAL_MODE", None)
+        admin_js = deployment["gateway_nc"].jetstream()
+        left = (await admin_js.stream_info(Topology().pieces_stream("default"))).state.messages
+        assert left == 0, "a cancelled job's pieces stayed in the pieces stream"
 
         # Cancel a job that waits in a pool with no worker yet.
         await Topology().ensure_pool(deployment["gateway_nc"].jetstream(), "held")

@@ -20,7 +20,7 @@ from evalq.connection import connect
 from evalq.embedded import EmbeddedServer
 from evalq.gateway import Gateway
 from evalq.jobstore import JobStore
-from evalq.schemas import TERMINAL, Completed, Started
+from evalq.schemas import TERMINAL, Completed, ShardCompleted, ShardStarted, Started
 from evalq.topology import Topology
 from evalq.worker import Worker
 
@@ -323,3 +323,48 @@ async def test_2000_jobs_with_random_cancels_and_two_workers(settings: Settings,
     assert counts["cancelled"] >= 1
     assert all(terminal_events[job] == 1 for job in ids), "a job has more or less than one terminal event"
     assert left == 0
+
+
+async def test_a_sharded_job_resumes_across_a_nats_and_gateway_restart(
+    own_server: EmbeddedServer, own_settings: Settings
+) -> None:
+    """Pieces that finished before nats-server and the gateway went away are never run again."""
+    settings = own_settings.with_(ack_wait=60.0)
+    gateway_nc = await connect(settings)
+    await Topology.from_settings(settings).ensure(gateway_nc.jetstream())
+    gateway = await Gateway(gateway_nc, settings).start()
+    os.environ["FAKE_PIECE_SECONDS"] = "1.5"
+    try:
+        async with Workers(settings) as running:
+            for _ in range(2):
+                await running.start(evaluator=FAKE)
+            async with AsyncClient(settings) as client:
+                accepted = await client.submit(model="dummy", tasks=["fake"], limit=60, shards=6)
+                first_done = asyncio.Event()
+
+                async def on_event(event: Any) -> None:
+                    if isinstance(event, ShardCompleted):
+                        first_done.set()
+                        raise asyncio.CancelledError  # stop following: the server goes away now
+
+                with pytest.raises(asyncio.CancelledError):
+                    await follow(client, accepted.job_id, timeout=60, on_event=on_event)
+            await gateway.stop()
+            await gateway_nc.close()
+            own_server.stop()
+            await asyncio.sleep(5)  # the outage itself, not a wait for anything
+            own_server.start()
+            gateway_nc = await connect(settings)
+            gateway = await Gateway(gateway_nc, settings).start()
+            async with AsyncClient(settings) as client:
+                info = await client.wait_for_job(accepted.job_id, timeout=180)
+                events = await all_events(client, accepted.job_id)
+    finally:
+        os.environ.pop("FAKE_PIECE_SECONDS", None)
+        await gateway.stop()
+        await gateway_nc.close()
+    assert info.status == "completed" and (info.shards, info.shards_done) == (6, 6)
+    starts = collections.Counter(e.shard for e in events if isinstance(e, ShardStarted))
+    assert starts == {index: 1 for index in range(6)}, f"a piece ran twice: {starts}"
+    assert kinds(events).count("completed") == 1
+    figure("nats-server and gateway restarted mid sharded job", pieces=6, completed=6, rerun=0)

@@ -7,6 +7,7 @@ where exceptions become error replies (micro error headers plus a JSON body).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import uuid
@@ -55,6 +56,7 @@ from ..schemas import (
     JobInfo,
     JobRef,
     ModelsReply,
+    PieceItem,
     QueueStatus,
     TasksReply,
     WorkItem,
@@ -465,18 +467,18 @@ class Gateway:
                     log.warning("job %s cancelled; its work message stays until a worker skips it: %s", job_id, exc)
             return CancelReply(job_id=job_id, status="cancelled", message="Removed from the queue")
         if after.pieces:
-            return await self._cancel_pieces(after)
+            return await self._cancel_pieces(before, after)
         return CancelReply(
             job_id=job_id, status="cancelling", message=f"Stopping the evaluation on worker {after.worker}"
         )
 
-    async def _cancel_pieces(self, job: JobInfo) -> CancelReply:
+    async def _cancel_pieces(self, before: JobInfo, job: JobInfo) -> CancelReply:
         """A sharded job: its waiting pieces leave the pieces stream (the record already says
         they are cancelled), its running ones stop on their workers, and the job ends when
         none runs (here, when none was running)."""
-        subject = self.topology.piece_subject(job.pool, job.job_id, ">")
+        waiting = {p.index for p in before.pieces if p.status == "queued"}
         try:
-            await self.js.purge_stream(self.topology.pieces_stream(job.pool), subject=subject)
+            await self._remove_pieces(job, waiting)
         except Exception as exc:  # a worker that takes one finds the job cancelling and drops it
             log.warning("job %s: its queued pieces stay until workers drop them: %s", job.job_id, exc)
         await self.recorder.end_cancelled_if_idle(job.job_id, at=now())
@@ -484,6 +486,25 @@ class Gateway:
         return CancelReply(
             job_id=job.job_id, status="cancelling", message=f"Stopping {running} running piece(s); queued ones removed"
         )
+
+    async def _remove_pieces(self, job: JobInfo, indexes: set[int]) -> None:
+        """Delete the messages of these pieces, found by subject. A running piece's message
+        stays: if its worker dies, its redelivery is what ends the piece, and the job."""
+        stream = self.topology.pieces_stream(job.pool)
+        subject = self.topology.piece_subject(job.pool, job.job_id, "*")
+        seq = 1
+        for _ in range(len(job.pieces) + 1):  # one message per piece, and the merge step
+            try:
+                found = await self.js.get_msg(stream, seq, subject=subject, next=True)
+            except NotFoundError:
+                return
+            assert found.seq is not None
+            seq = found.seq + 1
+            with contextlib.suppress(msgspec.DecodeError, ValueError):
+                item = decode(found.data or b"", PieceItem)
+                if item.step == "piece" and item.index in indexes:
+                    with contextlib.suppress(NotFoundError):  # taken meanwhile: its worker drops it
+                        await self.js.delete_msg(stream, found.seq)
 
     async def _known_pools(self) -> list[str]:
         self._pools |= set(await self.topology.pools(self.js))

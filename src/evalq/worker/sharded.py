@@ -50,7 +50,6 @@ __all__ = [
     "piece_args",
     "plan_job",
     "queue_pieces",
-    "remove_queued_pieces",
 ]
 
 log = logging.getLogger("evalq.worker")
@@ -111,15 +110,6 @@ async def _publish_merge(worker: Worker, job_id: str) -> None:
         "publish the merge step",
         worker.settings.worker.outage_timeout,
     )
-
-
-async def remove_queued_pieces(worker: Worker, job_id: str) -> None:
-    """Take a job's pieces that wait in the pieces stream out of it (the job ended)."""
-    subject = worker.topology.piece_subject(worker.pool, job_id, ">")
-    try:
-        await worker.js.purge_stream(worker.topology.pieces_stream(worker.pool), subject=subject)
-    except Exception as exc:  # each left over is dropped by whoever takes it: the job has ended
-        log.warning("job %s: could not remove its queued pieces: %s", job_id, exc)
 
 
 # --- 1. plan --------------------------------------------------------------------------------
@@ -367,8 +357,9 @@ async def _fail_piece(worker: Worker, msg: Msg, info: JobInfo, index: int, *, at
         await msg.nak(delay=_RETRY_DELAY)
         return
     reason = f"piece {index} failed {attempt} times (max_attempts={worker.settings.worker.max_attempts}): {error}"
+    # Its running pieces stop (their workers watch the record); those still queued are
+    # dropped unrun by whichever worker takes them.
     await worker.recorder.finish(info.job_id, Failure(error=reason), at=at, worker=worker.worker_id)
-    await remove_queued_pieces(worker, info.job_id)
     await outlast(msg.ack, "ack", worker.settings.worker.outage_timeout)
 
 
