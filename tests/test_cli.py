@@ -199,12 +199,8 @@ async def test_setup_is_how_queue_settings_change(settings: Settings, nc: Any, t
     code, out, _ = await evalq(settings, "setup", "--ack-wait", "7", "--dry-run", "--json")
     assert code == 0
     assert json.loads(out) == [
-        {
-            "object": f"consumer {topology.work_stream('default')}/{topology.consumer}",
-            "setting": "ack_wait",
-            "was": 5.0,
-            "now": 7.0,
-        }
+        {"object": f"consumer {stream}/{topology.consumer}", "setting": "ack_wait", "was": 5.0, "now": 7.0}
+        for stream in (topology.work_stream("default"), topology.pieces_stream("default"))
     ]
     assert (await js.consumer_info(topology.work_stream("default"), topology.consumer)).config.ack_wait == 5.0
     code, out, _ = await evalq(settings, "setup", "--ack-wait", "7")
