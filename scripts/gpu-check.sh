@@ -4,6 +4,7 @@
 #   2. a num_gpus=1 job
 #   3. num_gpus larger than the worker has is refused (422) once it advertised its GPUs
 #   4. the warm evaluator: jobs forked from the zygote use CUDA, the zygote never initialises it
+#   5. a sharded tiny-model job (shards=4) whose metrics equal the unsharded run's
 # Needs a CUDA machine with evalq[worker] importable. GPU_CHECK_DEVICE=cpu runs it without one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,21 @@ evalq submit --model huggingface --model-args "$ARGS" --device "$DEVICE" --tasks
 t2=$(now)
 $PY scripts/gpu_warm_check.py "$TINY" "$DEVICE" | tee "$EVALQ_HOME/warm.txt"
 
+# Sharded against unsharded, the same request: every metric equal.
+metrics() { evalq status "$1" --json | $PY -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["result"]["metrics"], sort_keys=True))'; }
+job_of() { $PY -c 'import json,sys; print(json.load(sys.stdin)["job_id"])'; }
+t3=$(now)
+WHOLE=$(evalq submit --model huggingface --model-args "$ARGS" --device "$DEVICE" --tasks evalq_demo,evalq_shard_demo \
+  --limit 40 --label check=unsharded --json | job_of)
+evalq watch "$WHOLE" >/dev/null
+t4=$(now)
+SHARDED=$(evalq submit --model huggingface --model-args "$ARGS" --device "$DEVICE" --tasks evalq_demo,evalq_shard_demo \
+  --limit 40 --shards 4 --label check=sharded --json | job_of)
+evalq watch "$SHARDED" >/dev/null
+t5=$(now)
+if [ "$(metrics "$WHOLE")" = "$(metrics "$SHARDED")" ]; then SHARD_CHECK="equal"; else SHARD_CHECK="DIFFERENT"; fi
+metrics "$SHARDED"
+
 # The worker advertises its GPUs once it has listed them; then an impossible job is refused.
 for _ in $(seq 1 240); do
   if evalq workers --json | $PY -c 'import json,sys; w=json.load(sys.stdin); sys.exit(0 if w and w[0]["tasks"] is not None else 1)'; then break; fi
@@ -61,4 +77,6 @@ echo "tiny model on $DEVICE: $(elapsed "$t0" "$t1") s (submit to completed, the 
 echo "the same job again:    $(elapsed "$t1" "$t1b") s (forked from the warm evaluator)"
 echo "num_gpus=1 job:        $(elapsed "$t1b" "$t2") s"
 echo "warm evaluator check:  $(tail -1 "$EVALQ_HOME/warm.txt")"
+echo "sharded (4 pieces) vs unsharded metrics: $SHARD_CHECK ($(elapsed "$t4" "$t5") s sharded, $(elapsed "$t3" "$t4") s unsharded, one worker)"
 echo "num_gpus=$((GPUS + 1)) refused:  exit $CODE ($(grep -o '\$\.num_gpus' "$EVALQ_HOME/refused.txt" || echo 'no path'))"
+[ "$SHARD_CHECK" = "equal" ] || { echo "sharded metrics differ from the unsharded run" >&2; exit 1; }
