@@ -34,6 +34,7 @@ from evalq.schemas import (
     now,
 )
 from evalq.topology import Topology
+from evalq.worker.resident import ResidentJob
 from evalq.worker.warm import WarmProcess
 
 from .conftest import Processes
@@ -54,8 +55,9 @@ async def test_demo_job_end_to_end(client: AsyncClient, worker_factory: Any, tmp
             runners.append(handle.worker.current.process)
 
     events = await follow(client, accepted.job_id, on_event=on_event)
-    # A single-GPU job is forked from the worker's warm evaluator by default.
-    assert runners and isinstance(runners[0], WarmProcess)
+    # A single-GPU job runs in the worker's resident model process (forked from its warm
+    # evaluator) by default.
+    assert runners and isinstance(runners[0], ResidentJob)
     order = kinds(events)
     assert order[0] == "queued" and order[1] == "started" and order[-1] == "completed"
     assert "progress" in order

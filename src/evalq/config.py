@@ -131,6 +131,12 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     advertise_inventory: Annotated[
         bool, _doc("list models and tasks in the registry; the worker is listed once it has them")
     ] = True
+    resident_model: Annotated[
+        bool, _doc("keep the last job's model loaded for the next job with the same model (single-GPU, warm)")
+    ] = True
+    resident_idle: Annotated[
+        Seconds | None, _doc("seconds an idle resident model is kept (default: until another model is needed)")
+    ] = None
 
 
 _ROLES: dict[str, type[msgspec.Struct]] = {

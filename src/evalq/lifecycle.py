@@ -384,8 +384,23 @@ def terminal_event(info: JobInfo, outcome: Outcome | None = None, *, worker: str
     return Cancelled(**common, labels=labels, reason=reason, cancel_latency_s=latency)  # type: ignore[arg-type]
 
 
-def started_event(info: JobInfo, *, worker: str, at: str) -> Started:
-    return Started(job_id=info.job_id, time=at, attempt=info.attempts, worker=worker, labels=info.labels)
+def started_event(
+    info: JobInfo,
+    *,
+    worker: str,
+    at: str,
+    model_reused: bool | None = None,
+    model_load_seconds: float | None = None,
+) -> Started:
+    return Started(
+        job_id=info.job_id,
+        time=at,
+        attempt=info.attempts,
+        worker=worker,
+        labels=info.labels,
+        model_reused=model_reused,
+        model_load_seconds=model_load_seconds,
+    )
 
 
 def progress_event(info: JobInfo, value: Progress, *, worker: str, at: str) -> ProgressEvent:

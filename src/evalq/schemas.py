@@ -141,6 +141,8 @@ class EvaluateRequest(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # Split the evaluation into at most this many pieces, run by any workers of the pool
     # at once and merged exactly (sharding.py); 1 runs it whole on one worker.
     shards: Annotated[int, Meta(ge=1, le=256)] = 1
+    # Load the model afresh for this job, even where the worker keeps the same one loaded.
+    fresh_model: bool = False
 
     def __post_init__(self) -> None:
         for field in ("model_args", "gen_kwargs"):
@@ -363,7 +365,10 @@ class Queued(_EventBase, frozen=True, kw_only=True, tag="queued"):
 
 
 class Started(_EventBase, frozen=True, kw_only=True, tag="started"):
-    pass
+    # Whether the worker's resident model served this job, and how long loading took when
+    # it was loaded for it (null where the model is built inside a fresh process).
+    model_reused: bool | None = None
+    model_load_seconds: float | None = None
 
 
 class ProgressEvent(_EventBase, frozen=True, kw_only=True, tag="progress"):

@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..schemas import Progress
 from .progress import ProgressParser
@@ -34,6 +35,11 @@ class GroupLeader:
 
     async def _leader_exit(self) -> int:
         raise NotImplementedError
+
+    async def loaded(self) -> Any:
+        """Once the evaluation has its model (a resident model says whether it was reused);
+        a fresh process builds its own and says nothing: None at once."""
+        return None
 
     def _running(self) -> bool:
         raise NotImplementedError

@@ -41,12 +41,23 @@ from ..jobstore import JobStore
 from ..lifecycle import Applied, Cancellation, Failure, Outcome, Recorder, Refused
 from ..outage import outlast
 from ..policy import effective_timeout, load_policy, recheck
-from ..schemas import JOB_ID_SEGMENT, TERMINAL, JobInfo, Progress, WorkerInfo, WorkItem, decode, now
+from ..schemas import (
+    JOB_ID_SEGMENT,
+    TERMINAL,
+    EvaluateRequest,
+    JobInfo,
+    Progress,
+    WorkerInfo,
+    WorkItem,
+    decode,
+    now,
+)
 from ..topology import Topology
 from . import sharded
 from .argv import evaluator_command, lmms_eval_args, scrubbed_env
 from .inventory import take_inventory
 from .registration import Registration
+from .resident import Resident, ResidentJob, resident_key
 from .results import outcome_of, tail, upload
 from .runner import EvalProcess
 from .taskpaths import build_include_dir
@@ -85,7 +96,7 @@ class _Current:
     info: JobInfo
     msg: Msg
     attempt: int
-    process: EvalProcess | WarmProcess | None = None
+    process: EvalProcess | WarmProcess | ResidentJob | None = None
     # Seconds the evaluation may run (the job's timeout, or its pool's); None: no limit.
     limit_s: int | None = None
     timed_out: asyncio.Event = field(default_factory=asyncio.Event)
@@ -96,6 +107,8 @@ class _Current:
     # A sharded job's plan and merge steps report no progress: the job's progress counts
     # the documents its pieces answered.
     quiet: bool = False
+    # What the resident model said for this job: (reused, load seconds); None: no resident.
+    model: tuple[bool, float | None] | None = None
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     requeue: asyncio.Event = field(default_factory=asyncio.Event)
     last_progress_at: float = 0.0
@@ -150,6 +163,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._signals: list[int] = []
         self.warm: WarmEvaluator | None = None
+        self.resident: Resident | None = None
 
     @property
     def info(self) -> WorkerInfo:
@@ -217,6 +231,10 @@ class Worker:
             await self.sub.unsubscribe()
         with contextlib.suppress(Exception):
             await self.pieces.unsubscribe()
+        if self.resident is not None:
+            with contextlib.suppress(Exception):
+                await self.resident.close()
+            self.resident = None
         if self.warm is not None:
             await self.warm.close()
 
@@ -271,6 +289,7 @@ class Worker:
     async def run(self) -> None:
         """Take jobs one at a time until stopped."""
         while not self.stopping:
+            await self.release_idle_model()
             try:
                 msgs, is_piece = await self._fetch()
             except (TimeoutError, NatsTimeout):
@@ -512,7 +531,11 @@ class Worker:
         log_path = output / "eval.log"
 
         async def announce() -> None:
-            await self.recorder.announce(lifecycle.started_event(info, worker=self.worker_id, at=now()))
+            reused, load_s = current.model if current.model is not None else (None, None)
+            event = lifecycle.started_event(
+                info, worker=self.worker_id, at=now(), model_reused=reused, model_load_seconds=load_s
+            )
+            await self.recorder.announce(event)
 
         args = lmms_eval_args(info.request, output_path=output, include_path=self.include_dir)
         exit_code = await self._evaluate(current, Launch(args=args, cwd=output, log_path=log_path), announce)
@@ -571,14 +594,27 @@ class Worker:
                 current.launch_error = str(exc)
                 return None
             current.process = process
-            # Announced after the launch, so a follower that sees it can act on the process.
-            await announce()
-            current.announced = True
             waiting = asyncio.create_task(process.wait())
             stop_reasons = [asyncio.create_task(current.cancel.wait()), asyncio.create_task(current.requeue.wait())]
             if current.limit_s is not None:
                 stop_reasons.append(asyncio.create_task(self._time_limit(current)))
-            await asyncio.wait([waiting, *stop_reasons], return_when=asyncio.FIRST_COMPLETED)
+            # A resident model says once it has the model (loaded or reused): `started` waits
+            # for that, while a cancel or the time limit is still heard.
+            loading = asyncio.create_task(process.loaded())
+            stop_reasons.append(loading)
+            await asyncio.wait([loading, waiting, *stop_reasons], return_when=asyncio.FIRST_COMPLETED)
+            stop_reasons.remove(loading)
+            if not any(task.done() for task in stop_reasons):
+                # Started: with its model, or ended before it had one (a model that cannot load).
+                got = loading.result() if loading.done() else None
+                if got is not None:
+                    current.model = (got.reused, got.seconds)
+                # Announced after the launch, so a follower that sees it can act on the process.
+                await announce()
+                current.announced = True
+                await asyncio.wait([waiting, *stop_reasons], return_when=asyncio.FIRST_COMPLETED)
+            if not loading.done():
+                loading.cancel()
             if not waiting.done():
                 await process.terminate(self.settings.worker.cancel_grace)
             return await waiting
@@ -597,7 +633,7 @@ class Worker:
                     await current.process.terminate(0.5)
                 waiting.cancel()
 
-    async def _launch(self, current: _Current, launch: Launch) -> EvalProcess | WarmProcess:
+    async def _launch(self, current: _Current, launch: Launch) -> EvalProcess | WarmProcess | ResidentJob:
         """Fork the evaluation from the warm evaluator where it can run there, else start a fresh process."""
         request = current.info.request
         assert request is not None
@@ -607,6 +643,16 @@ class Worker:
             self._on_progress(current, progress)
 
         several = request.num_gpus > 1 and launch.per_gpu
+        if self._loads_model(launch):
+            resident = await self._resident_for(request, launch)
+            if resident is not None:
+                job = await resident.run(
+                    launch.module, launch.args, cwd=launch.cwd, log_path=launch.log_path, on_progress=on_progress
+                )
+                log.info(
+                    "job %s attempt %d: resident pid %s: %s", job_id, current.attempt, job.pid, " ".join(launch.args)
+                )
+                return job
         if self.warm is not None and not several and self.warm.failures < _ZYGOTE_STARTS:
             try:
                 warm = await self.warm.launch(
@@ -625,6 +671,48 @@ class Worker:
         await process.start()
         log.info("job %s attempt %d: pid %s: %s", job_id, current.attempt, process.pid, " ".join(argv))
         return process
+
+    @staticmethod
+    def _loads_model(launch: Launch) -> bool:
+        """lmms-eval, or a sharded job's piece: the runs that build a model (a plan or a merge does not)."""
+        return launch.module == "lmms_eval" or (launch.module == sharded.SHARDED_MODULE and launch.per_gpu)
+
+    async def _resident_for(self, request: EvaluateRequest, launch: Launch) -> Resident | None:
+        """The resident process for this job's model, started if need be; None where the job
+        runs elsewhere (after the resident model is released, since this job loads another)."""
+        key = resident_key(request)
+        fits = (
+            self.settings.worker.resident_model
+            and self.warm is not None
+            and self.warm.failures < _ZYGOTE_STARTS
+            and request.num_gpus <= 1
+        )
+        current = self.resident
+        if current is not None and (not fits or current.key != key or request.fresh_model or not current.alive):
+            self.resident = None
+            await current.close()
+        if not fits or self.warm is None:
+            return None
+        if self.resident is None:
+            resident = Resident(key, self.warm, cwd=self.state_dir, log_path=self.state_dir / "resident.log")
+            try:
+                await resident.start()
+            except (ZygoteError, OSError) as exc:
+                log.warning("resident model process unavailable (%s); the job runs on its own", exc)
+                return None
+            self.resident = resident
+        return self.resident
+
+    async def release_idle_model(self) -> None:
+        """Release the resident model after `resident_idle` seconds without a job."""
+        idle = self.settings.worker.resident_idle
+        resident = self.resident
+        if idle is None or resident is None or resident._busy.locked():
+            return
+        if time.monotonic() - resident.last_used >= idle:
+            self.resident = None
+            log.info("releasing the resident model after %.0f s idle", idle)
+            await resident.close()
 
     def _fresh_dir(self, path: Path) -> Path:
         if path.exists():

@@ -23,17 +23,27 @@ how tasks build their prompts). A response that is missing ends the run with an 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
 import runpy
 import sys
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MODES", "RESPONSES_FILE", "load_responses", "main", "shard_flags"]
+__all__ = [
+    "MODES",
+    "RESPONSES_FILE",
+    "load_responses",
+    "main",
+    "on_create",
+    "patched_get_model",
+    "recording",
+    "shard_flags",
+]
 
 RESPONSES_FILE = "responses.pkl"
 MODES = ("plan", "record", "replay")
@@ -74,7 +84,10 @@ def load_responses(path: Path) -> dict[Key, list[Any]]:
     return loaded
 
 
-def _patch_get_model(make: Callable[[type], type]) -> None:
+@contextlib.contextmanager
+def patched_get_model(make: Callable[[type], type]) -> Iterator[None]:
+    """lmms-eval asks `models.get_model(name)` for the class it builds the model from: hand it
+    `make(that class)` instead, until the block ends (a resident process runs many jobs)."""
     import lmms_eval.models as models
 
     original = models.get_model
@@ -83,6 +96,52 @@ def _patch_get_model(make: Callable[[type], type]) -> None:
         return make(original(model_name, force_simple))
 
     models.get_model = get_model  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        models.get_model = original  # type: ignore[assignment]
+
+
+def on_create(cls: Any, change: Callable[[Any], Any]) -> type:
+    """A stand-in for the model class whose instances pass through `change` once built."""
+
+    def create_from_arg_string(klass: type, arg_string: str, additional_config: Any = None) -> Any:
+        return change(cls.create_from_arg_string(arg_string, additional_config))
+
+    return type(cls.__name__, (), {"create_from_arg_string": classmethod(create_from_arg_string)})
+
+
+@contextlib.contextmanager
+def recording(kept: dict[Key, list[Any]]) -> Iterator[None]:
+    """Keep every response the model gives during the block. The model instance's request
+    methods are wrapped (its class is left alone, so lmms-eval reports the same backend),
+    and unwrapped when the block ends."""
+    wrapped: list[Any] = []
+
+    def wrap(lm: Any) -> Any:
+        for reqtype in REQUEST_TYPES:
+            real = getattr(lm, reqtype, None)
+            if real is None:
+                continue
+
+            def method(requests: list[Any], real: Any = real, reqtype: str = reqtype) -> Any:
+                answers = real(requests)
+                for request, answer in zip(requests, answers, strict=False):
+                    kept[_key(reqtype, request)].append(answer)
+                return answers
+
+            setattr(lm, reqtype, method)
+        wrapped.append(lm)
+        return lm
+
+    with patched_get_model(lambda cls: on_create(cls, wrap)):
+        try:
+            yield
+        finally:
+            for lm in wrapped:
+                for reqtype in REQUEST_TYPES:
+                    with contextlib.suppress(AttributeError):
+                        delattr(lm, reqtype)  # back to the class's own method
 
 
 def _run_lmms_eval(argv: list[str]) -> None:
@@ -92,30 +151,13 @@ def _run_lmms_eval(argv: list[str]) -> None:
 
 def _record(responses_path: Path, argv: list[str]) -> int:
     kept: dict[Key, list[Any]] = defaultdict(list)
-
-    def recording(cls: type) -> type:
-        def wrap(reqtype: str) -> Callable[..., Any]:
-            real = getattr(cls, reqtype)
-
-            def method(self: Any, requests: list[Any]) -> Any:
-                answers = real(self, requests)
-                for request, answer in zip(requests, answers, strict=False):
-                    kept[_key(reqtype, request)].append(answer)
-                return answers
-
-            return method
-
-        recorder = type(cls.__name__, (cls,), {name: wrap(name) for name in REQUEST_TYPES if hasattr(cls, name)})
-        recorder.__module__, recorder.__qualname__ = cls.__module__, cls.__qualname__
-        return recorder
-
-    _patch_get_model(recording)
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1:  # one file per rank: each holds the responses of its own documents
         rank = int(os.environ.get("RANK", "0") or 0)
         responses_path = responses_path.with_name(f"{responses_path.stem}.rank{rank}{responses_path.suffix}")
     try:
-        _run_lmms_eval(argv)
+        with recording(kept):
+            _run_lmms_eval(argv)
     finally:
         # Written even when the run failed: the worker reads success from the results file.
         tmp = responses_path.with_suffix(".tmp")
@@ -163,8 +205,8 @@ def _replay(responses_dir: Path, argv: list[str]) -> int:
         replayer.__module__, replayer.__qualname__ = cls.__module__, cls.__qualname__
         return replayer
 
-    _patch_get_model(replaying)
-    _run_lmms_eval(argv)
+    with patched_get_model(replaying):
+        _run_lmms_eval(argv)
     return 0
 
 

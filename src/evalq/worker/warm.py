@@ -39,6 +39,7 @@ from .zygote_protocol import (
     Reply,
     Request,
     Run,
+    Spawn,
     Started,
     TakeInventory,
     decode_reply,
@@ -229,6 +230,14 @@ class WarmEvaluator:
             self._lock.release()
             raise
         return job
+
+    async def spawn(self, module: str, argv: Sequence[str], *, fd: int, cwd: Path, log_path: Path) -> int:
+        """Fork a long-lived child (`python -m <module> <argv>`) holding `fd`; returns its pid."""
+        async with self._lock:
+            await self.ready()
+            request = Spawn(module=module, argv=list(argv), cwd=os.fspath(cwd), log_path=os.fspath(log_path))
+            self._send(request, [fd])
+            return _expect(await self._answer(), Started).pid
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop the zygote: closing its socket ends it; kill it if it lingers past `grace` s."""

@@ -8,6 +8,8 @@ SOCK_SEQPACKET socket:
 - `Run`, with one file descriptor attached (the job's output pipe): forks a child that
   becomes a session and process-group leader, points stdout and stderr at the pipe, and
   runs the module as `python -m` would. Replies `Started`, then `Exited` when it ends.
+- `Spawn`, with one file descriptor attached: forks a child that lives on (a resident
+  model) and replies `Started` at once; the child is reaped when it ends.
 - `Ping`: replies `About`, with its pid and whether CUDA has been initialised.
 - `TakeInventory`: replies the worker's inventory, from the lmms-eval it has imported.
 
@@ -46,6 +48,7 @@ from .zygote_protocol import (
     Reply,
     Request,
     Run,
+    Spawn,
     Started,
     TakeInventory,
     decode_request,
@@ -111,6 +114,7 @@ def _run_child(request: Run, output_fd: int, control: socket.socket, zygote_pid:
         control.close()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
@@ -139,6 +143,52 @@ def _run_child(request: Run, output_fd: int, control: socket.socket, zygote_pid:
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)  # never run the zygote's own cleanup in a child
+
+
+def _spawn_child(request: Spawn, fd: int, control: socket.socket, zygote_pid: int) -> None:
+    """In a forked child that lives on: a group leader, its output to its log. Never returns."""
+    code = 1
+    try:
+        os.setsid()
+        die_with_parent()
+        if os.getppid() != zygote_pid:
+            os._exit(137)
+        control.close()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        out = os.open(request.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(out)
+        os.chdir(request.cwd)
+        sys.argv = [request.module, *(arg.replace("{fd}", str(fd)) for arg in request.argv)]
+        try:
+            runpy.run_module(request.module, run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _reap(spawned: set[int]) -> None:
+    """Collect the spawned children that ended (they are not waited for one by one)."""
+    for pid in list(spawned):
+        with contextlib.suppress(ChildProcessError):
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done == 0:
+                continue
+        spawned.discard(pid)
 
 
 def _gpus_in_child(control: socket.socket) -> list[GpuInfo]:
@@ -212,7 +262,11 @@ def _send(control: socket.socket, message: Reply) -> None:
 
 def serve(control: socket.socket, include_path: str | None) -> None:
     zygote_pid = os.getpid()
+    spawned: set[int] = set()
+    # A spawned child is reaped as soon as it ends, so its pid is gone when its worker looks.
+    signal.signal(signal.SIGCHLD, lambda signum, frame: _reap(spawned))
     while True:
+        _reap(spawned)
         data, fds, _flags, _addr = socket.recv_fds(control, MAX_MESSAGE, 1)
         if not data:
             return  # the worker closed its end: it is stopping
@@ -222,6 +276,16 @@ def serve(control: socket.socket, include_path: str | None) -> None:
             refusal = "expected a run request with one output descriptor"
         except msgspec.DecodeError as exc:
             request, refusal = None, f"unreadable request: {exc}"
+        if isinstance(request, Spawn) and len(fds) == 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _spawn_child(request, fds[0], control, zygote_pid)
+            os.close(fds[0])
+            spawned.add(pid)
+            _send(control, Started(pid=pid))
+            continue
         if not isinstance(request, Run) or len(fds) != 1:
             for fd in fds:
                 os.close(fd)

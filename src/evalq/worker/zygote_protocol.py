@@ -8,6 +8,9 @@ Requests, one at a time, each answered in order:
 
 - `Run`, with one file descriptor attached (the job's output pipe): `Started`, then
   `Exited` when the job ends.
+- `Spawn`, with one file descriptor attached (the child's control socket): `Started`, at
+  once; the child lives on (a resident model, `resident.py`) and the zygote serves the next
+  request. Its end is seen on its control socket; the zygote reaps it.
 - `Ping`: `About`.
 - `TakeInventory`: `InventoryReply`.
 
@@ -34,6 +37,7 @@ __all__ = [
     "Reply",
     "Request",
     "Run",
+    "Spawn",
     "Started",
     "TakeInventory",
     "decode_reply",
@@ -53,6 +57,16 @@ class Run(msgspec.Struct, frozen=True, kw_only=True, tag="run"):
     cwd: str
 
 
+class Spawn(msgspec.Struct, frozen=True, kw_only=True, tag="spawn"):
+    """Fork a long-lived child running `python -m <module> <argv>`; `{fd}` in argv becomes the
+    number of the attached descriptor in the child. Its output goes to `log_path`."""
+
+    module: str
+    argv: list[str]
+    cwd: str
+    log_path: str
+
+
 class Ping(msgspec.Struct, frozen=True, kw_only=True, tag="ping"):
     pass
 
@@ -61,7 +75,7 @@ class TakeInventory(msgspec.Struct, frozen=True, kw_only=True, tag="inventory"):
     pass
 
 
-Request: TypeAlias = Run | Ping | TakeInventory
+Request: TypeAlias = Run | Spawn | Ping | TakeInventory
 
 
 class About(msgspec.Struct, frozen=True, kw_only=True, tag="about"):
