@@ -403,6 +403,16 @@ def worker(
             help="Fork single-GPU jobs from a process with lmms-eval already imported [env EVALQ_WARM_EVALUATOR].",
         ),
     ] = None,
+    resident_model: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--resident-model/--no-resident-model",
+            help="Keep the last job's model loaded for the next job with the same model [env EVALQ_RESIDENT_MODEL].",
+        ),
+    ] = None,
+    resident_idle: Annotated[
+        Optional[float], typer.Option(help="Release a resident model idle this many seconds (default: never).")
+    ] = None,
 ) -> None:
     """Run a worker: take jobs of one pool, one at a time, and run lmms-eval.
 
@@ -420,6 +430,8 @@ def worker(
         max_attempts=max_attempts,
         worker_id=worker_id,
         warm_evaluator=warm,
+        resident_model=resident_model,
+        resident_idle=resident_idle,
     )
     _run(run_worker(settings, ready=lambda: errors.print(_shown(f"worker serving pool {settings.worker.pool}"))))
 
@@ -499,6 +511,9 @@ def submit(
     shards: Annotated[
         int, typer.Option(help="Split the evaluation into at most this many pieces, run by the pool's workers at once.")
     ] = 1,
+    fresh_model: Annotated[
+        bool, typer.Option("--fresh-model", help="Load the model afresh, even where a worker keeps it loaded.")
+    ] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Submit an evaluation job; prints its id and queue position.
@@ -518,6 +533,8 @@ def submit(
     }
     if shards != 1:
         body["shards"] = shards
+    if fresh_model:
+        body["fresh_model"] = True
     optional = {
         "model_args": model_args,
         "limit": _number(limit),

@@ -1,0 +1,140 @@
+"""The resident model: a worker keeps its last job's model loaded, reuses it for the next job
+with the same model, and gives identical results to a fresh load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from evalq import AsyncClient, JobCancelled, PoolPolicy
+from evalq.config import Settings
+from evalq.policy import store_policy
+from evalq.schemas import Started
+from evalq.topology import Topology
+
+from .conftest import Processes
+from .events import all_events, follow
+from .jobs import JOB
+from .tiny_model import build_tiny_model
+
+pytestmark = pytest.mark.slow
+
+
+def _tiny_job(model_dir: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "huggingface",
+        "tasks": ["evalq_demo"],
+        "model_args": {"pretrained": str(model_dir), "trust_remote_code": True, "device_map": "cpu"},
+        "device": "cpu",
+        **extra,
+    }
+
+
+async def _started(client: AsyncClient, job_id: str) -> Started:
+    return next(e for e in await all_events(client, job_id) if isinstance(e, Started))
+
+
+def _samples(files: list[Path]) -> list[dict[str, Any]]:
+    path = next(p for p in files if p.name.endswith("_samples_evalq_demo.jsonl"))
+    keep = ("doc_id", "target", "resps", "filtered_resps", "exact_match")
+    return [{k: v for k, v in json.loads(line).items() if k in keep} for line in path.read_text().splitlines()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_the_second_job_reuses_the_model_with_identical_results_and_another_model_releases_it(
+    client: AsyncClient, worker_factory: Any, tmp_path: Path, nc: Any, topology: Topology
+) -> None:
+    model_dir = build_tiny_model(tmp_path / "tiny")
+    await store_policy(nc, topology, "default", PoolPolicy(model_roots=[str(tmp_path)]), timeout=10)
+    handle = await worker_factory()
+    worker = handle.worker
+
+    first = await client.submit_and_wait(**_tiny_job(model_dir), timeout=300)
+    assert first.status == "completed", first.error
+    assert worker.resident is not None
+    resident_pid = worker.resident.pid
+    assert resident_pid is not None
+    second = await client.submit_and_wait(**_tiny_job(model_dir), timeout=300)
+    fresh = await client.submit_and_wait(**_tiny_job(model_dir, fresh_model=True), timeout=300)
+    for info in (second, fresh):
+        assert info.status == "completed", info.error
+
+    started = [await _started(client, info.job_id) for info in (first, second, fresh)]
+    assert [s.model_reused for s in started] == [False, True, False]
+    assert started[0].model_load_seconds is not None and started[1].model_load_seconds is None
+    assert started[2].model_load_seconds is not None
+    # The reused model's metrics and samples equal a fresh load's of the same request.
+    assert second.result is not None and fresh.result is not None and first.result is not None
+    assert second.result.metrics == fresh.result.metrics == first.result.metrics
+    reused_files = await client.results(second.job_id, tmp_path / "reused")
+    fresh_files = await client.results(fresh.job_id, tmp_path / "fresh")
+    assert _samples(reused_files) == _samples(fresh_files)
+    # fresh_model released the first resident process; its successor now holds the model.
+    assert _gone(resident_pid), "fresh_model did not release the resident process"
+    assert worker.resident is not None and worker.resident.pid != resident_pid
+    holder = worker.resident.pid
+    assert holder is not None and not _gone(holder)
+
+    # A job for another model releases it: the process that held the tiny model exits.
+    other = await client.submit_and_wait(**{**JOB, "limit": 2}, timeout=300)
+    assert other.status == "completed", other.error
+    assert (await _started(client, other.job_id)).model_reused is False
+    assert _gone(holder), "the resident process kept the tiny model after another model's job"
+
+
+async def test_cancelling_a_job_on_a_resident_model_stops_it_and_drops_the_model(
+    client: AsyncClient, worker_factory: Any
+) -> None:
+    handle = await worker_factory()
+    warmup = await client.submit_and_wait(**{**JOB, "limit": 1}, timeout=300)
+    assert warmup.status == "completed"
+    resident = handle.worker.resident
+    assert resident is not None and resident.pid is not None
+    pid = resident.pid
+    accepted = await client.submit(model="dummy", tasks=["evalq_shard_demo"], model_args="read_bytes=0")
+    # Another model_args: a new resident process; cancel it the moment it starts.
+    cancelled_at: list[float] = []
+
+    async def on_event(event: Any) -> None:
+        if isinstance(event, Started) and not cancelled_at:
+            cancelled_at.append(time.monotonic())
+            await client.cancel_job(accepted.job_id)
+
+    await follow(client, accepted.job_id, timeout=120, on_event=on_event)
+    with pytest.raises(JobCancelled):
+        await client.wait_for_job(accepted.job_id, timeout=30)
+    assert _gone(pid)
+    current = handle.worker.resident
+    assert current is None or _gone(current.pid or 0), "the cancelled job's resident model was kept"
+
+
+async def test_a_killed_worker_leaves_no_resident_process(
+    settings: Settings, topology: Topology, client: AsyncClient, processes: Processes
+) -> None:
+    worker = processes.worker(settings, EVALQ_WORKER_ID="w-resident")
+    info = await client.submit_and_wait(**{**JOB, "limit": 1}, timeout=300)
+    assert info.status == "completed"
+    started = await _started(client, info.job_id)
+    assert started.model_reused is False
+    tree = psutil.Process(worker.pid).children(recursive=True)
+    assert len(tree) >= 2, "expected the zygote and the resident process under the worker"
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(10)
+    deadline = time.monotonic() + 20
+    while not all(_gone(p.pid) for p in tree):
+        assert time.monotonic() < deadline, f"left behind: {[p.pid for p in tree if not _gone(p.pid)]}"
+        await asyncio.sleep(0.1)
