@@ -876,6 +876,84 @@ def models(ctx: typer.Context, json_: JsonOpt = False) -> None:
     _client_command(main)(ctx)
 
 
+# --- training runs (tracking.py, checkpoints.py) ---------------------------------------
+
+
+@app.command()
+def track(
+    ctx: typer.Context,
+    tensorboard: Annotated[
+        Optional[Path], typer.Option(help="Log to TensorBoard event files under this folder.")
+    ] = None,
+    mlflow: Annotated[Optional[str], typer.Option(help="Log to MLflow at this tracking URI.")] = None,
+    mlflow_experiment: Annotated[str, typer.Option(help="The MLflow experiment.")] = "evalq",
+    wandb: Annotated[Optional[Path], typer.Option(help="Log to Weights & Biases, run files under this folder.")] = None,
+    wandb_project: Annotated[str, typer.Option(help="The W&B project.")] = "evalq",
+    wandb_mode: Annotated[str, typer.Option(help="W&B mode: offline (sync later with `wandb sync`) or online.")] = (
+        "offline"
+    ),
+    step_label: Annotated[str, typer.Option(help="The label that holds the training step.")] = "step",
+    run_label: Annotated[str, typer.Option(help="The label that names the run.")] = "run",
+    name: Annotated[str, typer.Option(help="This tracker's name: its durable consumer is <prefix>-track-<name>.")] = (
+        "tracker"
+    ),
+    from_now: Annotated[
+        bool, typer.Option("--from-now", help="A new consumer starts with jobs completed from now on.")
+    ] = False,
+    max_jobs: Annotated[Optional[int], typer.Option(help="Stop after this many completed jobs.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Log every completed job's metrics to experiment trackers, at the step its label names.
+
+    A durable consumer keeps its place while this is down: restarted, it logs what completed
+    meanwhile, and never logs a job twice.
+
+    Example: `evalq track --tensorboard runs/ --mlflow http://mlflow:5000 --step-label step --run-label run`
+    """
+    from . import tracking
+    from .processes import on_signals
+
+    if wandb_mode not in ("offline", "online"):
+        raise _fail(f"--wandb-mode must be offline or online, got {wandb_mode!r}", 2)
+    settings = _settings(ctx)
+    trackers: list[tracking.Tracker] = []
+    try:
+        if tensorboard is not None:
+            trackers.append(tracking.TensorBoardTracker(tensorboard))
+        if mlflow is not None:
+            trackers.append(tracking.MlflowTracker(mlflow, mlflow_experiment))
+        if wandb is not None:
+            trackers.append(tracking.WandbTracker(wandb, wandb_project, wandb_mode))
+    except tracking.MissingExtra as exc:
+        raise _fail(str(exc), 2) from None
+    except EvalqError as exc:
+        raise _fail(str(exc), 2) from None
+    if not trackers:
+        raise _fail("name a tracker: --tensorboard DIR, --mlflow URI or --wandb DIR", 2)
+    options = tracking.TrackOptions(
+        name=name, step_label=step_label, run_label=run_label, from_now=from_now, max_jobs=max_jobs
+    )
+
+    def show(outcome: tracking.Outcome) -> None:
+        if json_:
+            _dump(outcome.__dict__)
+        elif outcome.step is None:
+            console.print(_shown(f"{outcome.job_id}: no {step_label!r} label, not logged"), highlight=False)
+        else:
+            done = ", ".join(f"{k} {v}" for k, v in outcome.trackers.items())
+            console.print(_shown(f"{outcome.job_id}: run {outcome.run} step {outcome.step}: {done}"), highlight=False)
+
+    async def main() -> None:
+        async with tracking.Tracking(settings, trackers, options) as tracker:
+            remove = on_signals(tracker.stop)
+            try:
+                await tracker.run(show)
+            finally:
+                remove()
+
+    _run(main())
+
+
 def main() -> None:
     app()
 
