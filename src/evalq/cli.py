@@ -954,6 +954,85 @@ def track(
     _run(main())
 
 
+@app.command("watch-dir")
+def watch_dir(
+    ctx: typer.Context,
+    directory: Annotated[Path, typer.Argument(help="The folder the trainer writes checkpoints into.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated task names.")],
+    pattern: Annotated[str, typer.Option(help="Checkpoint folders' names, a glob.")] = "checkpoint-*",
+    model: Annotated[str, typer.Option(help="lmms-eval model name; gets model_args pretrained=<folder>.")] = (
+        "huggingface"
+    ),
+    model_args: Annotated[Optional[str], typer.Option(help="More k=v,k=v model arguments.")] = None,
+    limit: Annotated[Optional[str], typer.Option(help="Documents per task (int) or a fraction in (0, 1].")] = None,
+    batch_size: Annotated[Optional[str], typer.Option(help="An int, 'auto' or 'auto:N'.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="e.g. cuda:0 or cpu.")] = None,
+    pool: Annotated[str, typer.Option(help="Worker pool.")] = "default",
+    label: Annotated[Optional[list[str]], typer.Option(help="k=v context echoed in events (repeatable).")] = None,
+    step_regex: Annotated[str, typer.Option(help="Finds the step in a folder's name (its first group).")] = r"(\d+)",
+    step_label: Annotated[str, typer.Option(help="The label that gets the step.")] = "step",
+    marker: Annotated[
+        Optional[str], typer.Option(help="Complete when this file exists (default: every weight shard present).")
+    ] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between scans.")] = 30.0,
+    once: Annotated[bool, typer.Option("--once", help="Scan twice, --interval apart, submit, and exit.")] = False,
+    state: Annotated[
+        Optional[Path], typer.Option(help="What was submitted (default $EVALQ_HOME/watch-dir/<folder hash>.json).")
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Submit one evaluation per new checkpoint folder, once it is complete and no longer changing.
+
+    A restart submits nothing twice: each submission's Idempotency-Key comes from the folder's
+    path and content, and the state file records it.
+
+    Example: `evalq watch-dir out/ --pattern 'checkpoint-*' --tasks mmmu_val --limit 100 --label run=exp1`
+    """
+    from . import checkpoints
+    from .processes import on_signals
+
+    request: dict[str, Any] = {"model": model, "tasks": [t for t in tasks.split(",") if t], "pool": pool}
+    request["labels"] = _parse_pairs(label, "--label")
+    optional = {"model_args": model_args, "limit": _number(limit), "batch_size": _number(batch_size), "device": device}
+    request.update({k: v for k, v in optional.items() if v is not None})
+    settings = _settings(ctx)
+
+    def show(checkpoint: checkpoints.Checkpoint) -> None:
+        if json_:
+            _dump(checkpoint.__dict__)
+        else:
+            dup = " (already submitted)" if checkpoint.duplicate else ""
+            console.print(
+                _shown(f"submitted {checkpoint.job_id}{dup} for {checkpoint.path} (step {checkpoint.step})"),
+                highlight=False,
+            )
+
+    async def main() -> None:
+        async with AsyncClient(settings) as client:
+            try:
+                watcher = checkpoints.DirWatcher(
+                    client,
+                    directory,
+                    request,
+                    pattern=pattern,
+                    step_regex=step_regex,
+                    step_label=step_label,
+                    marker=marker,
+                    state_file=state,
+                )
+                watcher.candidates()
+            except EvalqError as exc:
+                raise _fail(str(exc), 2) from None
+            stop = asyncio.Event()
+            remove = on_signals(stop.set)
+            try:
+                await watcher.run(interval, stop, show, passes=2 if once else None)
+            finally:
+                remove()
+
+    _run(main())
+
+
 def main() -> None:
     app()
 

@@ -39,7 +39,7 @@ from ..events import EventPublisher
 from ..jobstore import JobStore
 from ..lifecycle import Applied, Cancellation, Failure, Outcome, Recorder, Refused
 from ..outage import outlast
-from ..policy import effective_timeout, load_policy, recheck
+from ..policy import effective_timeout, load_policy, missing_model, recheck
 from ..schemas import JOB_ID_SEGMENT, TERMINAL, JobInfo, Progress, WorkerInfo, WorkItem, decode, now
 from ..topology import Topology
 from .argv import evaluator_command, lmms_eval_args, scrubbed_env
@@ -424,6 +424,10 @@ class Worker:
         refused = recheck(info.request, policy, cwd=folder)
         if refused is not None:
             await self._conclude(msg, job_id, Failure(error=f"the policy of pool {self.pool!r} refuses it: {refused}"))
+            return
+        missing = missing_model(info.request)
+        if missing is not None:
+            await self._conclude(msg, job_id, Failure(error=missing))
             return
         limit_s = effective_timeout(info.request, policy)
         started = now()
