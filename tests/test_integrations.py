@@ -4,6 +4,7 @@ checkpoint to a real queue without blocking, and its metrics reach the trainer's
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from evalq.config import Settings
 from evalq.policy import PoolPolicy, store_policy
 from evalq.topology import Topology
 
+from .conftest import REPO, run_command, settings_env
 from .jobs import FAKE
 
 pytest.importorskip("transformers")
@@ -110,7 +112,7 @@ async def test_callback_evaluates_each_checkpoint_and_logs_at_its_step(
         acc.Reload()
         if "eval/evalq_demo/exact_match" in acc.Tags()["scalars"]:
             points += [(e.step, e.value) for e in acc.Scalars("eval/evalq_demo/exact_match")]
-    assert points == [(4, 0.5)]
+    assert points == [(4, pytest.approx(0.5))]
 
 
 async def test_callback_never_blocks_training_when_the_queue_is_away(settings: Settings, tmp_path: Path) -> None:
@@ -127,3 +129,22 @@ async def test_callback_never_blocks_training_when_the_queue_is_away(settings: S
     assert len(timed.saves) == 2 and max(timed.saves) < 0.5
     assert [item.step for item in callback.submitted] == [2, 4]
     assert all(item.accepted is None and item.error for item in callback.submitted)
+
+
+async def test_training_example_logs_each_checkpoint_to_tensorboard(
+    settings: Settings, client: AsyncClient, worker_factory: Any, tmp_path: Path, nc: Any, topology: Topology
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    await store_policy(nc, topology, "default", PoolPolicy(model_roots=[str(tmp_path)]), timeout=10)
+    await worker_factory(evaluator=FAKE)
+    argv = [sys.executable, str(REPO / "examples" / "train_with_evalq.py"), "--output", str(tmp_path / "out")]
+    argv += ["--logdir", str(tmp_path / "runs"), "--steps", "6", "--save-steps", "3", "--limit", "2"]
+    code, out, err = await run_command(argv, settings_env(settings), timeout=180)
+    assert code == 0, err
+    assert "step 3: logged to TensorBoard" in out and "step 6: logged to TensorBoard" in out
+
+    acc = EventAccumulator(str(tmp_path / "runs" / "tiny-gpt2"))
+    acc.Reload()
+    points = acc.Scalars("eval/evalq_demo/exact_match")
+    assert [e.step for e in points] == [3, 6] and [e.value for e in points] == pytest.approx([0.6, 0.6])

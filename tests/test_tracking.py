@@ -3,6 +3,7 @@ with each library's own reader, at the step of their label, once each across res
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -176,3 +177,21 @@ async def test_track_without_a_tracker_library_says_which_extra(settings: Settin
     assert code == 2
     assert "pip install 'evalq[mlflow]'" in err
     assert "Traceback" not in err
+
+
+async def test_track_stops_on_sigterm(settings: Settings, topology: Topology, processes: Any, tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    proc = processes.start([*EVALQ, "track", "--tensorboard", str(tmp_path / "tb")], track_env(settings), "track")
+    deadline = time.monotonic() + 60
+    while "tracking completed jobs" not in proc.log_path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.log_path.read_text()
+        await asyncio.sleep(0.1)
+    os.kill(proc.pid, signal.SIGTERM)
+    started = time.monotonic()
+    while proc.poll() is None:
+        assert time.monotonic() - started < 10, "evalq track did not stop on SIGTERM"
+        await asyncio.sleep(0.1)
+    assert proc.returncode == 0, proc.log_path.read_text()

@@ -945,6 +945,7 @@ def track(
 
     async def main() -> None:
         async with tracking.Tracking(settings, trackers, options) as tracker:
+            errors.print(_shown(f"tracking completed jobs as consumer {tracker.durable}"), highlight=False)
             remove = on_signals(tracker.stop)
             try:
                 await tracker.run(show)

@@ -439,8 +439,10 @@ class Tracking:
                 tracker.close()
         nc, self._nc = self._nc, None
         if nc is not None:
+            # Every message taken was acknowledged before the next fetch: nothing to drain, and
+            # draining a pull subscription waits out its last long poll.
             with contextlib.suppress(Exception):
-                await nc.drain()
+                await nc.close()
 
     def stop(self) -> None:
         self._stop.set()
