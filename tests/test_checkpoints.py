@@ -119,3 +119,9 @@ async def test_watch_dir_refuses_a_bad_regex_in_one_line(settings: Settings, all
     argv = [*EVALQ, "watch-dir", str(allowed), "--tasks", "evalq_demo", "--step-regex", "(", "--once"]
     code, _, err = await run_command(argv, settings_env(settings), timeout=60)
     assert code == 2 and "is not a regular expression" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["watch-dir", "track"])
+async def test_training_run_commands_have_help_with_an_example(settings: Settings, command: str) -> None:
+    code, out, _ = await run_command([*EVALQ, command, "--help"], settings_env(settings), timeout=60)
+    assert code == 0 and "Example" in out and "--json" in out
