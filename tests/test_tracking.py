@@ -195,3 +195,10 @@ async def test_track_stops_on_sigterm(settings: Settings, topology: Topology, pr
         assert time.monotonic() - started < 10, "evalq track did not stop on SIGTERM"
         await asyncio.sleep(0.1)
     assert proc.returncode == 0, proc.log_path.read_text()
+
+
+async def test_track_without_a_queue_says_so_in_one_line(settings: Settings, tmp_path: Path) -> None:
+    argv = [*EVALQ, "track", "--tensorboard", str(tmp_path / "tb")]
+    code, _, err = await run_command(argv, track_env(settings), timeout=60)
+    assert code == 1 and f"the events stream {settings.queue.prefix.upper()}_EVENTS does not exist" in err
+    assert "Traceback" not in err

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import api
 from nats.js.errors import NotFoundError
@@ -222,13 +223,15 @@ class MlflowTracker:
 
     def run_id(self, run: str) -> str:
         if run not in self._runs:
+            # The tag is found by a filter string, where a quote cannot be escaped.
+            tag = run.replace("'", "")
             found = self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`evalq.run` = '{run.replace(chr(39), '')}'", max_results=1
+                [self.experiment_id], filter_string=f"tags.`evalq.run` = '{tag}'", max_results=1
             )
             if found:
                 self._runs[run] = found[0].info.run_id
             else:
-                created = self.client.create_run(self.experiment_id, run_name=run, tags={"evalq.run": run})
+                created = self.client.create_run(self.experiment_id, run_name=run, tags={"evalq.run": tag})
                 self._runs[run] = created.info.run_id
         return self._runs[run]
 
@@ -456,6 +459,11 @@ class Tracking:
             try:
                 messages = await self._sub.fetch(1, timeout=1.0)
             except TimeoutError:
+                continue
+            except nats.errors.Error as exc:
+                # Reconnecting, or a JetStream leader being elected: the consumer keeps its place.
+                log.warning("fetching completed jobs: %s; trying again", exc)
+                await asyncio.sleep(1.0)
                 continue
             for msg in messages:
                 outcome = await self._handle(msg.data, msg)
