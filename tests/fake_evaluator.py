@@ -6,6 +6,7 @@ progress and writes a valid `*_results.json`. FAKE_EVAL_MODE picks a behaviour:
 lmms-eval does), `poison` (kills the worker that started it),
 `big` (also writes a 40 MB samples file), `hostile` (fails like `fail`, its progress
 phase and last lines full of terminal escapes, control characters and rich markup).
+A `score=X` in `--model_args` makes X the metric's value (default 0.6).
 
 The steps of a sharded job (`--evalq_shard=plan|record|replay`) are honoured too: `plan`
 counts `--limit` documents per task, `record` runs as above (or sleeps FAKE_PIECE_SECONDS,
@@ -38,8 +39,10 @@ def arg(name: str, default: str = "") -> str:
 
 def write_results(output: Path, tasks: list[str]) -> None:
     output.mkdir(parents=True, exist_ok=True)
+    model_args = dict(item.partition("=")[::2] for item in arg("model_args").split(",") if "=" in item)
+    score = float(model_args.get("score", "0.6"))
     results = {
-        "results": {task: {"alias": task, "exact_match,none": 0.6} for task in tasks},
+        "results": {task: {"alias": task, "exact_match,none": score} for task in tasks},
         "lmms_eval_version": "fake",
     }
     (output / "19700101_000000_results.json").write_text(json.dumps(results))

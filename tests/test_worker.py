@@ -35,7 +35,6 @@ from evalq.schemas import (
 )
 from evalq.topology import Topology
 from evalq.worker.resident import ResidentJob
-from evalq.worker.warm import WarmProcess
 
 from .conftest import Processes
 from .events import all_events, follow, kinds

@@ -69,6 +69,7 @@ __all__ = [
     "effective_timeout",
     "is_location_key",
     "load_policy",
+    "missing_model",
     "normal_path",
     "read_policy",
     "recheck",
@@ -364,6 +365,23 @@ def recheck(request: EvaluateRequest, policy: PoolPolicy, *, cwd: str | os.PathL
         _checked(request, policy, locate, os.path.realpath)
     except InvalidField as exc:
         return f"{exc.message} (at `{exc.path}`)"
+    return None
+
+
+def missing_model(request: EvaluateRequest) -> str | None:
+    """Why the job cannot load its model here: an absolute model path with nothing there.
+
+    A checkpoint submitted while training may be deleted (rotated away) before the job runs;
+    lmms-eval would then fail with a loader's error that does not say so.
+    """
+    for pairs in _readings(request.model_args):
+        for key, value in pairs:
+            # Model keys only: a cache or output folder may rightly not exist yet.
+            if key in _MODEL_KEYS and value.startswith("/") and not os.path.exists(value):
+                return (
+                    f"the checkpoint path {value} (model_args.{key}) does not exist on this worker: "
+                    "was it deleted before the job ran?"
+                )
     return None
 
 

@@ -40,7 +40,7 @@ from ..events import EventPublisher
 from ..jobstore import JobStore
 from ..lifecycle import Applied, Cancellation, Failure, Outcome, Recorder, Refused
 from ..outage import outlast
-from ..policy import effective_timeout, load_policy, recheck
+from ..policy import effective_timeout, load_policy, missing_model, recheck
 from ..schemas import (
     JOB_ID_SEGMENT,
     TERMINAL,
@@ -481,6 +481,10 @@ class Worker:
         refused = recheck(info.request, policy, cwd=folder)
         if refused is not None:
             await self._conclude(msg, job_id, Failure(error=f"the policy of pool {self.pool!r} refuses it: {refused}"))
+            return
+        missing = missing_model(info.request)
+        if missing is not None:
+            await self._conclude(msg, job_id, Failure(error=missing))
             return
         limit_s = effective_timeout(info.request, policy)
         started = now()

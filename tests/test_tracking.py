@@ -1,0 +1,204 @@
+"""`evalq track`: completed jobs' metrics in TensorBoard, MLflow and W&B (offline), read back
+with each library's own reader, at the step of their label, once each across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evalq import AsyncClient
+from evalq.config import Settings
+from evalq.schemas import Completed, decode_event
+from evalq.topology import Topology
+
+from .conftest import EVALQ, run_command, settings_env
+from .jobs import FAKE
+
+pytest.importorskip("tensorboard")
+pytest.importorskip("mlflow")
+pytest.importorskip("wandb")
+
+TAG = "eval/evalq_demo/exact_match"
+
+
+@pytest.fixture(autouse=True)
+def folder_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    # MLflow 3 refuses a folder store unless told that it is wanted (a test has no database).
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+def track_env(settings: Settings) -> dict[str, str]:
+    return settings_env(settings, WANDB_SILENT="true", WANDB_MODE="offline")
+
+
+async def complete(client: AsyncClient, step: int | None, score: float, run: str = "r1") -> str:
+    labels = {"run": run, "team": "vision"}
+    if step is not None:
+        labels["step"] = str(step)
+    info = await client.submit_and_wait(
+        model="dummy", tasks=["evalq_demo"], limit=2, model_args={"score": score}, labels=labels, timeout=60
+    )
+    return info.job_id
+
+
+async def track(settings: Settings, root: Path, *args: str) -> list[dict[str, Any]]:
+    argv = [
+        *EVALQ,
+        "track",
+        "--tensorboard",
+        str(root / "tb"),
+        "--mlflow",
+        (root / "mlruns").as_uri(),
+        "--wandb",
+        str(root / "wb"),
+        "--json",
+        *args,
+    ]
+    code, out, err = await run_command(argv, track_env(settings), timeout=120)
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def tensorboard_points(root: Path, run: str = "r1") -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(root / "tb" / run))
+    acc.Reload()
+    return [(e.step, round(e.value, 6)) for e in acc.Scalars(TAG)]
+
+
+def mlflow_run(root: Path, run: str = "r1") -> tuple[Any, list[tuple[int, float]]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(root / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("evalq")
+    (found,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`evalq.run` = '{run}'")
+    points = [(m.step, round(m.value, 6)) for m in client.get_metric_history(found.info.run_id, TAG)]
+    return found, sorted(points)
+
+
+def wandb_points(root: Path) -> list[tuple[int, float]]:
+    from evalq.tracking import wandb_records
+
+    return sorted(
+        (row["train/global_step"], round(row[TAG], 6)) for _, rows in wandb_records(root / "wb") for row in rows
+    )
+
+
+async def test_track_logs_to_each_tracker_at_the_labelled_step(
+    settings: Settings, client: AsyncClient, worker_factory: Any, tmp_path: Path
+) -> None:
+    await worker_factory(evaluator=FAKE)
+    first = await complete(client, 20, 0.5)
+    second = await complete(client, 10, 0.25)  # evaluations may finish out of step order
+    unplaced = await complete(client, None, 0.75)
+
+    outcomes = await track(settings, tmp_path, "--max-jobs", "3")
+
+    assert [o["job_id"] for o in outcomes] == [first, second, unplaced]
+    assert outcomes[0]["trackers"] == {"tensorboard": "logged", "mlflow": "logged", "wandb": "logged"}
+    assert outcomes[2]["step"] is None and outcomes[2]["trackers"] == {}
+
+    assert sorted(tensorboard_points(tmp_path)) == [(10, 0.25), (20, 0.5)]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb" / "r1"))
+    acc.Reload()
+    tags = [json.loads(t.tensor_proto.string_val[0]) for t in acc.Tensors("evalq/job")]
+    assert {(t["job_id"], t["step"], t["team"]) for t in tags} == {(first, "20", "vision"), (second, "10", "vision")}
+
+    run, points = mlflow_run(tmp_path)
+    assert points == [(10, 0.25), (20, 0.5)]
+    assert run.data.tags["label.team"] == "vision"
+    assert json.loads(run.data.tags[f"evalq.job.{first}"]) == {
+        "step": 20,
+        "labels": {"run": "r1", "step": "20", "team": "vision"},
+    }
+
+    assert wandb_points(tmp_path) == [(10, 0.25), (20, 0.5)]
+    from evalq.tracking import wandb_records
+
+    jobs = {config["evalq_job_id"] for config, rows in wandb_records(tmp_path / "wb") if rows}
+    assert jobs == {first, second}
+
+
+async def test_track_restart_and_a_crash_before_the_ack_leave_no_gap_and_no_duplicate(
+    settings: Settings, client: AsyncClient, worker_factory: Any, topology: Topology, tmp_path: Path, nc: Any
+) -> None:
+    from evalq.tracking import MlflowTracker, TensorBoardTracker, WandbTracker, job_metrics
+
+    await worker_factory(evaluator=FAKE)
+    jobs = [await complete(client, step, step / 100) for step in (10, 20, 30)]
+
+    first = await track(settings, tmp_path, "--max-jobs", "2")
+    assert [o["job_id"] for o in first] == jobs[:2]
+
+    # The third job is logged by every tracker, then the process dies before its ack.
+    stored = await nc.jetstream().get_last_msg(topology.events_stream, topology.event_subject(jobs[2], "completed"))
+    event = decode_event(stored.data)
+    assert isinstance(event, Completed)
+    job = job_metrics(event)
+    assert job is not None
+    for tracker in (
+        TensorBoardTracker(tmp_path / "tb"),
+        MlflowTracker((tmp_path / "mlruns").as_uri()),
+        WandbTracker(tmp_path / "wb"),
+    ):
+        assert tracker.log(job)
+    # W&B: the crash came after its run file was written, before the job's record was.
+    done = tmp_path / "wb" / "evalq-jobs" / f"{jobs[2]}.done"
+    done.replace(done.with_suffix(".intent"))
+
+    # Jobs complete while the tracker is down.
+    jobs += [await complete(client, step, step / 100) for step in (40, 50)]
+
+    second = await track(settings, tmp_path, "--max-jobs", "3")
+    assert [o["job_id"] for o in second] == jobs[2:]
+    assert second[0]["trackers"] == {"tensorboard": "present", "mlflow": "present", "wandb": "present"}
+    assert all(set(o["trackers"].values()) == {"logged"} for o in second[1:])
+
+    expected = [(step, step / 100) for step in (10, 20, 30, 40, 50)]
+    assert sorted(tensorboard_points(tmp_path)) == expected
+    assert mlflow_run(tmp_path)[1] == expected
+    assert wandb_points(tmp_path) == expected
+
+
+async def test_track_without_a_tracker_library_says_which_extra(settings: Settings, tmp_path: Path) -> None:
+    script = (
+        "import sys; sys.modules['mlflow'] = None; from evalq.cli import main; "
+        f"sys.argv = ['evalq', 'track', '--mlflow', {str(tmp_path)!r}]; main()"
+    )
+    code, _, err = await run_command([sys.executable, "-c", script], settings_env(settings), timeout=60)
+    assert code == 2
+    assert "pip install 'evalq[mlflow]'" in err
+    assert "Traceback" not in err
+
+
+async def test_track_stops_on_sigterm(settings: Settings, topology: Topology, processes: Any, tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    proc = processes.start([*EVALQ, "track", "--tensorboard", str(tmp_path / "tb")], track_env(settings), "track")
+    deadline = time.monotonic() + 60
+    while "tracking completed jobs" not in proc.log_path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.log_path.read_text()
+        await asyncio.sleep(0.1)
+    os.kill(proc.pid, signal.SIGTERM)
+    started = time.monotonic()
+    while proc.poll() is None:
+        assert time.monotonic() - started < 10, "evalq track did not stop on SIGTERM"
+        await asyncio.sleep(0.1)
+    assert proc.returncode == 0, proc.log_path.read_text()
+
+
+async def test_track_without_a_queue_says_so_in_one_line(settings: Settings, tmp_path: Path) -> None:
+    argv = [*EVALQ, "track", "--tensorboard", str(tmp_path / "tb")]
+    code, _, err = await run_command(argv, track_env(settings), timeout=60)
+    assert code == 1 and f"the events stream {settings.queue.prefix.upper()}_EVENTS does not exist" in err
+    assert "Traceback" not in err
