@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import socket
@@ -39,6 +40,10 @@ JOB = {"model": "dummy", "tasks": ["evalq_demo"], "limit": 4}
 # model_args has a pretrained-like key; the dummy model ignores it, so both systems get it.
 TINY_JOB = {**JOB, "model_args": {"pretrained": "dummy"}}
 STAND_IN = str(REPO / "tests" / "fake_evaluator.sh")
+# The stand-in that honours a sharded job's steps; with FAKE_PIECE_SECONDS each piece is a
+# fixed sleep with no CPU, so the pieces' own work scales perfectly and what is measured is
+# the queue's: planning, handing pieces out, merging.
+SHARD_STAND_IN = f"{PY} {REPO / 'tests' / 'fake_evaluator.py'}"
 
 
 # What profiling showed and what was changed, from measurements made while building evalq on
@@ -244,13 +249,23 @@ class Bench:
         env = {**self.env, "EVALQ_NATS_URL": url, "EVALQ_PREFIX": prefix, "EVALQ_HOME": str(self.workdir / prefix)}
         return self.procs.start(f"gateway-{prefix}", [PY, "-m", "evalq", "gateway"], env)
 
-    def worker(self, url: str, prefix: str, stand_in: bool, warm: bool = True) -> subprocess.Popen[bytes]:
+    def worker(
+        self,
+        url: str,
+        prefix: str,
+        stand_in: bool,
+        warm: bool = True,
+        evaluator: str = STAND_IN,
+        extra: dict[str, str] | None = None,
+        name: str = "",
+    ) -> subprocess.Popen[bytes]:
         env = {**self.env, "EVALQ_NATS_URL": url, "EVALQ_PREFIX": prefix, "EVALQ_HOME": str(self.workdir / prefix)}
         env["EVALQ_ADVERTISE_INVENTORY"] = "false"
         env["EVALQ_WARM_EVALUATOR"] = "true" if warm else "false"
         if stand_in:
-            env["EVALQ_EVALUATOR"] = STAND_IN
-        return self.procs.start(f"worker-{prefix}", [PY, "-m", "evalq", "worker"], env)
+            env["EVALQ_EVALUATOR"] = evaluator
+        env.update(extra or {})
+        return self.procs.start(f"worker-{prefix}{name}", [PY, "-m", "evalq", "worker"], env)
 
     def anchor(self, hold: bool) -> tuple[subprocess.Popen[bytes], int]:
         from evalq.worker.taskpaths import build_include_dir
@@ -518,6 +533,84 @@ class Bench:
             lines.append(f"| `{function}` | {100 * seconds / sampled:.1f}% |")
         self.sections.append("\n".join(lines))
 
+    async def sharding(self) -> None:
+        """One job of 8 pieces, each a fixed sleep, on 1, 2 and 4 workers: how close to N times faster."""
+        pieces, piece_s = 8, 0.5 if self.quick else 4.0
+        counts = (1, 2, 4)
+        url = self.nats_server("nats-shard")
+        from evalq import AsyncClient
+        from evalq.config import Settings
+
+        runs: dict[int, tuple[float, Any]] = {}
+        for count in counts:
+            # A fresh prefix per worker count: its own streams, consumers and registry.
+            prefix = f"shard{count}"
+            gateway = self.gateway(url, prefix)
+            workers = [
+                self.worker(
+                    url,
+                    prefix,
+                    stand_in=True,
+                    warm=False,
+                    evaluator=SHARD_STAND_IN,
+                    extra={"FAKE_PIECE_SECONDS": str(piece_s)},
+                    name=f"-{index}",
+                )
+                for index in range(count)
+            ]
+            try:
+                async with AsyncClient(Settings.of(nats_url=[url], prefix=prefix)) as client:
+
+                    async def ready(client: AsyncClient = client, count: int = count) -> bool:
+                        try:
+                            return len((await client.health()).workers) >= count
+                        except Exception:
+                            return False
+
+                    await wait_until(ready, 120, f"{count} workers")
+                    start = time.perf_counter()
+                    info = await client.submit_and_wait(
+                        model="dummy",
+                        tasks=["fake"],
+                        limit=pieces * 10,
+                        shards=pieces,
+                        timeout=pieces * piece_s * 3 + 60,
+                    )
+                    runs[count] = (time.perf_counter() - start, info)
+            finally:
+                for proc in [*workers, gateway]:
+                    self.procs.stop(proc)
+        t1 = runs[1][0]
+        lines = [
+            f"## 7. Sharded job scaling (one job of {pieces} pieces, each a {piece_s:g} s sleep with no CPU)",
+            "",
+            "`python -m evalq worker` processes with the stand-in evaluator (`tests/fake_evaluator.py`, "
+            "`FAKE_PIECE_SECONDS`), a fresh queue prefix per worker count; wall time from `submit_and_wait`. "
+            "The breakdown comes from the job's record: plan is submit to the first piece's start, merge is the "
+            "last piece's end to the job's end, overhead is the wall time less the ideal "
+            f"(pieces/workers rounded up, times {piece_s:g} s).",
+            "",
+            "| workers | wall s | speedup t1/tN | efficiency t1/(N·tN) | plan s | pieces s | merge s | "
+            "mean piece s | overhead s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for count in counts:
+            wall, info = runs[count]
+            split = _shard_breakdown(info)
+            overhead = wall - math.ceil(pieces / count) * piece_s
+            lines.append(
+                f"| {count} | {wall:.2f} | {t1 / wall:.2f}x | {100 * t1 / (count * wall):.0f}% | {split['plan']:.2f} | "
+                f"{split['pieces']:.2f} | {split['merge']:.2f} | {split['piece']:.2f} | {overhead:.2f} |"
+            )
+        wall4 = runs[counts[-1]][0]
+        met = "met" if t1 / wall4 >= 3.4 else "not met"
+        lines += [
+            "",
+            f"Target: on 4 workers at most 1/3.4 of the one-worker time (85% efficiency): {met} "
+            f"({t1 / wall4:.2f}x, {100 * t1 / (4 * wall4):.0f}%).",
+        ]
+        self.sections.append("\n".join(lines))
+
     async def run(self, parts: list[str]) -> str:
         self._servers: list[Any] = []
         try:
@@ -538,6 +631,23 @@ class Bench:
         return "\n\n".join(header + self.sections + findings) + "\n"
 
 
+def _shard_breakdown(info: Any) -> dict[str, float]:
+    """Where a sharded job's time went, from the times its record holds (milliseconds)."""
+
+    def at(stamp: str) -> float:
+        return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+    created = at(info.created_at)
+    first = min(at(p.started_at) for p in info.pieces)
+    last = max(at(p.completed_at) for p in info.pieces)
+    return {
+        "plan": first - created,
+        "pieces": last - first,
+        "merge": at(info.completed_at) - last,
+        "piece": statistics.mean(p.seconds or 0.0 for p in info.pieces),
+    }
+
+
 async def _raw_ready(raw: RawSide) -> bool:
     try:
         await raw.nc.request("raw.submit", b"{}", timeout=1)
@@ -555,7 +665,9 @@ def workdir() -> Iterator[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check that the harness works")
-    parser.add_argument("--only", nargs="*", default=["submission", "depth", "per_job", "fan_out", "profile"])
+    parser.add_argument(
+        "--only", nargs="*", default=["submission", "depth", "per_job", "fan_out", "profile", "sharding"]
+    )
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     with workdir() as path:
