@@ -5,6 +5,8 @@
 #   3. num_gpus larger than the worker has is refused (422) once it advertised its GPUs
 #   4. the warm evaluator: jobs forked from the zygote use CUDA, the zygote never initialises it
 #   5. a sharded tiny-model job (shards=4) whose metrics equal the unsharded run's
+#   6. the resident model: the second tiny job reused the model, and when a job for another
+#      model comes, the resident process reports its CUDA memory released
 # Needs a CUDA machine with evalq[worker] importable. GPU_CHECK_DEVICE=cpu runs it without one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +47,29 @@ evalq submit --model huggingface --model-args "$ARGS" --device "$DEVICE" --tasks
 t2=$(now)
 $PY scripts/gpu_warm_check.py "$TINY" "$DEVICE" | tee "$EVALQ_HOME/warm.txt"
 
+# The resident model: was the second tiny job's model reused, and how much CUDA memory did the
+# evaluation process hold with it?
+reused_of() {
+  $PY -c 'import asyncio, sys
+from evalq import AsyncClient
+async def main():
+    async with AsyncClient() as client:
+        events = [e async for e in client.watch(sys.argv[1])]
+        s = next(e for e in events if type(e).__name__ == "Started")
+        print(s.model_reused, s.model_load_seconds)
+asyncio.run(main())' "$1"
+}
+R1=$(evalq submit --model huggingface --model-args "$ARGS" --device "$DEVICE" --tasks evalq_demo --limit 2 --json | \
+  $PY -c 'import json,sys; print(json.load(sys.stdin)["job_id"])')
+evalq watch "$R1" >/dev/null
+R2=$(evalq submit --model huggingface --model-args "$ARGS" --device "$DEVICE" --tasks evalq_demo --limit 2 --json | \
+  $PY -c 'import json,sys; print(json.load(sys.stdin)["job_id"])')
+evalq watch "$R2" >/dev/null
+REUSED="first: $(reused_of "$R1"); second: $(reused_of "$R2")"
+evalq submit --model dummy --tasks evalq_demo --limit 2 --wait >/dev/null  # another model: releases the tiny one
+LOADED=$(grep -h "evalq resident" "$EVALQ_HOME"/results/*/eval.log 2>/dev/null | tail -2 | tr '\n' ' ' || true)
+RELEASED=$(grep -h "released" "$EVALQ_HOME"/worker/*/resident.log 2>/dev/null | tail -1 || true)
+
 # Sharded against unsharded, the same request: every metric equal.
 metrics() { evalq status "$1" --json | $PY -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["result"]["metrics"], sort_keys=True))'; }
 job_of() { $PY -c 'import json,sys; print(json.load(sys.stdin)["job_id"])'; }
@@ -78,5 +103,8 @@ echo "the same job again:    $(elapsed "$t1" "$t1b") s (forked from the warm eva
 echo "num_gpus=1 job:        $(elapsed "$t1b" "$t2") s"
 echo "warm evaluator check:  $(tail -1 "$EVALQ_HOME/warm.txt")"
 echo "sharded (4 pieces) vs unsharded metrics: $SHARD_CHECK ($(elapsed "$t4" "$t5") s sharded, $(elapsed "$t3" "$t4") s unsharded, one worker)"
+echo "resident model (reused, load s): $REUSED"
+echo "resident process while loaded: $LOADED"
+echo "resident process on release:   $RELEASED"
 echo "num_gpus=$((GPUS + 1)) refused:  exit $CODE ($(grep -o '\$\.num_gpus' "$EVALQ_HOME/refused.txt" || echo 'no path'))"
 [ "$SHARD_CHECK" = "equal" ] || { echo "sharded metrics differ from the unsharded run" >&2; exit 1; }

@@ -14,14 +14,16 @@ from typing import Any
 
 import pytest
 
-from evalq import AsyncClient, JobCancelled, JobFailed
+from evalq import AsyncClient, JobCancelled, JobFailed, PoolPolicy
 from evalq.config import Settings
+from evalq.policy import store_policy
 from evalq.schemas import ShardStarted
 from evalq.topology import Topology
 
 from .conftest import Processes
 from .events import all_events, follow, kinds
 from .jobs import FAKE
+from .tiny_model import build_tiny_model
 
 BOTH = {"model": "dummy", "tasks": ["evalq_demo", "evalq_shard_demo"]}
 # What an unsharded run of BOTH gives (the first test checks it against a real one).
@@ -90,6 +92,32 @@ async def test_a_sharded_run_gives_the_unsharded_results_key_for_key(
     progress = [e.progress for e in events if e.__struct_config__.tag == "progress"]  # type: ignore[attr-defined]
     assert progress and progress[-1].total == 260, "progress counts documents across all pieces"
     assert all(a.done <= b.done for a, b in itertools.pairwise(progress))
+
+
+@pytest.mark.slow
+async def test_a_transformers_model_sharded_gives_the_unsharded_results(
+    client: AsyncClient, worker_factory: Any, tmp_path: Path, nc: Any, topology: Topology
+) -> None:
+    """A real forward pass: lmms-eval's huggingface model answers with GenerationResult
+    objects, which the pieces record and the merge replays."""
+    model_dir = build_tiny_model(tmp_path / "tiny")
+    await store_policy(nc, topology, "default", PoolPolicy(model_roots=[str(tmp_path)]), timeout=10)
+    await worker_factory()
+    job = {
+        "model": "huggingface",
+        "tasks": ["evalq_demo"],
+        "limit": 8,
+        "model_args": {"pretrained": str(model_dir), "trust_remote_code": True, "device_map": "cpu"},
+        "device": "cpu",
+    }
+    whole = await client.submit_and_wait(**job, timeout=300)
+    sharded = await client.submit_and_wait(**job, shards=3, timeout=300)
+    assert whole.status == sharded.status == "completed", (whole.error, sharded.error)
+    assert sharded.shards == 3 and whole.result is not None and sharded.result is not None
+    assert sharded.result.metrics == whole.result.metrics
+    whole_files = await client.results(whole.job_id, tmp_path / "whole")
+    sharded_files = await client.results(sharded.job_id, tmp_path / "sharded")
+    assert _samples(sharded_files, "evalq_demo") == _samples(whole_files, "evalq_demo")
 
 
 @pytest.mark.slow

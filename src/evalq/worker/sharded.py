@@ -19,6 +19,7 @@ Every state change goes through `lifecycle`, on the job's one record.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -392,14 +393,18 @@ async def _merge(worker: Worker, msg: Msg, info: JobInfo) -> None:
         await worker._conclude(msg, info.job_id, Failure(error=output))
         return
     responses = output / "responses"
+
+    async def download(index: int, name: str) -> None:
+        folder = responses / str(index)
+        folder.mkdir(parents=True, exist_ok=True)
+        get = functools.partial(worker.results.get, f"{info.job_id}/shards/{index}/{name}")
+        got = await outlast(get, "download a piece's responses", worker.settings.worker.outage_timeout)
+        (folder / name).write_bytes(got.data or b"")
+
     try:
-        for piece in info.pieces:
-            folder = responses / str(piece.index)
-            folder.mkdir(parents=True, exist_ok=True)
-            for name in _response_names(info, piece.index):
-                get = functools.partial(worker.results.get, f"{info.job_id}/shards/{piece.index}/{name}")
-                got = await outlast(get, "download a piece's responses", worker.settings.worker.outage_timeout)
-                (folder / name).write_bytes(got.data or b"")
+        await asyncio.gather(
+            *(download(piece.index, name) for piece in info.pieces for name in _response_names(info, piece.index))
+        )
     except Exception as exc:
         if (msg.metadata.num_delivered or 1) >= worker.settings.worker.max_attempts:
             await worker._conclude(msg, info.job_id, Failure(error=f"a piece's responses could not be read: {exc}"))

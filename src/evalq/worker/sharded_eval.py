@@ -65,10 +65,17 @@ def _key(reqtype: str, request: Any) -> Key:
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    """Responses are plain values (strings, numbers, tuples); anything that needs a class
-    beyond numpy's scalars is refused, so a planted file cannot run code."""
+    """Responses are plain values (strings, numbers, tuples, lmms-eval's `GenerationResult`);
+    any other class is refused, so a planted file cannot run code."""
 
-    _ALLOWED = {("numpy", "dtype"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+    _ALLOWED = {
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        # What lmms-eval's own models return from generate_until: plain dataclasses of data.
+        ("lmms_eval.api.instance", "GenerationResult"),
+        ("lmms_eval.api.instance", "TokenCounts"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
