@@ -448,6 +448,8 @@ def up(
     from .processes import run_up
 
     settings = _settings(ctx, task_paths=task_path or None, ui_port=ui_port, lmms_eval_api=lmms_eval_api)
+    if ui:
+        _check_exposure(settings)
     lacking = missing_modules("ui") if ui else []
     if lacking:
         errors.print(
@@ -464,6 +466,16 @@ def up(
             web=ui and not lacking,
         )
     )
+
+
+def _check_exposure(settings: Settings) -> None:
+    """A web process off loopback without a token is a usage error: exit 2 before anything starts."""
+    from .web import check_exposure
+
+    try:
+        check_exposure(settings.ui)
+    except EvalqError as exc:
+        raise _fail(str(exc), 2) from None
 
 
 @app.command("ui")
@@ -497,6 +509,7 @@ def ui_command(
 
     # `--token` at the top level is NATS's; this one is the web process's own.
     settings = _settings(ctx, ui_host=host, ui_port=port, ui_token=ui_token, lmms_eval_api=lmms_eval_api)
+    _check_exposure(settings)
     api = " (lmms-eval API on)" if settings.ui.lmms_eval_api else ""
     _run(
         run_ui(settings, ready=lambda url: errors.print(_shown(f"evalq ui: {url}{api}; Ctrl-C stops"), soft_wrap=True))
