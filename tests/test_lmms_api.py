@@ -24,6 +24,11 @@ import httpx
 import pytest
 from lmms_eval.entrypoints.client import AsyncEvalClient, EvalClient
 
+from evalq.config import UiSettings
+from evalq.errors import ConfigError
+from evalq.lmms_api import body_location
+from evalq.web import check_exposure, is_loopback
+
 from .conftest import EVALQ, REPO, Processes, run_command
 from .test_embedded import free_port
 
@@ -219,3 +224,40 @@ async def test_api_and_cli_see_the_same_jobs(up: Up) -> None:
         assert seen["job_id"] == through_cli and seen["request"]["model"] == "dummy"
         done = await client.wait_for_job(through_cli, poll_interval=0.2, timeout=240, verbose=False)
         assert done["status"] == "completed" and "evalq_demo" in done["result"]["metrics"]
+
+
+@pytest.mark.parametrize(
+    ("path", "message", "loc"),
+    [
+        ("$.tasks[0]", "Expected `str`, got `int`", ["body", "tasks", 0]),
+        ("$.labels.run", "Expected a label with no control character", ["body", "labels", "run"]),
+        ("$", "Object missing required field `tasks`", ["body", "tasks"]),
+        ("$", "Object contains unknown field `modle`", ["body", "modle"]),
+        (None, "bad", ["body"]),
+    ],
+)
+def test_json_paths_become_fastapi_locations(path: str | None, message: str, loc: list[Any]) -> None:
+    assert body_location(path, message) == loc
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.0.1", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.5", False),
+        ("evalq.example", False),
+    ],
+)
+def test_only_loopback_needs_no_token(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+    if loopback:
+        check_exposure(UiSettings(ui_host=host))
+    else:
+        with pytest.raises(ConfigError, match="token"):
+            check_exposure(UiSettings(ui_host=host))
+        check_exposure(UiSettings(ui_host=host, ui_token="t"))
