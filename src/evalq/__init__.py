@@ -23,7 +23,7 @@ from .errors import (
     WrongState,
 )
 from .policy import PoolPolicy
-from .publisher import AsyncClient, Client
+from .publisher import Artifact, AsyncClient, Client
 from .schemas import (
     CancelReply,
     EvaluateRequest,
@@ -43,6 +43,7 @@ from .schemas import (
 from .topology import Topology
 
 __all__ = [
+    "Artifact",
     "AsyncClient",
     "BadRequest",
     "CancelReply",

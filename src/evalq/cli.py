@@ -441,21 +441,90 @@ def up(
     ctx: typer.Context,
     port: Annotated[int, typer.Option(help="Port for the embedded nats-server on 127.0.0.1.")] = 4222,
     task_path: Annotated[Optional[list[str]], typer.Option(help="An extra lmms-eval task folder (repeatable).")] = None,
+    ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Run the web process too (see `evalq ui`).")] = True,
+    ui_port: Annotated[
+        Optional[int], typer.Option(help="The web process's port (a free one if it is in use) [env EVALQ_UI_PORT].")
+    ] = None,
+    lmms_eval_api: Annotated[
+        bool,
+        typer.Option("--lmms-eval-api/--no-lmms-eval-api", help="Serve lmms-eval's server API from the web process."),
+    ] = True,
 ) -> None:
-    """Run everything for one machine in one process: nats-server, a gateway and a worker.
+    """Run everything for one machine in one process: nats-server, a gateway, a worker and the web process.
 
-    Example: `evalq up` then, in another shell, `evalq submit --model dummy --tasks evalq_demo --wait`
+    Example: `evalq up` then, in another shell, `evalq submit --model dummy --tasks evalq_demo --wait`,
+    or `EvalClient("http://127.0.0.1:8642").evaluate(model="dummy", tasks=["evalq_demo"])`
     """
     _need_extras("up")
+    from .extras import install_command, missing_modules
     from .processes import run_up
 
-    settings = _settings(ctx, task_paths=task_path or None)
+    settings = _settings(ctx, task_paths=task_path or None, ui_port=ui_port, lmms_eval_api=lmms_eval_api)
+    if ui:
+        _check_exposure(settings)
+    lacking = missing_modules("ui") if ui else []
+    if lacking:
+        errors.print(
+            _shown(f"evalq up: no web process: it needs {' and '.join(lacking)}: {install_command('ui')}"),
+            soft_wrap=True,
+        )
+    api = " (lmms-eval API on)" if settings.ui.lmms_eval_api else ""
     _run(
         run_up(
             settings,
             port=port,
             ready=lambda url: errors.print(_shown(f"evalq up: {url} (gateway + worker); Ctrl-C stops")),
+            web_ready=lambda url: errors.print(_shown(f"evalq ui: {url}{api}"), soft_wrap=True),
+            web=ui and not lacking,
         )
+    )
+
+
+def _check_exposure(settings: Settings) -> None:
+    """A web process off loopback without a token is a usage error: exit 2 before anything starts."""
+    from .web import check_exposure
+
+    try:
+        check_exposure(settings.ui)
+    except EvalqError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+@app.command("ui")
+def ui_command(
+    ctx: typer.Context,
+    host: Annotated[
+        Optional[str], typer.Option(help="Address to bind; off loopback a token is required [env EVALQ_UI_HOST].")
+    ] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8642) [env EVALQ_UI_PORT].")] = None,
+    ui_token: Annotated[
+        Optional[str],
+        typer.Option(
+            "--token",
+            help="Require this token (Bearer, or Basic's password: http://user:TOKEN@host:port) [env EVALQ_UI_TOKEN].",
+        ),
+    ] = None,
+    lmms_eval_api: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--lmms-eval-api/--no-lmms-eval-api",
+            help="Serve lmms-eval's server API, which submits and cancels [env EVALQ_LMMS_EVAL_API].",
+        ),
+    ] = None,
+) -> None:
+    """Run the web process: lmms-eval's server API over this queue (with --lmms-eval-api); read-only otherwise.
+
+    Example: `evalq --nats-url nats://10.0.0.5:4222 ui --host 0.0.0.0 --token $TOKEN --lmms-eval-api`
+    """
+    _need_extras("ui")
+    from .processes import run_ui
+
+    # `--token` at the top level is NATS's; this one is the web process's own.
+    settings = _settings(ctx, ui_host=host, ui_port=port, ui_token=ui_token, lmms_eval_api=lmms_eval_api)
+    _check_exposure(settings)
+    api = " (lmms-eval API on)" if settings.ui.lmms_eval_api else ""
+    _run(
+        run_ui(settings, ready=lambda url: errors.print(_shown(f"evalq ui: {url}{api}; Ctrl-C stops"), soft_wrap=True))
     )
 
 

@@ -7,6 +7,7 @@
     ├── queue        QueueSettings       the shared JetStream objects (see `Topology`)
     ├── gateway      GatewaySettings     the `evalq gateway` service
     ├── worker       WorkerSettings      the `evalq worker` service
+    ├── ui           UiSettings          the web process (`evalq ui`, and `evalq up`'s)
     ├── home                             this machine's evalq folder
     └── handle_signals                   SIGTERM/SIGINT stop the service (off when embedded)
 
@@ -41,6 +42,7 @@ __all__ = [
     "GatewaySettings",
     "QueueSettings",
     "Settings",
+    "UiSettings",
     "WorkerSettings",
     "load_settings",
     "settings_table",
@@ -139,11 +141,28 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     ] = None
 
 
+class UiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    ui_host: Annotated[str, _doc("address the web process binds; anything but loopback requires `ui_token`")] = (
+        "127.0.0.1"
+    )
+    ui_port: Annotated[
+        int, Meta(ge=0, le=65535, description="the web process's port (0: any free one; `evalq up` falls back to one)")
+    ] = 8642
+    ui_token: Annotated[
+        str | None,
+        _doc("token the web process requires (HTTP Bearer, or Basic with it as password); required off loopback"),
+    ] = None
+    lmms_eval_api: Annotated[
+        bool, _doc("serve lmms-eval's server API (`/evaluate`, `/jobs/...`); `evalq up` turns it on")
+    ] = False
+
+
 _ROLES: dict[str, type[msgspec.Struct]] = {
     "connection": ConnectionSettings,
     "queue": QueueSettings,
     "gateway": GatewaySettings,
     "worker": WorkerSettings,
+    "ui": UiSettings,
 }
 _PROCESS_FIELDS = ("home", "handle_signals")
 # field name -> its role ("" for the process-wide fields)
@@ -163,6 +182,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     queue: QueueSettings = msgspec.field(default_factory=QueueSettings)
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
+    ui: UiSettings = msgspec.field(default_factory=UiSettings)
     home: Annotated[str, _doc("this machine's evalq folder: embedded server store, worker results")] = (
         "~/.local/share/evalq"
     )

@@ -13,12 +13,13 @@ from importlib.util import find_spec
 from .embedded import find_nats_server
 from .errors import ServerNotFound
 
-__all__ = ["EXTRAS", "install_command", "missing_for"]
+__all__ = ["EXTRAS", "install_command", "missing_for", "missing_modules"]
 
 # extra -> the modules it brings that a command imports (or runs as `python -m`).
 EXTRAS: dict[str, tuple[str, ...]] = {
     "server": (),  # the nats-server binary, looked for beside Python or on PATH
     "worker": ("lmms_eval", "torch"),
+    "ui": ("starlette", "uvicorn"),
 }
 
 # command -> the extras it needs; `worker` includes `server`, so `up` names only `worker`.
@@ -26,6 +27,7 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "server": ("server",),
     "worker": ("worker",),
     "up": ("worker", "server"),
+    "ui": ("ui",),
 }
 
 
@@ -48,12 +50,18 @@ def _server_missing() -> bool:
     return False
 
 
+def missing_modules(extra: str) -> list[str]:
+    return [m for m in EXTRAS[extra] if _module_missing(m)]
+
+
 def missing_for(command: str) -> str | None:
     """One line naming what `evalq <command>` lacks and how to install it; None when nothing is missing."""
     for extra in _NEEDS.get(command, ()):
         modules = [m for m in EXTRAS[extra] if _module_missing(m)]
         if modules:
-            what = "a worker" if command == "worker" else f"`evalq {command}` runs a worker, which"
+            what = {"worker": "a worker", "ui": "the web process"}.get(
+                command, f"`evalq {command}` runs a worker, which"
+            )
             return f"{what} needs {' and '.join(modules)}, not installed here: {install_command(extra)}"
         if extra == "server" and _server_missing():
             return (

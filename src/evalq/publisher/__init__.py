@@ -1,6 +1,6 @@
 """The Python SDK: `AsyncClient` and the blocking `Client`."""
 
-from .client import AsyncClient
+from .client import Artifact, AsyncClient
 from .sync import Client
 
-__all__ = ["AsyncClient", "Client"]
+__all__ = ["Artifact", "AsyncClient", "Client"]

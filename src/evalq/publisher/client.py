@@ -56,7 +56,7 @@ from ..schemas import (
 )
 from ..topology import Topology
 
-__all__ = ["AsyncClient"]
+__all__ = ["Artifact", "AsyncClient"]
 
 T = TypeVar("T")
 _SERVICE_CODE = "Nats-Service-Error-Code"
@@ -382,6 +382,21 @@ class AsyncClient:
             await self.get_job(job_id)
         return sorted(written)
 
+    async def artifact(self, job_id: str, name: str) -> Artifact | None:
+        """Open one artifact of the job to stream it; None when the store has no such object.
+
+        `name` is relative to the job's folder (`results.json`, `samples/x.jsonl`); one that
+        would leave it (absolute, or with `..`) is refused as absent.
+        """
+        relative = PurePosixPath(name)
+        if relative.is_absolute() or not relative.parts or ".." in relative.parts or name != str(relative):
+            return None
+        full = f"{job_id}/{relative}"
+        bucket = self.topology.results_bucket
+        with self._errors(f"the results bucket {bucket}"):
+            info = await _object_info(self._js(), bucket, full)
+        return None if info is None else Artifact(self, full, info)
+
 
 # JetStream's error code for "no such message" (any other 404 is a missing stream).
 _NO_MESSAGE = 10037
@@ -408,26 +423,61 @@ async def _last_stored(js: JetStreamContext, stream: str, subject: str) -> RawSt
 
 async def _read_object(js: JetStreamContext, bucket: str, name: str) -> bytes | None:
     """An object of the store, read chunk by chunk with no consumer; None if it is absent or deleted."""
-    stream = f"OBJ_{bucket}"
-    meta = await _last_stored(js, stream, f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}")
+    info = await _object_info(js, bucket, name)
+    if info is None:
+        return None
+    data = bytearray()
+    async for chunk in _object_chunks(js, bucket, name, info):
+        data += chunk
+    return bytes(data)
+
+
+async def _object_info(js: JetStreamContext, bucket: str, name: str) -> ObjectInfo | None:
+    meta = await _last_stored(js, f"OBJ_{bucket}", f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}")
     if meta is None or not meta.data:
         return None
-    info = ObjectInfo.from_response(json.loads(meta.data))
+    info: ObjectInfo = ObjectInfo.from_response(json.loads(meta.data))
     if info.deleted or not info.nuid:
         return None
+    return info
+
+
+async def _object_chunks(js: JetStreamContext, bucket: str, name: str, info: ObjectInfo) -> AsyncIterator[bytes]:
+    """The object's chunks in order, read by sequence; the size and digest are checked at the end,
+    so a reader that streams them on learns of a torn read by the error, after the last chunk."""
+    stream = f"OBJ_{bucket}"
     chunks = f"$O.{bucket}.C.{info.nuid}"
-    data = bytearray()
+    digest = hashlib.sha256()
+    size = 0
     seq = 0
     for _ in range(info.chunks or 0):
         chunk = await _next_stored(js, stream, chunks, seq)
         if chunk is None:
             break
         seq = chunk.seq or seq + 1
-        data += chunk.data or b""
-    digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
-    if len(data) != (info.size or 0) or (info.digest and info.digest.upper() != digest.upper()):
+        data = chunk.data or b""
+        digest.update(data)
+        size += len(data)
+        yield data
+    expected = "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode()
+    if size != (info.size or 0) or (info.digest and info.digest.upper() != expected.upper()):
         raise EvalqError(f"{name} in {bucket} is incomplete or changed while it was read: download it again")
-    return bytes(data)
+
+
+class Artifact:
+    """One artifact of a job, opened: its name and size, and its bytes as they are read (`chunks()`)."""
+
+    def __init__(self, client: AsyncClient, name: str, info: ObjectInfo) -> None:
+        self.name = name
+        self.size = info.size or 0
+        self._client = client
+        self._info = info
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        bucket = self._client.topology.results_bucket
+        with self._client._errors(f"the results bucket {bucket}"):
+            async for chunk in _object_chunks(self._client._js(), bucket, self.name, self._info):
+                yield chunk
 
 
 class _Doorbell:
