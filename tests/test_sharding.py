@@ -118,6 +118,9 @@ async def test_a_transformers_model_sharded_gives_the_unsharded_results(
     whole_files = await client.results(whole.job_id, tmp_path / "whole")
     sharded_files = await client.results(sharded.job_id, tmp_path / "sharded")
     assert _samples(sharded_files, "evalq_demo") == _samples(whole_files, "evalq_demo")
+    # The pieces ran on the worker's resident model, loaded by the unsharded job before them.
+    piece_logs = [p.read_text(errors="replace") for p in sharded_files if p.parent.parent.name == "shards"]
+    assert len(piece_logs) == 3 and all("[evalq resident] model reused" in text for text in piece_logs)
 
 
 @pytest.mark.slow

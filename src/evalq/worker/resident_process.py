@@ -92,12 +92,14 @@ def _keeping(kept: _Kept, control: socket.socket) -> Iterator[None]:
 
 
 def _run(module: str, argv: list[str]) -> int:
-    if module == "evalq.worker.sharded_eval":
-        from .sharded_eval import main as sharded_main
-
-        return sharded_main(argv)
-    sys.argv = [module, *argv]
+    """Run the module as `python -m` would; lmms-eval ends with `sys.exit`, which ends the
+    job here, not the process."""
     try:
+        if module == "evalq.worker.sharded_eval":
+            from .sharded_eval import main as sharded_main
+
+            return sharded_main(argv)
+        sys.argv = [module, *argv]
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as done:
         if done.code is None:
