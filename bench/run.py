@@ -629,8 +629,13 @@ class Bench:
             "model": "huggingface",
             "tasks": ["evalq_demo"],
             "limit": 1,
-            "model_args": {"pretrained": str(model_dir), "trust_remote_code": True, "device_map": "cpu"},
-            "device": "cpu",
+            # The device goes in model_args: lmms-eval's server passes no `device` flag.
+            "model_args": {
+                "pretrained": str(model_dir),
+                "trust_remote_code": True,
+                "device_map": "cpu",
+                "device": "cpu",
+            },
         }
         url = self.nats_server("nats-resident")
         self.gateway(url, "res")
