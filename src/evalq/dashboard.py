@@ -242,15 +242,19 @@ async def history(client: AsyncClient, **filters: Any) -> AsyncIterator[JobInfo]
         async for info in iter_jobs(**filters):
             yield info
         return
-    # Until the gateway lists jobs: every record of the jobs bucket, filtered here.
+    # Until the gateway lists jobs: the jobs bucket's last values, streamed by one ordered
+    # consumer, filtered here.
     kv = await client.nc.jetstream().key_value(client.topology.jobs_bucket)
-    with contextlib.suppress(Exception):
-        for key in await kv.keys():
-            entry = await kv.get(key)
+    labels = filters.get("labels") or {}
+    watcher = await kv.watchall(ignore_deletes=True)
+    try:
+        while (entry := await watcher.updates(timeout=client.timeout)) is not None:  # type: ignore[no-untyped-call]
             if not entry.value:
                 continue
-            info = msgspec.json.decode(entry.value, type=JobInfo)
-            labels = filters.get("labels") or {}
+            try:
+                info = msgspec.json.decode(entry.value, type=JobInfo)
+            except msgspec.DecodeError:
+                continue
             if filters.get("status") and info.status != filters["status"]:
                 continue
             if filters.get("pool") and info.pool != filters["pool"]:
@@ -258,6 +262,8 @@ async def history(client: AsyncClient, **filters: Any) -> AsyncIterator[JobInfo]
             if any(info.labels.get(k) != v for k, v in labels.items()):
                 continue
             yield info
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 # --- routes -------------------------------------------------------------------------------------

@@ -99,6 +99,8 @@ function failure(error) {
 // snapshot when told it fell behind.
 function live(url, handlers) {
   const badge = document.getElementById("live");
+  badge.hidden = false;
+  badge.textContent = "connecting";
   const source = new EventSource(url);
   source.addEventListener("open", () => {
     badge.textContent = "live";
@@ -242,12 +244,19 @@ async function queuePage() {
     } catch (error) { /* gone meanwhile: the terminal event removes it */ }
   }
 
+  // Workers' entries come pushed from their bucket; where the web process may not follow it,
+  // the snapshot is taken again after a job starts or ends (at most once a second).
+  let reload = null;
+  function stale() {
+    if (Date.now() - (state.workerFeed || 0) < 10000 || reload) return;
+    reload = setTimeout(() => { reload = null; load(); }, 1000);
+  }
   await load();
   // Heartbeat ages move with the clock; only the text changes, nothing is fetched.
   setInterval(() => document.querySelectorAll("td.heartbeat").forEach((td) => { td.textContent = ago(td.getAttribute("data-time")); }), 1000);
   live("/api/stream", {
     behind: () => load(),
-    worker: (w) => { state.workers.set(w.worker_id, w); render(); },
+    worker: (w) => { state.workerFeed = Date.now(); state.workers.set(w.worker_id, w); render(); },
     worker_gone: (w) => { state.workers.delete(w.worker_id); render(); },
     job: (event) => {
       const id = event.job_id;
@@ -262,6 +271,7 @@ async function queuePage() {
           state.queued.delete(id);
           state.running.set(id, { job_id: id, pool: known.pool, labels: event.labels, worker: event.worker, shards: 1, status: "running" });
           refreshJob(id);
+          stale();
           break;
         }
         case "progress": {
@@ -278,6 +288,7 @@ async function queuePage() {
         case "completed":
         case "failed":
         case "cancelled":
+          stale();
           state.queued.delete(id);
           state.running.delete(id);
           state.counts[event.type] = (state.counts[event.type] || 0) + 1;
@@ -474,6 +485,9 @@ async function jobPage(given) {
       }
       parts.timeline.appendChild(el("li", { "data-type": event.type }, el("span", { class: "t" }, clock(event.time)), el("b", {}, event.type), " ", describe(event)));
       parts.timeline.scrollTop = parts.timeline.scrollHeight;
+      if (event.type === "completed") {
+        for (const [phase, p] of phases) phases.set(phase, Object.assign({}, p, { done: p.total, percent: 100 }));
+      }
       if (event.type !== "progress") {
         refresh().then(() => {
           if (["completed", "failed", "cancelled"].includes(event.type)) { loadLog(); loadSamples(); }
@@ -568,6 +582,16 @@ async function trendsPage() {
     replace(chart, lineChart(series, choice.x, choice.metrics.join(", ")));
   }
   draw();
+  // A job that completes while the page is open joins the chart.
+  live("/api/stream", {
+    job: async (event) => {
+      if (event.type !== "completed" || filter.some((f) => { const [k, ...v] = f.split("="); return event.labels[k] !== v.join("="); })) return;
+      try {
+        const [job] = (await api("/api/compare?jobs=" + encodeURIComponent(event.job_id))).jobs;
+        if (!jobs.some((j) => j.job_id === job.job_id)) { jobs.push(job); draw(); }
+      } catch (error) { /* the chart stays as it was */ }
+    },
+  });
 }
 
 function ticks(low, high, count) {
