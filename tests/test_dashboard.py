@@ -203,3 +203,25 @@ async def test_compare_page_shows_deltas(
     assert await row.all_text_contents() == [f"{TASK}/exact_match", "0.5000", "0.7500", "+0.2500", "0.2500", "-0.2500"]
     assert await page.locator("#compare-table th a.jobid").all_text_contents() == [first[:8], second[:8], third[:8]]
     await page.screenshot(path=str(artifacts_dir(tmp_path) / "compare.png"), full_page=True)
+
+
+async def test_read_only_unless_cancel_is_allowed(settings: Settings, client: AsyncClient) -> None:
+    """No browser needed: the routes themselves (skipped with the others where chromium is absent)."""
+    import httpx
+
+    accepted = await client.submit(model="dummy", tasks=[TASK])
+    cancel = f"/api/jobs/{accepted.job_id}/cancel"
+    async with WebServer(settings.with_(ui_port=0), client) as server, httpx.AsyncClient(base_url=server.url) as http:
+        page = await http.get(f"/jobs/{accepted.job_id}", headers={"Accept": "text/html"})
+        assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+        assert (await http.get("/")).json()["service"] == "evalq"  # a script still gets the JSON index
+        assert (await http.post(cancel, headers={"X-Evalq-Ui": "1"})).status_code in (404, 405)
+        assert (await http.get("/api/jobs/not-hex!")).status_code == 404
+    allowed = settings.with_(ui_port=0, ui_allow_cancel=True)
+    async with WebServer(allowed, client) as server, httpx.AsyncClient(base_url=server.url) as http:
+        assert (await http.get(f"/api/jobs/{accepted.job_id}")).json()["allow_cancel"] is True
+        # A cross-site form cannot add the header: refused.
+        assert (await http.post(cancel)).status_code == 403
+        assert (await client.get_job(accepted.job_id)).status == "queued"
+        reply = await http.post(cancel, headers={"X-Evalq-Ui": "1"})
+        assert reply.status_code == 200 and reply.json()["status"] == "cancelled"
