@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install test test-fast chaos bench bench-smoke client-check lint format typecheck docs demo clean
+.PHONY: install browser test test-fast chaos bench bench-smoke client-check lint format typecheck docs demo clean
 
 install: $(STAMP)
 
@@ -15,6 +15,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[worker,dev]'
 	touch $(STAMP)
+
+# Debian's chromium, which the dashboard's browser tests drive with Playwright (never a
+# browser Playwright downloads). Quick when it is there already; installing it needs root.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+	@chromium --version 2>/dev/null
 
 test: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest

@@ -6,7 +6,9 @@ progress and writes a valid `*_results.json`. FAKE_EVAL_MODE picks a behaviour:
 lmms-eval does), `poison` (kills the worker that started it),
 `big` (also writes a 40 MB samples file), `hostile` (fails like `fail`, its progress
 phase and last lines full of terminal escapes, control characters and rich markup).
-A `score=X` in `--model_args` makes X the metric's value (default 0.6).
+A `score=X` in `--model_args` makes X the metric's value (default 0.6), `stderr=Y` adds its
+`exact_match_stderr`, and `samples=N` writes N samples per task as lmms-eval logs them
+(`<date>_samples_<task>.jsonl`; the first carries an inline image).
 
 The steps of a sharded job (`--evalq_shard=plan|record|replay`) are honoured too: `plan`
 counts `--limit` documents per task, `record` runs as above (or sleeps FAKE_PIECE_SECONDS,
@@ -27,6 +29,11 @@ from pathlib import Path
 # What a job's output may hold, and a terminal must never be handed as it is: an OSC title
 # (survives the CSI stripping of the log tail), a BEL, a NUL, a C1 CSI, a full reset, and
 # text that rich would read as markup.
+# A 1x1 PNG, as lmms-eval logs an image of a document inline.
+TINY_PNG = (
+    "data:image/png;base64,"
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
 HOSTILE = "\x1b]0;pwned\x07 [bold red]not markup[/bold red] \x00 \x9b2J \x1bc end"
 
 
@@ -41,11 +48,26 @@ def write_results(output: Path, tasks: list[str]) -> None:
     output.mkdir(parents=True, exist_ok=True)
     model_args = dict(item.partition("=")[::2] for item in arg("model_args").split(",") if "=" in item)
     score = float(model_args.get("score", "0.6"))
-    results = {
-        "results": {task: {"alias": task, "exact_match,none": score} for task in tasks},
-        "lmms_eval_version": "fake",
-    }
+    row: dict[str, object] = {"exact_match,none": score}
+    if "stderr" in model_args:
+        row["exact_match_stderr,none"] = float(model_args["stderr"])
+    results = {"results": {task: {"alias": task, **row} for task in tasks}, "lmms_eval_version": "fake"}
     (output / "19700101_000000_results.json").write_text(json.dumps(results))
+    for task in tasks:
+        lines = []
+        for doc_id in range(int(model_args.get("samples", "0"))):
+            sample: dict[str, object] = {
+                "doc_id": doc_id,
+                "target": f"answer {doc_id}",
+                "filtered_resps": [f"output {doc_id}"],
+                "input": f"question {doc_id}",
+                "exact_match": float(doc_id % 2),
+            }
+            if doc_id == 0:
+                sample["input_media"] = [TINY_PNG]
+            lines.append(json.dumps(sample) + "\n")
+        if lines:
+            (output / f"19700101_000000_samples_{task}.jsonl").write_text("".join(lines))
 
 
 def main() -> None:

@@ -511,8 +511,16 @@ def ui_command(
             help="Serve lmms-eval's server API, which submits and cancels [env EVALQ_LMMS_EVAL_API].",
         ),
     ] = None,
+    allow_cancel: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--allow-cancel/--no-allow-cancel",
+            help="Show a cancel button on the dashboard's job pages [env EVALQ_UI_ALLOW_CANCEL].",
+        ),
+    ] = None,
 ) -> None:
-    """Run the web process: lmms-eval's server API over this queue (with --lmms-eval-api); read-only otherwise.
+    """Run the web process: the dashboard (queue, jobs, trends, compare), and lmms-eval's server API with
+    --lmms-eval-api; read-only unless --lmms-eval-api or --allow-cancel.
 
     Example: `evalq --nats-url nats://10.0.0.5:4222 ui --host 0.0.0.0 --token $TOKEN --lmms-eval-api`
     """
@@ -520,7 +528,9 @@ def ui_command(
     from .processes import run_ui
 
     # `--token` at the top level is NATS's; this one is the web process's own.
-    settings = _settings(ctx, ui_host=host, ui_port=port, ui_token=ui_token, lmms_eval_api=lmms_eval_api)
+    settings = _settings(
+        ctx, ui_host=host, ui_port=port, ui_token=ui_token, lmms_eval_api=lmms_eval_api, ui_allow_cancel=allow_cancel
+    )
     _check_exposure(settings)
     api = " (lmms-eval API on)" if settings.ui.lmms_eval_api else ""
     _run(

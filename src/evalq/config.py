@@ -155,6 +155,9 @@ class UiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     lmms_eval_api: Annotated[
         bool, _doc("serve lmms-eval's server API (`/evaluate`, `/jobs/...`); `evalq up` turns it on")
     ] = False
+    ui_allow_cancel: Annotated[
+        bool, _doc("show a cancel button on the dashboard's job pages (read-only otherwise)")
+    ] = False
 
 
 _ROLES: dict[str, type[msgspec.Struct]] = {

@@ -1,7 +1,7 @@
 """The web process: one HTTP server (`evalq ui`, or inside `evalq up`) for what evalq serves over HTTP.
 
-Today it serves lmms-eval's server API (`lmms_api.py`) when `lmms_eval_api` is on; the
-dashboard's pages are meant to be added as more routes of the same app (`create_app`).
+It serves the dashboard (`dashboard.py`: pages, their JSON and one server-sent-events feed),
+and lmms-eval's server API (`lmms_api.py`) when `lmms_eval_api` is on.
 It holds no job state: every answer comes from the gateway and the object store over NATS,
 through one `AsyncClient`, so any number of web processes can run behind a load balancer.
 
@@ -11,7 +11,8 @@ refuses to start. A configured token is required on loopback too. The token is a
 HTTP Bearer, or as the password of HTTP Basic (any user name), so
 `http://user:TOKEN@host:8642` works with any client that sends URL credentials (httpx does).
 Read-only by default: the only routes that change anything (submit and cancel) are the
-lmms-eval API's, served only when it is turned on.
+lmms-eval API's, served only when it is turned on, and the dashboard's cancel, served only
+with `ui_allow_cancel`.
 """
 
 from __future__ import annotations
@@ -109,7 +110,10 @@ def create_app(client: AsyncClient, ui: UiSettings) -> Starlette:
     async def index(request: Request) -> JSONResponse:
         return JSONResponse({"service": "evalq", "version": __version__, "lmms_eval_api": ui.lmms_eval_api})
 
-    routes: list[BaseRoute] = [Route("/", index, methods=["GET"])]
+    from .dashboard import dashboard_routes
+
+    # The dashboard's pages first: a browser asking `/` or `/jobs/<id>` gets a page, a script the JSON behind.
+    routes: list[BaseRoute] = [*dashboard_routes(client, ui), Route("/", index, methods=["GET"])]
     if ui.lmms_eval_api:
         from .lmms_api import lmms_eval_routes
 
@@ -176,7 +180,15 @@ class WebServer:
         host, port = self._socket.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", server_header=False)
+        # The dashboard's event streams never end on their own: a stop waits that long for them.
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+            timeout_graceful_shutdown=2,
+        )
         self._server = _quiet_server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
         while not self._server.started:

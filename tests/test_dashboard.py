@@ -1,0 +1,227 @@
+"""The dashboard in a real browser: Debian's chromium (`make browser`) driven by Playwright.
+
+Each test runs a gateway, the web process and, where jobs must end, a worker with the
+stand-in evaluator, all on this test's own prefix, and a headless chromium against the web
+process's loopback port. A screenshot of each page is kept under `$EVALQ_ARTIFACTS` (or the
+test's tmp folder).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evalq import AsyncClient
+from evalq.config import Settings
+from evalq.web import WebServer
+
+from .jobs import FAKE
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+try:
+    from playwright.async_api import Browser, Page, async_playwright
+except ImportError:  # pragma: no cover - the dev extra installs it
+    async_playwright = None  # type: ignore[assignment]
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or async_playwright is None,
+    reason="needs Debian's chromium (`make browser` installs it) and playwright (the dev extra)",
+)
+
+TASK = "fake"
+XSS = "<img src=x onerror=alert(1)>"
+
+
+def artifacts_dir(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("EVALQ_ARTIFACTS") or tmp_path) / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+async def web(settings: Settings, client: AsyncClient) -> AsyncIterator[str]:
+    async with WebServer(settings.with_(ui_port=0), client) as server:
+        yield server.url
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+async def open_page(browser: Browser, url: str, dialogs: list[str] | None = None) -> Page:
+    page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+    if dialogs is not None:
+
+        async def on_dialog(dialog: Any) -> None:
+            dialogs.append(dialog.message)
+            await dialog.dismiss()
+
+        page.on("dialog", on_dialog)
+    await page.goto(url)
+    await page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+    return page
+
+
+async def completed_jobs(client: AsyncClient, worker_factory: Any, jobs: list[dict[str, Any]]) -> list[str]:
+    await worker_factory(evaluator=FAKE)
+    ids = [(await client.submit(model="dummy", tasks=[TASK], limit=2, **fields)).job_id for fields in jobs]
+    for job_id in ids:
+        await client.wait_for_job(job_id, timeout=60)
+    return ids
+
+
+async def test_queue_page_shows_a_new_job_within_a_second(
+    web: str, browser: Browser, client: AsyncClient, tmp_path: Path
+) -> None:
+    page = await open_page(browser, web + "/")
+    await page.wait_for_selector("#live.on", timeout=10_000)  # the event stream is open
+    assert await page.locator("#queued-table").count() == 0
+    accepted = await client.submit(model="dummy", tasks=[TASK], labels={"run": "live"})
+    started = time.monotonic()
+    row = f"#queued-table tr[data-job='{accepted.job_id}']"
+    await page.wait_for_selector(row, timeout=1000)
+    assert time.monotonic() - started < 1.0
+    # The short id links to the job's page, and the page was not reloaded to show it.
+    link = page.locator(f"{row} a.jobid")
+    assert await link.text_content() == accepted.job_id[:8]
+    assert await link.get_attribute("href") == f"/jobs/{accepted.job_id}"
+    assert await page.locator(f"{row} .label").text_content() == "run=live"
+    await page.screenshot(path=str(artifacts_dir(tmp_path) / "queue.png"), full_page=True)
+
+
+async def test_job_page_shows_metrics_when_it_completes(
+    web: str, browser: Browser, client: AsyncClient, worker_factory: Any, tmp_path: Path
+) -> None:
+    accepted = await client.submit(
+        model="dummy", tasks=[TASK], limit=3, model_args="score=0.75,stderr=0.05,samples=12", labels={"step": "10"}
+    )
+    page = await open_page(browser, f"{web}/jobs/{accepted.job_id}")
+    assert await page.locator("#job-status").text_content() == "queued"
+    await page.wait_for_selector("#live.on", timeout=10_000)
+    await worker_factory(evaluator=FAKE)
+    # Everything below arrives through the page's event stream, with no reload.
+    metric = page.locator(f"#metrics-table tr[data-metric='{TASK}/exact_match']")
+    await metric.wait_for(timeout=60_000)
+    assert await metric.locator("td").all_text_contents() == [TASK, "exact_match", "0.7500", "± 0.0500"]
+    await page.wait_for_selector("#job-status.status-completed", timeout=10_000)
+    types = await page.locator("#timeline li").evaluate_all("items => items.map(i => i.dataset.type)")
+    assert types[0] == "queued" and "started" in types and types[-1] == "completed", types
+    await page.wait_for_selector("#samples .sample", timeout=10_000)
+    assert await page.locator("#samples-range").text_content() == "1-10 of 12"
+    first = page.locator("#samples .sample").first
+    assert "question 0" in (await first.text_content() or "")
+    assert await first.locator("img").get_attribute("src") == _tiny_png()
+    await page.click("#samples-next")
+    await page.wait_for_selector("#samples .sample[data-doc='11']", timeout=5_000)
+    assert "answer 11" in (await page.locator("#samples .sample").last.text_content() or "")
+    log_text = await page.locator("#log").text_content()
+    assert log_text and "fake evaluator pid" in log_text
+    # Artifacts download through the web process.
+    link = page.locator("#artifacts a", has_text="results.json")
+    async with page.expect_download() as download_info:
+        await link.click()
+    download = await download_info.value
+    assert "exact_match" in Path(await download.path()).read_text()
+    await page.screenshot(path=str(artifacts_dir(tmp_path) / "job.png"), full_page=True)
+
+
+def _tiny_png() -> str:
+    from . import fake_evaluator
+
+    return fake_evaluator.TINY_PNG
+
+
+async def test_trends_page_plots_three_steps(
+    web: str, browser: Browser, client: AsyncClient, worker_factory: Any, tmp_path: Path
+) -> None:
+    steps = {"100": 0.5, "200": 0.6, "300": 0.7}
+    ids = await completed_jobs(
+        client,
+        worker_factory,
+        [{"labels": {"step": s, "run": "a"}, "model_args": f"score={v},stderr=0.02"} for s, v in steps.items()],
+    )
+    page = await open_page(browser, f"{web}/trends?x=step&group=run&metric={TASK}/exact_match")
+    points = page.locator("svg.chart circle.point")
+    assert await points.count() == 3
+    assert sorted(await points.evaluate_all("cs => cs.map(c => c.dataset.job)")) == sorted(ids)
+    ys = await points.evaluate_all("cs => cs.map(c => Number(c.getAttribute('cy')))")
+    assert ys[0] > ys[1] > ys[2]  # a rising score is drawn higher at each step (SVG y grows downwards)
+    assert await page.locator("svg.chart g.series[data-series='a'] polygon.band").count() == 1
+    assert await page.locator("#chart-note").text_content() == "3 points from 3 completed jobs"
+    await page.screenshot(path=str(artifacts_dir(tmp_path) / "trends.png"), full_page=True)
+    await points.nth(1).click()
+    await page.wait_for_url(f"{web}/jobs/{ids[1]}")
+
+
+async def test_a_label_with_markup_is_shown_as_text(
+    web: str, browser: Browser, client: AsyncClient, worker_factory: Any, tmp_path: Path
+) -> None:
+    dialogs: list[str] = []
+    queue = await open_page(browser, web + "/", dialogs)
+    await queue.wait_for_selector("#live.on", timeout=10_000)
+    queued = await client.submit(model="dummy", tasks=[TASK], labels={"note": XSS, "step": "1"})
+    chip = queue.locator("#queued-table .label", has_text="note=")
+    await chip.wait_for(timeout=5_000)
+    assert await chip.text_content() == f"note={XSS}"
+    job = await open_page(browser, f"{web}/jobs/{queued.job_id}", dialogs)
+    assert await job.locator("#job-head .label", has_text="note=").text_content() == f"note={XSS}"
+    [done] = await completed_jobs(client, worker_factory, [{"labels": {"run": XSS, "step": "5"}}])
+    trends = await open_page(browser, f"{web}/trends?x=step&group=run&metric={TASK}/exact_match", dialogs)
+    assert await trends.locator(".legend span", has_text="<img").text_content() == XSS
+    compare = await open_page(browser, f"{web}/compare?jobs={done},{queued.job_id}", dialogs)
+    assert await compare.locator("#compare-table .label", has_text="run=").text_content() == f"run={XSS}"
+    for page in (queue, job, trends, compare):
+        # No element came from the label: the only images are none at all.
+        assert await page.locator("img").count() == 0
+    assert dialogs == []
+    await job.screenshot(path=str(artifacts_dir(tmp_path) / "xss.png"), full_page=True)
+
+
+async def test_compare_page_shows_deltas(
+    web: str, browser: Browser, client: AsyncClient, worker_factory: Any, tmp_path: Path
+) -> None:
+    first, second, third = await completed_jobs(
+        client,
+        worker_factory,
+        [{"model_args": "score=0.5"}, {"model_args": "score=0.75"}, {"model_args": "score=0.25"}],
+    )
+    # Short ids are accepted where the gateway resolves them; the full ids always are.
+    page = await open_page(browser, f"{web}/compare?jobs={first},{second},{third}")
+    row = page.locator(f"#compare-table tr[data-metric='{TASK}/exact_match'] td")
+    assert await row.all_text_contents() == [f"{TASK}/exact_match", "0.5000", "0.7500", "+0.2500", "0.2500", "-0.2500"]
+    assert await page.locator("#compare-table th a.jobid").all_text_contents() == [first[:8], second[:8], third[:8]]
+    await page.screenshot(path=str(artifacts_dir(tmp_path) / "compare.png"), full_page=True)
+
+
+async def test_read_only_unless_cancel_is_allowed(settings: Settings, client: AsyncClient) -> None:
+    """No browser needed: the routes themselves (skipped with the others where chromium is absent)."""
+    import httpx
+
+    accepted = await client.submit(model="dummy", tasks=[TASK])
+    cancel = f"/api/jobs/{accepted.job_id}/cancel"
+    async with WebServer(settings.with_(ui_port=0), client) as server, httpx.AsyncClient(base_url=server.url) as http:
+        page = await http.get(f"/jobs/{accepted.job_id}", headers={"Accept": "text/html"})
+        assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+        assert (await http.get("/")).json()["service"] == "evalq"  # a script still gets the JSON index
+        assert (await http.post(cancel, headers={"X-Evalq-Ui": "1"})).status_code in (404, 405)
+        assert (await http.get("/api/jobs/not-hex!")).status_code == 404
+    allowed = settings.with_(ui_port=0, ui_allow_cancel=True)
+    async with WebServer(allowed, client) as server, httpx.AsyncClient(base_url=server.url) as http:
+        assert (await http.get(f"/api/jobs/{accepted.job_id}")).json()["allow_cancel"] is True
+        # A cross-site form cannot add the header: refused.
+        assert (await http.post(cancel)).status_code == 403
+        assert (await client.get_job(accepted.job_id)).status == "queued"
+        reply = await http.post(cancel, headers={"X-Evalq-Ui": "1"})
+        assert reply.status_code == 200 and reply.json()["status"] == "cancelled"
