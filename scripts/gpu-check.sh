@@ -99,7 +99,7 @@ set -e
 cat "$EVALQ_HOME/refused.txt"
 echo "== summary"
 echo "tiny model on $DEVICE: $(elapsed "$t0" "$t1") s (submit to completed, the worker's warm-up included)"
-echo "the same job again:    $(elapsed "$t1" "$t1b") s (forked from the warm evaluator)"
+echo "the same job again:    $(elapsed "$t1" "$t1b") s (on the resident model)"
 echo "num_gpus=1 job:        $(elapsed "$t1b" "$t2") s"
 echo "warm evaluator check:  $(tail -1 "$EVALQ_HOME/warm.txt")"
 echo "sharded (4 pieces) vs unsharded metrics: $SHARD_CHECK ($(elapsed "$t4" "$t5") s sharded, $(elapsed "$t3" "$t4") s unsharded, one worker)"
