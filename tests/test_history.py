@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import time
 import uuid
@@ -19,6 +21,7 @@ from evalq.gateway.history import History
 from evalq.schemas import JobInfo, JobResult, JobsQuery, encode
 from evalq.topology import Topology
 
+from .conftest import EVALQ, run_command, settings_env
 from .jobs import JOB
 
 
@@ -207,3 +210,42 @@ async def test_a_page_stays_under_the_payload_limit(nc: Any, settings: Settings,
         assert len(pages) > 1 and all(len(encode(p)) < 64 * 1024 for p in pages)
         assert sum(len(p.jobs) for p in pages) == 120
         assert all(len(j.error or "") <= 501 for p in pages for j in p.jobs)
+
+
+async def test_cli_jobs_metric_columns_csv_json_and_short_ids(
+    nc: Any, settings: Settings, topology: Topology, gateway: Gateway
+) -> None:
+    metrics = {"evalq_demo": {"exact_match,none": 0.75, "exact_match_stderr,none": 0.1}}
+    done = record(1, job_id=job_id("c0ffee"), result=JobResult(metrics=metrics), labels={"run": "[bold]x[/bold]"})
+    other = record(2, job_id=job_id("c0ffef"), status="failed", labels={"run": "b"})
+    await write(nc, topology, [done, other])
+
+    async def evalq(*args: str) -> tuple[int, str, str]:
+        return await run_command([*EVALQ, *args], settings_env(settings, COLUMNS="200"), 60)
+
+    async def listed() -> bool:
+        return len(gateway.history.index) == 2
+
+    await until(listed)
+    code, out, err = await evalq("jobs", "--metric", "evalq_demo/exact_match", "--label", "run=[bold]x[/bold]")
+    assert code == 0, err
+    assert done.job_id[:8] in out and done.job_id[:9] not in out and other.job_id[:8] not in out
+    assert "evalq_demo/exact_match" in out and "0.75" in out and "run=[bold]x[/bold]" in out
+    code, out, err = await evalq("jobs", "--csv", "--metric", "evalq_demo/exact_match", "--metric", "evalq_demo/none")
+    assert code == 0, err
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows[0][-2:] == ["evalq_demo/exact_match", "evalq_demo/none"]
+    assert [r[0] for r in rows[1:]] == [other.job_id, done.job_id]
+    assert rows[2][-2:] == ["0.75", ""] and rows[1][-2:] == ["", ""]
+    code, out, err = await evalq("jobs", "--json", "--status", "completed")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [j["job_id"] for j in lines] == [done.job_id] and lines[0]["metrics"] == metrics
+    code, out, err = await evalq("status", "c0ffee", "--json")
+    assert code == 0 and json.loads(out)["job_id"] == done.job_id, err
+    code, out, err = await evalq("status", "c0ffe")
+    assert code == 1 and done.job_id in err and other.job_id in err and "ambiguous" in err
+    code, _, err = await evalq("cancel", "999999")
+    assert code == 1 and "no job id starts with 999999" in err
+    code, _, err = await evalq("jobs", "--since", "yesterday")
+    assert code == 2 and "--since" in err and "Traceback" not in err
