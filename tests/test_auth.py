@@ -155,6 +155,12 @@ async def test_every_role_does_its_job(deployment: dict[str, Any], tmp_path: Pat
         assert {f.name for f in files} == {"results.json", "eval.log"}
         assert (await client.queue()).completed_jobs == 1
         assert (await client.health()).workers
+        # The history: the gateway follows the jobs bucket under its own user.
+        deadline = asyncio.get_running_loop().time() + 10
+        while not (await client.jobs(status="completed")).jobs:
+            assert asyncio.get_running_loop().time() < deadline, "the completed job never reached the history"
+            await asyncio.sleep(0.05)
+        assert await client.resolve(accepted.job_id[:8]) == accepted.job_id
 
         # A sharded job: the worker queues its pieces and merges them under its own user.
         sharded = await client.submit(**{**JOB, "limit": 6, "shards": 3})

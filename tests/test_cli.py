@@ -186,6 +186,7 @@ async def test_labels_and_reasons_from_older_records_are_printed_escaped(
         "results",
         "events",
         "queue",
+        "jobs",
         "workers",
         "setup",
     ],

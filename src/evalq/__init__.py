@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from .config import Settings, load_settings
 from .errors import (
+    AmbiguousJobId,
     BadRequest,
     ConfigError,
     Conflict,
@@ -32,6 +33,9 @@ from .schemas import (
     JobAccepted,
     JobInfo,
     JobResult,
+    JobsPage,
+    JobsQuery,
+    JobSummary,
     Piece,
     Progress,
     QueueStatus,
@@ -43,6 +47,7 @@ from .schemas import (
 from .topology import Topology
 
 __all__ = [
+    "AmbiguousJobId",
     "Artifact",
     "AsyncClient",
     "BadRequest",
@@ -62,6 +67,9 @@ __all__ = [
     "JobInfo",
     "JobNotFound",
     "JobResult",
+    "JobSummary",
+    "JobsPage",
+    "JobsQuery",
     "Piece",
     "PoolPolicy",
     "Progress",

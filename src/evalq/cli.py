@@ -58,6 +58,8 @@ console = Console()
 errors = Console(stderr=True)
 
 EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMEOUT = 1, 3, 4
+# Tables show a job id's first 8 characters, as git and docker show short ids.
+SHORT_ID = 8
 
 T = TypeVar("T")
 
@@ -649,13 +651,13 @@ def submit(
 
 @app.command()
 def status(ctx: typer.Context, job_id: str, json_: JsonOpt = False) -> None:
-    """Show one job's record (live queue position while queued).
+    """Show one job's record (live queue position while queued). Any unique start of the id will do.
 
-    Example: `evalq status 3f7bc3b2-786a-46c5-9a50-2574cb77978d --json`
+    Example: `evalq status 3f7bc3b2 --json`
     """
 
     async def main(client: AsyncClient) -> None:
-        info = await client.get_job(job_id)
+        info = await client.get_job(await client.resolve(job_id))
         if json_:
             _dump(info)
             return
@@ -672,7 +674,7 @@ def cancel(ctx: typer.Context, job_id: str, json_: JsonOpt = False) -> None:
     """
 
     async def main(client: AsyncClient) -> None:
-        reply = await client.cancel_job(job_id)
+        reply = await client.cancel_job(await client.resolve(job_id))
         if json_:
             _dump(reply)
         else:
@@ -700,8 +702,9 @@ def watch(
 
     async def main() -> int:
         async with AsyncClient(settings) as client:
-            await client.get_job(job_id)  # 404 before waiting on an unknown id
-            return await _follow(client, job_id, json_, timeout)
+            full_id = await client.resolve(job_id)
+            await client.get_job(full_id)  # 404 before waiting on an unknown id
+            return await _follow(client, full_id, json_, timeout)
 
     raise typer.Exit(_run(main()))
 
@@ -850,11 +853,12 @@ def results(
     """
 
     async def main(client: AsyncClient) -> None:
-        files = await client.results(job_id, output)
+        full_id = await client.resolve(job_id)
+        files = await client.results(full_id, output)
         if not files:
-            raise _fail(f"no artifacts stored for job {job_id}")
+            raise _fail(f"no artifacts stored for job {full_id}")
         if json_:
-            _dump({"job_id": job_id, "files": [str(f) for f in files]})
+            _dump({"job_id": full_id, "files": [str(f) for f in files]})
         else:
             for path in files:
                 console.print(_shown(path), highlight=False)
@@ -924,7 +928,7 @@ def queue(ctx: typer.Context, json_: JsonOpt = False) -> None:
             return
         table = Table(title=f"queue: {state.queue_size} waiting, {len(state.running_jobs)} running")
         for column in ("pool", "position", "job", "status", "labels", "attempts", "worker", "progress", "pieces"):
-            table.add_column(column, no_wrap=column == "job", min_width=36 if column == "job" else None)
+            table.add_column(column, no_wrap=column == "job")
         ids = [(None, job) for job in state.running_jobs] + [
             (pool, job) for pool, jobs in state.queued_jobs.items() for job in jobs
         ]
@@ -936,7 +940,7 @@ def queue(ctx: typer.Context, json_: JsonOpt = False) -> None:
             cells = (
                 info.pool,
                 "" if info.position_in_queue is None else str(info.position_in_queue),
-                info.job_id,
+                info.job_id[:SHORT_ID],
                 info.status,
                 " ".join(f"{k}={v}" for k, v in info.labels.items()),
                 str(info.attempts),
@@ -951,6 +955,135 @@ def queue(ctx: typer.Context, json_: JsonOpt = False) -> None:
             f"workers {len(state.workers)}",
             highlight=False,
         )
+
+    _client_command(main)(ctx)
+
+
+_AGO = re.compile(r"(\d+)([smhdw])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def _when(text: str | None, option: str) -> str | None:
+    """An RFC 3339 time, or `30m`/`2h`/`7d`/`1w` ago, as RFC 3339; exit 2 for anything else."""
+    if text is None:
+        return None
+    import datetime as dt
+
+    ago = _AGO.fullmatch(text.strip())
+    if ago:
+        delta = dt.timedelta(**{_UNITS[ago.group(2)]: int(ago.group(1))})
+        return (dt.datetime.now(dt.UTC) - delta).isoformat()
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        example = "an RFC 3339 time (2025-03-01T12:00:00Z) or an age (30m, 2h, 7d)"
+        raise _fail(f"{option} expects {example}, got {text!r}", 2) from None
+    if value.tzinfo is None:
+        raise _fail(f"{option} needs a time zone (add Z for UTC), got {text!r}", 2)
+    return value.isoformat()
+
+
+def _metric_value(metrics: dict[str, dict[str, Any]], ref: str) -> Any:
+    """`task/metric` of a job's metrics: lmms-eval's key itself, or the first `metric,filter` key."""
+    task, _, name = ref.partition("/")
+    values = metrics.get(task) or {}
+    if name in values:
+        return values[name]
+    return next((v for k, v in values.items() if k.partition(",")[0] == name), None)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+def jobs(
+    ctx: typer.Context,
+    label: Annotated[
+        Optional[list[str]], typer.Option(help="Only jobs with this k=v label (repeat: all must match).")
+    ] = None,
+    status: Annotated[
+        Optional[list[str]], typer.Option(help="Only jobs in this status (repeat for any of several).")
+    ] = None,
+    pool: Annotated[Optional[str], typer.Option(help="Only jobs of this pool.")] = None,
+    since: Annotated[Optional[str], typer.Option(help="Created at or after: RFC 3339, or an age (2h, 7d).")] = None,
+    until: Annotated[Optional[str], typer.Option(help="Created before: RFC 3339, or an age.")] = None,
+    metric: Annotated[
+        Optional[list[str]], typer.Option(help="A task/metric column, e.g. mmmu_val/mmmu_acc (repeatable).")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many jobs, newest first.")] = 50,
+    csv_: Annotated[bool, typer.Option("--csv", help="Print CSV (full ids) for spreadsheets.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """List past and current jobs, newest first, with filters and one column per chosen metric.
+
+    Example: `evalq jobs --label run=exp1 --status completed --metric evalq_demo/exact_match --since 7d`
+    """
+    if limit < 1:
+        raise _fail("--limit must be at least 1", 2)
+    if json_ and csv_:
+        raise _fail("choose one of --json and --csv", 2)
+    chosen = list(metric or [])
+    for ref in chosen:
+        if "/" not in ref.strip("/"):
+            raise _fail(f"--metric expects task/metric, got {ref!r}", 2)
+    filters: dict[str, Any] = {
+        "status": status or None,
+        "pool": pool,
+        "labels": _parse_pairs(label, "--label") or None,
+        "created_after": _when(since, "--since"),
+        "created_before": _when(until, "--until"),
+        # JSON lines carry every metric unless some are chosen.
+        "metrics": chosen or (["*"] if json_ else None),
+    }
+
+    async def main(client: AsyncClient) -> None:
+        found: list[Any] = []
+        cursor: str | None = None
+        while len(found) < limit:
+            page = await client.jobs(**filters, limit=min(limit - len(found), 1000), cursor=cursor)
+            found += page.jobs
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        if json_:
+            for job in found:
+                _dump(job)
+            return
+        if csv_:
+            import csv
+
+            out = csv.writer(sys.stdout)
+            out.writerow(["job_id", "status", "pool", "created_at", "completed_at", "duration_s", "labels", *chosen])
+            for job in found:
+                labels = ";".join(f"{k}={v}" for k, v in job.labels.items())
+                cells = [job.job_id, job.status, job.pool, job.created_at, job.completed_at or "", job.duration_s]
+                out.writerow(
+                    [*(_cell(c) for c in cells), labels, *(_cell(_metric_value(job.metrics, m)) for m in chosen)]
+                )
+            return
+        table = Table(title=f"{len(found)} jobs" + ("" if cursor is None or len(found) < limit else " (more: --limit)"))
+        for column in ("job", "status", "pool", "created", "duration", "labels"):
+            table.add_column(column, no_wrap=column in ("job", "created"))
+        for ref in chosen:
+            table.add_column(_shown(ref), justify="right")
+        for job in found:
+            duration = "" if job.duration_s is None else f"{job.duration_s:.1f}s"
+            if job.status in ("running", "cancelling") and job.progress is not None:
+                duration = f"{job.progress.phase} {job.progress.percent:.0f}%"
+            row = [
+                job.job_id[:SHORT_ID],
+                job.status,
+                job.pool,
+                job.created_at.replace("T", " ")[:19],
+                duration,
+                " ".join(f"{k}={v}" for k, v in job.labels.items()),
+                *(_cell(_metric_value(job.metrics, m)) for m in chosen),
+            ]
+            table.add_row(*(_shown(cell) for cell in row))
+        console.print(table)
 
     _client_command(main)(ctx)
 

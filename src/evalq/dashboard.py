@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .errors import EvalqError, JobNotFound, WrongState
-from .schemas import TERMINAL, JobInfo, encode
+from .errors import AmbiguousJobId, EvalqError, JobNotFound, WrongState
+from .schemas import TERMINAL, JobInfo, JobSummary, encode
 from .worker.progress import ANSI_ESCAPE
 
 if TYPE_CHECKING:
@@ -219,8 +219,20 @@ def sample_view(sample: dict[str, Any], metric_names: set[str]) -> dict[str, Any
     }
 
 
-def _summary(info: JobInfo) -> dict[str, Any]:
-    """What the trends and compare pages need of a job's record."""
+def _summary(info: JobInfo | JobSummary) -> dict[str, Any]:
+    """What the trends and compare pages need of a job's record or history summary."""
+    if isinstance(info, JobSummary):
+        return {
+            "job_id": info.job_id,
+            "status": info.status,
+            "pool": info.pool,
+            "labels": info.labels,
+            "created_at": info.created_at,
+            "completed_at": info.completed_at,
+            "model": info.model,
+            "tasks": info.tasks,
+            "metrics": info.metrics,
+        }
     request = info.request
     return {
         "job_id": info.job_id,
@@ -235,35 +247,10 @@ def _summary(info: JobInfo) -> dict[str, Any]:
     }
 
 
-async def history(client: AsyncClient, **filters: Any) -> AsyncIterator[JobInfo]:
-    """Past jobs, newest first, through the gateway's `jobs` endpoint (`AsyncClient.iter_jobs`)."""
-    iter_jobs = getattr(client, "iter_jobs", None)
-    if iter_jobs is not None:
-        async for info in iter_jobs(**filters):
-            yield info
-        return
-    # Until the gateway lists jobs: the jobs bucket's last values, streamed by one ordered
-    # consumer, filtered here.
-    kv = await client.nc.jetstream().key_value(client.topology.jobs_bucket)
-    labels = filters.get("labels") or {}
-    watcher = await kv.watchall(ignore_deletes=True)
-    try:
-        while (entry := await watcher.updates(timeout=client.timeout)) is not None:  # type: ignore[no-untyped-call]
-            if not entry.value:
-                continue
-            try:
-                info = msgspec.json.decode(entry.value, type=JobInfo)
-            except msgspec.DecodeError:
-                continue
-            if filters.get("status") and info.status != filters["status"]:
-                continue
-            if filters.get("pool") and info.pool != filters["pool"]:
-                continue
-            if any(info.labels.get(k) != v for k, v in labels.items()):
-                continue
-            yield info
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
+async def history(client: AsyncClient, **filters: Any) -> AsyncIterator[JobSummary]:
+    """Past jobs, newest first, with all their metrics, through the gateway's `jobs` endpoint."""
+    async for summary in client.iter_jobs(metrics=["*"], **filters):
+        yield summary
 
 
 # --- routes -------------------------------------------------------------------------------------
@@ -305,16 +292,15 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
             return given
         if not _PREFIX.fullmatch(given):
             raise JobNotFound(f"no job {given[:40]!r}: a job id is hexadecimal")
-        resolver = getattr(client, "resolve_job_id", None)
-        if resolver is None:
-            raise JobNotFound(f"no job {given!r}: give the whole id")
-        return str(await resolver(given))
+        return await client.resolve(given)
 
     def refusal(exc: Exception) -> Response:
         if isinstance(exc, _BadQuery):
             return _error(str(exc), 400)
         if isinstance(exc, JobNotFound):
             return _error(str(exc), 404)
+        if isinstance(exc, AmbiguousJobId):
+            return _error(str(exc), 409)
         if isinstance(exc, WrongState):
             return _error(str(exc), 409)
         if isinstance(exc, EvalqError):

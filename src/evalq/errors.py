@@ -17,6 +17,7 @@
     │   ├── InvalidField        422: a field is missing, unknown or out of range; no worker offers it
     │   └── Unavailable         503: the queue is full, JetStream did not answer, no gateway
     │                           answers, or the queue's JetStream objects are missing
+    ├── AmbiguousJobId          a short job id that starts more than one job's id; lists them
     ├── Conflict                a compare-and-set on a job's record kept losing the race (409 at the gateway)
     ├── JobFailed               wait_for_job: the job ended ``failed``
     └── JobCancelled            wait_for_job: the job ended ``cancelled``
@@ -33,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AmbiguousJobId",
     "BadRequest",
     "ConfigError",
     "Conflict",
@@ -132,6 +134,19 @@ _BY_CODE: dict[int, type[RequestError]] = {
 
 class Conflict(EvalqError):
     """A compare-and-set kept losing the race."""
+
+
+class AmbiguousJobId(EvalqError):
+    """A short id that more than one job's id starts with; `candidates` are their summaries."""
+
+    def __init__(self, prefix: str, candidates: list[Any], *, more: bool = False) -> None:
+        self.prefix = prefix
+        self.candidates = candidates
+        listed = ", ".join(f"{c.job_id} ({c.status}, {c.created_at})" for c in candidates)
+        super().__init__(
+            f"{prefix} is ambiguous: it starts {'more than ' if more else ''}{len(candidates)} job ids: "
+            f"{listed}; give more of the id"
+        )
 
 
 class JobFailed(EvalqError):

@@ -30,6 +30,9 @@ __all__ = [
     "JobRef",
     "JobResult",
     "JobStatus",
+    "JobSummary",
+    "JobsPage",
+    "JobsQuery",
     "ModelsReply",
     "Piece",
     "PieceItem",
@@ -339,6 +342,67 @@ class Health(_Wire, frozen=True, kw_only=True):
     workers: list[WorkerInfo]
 
 
+# --- job history (`<prefix>.jobs`) -----------------------------------------------------
+
+# Zoned RFC 3339: a time without its zone would mean a different instant on every machine.
+Instant = Annotated[_dt.datetime, Meta(tz=True)]
+# `task/metric` (lmms-eval's key, or its name before the `,filter`), `task/*`, or `*` for all.
+MetricRef = Annotated[str, Meta(min_length=1, max_length=256)]
+JOBS_PAGE_MAX = 1000
+
+
+class JobsQuery(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The body of `jobs`: filters (all must hold), a page size and the cursor of the page before."""
+
+    status: Annotated[list[JobStatus], Meta(max_length=6)] = []  # any of these
+    pool: PoolName | None = None
+    labels: Labels = {}  # every one must match
+    created_after: Instant | None = None  # inclusive
+    created_before: Instant | None = None  # exclusive
+    # The start of a job id, lowercase hex: how short ids are resolved.
+    id_prefix: Annotated[str, Meta(min_length=1, max_length=36, pattern=r"\A[0-9a-f\-]+\Z")] | None = None
+    # Which metrics each summary carries; none by default, so a page stays small.
+    metrics: Annotated[list[MetricRef], Meta(max_length=64)] = []
+    limit: Annotated[int, Meta(ge=1, le=JOBS_PAGE_MAX)] = 100
+    cursor: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+
+    def __post_init__(self) -> None:
+        for index, ref in enumerate(self.metrics):
+            task, slash, metric = ref.partition("/")
+            if ref != "*" and (not slash or not task or not metric):
+                raise ValueError(f"Expected `task/metric`, `task/*` or `*`, got {ref!r} - at `$.metrics[{index}]`")
+
+
+class JobSummary(_Wire, frozen=True, kw_only=True):
+    """One job as history tables show it: a JobInfo without its request, pieces or artifacts."""
+
+    job_id: str
+    status: JobStatus
+    pool: str = "default"
+    created_at: str
+    started_at: str | None = None
+    completed_at: str | None = None
+    model: str | None = None
+    tasks: list[str] = []
+    labels: dict[str, str] = {}
+    attempts: int = 0
+    worker: str | None = None
+    shards: int = 1
+    shards_done: int = 0
+    progress: Progress | None = None
+    duration_s: float | None = None
+    # Only those the query asked for (`JobsQuery.metrics`).
+    metrics: dict[str, dict[str, Any]] = {}
+    error: str | None = None
+
+
+class JobsPage(_Wire, frozen=True, kw_only=True):
+    """Jobs newest first (by created_at, then job_id); `next_cursor` is None on the last page."""
+
+    jobs: list[JobSummary]
+    next_cursor: str | None = None
+
+
 class TasksReply(_Wire, frozen=True, kw_only=True):
     tasks: list[str]
 
@@ -426,6 +490,8 @@ _decoders: dict[Any, msgspec.json.Decoder[Any]] = {
     for t in (
         EvaluateRequest,
         JobRef,
+        JobsQuery,
+        JobsPage,
         WorkItem,
         PieceItem,
         JobAccepted,

@@ -55,6 +55,8 @@ from ..schemas import (
     JobAccepted,
     JobInfo,
     JobRef,
+    JobsPage,
+    JobsQuery,
     ModelsReply,
     PieceItem,
     QueueStatus,
@@ -67,6 +69,7 @@ from ..schemas import (
 )
 from ..topology import Topology
 from .directory import WorkerDirectory
+from .history import History, summarize
 from .positions import Positions
 
 __all__ = ["Gateway"]
@@ -168,6 +171,8 @@ class Gateway:
         self.idempotency = await self.js.key_value(self.topology.idempotency_bucket)
         self.directory = WorkerDirectory(await self.js.key_value(self.topology.workers_bucket))
         self.policies = Policies(await self.js.key_value(self.topology.pools_bucket))
+        # Loads in the background past a second: a long history must not hold up serving.
+        self.history = await History(self.jobs.kv).start(wait=1.0)
         self._pools = set(await self.topology.pools(self.js))
         group = self.topology.service_name
         self._service = await add_service(
@@ -185,6 +190,7 @@ class Gateway:
             "health": self.health,
             "tasks": self.tasks,
             "models": self.models,
+            "jobs": self.list_jobs,
         }
         for name, handler in endpoints.items():
             await self._service.add_endpoint(
@@ -200,6 +206,9 @@ class Gateway:
             self._service = None
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.settings.connection.request_timeout)
+        history = getattr(self, "history", None)
+        if history is not None:
+            await history.stop()
 
     async def __aenter__(self) -> Gateway:
         return await self.start()
@@ -313,6 +322,8 @@ class Gateway:
         for outcome in (event_outcome, None if record_exists else record_outcome, position):
             if isinstance(outcome, BaseException):
                 raise outcome
+        if isinstance(record_outcome, jetstream.PubAck):
+            self.history.note(summarize(encode(info)), record_outcome.seq)
         assert isinstance(position, int)
         return JobAccepted(
             job_id=job_id,
@@ -581,6 +592,11 @@ class Gateway:
             queue_size=sum(s.queued for s in snapshots),
             workers=workers,
         )
+
+    async def list_jobs(self, request: Request) -> JobsPage:
+        query = decode(request.data or b"{}", JobsQuery)
+        # Room for the reply's headers under the server's payload limit.
+        return self.history.page(query, max_bytes=self.nc.max_payload - 4096)
 
     async def tasks(self, request: Request) -> TasksReply:
         return TasksReply(tasks=await self.directory.tasks())

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -35,7 +37,17 @@ from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavaila
 
 from ..config import Settings, load_settings
 from ..connection import HINT, connect
-from ..errors import ConnectError, EvalqError, JobCancelled, JobFailed, RequestError, Timeout, Unavailable
+from ..errors import (
+    AmbiguousJobId,
+    ConnectError,
+    EvalqError,
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    RequestError,
+    Timeout,
+    Unavailable,
+)
 from ..schemas import (
     TERMINAL,
     Cancelled,
@@ -47,6 +59,8 @@ from ..schemas import (
     Health,
     JobAccepted,
     JobInfo,
+    JobsPage,
+    JobSummary,
     ModelsReply,
     QueueStatus,
     TasksReply,
@@ -59,6 +73,10 @@ from ..topology import Topology
 __all__ = ["Artifact", "AsyncClient"]
 
 T = TypeVar("T")
+_FULL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_ID_PREFIX = re.compile(r"[0-9a-f\-]{1,36}")
+# Candidates an ambiguous short id lists.
+_CANDIDATES = 10
 _SERVICE_CODE = "Nats-Service-Error-Code"
 # nats-py's ways of saying "there is no connection to send this on".
 _NO_CONNECTION = (
@@ -259,6 +277,72 @@ class AsyncClient:
 
     async def list_models(self) -> list[str]:
         return (await self._ask("models", ModelsReply)).models
+
+    # --- history -----------------------------------------------------------------------
+
+    async def jobs(
+        self,
+        *,
+        status: str | list[str] | None = None,
+        pool: str | None = None,
+        labels: dict[str, str] | None = None,
+        created_after: str | dt.datetime | None = None,
+        created_before: str | dt.datetime | None = None,
+        id_prefix: str | None = None,
+        metrics: list[str] | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> JobsPage:
+        """One page of the job history, newest first; pass its `next_cursor` for the next.
+
+        Filters all must hold: `status` (one or several), `pool`, every `labels` pair,
+        `created_after` (inclusive) and `created_before` (exclusive), RFC 3339 strings or
+        zoned datetimes. `metrics` (`task/metric`, `task/*`, `*`) picks the metrics each
+        summary carries. At most 1,000 jobs a page.
+        """
+        body: dict[str, Any] = {"limit": limit}
+        if status is not None:
+            body["status"] = [status] if isinstance(status, str) else list(status)
+        optional = {
+            "pool": pool,
+            "labels": labels,
+            "created_after": created_after,
+            "created_before": created_before,
+            "id_prefix": id_prefix,
+            "metrics": metrics,
+            "cursor": cursor,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return await self._ask("jobs", JobsPage, encode(body))
+
+    async def iter_jobs(self, *, page_size: int = 1000, **filters: Any) -> AsyncIterator[JobSummary]:
+        """Every job matching the filters of `jobs`, newest first, following the cursors."""
+        cursor: str | None = None
+        while True:
+            page = await self.jobs(**filters, limit=page_size, cursor=cursor)
+            for job in page.jobs:
+                yield job
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def resolve(self, job_id: str) -> str:
+        """The full id of the one job whose id starts with `job_id` (as git and docker take
+        short ids). A full id is returned as it is, unasked; an ambiguous prefix raises
+        `AmbiguousJobId` with the candidates, an unknown one `JobNotFound`."""
+        ref = job_id.strip().lower()
+        if _FULL_ID.fullmatch(ref):
+            return ref
+        if not _ID_PREFIX.fullmatch(ref):
+            raise JobNotFound(
+                f"{job_id!r} is not a job id or the start of one (hex digits and dashes)", path="$.job_id"
+            )
+        page = await self.jobs(id_prefix=ref, limit=_CANDIDATES + 1)
+        if not page.jobs:
+            raise JobNotFound(f"no job id starts with {ref}", path="$.job_id")
+        if len(page.jobs) > 1:
+            raise AmbiguousJobId(ref, page.jobs[:_CANDIDATES], more=len(page.jobs) > _CANDIDATES)
+        return page.jobs[0].job_id
 
     # --- events ------------------------------------------------------------------------
 

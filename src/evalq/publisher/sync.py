@@ -8,6 +8,7 @@ AsyncClient raises: `EvalqError`s only.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import queue
 import threading
 from collections.abc import Coroutine, Iterator
@@ -24,6 +25,8 @@ from ..schemas import (
     Health,
     JobAccepted,
     JobInfo,
+    JobsPage,
+    JobSummary,
     QueueStatus,
 )
 from .client import AsyncClient
@@ -118,6 +121,39 @@ class Client:
     def list_models(self) -> list[str]:
         return self._run(self._async.list_models())
 
+    def jobs(
+        self,
+        *,
+        status: str | list[str] | None = None,
+        pool: str | None = None,
+        labels: dict[str, str] | None = None,
+        created_after: str | dt.datetime | None = None,
+        created_before: str | dt.datetime | None = None,
+        id_prefix: str | None = None,
+        metrics: list[str] | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> JobsPage:
+        return self._run(
+            self._async.jobs(
+                status=status,
+                pool=pool,
+                labels=labels,
+                created_after=created_after,
+                created_before=created_before,
+                id_prefix=id_prefix,
+                metrics=metrics,
+                limit=limit,
+                cursor=cursor,
+            )
+        )
+
+    def iter_jobs(self, *, page_size: int = 1000, **filters: Any) -> Iterator[JobSummary]:
+        return self._iterate(self._async.iter_jobs(page_size=page_size, **filters))
+
+    def resolve(self, job_id: str) -> str:
+        return self._run(self._async.resolve(job_id))
+
     def wait_for_job(self, job_id: str, timeout: float | None = None) -> JobInfo:
         return self._run(self._async.wait_for_job(job_id, timeout=timeout))
 
@@ -135,7 +171,7 @@ class Client:
     def events(self, job_id: str = "*", kind: str = "*", *, history: bool = False) -> Iterator[Event]:
         return self._iterate(self._async.events(job_id, kind, history=history))
 
-    def _iterate(self, source: Any) -> Iterator[Event]:
+    def _iterate(self, source: Any) -> Iterator[Any]:
         self._check_open()
         items: queue.Queue[Any] = queue.Queue()
 
