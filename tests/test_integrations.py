@@ -146,5 +146,6 @@ async def test_training_example_logs_each_checkpoint_to_tensorboard(
 
     acc = EventAccumulator(str(tmp_path / "runs" / "tiny-gpt2"))
     acc.Reload()
-    points = acc.Scalars("eval/evalq_demo/exact_match")
+    # One event file per job, read in file-name (job id) order: TensorBoard plots by step.
+    points = sorted(acc.Scalars("eval/evalq_demo/exact_match"), key=lambda e: e.step)
     assert [e.step for e in points] == [3, 6] and [e.value for e in points] == pytest.approx([0.6, 0.6])
