@@ -103,8 +103,9 @@ def warm(include_path: str | None) -> None:
     TaskManager("ERROR", include_path=include_path)
 
 
-def _run_child(request: Run, output_fd: int, control: socket.socket, zygote_pid: int) -> None:
-    """In the forked child: become a group leader, wire the output, run the module. Never returns."""
+def _child(module: str, argv: list[str], cwd: str, output_fd: int, control: socket.socket, zygote_pid: int) -> None:
+    """In a forked child: become a group leader with `output_fd` as its stdout and stderr, and
+    run the module as `python -m` would. Never returns."""
     code = 1
     try:
         os.setsid()  # its own session and process group: a cancel ends the whole group
@@ -121,9 +122,8 @@ def _run_child(request: Run, output_fd: int, control: socket.socket, zygote_pid:
         os.dup2(output_fd, 1)
         os.dup2(output_fd, 2)
         os.close(output_fd)
-        os.chdir(request.cwd)
-        module = request.module
-        sys.argv = [module, *request.argv]
+        os.chdir(cwd)
+        sys.argv = [module, *argv]
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
             code = 0
@@ -145,40 +145,16 @@ def _run_child(request: Run, output_fd: int, control: socket.socket, zygote_pid:
         os._exit(code)  # never run the zygote's own cleanup in a child
 
 
+def _run_child(request: Run, output_fd: int, control: socket.socket, zygote_pid: int) -> None:
+    """A job: its output to the job's pipe."""
+    _child(request.module, request.argv, request.cwd, output_fd, control, zygote_pid)
+
+
 def _spawn_child(request: Spawn, fd: int, control: socket.socket, zygote_pid: int) -> None:
-    """In a forked child that lives on: a group leader, its output to its log. Never returns."""
-    code = 1
-    try:
-        os.setsid()
-        die_with_parent()
-        if os.getppid() != zygote_pid:
-            os._exit(137)
-        control.close()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
-        out = os.open(request.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        os.close(out)
-        os.chdir(request.cwd)
-        sys.argv = [request.module, *(arg.replace("{fd}", str(fd)) for arg in request.argv)]
-        try:
-            runpy.run_module(request.module, run_name="__main__", alter_sys=True)
-            code = 0
-        except SystemExit as done:
-            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+    """A child that lives on (a resident model): its output to its log, `fd` its control socket."""
+    out = os.open(request.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    argv = [arg.replace("{fd}", str(fd)) for arg in request.argv]
+    _child(request.module, argv, request.cwd, out, control, zygote_pid)
 
 
 def _reap(spawned: set[int]) -> None:
