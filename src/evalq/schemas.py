@@ -321,6 +321,9 @@ class WorkerInfo(_Wire, frozen=True, kw_only=True):
     current_job: str | None = None
     started_at: str = ""
     heartbeat_at: str = ""
+    # Seconds the entry lives after each write (three heartbeats), as its `Nats-TTL` says;
+    # readers that follow the bucket expire it by the same rule. None from older workers.
+    ttl: float | None = None
 
 
 class QueueStatus(_Wire, frozen=True, kw_only=True):

@@ -47,6 +47,7 @@ from ..jobstore import JobStore
 from ..lifecycle import Applied, Recorder, Refused
 from ..policy import Policies
 from ..policy import check as check_policy
+from ..registry import Registry
 from ..schemas import (
     CancelReply,
     EvaluateRequest,
@@ -68,7 +69,6 @@ from ..schemas import (
     now,
 )
 from ..topology import Topology
-from .directory import WorkerDirectory
 from .history import History, summarize
 from .positions import Positions
 
@@ -169,7 +169,10 @@ class Gateway:
         self.jobs = JobStore(await self.js.key_value(self.topology.jobs_bucket))
         self.recorder = Recorder(self.jobs, self.events)
         self.idempotency = await self.js.key_value(self.topology.idempotency_bucket)
-        self.directory = WorkerDirectory(await self.js.key_value(self.topology.workers_bucket))
+        # Followed by a watch; the bucket is small, so it is loaded before serving starts.
+        self.registry = await Registry(await self.js.key_value(self.topology.workers_bucket)).start(
+            wait=self.settings.connection.request_timeout
+        )
         self.policies = Policies(await self.js.key_value(self.topology.pools_bucket))
         # Loads in the background past a second: a long history must not hold up serving.
         self.history = await History(self.jobs.kv).start(wait=1.0)
@@ -202,13 +205,14 @@ class Gateway:
     async def stop(self) -> None:
         """Stop taking requests, then let those in flight finish."""
         if self._service is not None:
+            await _drain_endpoints(self._service)
             await self._service.stop()
             self._service = None
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.settings.connection.request_timeout)
-        history = getattr(self, "history", None)
-        if history is not None:
-            await history.stop()
+        for follower in (getattr(self, "history", None), getattr(self, "registry", None)):
+            if follower is not None:
+                await follower.stop()
 
     async def __aenter__(self) -> Gateway:
         return await self.start()
@@ -266,7 +270,7 @@ class Gateway:
             )
         job = decode(request.data, EvaluateRequest)
         await self._check_pool(job.pool)
-        await self.directory.check(job)
+        await self.registry.check(job)
         check_policy(job, await self.policies.get(job.pool))
 
         job_id, duplicate = str(uuid.uuid4()), False
@@ -527,7 +531,7 @@ class Gateway:
             asyncio.gather(*(self.positions.snapshot(p) for p in pools)),
             asyncio.gather(*(self._queued_ids(p) for p in pools)),
             self._terminal_counts(),
-            self.directory.workers(fresh=True),
+            self.registry.workers(),
         )
         running = sorted({w.current_job for w in workers if w.current_job})
         queued = {pool: [j for j in pool_ids if j not in running] for pool, pool_ids in zip(pools, ids, strict=True)}
@@ -582,7 +586,7 @@ class Gateway:
     async def health(self, request: Request) -> Health:
         pools = await self._known_pools()
         snapshots, workers = await asyncio.gather(
-            asyncio.gather(*(self.positions.snapshot(p) for p in pools)), self.directory.workers(fresh=True)
+            asyncio.gather(*(self.positions.snapshot(p) for p in pools)), self.registry.workers()
         )
         return Health(
             status="healthy" if self.nc.is_connected else "degraded",
@@ -599,7 +603,23 @@ class Gateway:
         return self.history.page(query, max_bytes=self.nc.max_payload - 4096)
 
     async def tasks(self, request: Request) -> TasksReply:
-        return TasksReply(tasks=await self.directory.tasks())
+        return TasksReply(tasks=await self.registry.tasks())
 
     async def models(self, request: Request) -> ModelsReply:
-        return ModelsReply(models=await self.directory.models())
+        return ModelsReply(models=await self.registry.models())
+
+
+async def _drain_endpoints(service: Service) -> None:
+    """Take the endpoints off the queue group and answer what was already routed here.
+
+    The service's own stop unsubscribes, which drops requests the server had delivered to
+    this gateway a moment before: their callers would time out while another gateway
+    could have answered. A drain withdraws interest first, so new requests go to the
+    others, and then runs each request already here.
+    """
+    endpoints, service._endpoints = service._endpoints, []  # the service's stop would unsubscribe them again
+    for endpoint in endpoints:
+        subscription, endpoint._subscription = endpoint._subscription, None
+        if subscription is not None:
+            with contextlib.suppress(Exception):
+                await subscription.drain()

@@ -28,7 +28,7 @@ class Registration:
     def __init__(self, nc: Client, bucket: str, info: WorkerInfo, *, heartbeat: float, timeout: float) -> None:
         self.nc = nc
         self.bucket = bucket
-        self.info = info
+        self.info = msgspec.structs.replace(info, ttl=3 * heartbeat)
         self.heartbeat = heartbeat
         self.timeout = timeout
         # Should be in the bucket (once it has its inventory, when it advertises one): the
@@ -38,7 +38,7 @@ class Registration:
 
     async def put(self, *, current_job: str | None) -> None:
         self.info = msgspec.structs.replace(self.info, heartbeat_at=now(), current_job=current_job)
-        write = jetstream.key_put(self.bucket, self.info.worker_id, encode(self.info), ttl=3 * self.heartbeat)
+        write = jetstream.key_put(self.bucket, self.info.worker_id, encode(self.info), ttl=self.info.ttl)
         self.wanted = True
         await jetstream.publish(self.nc, write, timeout=self.timeout)
 
