@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from . import jetstream
 from .errors import AmbiguousJobId, EvalqError, JobNotFound, WrongState
 from .schemas import TERMINAL, JobInfo, JobSummary, encode
-from .worker.progress import ANSI_ESCAPE
+from .text import strip_ansi
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -53,8 +54,6 @@ CSP = (
 )
 _PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 _STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
-_JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
-_PREFIX = re.compile(r"[0-9a-f-]{4,36}")
 # Bounds on what one request reads from the object store.
 LOG_TAIL_BYTES = 256 * 1024
 SAMPLES_FILE_BYTES = 256 * 1024 * 1024
@@ -93,7 +92,9 @@ class EventHub:
             self._tasks = [asyncio.create_task(self._follow_events())]
             with contextlib.suppress(Exception):  # a user without the right to follow the bucket sees no live workers
                 bucket = self.client.topology.workers_bucket
-                self._workers_sub = await self.client.nc.subscribe(f"$KV.{bucket}.>", cb=self._on_worker)
+                self._workers_sub = await self.client.nc.subscribe(
+                    jetstream.kv_subject(bucket, ">"), cb=self._on_worker
+                )
         return queue
 
     async def unsubscribe(self, queue: asyncio.Queue[bytes]) -> None:
@@ -181,7 +182,7 @@ class _BadQuery(Exception):
 
 
 def _strip(text: str) -> str:
-    return ANSI_ESCAPE.sub("", text.replace("\r", "\n"))
+    return strip_ansi(text.replace("\r", "\n"))
 
 
 def _first_text(value: Any) -> str:
@@ -288,10 +289,6 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
 
     async def resolve(given: str) -> str:
         """A full id, or a unique prefix of one (as `evalq status` takes)."""
-        if _JOB_ID.fullmatch(given):
-            return given
-        if not _PREFIX.fullmatch(given):
-            raise JobNotFound(f"no job {given[:40]!r}: a job id is hexadecimal")
         return await client.resolve(given)
 
     def refusal(exc: Exception) -> Response:

@@ -4,6 +4,7 @@
 
     EvalqError
     ├── ConfigError             settings that cannot be used (bad TOML, bad value, missing file)
+    │   └── MissingExtra        an optional install a command needs is missing; says the pip command
     ├── ServerNotFound          the embedded nats-server binary is missing or did not start
     ├── StoreLocked             another evalq server holds the embedded server's store (its lock file)
     ├── ConnectError            no connection to NATS (none answered, or it closed); carries a hint
@@ -44,6 +45,7 @@ __all__ = [
     "JobCancelled",
     "JobFailed",
     "JobNotFound",
+    "MissingExtra",
     "RequestError",
     "ServerNotFound",
     "StoreLocked",
@@ -60,6 +62,15 @@ class EvalqError(Exception):
 
 class ConfigError(EvalqError):
     pass
+
+
+class MissingExtra(ConfigError):
+    """An optional install (`evalq[<extra>]`) that a command needs is missing; the message is
+    the pip command that installs it."""
+
+    def __init__(self, extra: str, message: str) -> None:
+        super().__init__(message)
+        self.extra = extra
 
 
 class ServerNotFound(EvalqError):

@@ -20,6 +20,10 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "server": (),  # the nats-server binary, looked for beside Python or on PATH
     "worker": ("lmms_eval", "torch"),
     "ui": ("starlette", "uvicorn"),
+    # the trackers of `evalq track`
+    "tensorboard": ("tensorboard",),
+    "mlflow": ("mlflow",),
+    "wandb": ("wandb",),
 }
 
 # command -> the extras it needs; `worker` includes `server`, so `up` names only `worker`.

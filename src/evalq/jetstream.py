@@ -31,9 +31,12 @@ gateway's `as_request_error`, the SDK's in `publisher/client.py`). Two more case
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import itertools
+import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -43,6 +46,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
+from nats.js.api import ObjectInfo
 from nats.js.errors import (
     APIError,
     BadRequestError,
@@ -52,6 +56,8 @@ from nats.js.errors import (
     ServerError,
     ServiceUnavailableError,
 )
+
+from .errors import EvalqError
 
 __all__ = [
     "DEFAULT_API",
@@ -72,8 +78,15 @@ __all__ = [
     "key_create",
     "key_delete",
     "key_put",
+    "kv_stream",
+    "kv_subject",
+    "msg_get_last",
     "msg_get_next",
+    "object_chunks",
+    "object_info",
+    "object_stream",
     "publish",
+    "read_object",
     "stream_info",
     "stream_names",
 ]
@@ -122,6 +135,21 @@ def api_prefix(domain: str | None = None) -> str:
     return f"$JS.{domain}.API" if domain else DEFAULT_API
 
 
+def kv_stream(bucket: str) -> str:
+    """The stream behind a key-value bucket."""
+    return f"KV_{bucket}"
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    """Where a key's values are written and stored."""
+    return f"$KV.{bucket}.{key}"
+
+
+def object_stream(bucket: str) -> str:
+    """The stream behind an object store."""
+    return f"OBJ_{bucket}"
+
+
 @dataclass(frozen=True)
 class Api:
     """A connection, the API prefix its requests go to, and how long each may take."""
@@ -153,6 +181,7 @@ class _Reply(msgspec.Struct):
 class StreamState(msgspec.Struct, frozen=True):
     messages: int = 0
     first_seq: int = 0
+    last_seq: int = 0
     deleted: list[int] | None = None  # interior gaps, only when asked for with deleted_details
 
 
@@ -167,6 +196,7 @@ class ConsumerInfo(_Reply):
 class StoredMsg(msgspec.Struct, frozen=True):
     subject: str
     seq: int
+    data: bytes = b""  # base64 on the wire; msgspec decodes it
 
 
 class _MsgGetReply(_Reply):
@@ -222,6 +252,16 @@ async def msg_get_next(api: Api, stream: str, seq: int, subject: str) -> StoredM
         raise
 
 
+async def msg_get_last(api: Api, stream: str, subject: str) -> StoredMsg | None:
+    """The last message stored on `subject`; None when there is none."""
+    try:
+        return (await _request(api, f"STREAM.MSG.GET.{stream}", _encode({"last_by_subj": subject}), _msg_get)).message
+    except NotFoundError as exc:
+        if exc.err_code == _NO_MESSAGE:
+            return None
+        raise
+
+
 async def stream_names(api: Api, *, subject: str | None = None) -> list[str]:
     """Every stream's name (only those holding `subject` when given), all pages."""
     names: list[str] = []
@@ -269,13 +309,13 @@ class Write:
 
 def key_create(bucket: str, key: str, value: bytes) -> Write:
     """A key-value write that the stream refuses if the key was ever written."""
-    return Write(f"$KV.{bucket}.{key}", value, {"Nats-Expected-Last-Subject-Sequence": "0"})
+    return Write(kv_subject(bucket, key), value, {"Nats-Expected-Last-Subject-Sequence": "0"})
 
 
 def key_put(bucket: str, key: str, value: bytes, *, ttl: float | None = None) -> Write:
     """A key-value write; with `ttl`, the entry expires by itself (`Nats-TTL`, whole seconds, at least 1)."""
     headers = {"Nats-TTL": f"{max(1, math.ceil(ttl))}s"} if ttl is not None else None
-    return Write(f"$KV.{bucket}.{key}", value, headers)
+    return Write(kv_subject(bucket, key), value, headers)
 
 
 def key_delete(bucket: str, key: str, *, ttl: float | None = None) -> Write:
@@ -283,7 +323,7 @@ def key_delete(bucket: str, key: str, *, ttl: float | None = None) -> Write:
     headers = {"KV-Operation": "DEL"}
     if ttl is not None:
         headers["Nats-TTL"] = f"{max(1, math.ceil(ttl))}s"
-    return Write(f"$KV.{bucket}.{key}", b"", headers)
+    return Write(kv_subject(bucket, key), b"", headers)
 
 
 def _ack_of(msg: Msg) -> PubAck:
@@ -367,3 +407,52 @@ class Pipeline:
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
+
+
+# --- object-store reads ---------------------------------------------------------------------
+# By sequence with `STREAM.MSG.GET`, never a consumer: a submitter, who may not create one,
+# downloads results too.
+
+
+async def object_info(api: Api, bucket: str, name: str) -> ObjectInfo | None:
+    """The object's stored description; None if it is absent or deleted."""
+    meta_subject = f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+    meta = await msg_get_last(api, object_stream(bucket), meta_subject)
+    if meta is None or not meta.data:
+        return None
+    info: ObjectInfo = ObjectInfo.from_response(json.loads(meta.data))
+    if info.deleted or not info.nuid:
+        return None
+    return info
+
+
+async def object_chunks(api: Api, bucket: str, name: str, info: ObjectInfo) -> AsyncIterator[bytes]:
+    """The object's chunks in order; the size and digest are checked at the end, so a reader
+    that streams them on learns of a torn read by the error, after the last chunk."""
+    stream = object_stream(bucket)
+    chunks = f"$O.{bucket}.C.{info.nuid}"
+    digest = hashlib.sha256()
+    size = 0
+    seq = 0
+    for _ in range(info.chunks or 0):
+        chunk = await msg_get_next(api, stream, seq + 1, chunks)
+        if chunk is None:
+            break
+        seq = chunk.seq
+        digest.update(chunk.data)
+        size += len(chunk.data)
+        yield chunk.data
+    expected = "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode()
+    if size != (info.size or 0) or (info.digest and info.digest.upper() != expected.upper()):
+        raise EvalqError(f"{name} in {bucket} is incomplete or changed while it was read: download it again")
+
+
+async def read_object(api: Api, bucket: str, name: str) -> bytes | None:
+    """An object's bytes, whole and checked; None if it is absent or deleted."""
+    info = await object_info(api, bucket, name)
+    if info is None:
+        return None
+    data = bytearray()
+    async for chunk in object_chunks(api, bucket, name, info):
+        data += chunk
+    return bytes(data)

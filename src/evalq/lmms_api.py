@@ -18,7 +18,7 @@ from urllib.parse import quote
 import msgspec
 
 from .errors import ConnectError, EvalqError, InvalidField, JobNotFound, RequestError, Timeout, WrongState
-from .schemas import EvaluateRequest, JobInfo, format_args
+from .schemas import JOB_ID, EvaluateRequest, JobInfo, format_args
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = ["body_location", "lmms_eval_routes", "lmms_job"]
 
-_JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 _STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 _FIELD_NAMED = re.compile(r"(missing required field|unknown field) `([^`]+)`")
 _MEDIA = {".json": "application/json", ".jsonl": "application/x-ndjson", ".log": "text/plain; charset=utf-8"}
@@ -181,7 +180,7 @@ def lmms_eval_routes(client: AsyncClient) -> list[BaseRoute]:
 
     async def get_job(request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        if not _JOB_ID.fullmatch(job_id):
+        if not JOB_ID.fullmatch(job_id):
             return _json({"detail": f"Job {job_id} not found"}, 404)
         try:
             info = await client.get_job(job_id)
@@ -191,7 +190,7 @@ def lmms_eval_routes(client: AsyncClient) -> list[BaseRoute]:
 
     async def cancel_job(request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        if not _JOB_ID.fullmatch(job_id):
+        if not JOB_ID.fullmatch(job_id):
             return _json({"detail": f"Job {job_id} not found"}, 404)
         try:
             reply = await client.cancel_job(job_id)
@@ -203,7 +202,7 @@ def lmms_eval_routes(client: AsyncClient) -> list[BaseRoute]:
     async def job_file(request: Request) -> Response:
         job_id, name = request.path_params["job_id"], request.path_params["name"]
         missing = _json({"detail": f"No file {name} for job {job_id}"}, 404)
-        if not _JOB_ID.fullmatch(job_id):
+        if not JOB_ID.fullmatch(job_id):
             return missing
         try:
             info = await client.get_job(job_id)

@@ -16,6 +16,9 @@ import msgspec
 from msgspec import Meta, Struct
 
 __all__ = [
+    "CONTROL",
+    "ID_PREFIX",
+    "JOB_ID",
     "TERMINAL",
     "CancelReply",
     "Cancelled",
@@ -65,10 +68,11 @@ NAME_PATTERN = r"\A[A-Za-z0-9_.\-]+\Z"
 Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=NAME_PATTERN)]
 # Pools become stream names and subject tokens: no dots.
 PoolName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"\A[A-Za-z0-9_\-]+\Z")]
-JobId = Annotated[
-    str,
-    Meta(pattern=r"\A[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z"),
-]
+# A job id is a lowercase UUID4, as the gateway assigns them; `JOB_ID.fullmatch` checks one.
+JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+JobId = Annotated[str, Meta(pattern=rf"\A{JOB_ID.pattern}\Z")]
+# The start of a job id, as a short id is given (`evalq status 1a2b`).
+ID_PREFIX = re.compile(r"[0-9a-f\-]{1,36}")
 # lmms-eval splits `k=v,k=v` on `,` and `=`: either character inside a key or value
 # would silently change the arguments, so both are refused; so are control characters.
 # These two checks run in EvaluateRequest.__post_init__ rather than as `Meta(pattern=...)`:
@@ -363,7 +367,7 @@ class JobsQuery(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
     created_after: Instant | None = None  # inclusive
     created_before: Instant | None = None  # exclusive
     # The start of a job id, lowercase hex: how short ids are resolved.
-    id_prefix: Annotated[str, Meta(min_length=1, max_length=36, pattern=r"\A[0-9a-f\-]+\Z")] | None = None
+    id_prefix: Annotated[str, Meta(min_length=1, max_length=36, pattern=rf"\A{ID_PREFIX.pattern}\Z")] | None = None
     # Which metrics each summary carries; none by default, so a page stays small.
     metrics: Annotated[list[MetricRef], Meta(max_length=64)] = []
     limit: Annotated[int, Meta(ge=1, le=JOBS_PAGE_MAX)] = 100

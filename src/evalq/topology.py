@@ -260,7 +260,9 @@ class Topology:
         except BadRequestError as exc:
             if exc.err_code != STREAM_IN_USE:
                 raise
-            found += await _check_stream(js, f"OBJ_{self.results_bucket}", {"num_replicas": self.replicas}, update)
+            found += await _check_stream(
+                js, jetstream.object_stream(self.results_bucket), {"num_replicas": self.replicas}, update
+            )
         for pool in pools:
             found += await self._ensure_pool(js, pool, update)
         return found
@@ -338,7 +340,7 @@ async def _put_kv(
     except BadRequestError as exc:
         if exc.err_code != STREAM_IN_USE:
             raise
-    stream = f"KV_{config.bucket}"
+    stream = jetstream.kv_stream(config.bucket)
     owned: dict[str, Any] = {"num_replicas": config.replicas, "max_age": config.ttl or 0.0}
     if migrate:
         # Older versions gave the workers bucket a max age; entries now carry their own TTL.

@@ -34,12 +34,12 @@ from nats.js.errors import NotFoundError
 
 from .config import Settings
 from .connection import connect
-from .errors import ConfigError, EvalqError, Unavailable
+from .errors import ConfigError, EvalqError, MissingExtra, Unavailable
+from .extras import install_command
 from .schemas import Completed, decode_event
 from .topology import Topology
 
 __all__ = [
-    "EXTRAS",
     "JobMetrics",
     "MissingExtra",
     "MlflowTracker",
@@ -53,16 +53,9 @@ __all__ = [
 
 log = logging.getLogger("evalq.tracking")
 
-# The pip command that installs each tracker's library.
-EXTRAS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
-
-class MissingExtra(ConfigError):
-    """A tracker's library is not installed; the message is the pip command that installs it."""
-
-    def __init__(self, extra: str) -> None:
-        super().__init__(f"the {extra} tracker needs its library: pip install 'evalq[{EXTRAS[extra]}]'")
-        self.extra = extra
+def _missing(extra: str) -> MissingExtra:
+    return MissingExtra(extra, f"the {extra} tracker needs its library: {install_command(extra)}")
 
 
 @dataclass(frozen=True)
@@ -143,7 +136,7 @@ class TensorBoardTracker:
             from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
             from tensorboard.summary.writer.record_writer import RecordWriter
         except ImportError:
-            raise MissingExtra("tensorboard") from None
+            raise _missing("tensorboard") from None
         self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
         self._tensor_pb2, self._shape_pb2 = tensor_pb2, tensor_shape_pb2
         self._record_writer = RecordWriter
@@ -211,7 +204,7 @@ class MlflowTracker:
             from mlflow.exceptions import MlflowException
             from mlflow.tracking import MlflowClient
         except ImportError:
-            raise MissingExtra("mlflow") from None
+            raise _missing("mlflow") from None
         self._metric, self._tag = Metric, RunTag
         try:
             self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -273,7 +266,7 @@ class WandbTracker:
         try:
             import wandb
         except ImportError:
-            raise MissingExtra("wandb") from None
+            raise _missing("wandb") from None
         self._wandb = wandb
         self.dir = Path(directory)
         self.project = project

@@ -12,13 +12,9 @@ becomes the evalq error that says what to do about it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime as dt
-import hashlib
-import json
 import math
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -31,10 +27,10 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
-from nats.js.api import ObjectInfo, RawStreamMsg
-from nats.js.client import JetStreamContext
+from nats.js.api import ObjectInfo
 from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
+from .. import jetstream
 from ..config import Settings, load_settings
 from ..connection import HINT, connect
 from ..errors import (
@@ -49,6 +45,8 @@ from ..errors import (
     Unavailable,
 )
 from ..schemas import (
+    ID_PREFIX,
+    JOB_ID,
     TERMINAL,
     Cancelled,
     CancelReply,
@@ -73,8 +71,6 @@ from ..topology import Topology
 __all__ = ["Artifact", "AsyncClient"]
 
 T = TypeVar("T")
-_FULL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_ID_PREFIX = re.compile(r"[0-9a-f\-]{1,36}")
 # Candidates an ambiguous short id lists.
 _CANDIDATES = 10
 _SERVICE_CODE = "Nats-Service-Error-Code"
@@ -331,9 +327,9 @@ class AsyncClient:
         short ids). A full id is returned as it is, unasked; an ambiguous prefix raises
         `AmbiguousJobId` with the candidates, an unknown one `JobNotFound`."""
         ref = job_id.strip().lower()
-        if _FULL_ID.fullmatch(ref):
+        if JOB_ID.fullmatch(ref):
             return ref
-        if not _ID_PREFIX.fullmatch(ref):
+        if not ID_PREFIX.fullmatch(ref):
             raise JobNotFound(
                 f"{job_id!r} is not a job id or the start of one (hex digits and dashes)", path="$.job_id"
             )
@@ -346,8 +342,8 @@ class AsyncClient:
 
     # --- events ------------------------------------------------------------------------
 
-    def _js(self) -> JetStreamContext:
-        return self.nc.jetstream(domain=self.settings.connection.js_domain, timeout=self.timeout)
+    def _api(self) -> jetstream.Api:
+        return jetstream.Api.of(self.nc, domain=self.settings.connection.js_domain, timeout=self.timeout)
 
     async def events(self, job_id: str = "*", kind: str = "*", *, history: bool = False) -> AsyncIterator[Event]:
         """Every event matching the filter, as it is stored (from the start when `history`).
@@ -365,21 +361,20 @@ class AsyncClient:
         what = f"the events stream {stream}"
         bell = _Doorbell(patience=self.timeout)
         with self._errors(what):
-            js = self._js()
+            api = self._api()
             sub = await self.nc.subscribe(subject, cb=bell.ring)
         try:
             with self._errors(what):
                 # The server has the subscription before the stream is read, so an event
                 # stored after the read below rings.
                 await self.nc.flush(math.ceil(self.timeout))
-                seq = 0 if history else (await js.stream_info(stream)).state.last_seq
+                seq = 0 if history else (await jetstream.stream_info(api, stream)).state.last_seq
                 while True:
                     bell.clear()
-                    while (msg := await _next_stored(js, stream, subject, seq)) is not None:
-                        seq = msg.seq or seq + 1
-                        data = msg.data or b""
-                        bell.stored(data)
-                        yield decode_event(data)
+                    while (msg := await jetstream.msg_get_next(api, stream, seq + 1, subject)) is not None:
+                        seq = msg.seq
+                        bell.stored(msg.data)
+                        yield decode_event(msg.data)
                     await bell.wait(self.nc)
         finally:
             with contextlib.suppress(Exception):
@@ -441,11 +436,10 @@ class AsyncClient:
         root = (Path(dest_dir) / job_id).resolve()
         written: list[Path] = []
         with self._errors(f"the results bucket {bucket}"):
-            js = self._js()
+            api = self._api()
             names = [f"{job_id}/results.json", f"{job_id}/eval.log"]
-            record = await _last_stored(
-                js, f"KV_{self.topology.jobs_bucket}", f"$KV.{self.topology.jobs_bucket}.{job_id}"
-            )
+            jobs = self.topology.jobs_bucket
+            record = await jetstream.msg_get_last(api, jetstream.kv_stream(jobs), jetstream.kv_subject(jobs, job_id))
             if record is not None and record.data:
                 info = decode(record.data, JobInfo)
                 if info.result is not None:
@@ -455,7 +449,7 @@ class AsyncClient:
                 outside = relative.is_absolute() or ".." in relative.parts or not relative.parts
                 if not name.startswith(f"{job_id}/") or outside:
                     continue  # never write outside dest_dir, whatever the store or the record holds
-                data = await _read_object(js, bucket, name)
+                data = await jetstream.read_object(api, bucket, name)
                 if data is None:
                     continue
                 target = root.joinpath(*relative.parts)
@@ -478,74 +472,8 @@ class AsyncClient:
         full = f"{job_id}/{relative}"
         bucket = self.topology.results_bucket
         with self._errors(f"the results bucket {bucket}"):
-            info = await _object_info(self._js(), bucket, full)
+            info = await jetstream.object_info(self._api(), bucket, full)
         return None if info is None else Artifact(self, full, info)
-
-
-# JetStream's error code for "no such message" (any other 404 is a missing stream).
-_NO_MESSAGE = 10037
-
-
-async def _next_stored(js: JetStreamContext, stream: str, subject: str, after: int) -> RawStreamMsg | None:
-    """The first message on `subject` stored after sequence `after`; None when there is none yet."""
-    try:
-        return await js.get_msg(stream, after + 1, subject=subject, next=True)
-    except NotFoundError as exc:
-        if exc.err_code == _NO_MESSAGE:
-            return None
-        raise
-
-
-async def _last_stored(js: JetStreamContext, stream: str, subject: str) -> RawStreamMsg | None:
-    try:
-        return await js.get_msg(stream, subject=subject)
-    except NotFoundError as exc:
-        if exc.err_code == _NO_MESSAGE:
-            return None
-        raise
-
-
-async def _read_object(js: JetStreamContext, bucket: str, name: str) -> bytes | None:
-    """An object of the store, read chunk by chunk with no consumer; None if it is absent or deleted."""
-    info = await _object_info(js, bucket, name)
-    if info is None:
-        return None
-    data = bytearray()
-    async for chunk in _object_chunks(js, bucket, name, info):
-        data += chunk
-    return bytes(data)
-
-
-async def _object_info(js: JetStreamContext, bucket: str, name: str) -> ObjectInfo | None:
-    meta = await _last_stored(js, f"OBJ_{bucket}", f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}")
-    if meta is None or not meta.data:
-        return None
-    info: ObjectInfo = ObjectInfo.from_response(json.loads(meta.data))
-    if info.deleted or not info.nuid:
-        return None
-    return info
-
-
-async def _object_chunks(js: JetStreamContext, bucket: str, name: str, info: ObjectInfo) -> AsyncIterator[bytes]:
-    """The object's chunks in order, read by sequence; the size and digest are checked at the end,
-    so a reader that streams them on learns of a torn read by the error, after the last chunk."""
-    stream = f"OBJ_{bucket}"
-    chunks = f"$O.{bucket}.C.{info.nuid}"
-    digest = hashlib.sha256()
-    size = 0
-    seq = 0
-    for _ in range(info.chunks or 0):
-        chunk = await _next_stored(js, stream, chunks, seq)
-        if chunk is None:
-            break
-        seq = chunk.seq or seq + 1
-        data = chunk.data or b""
-        digest.update(data)
-        size += len(data)
-        yield data
-    expected = "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode()
-    if size != (info.size or 0) or (info.digest and info.digest.upper() != expected.upper()):
-        raise EvalqError(f"{name} in {bucket} is incomplete or changed while it was read: download it again")
 
 
 class Artifact:
@@ -560,7 +488,7 @@ class Artifact:
     async def chunks(self) -> AsyncIterator[bytes]:
         bucket = self._client.topology.results_bucket
         with self._client._errors(f"the results bucket {bucket}"):
-            async for chunk in _object_chunks(self._client._js(), bucket, self.name, self._info):
+            async for chunk in jetstream.object_chunks(self._client._api(), bucket, self.name, self._info):
                 yield chunk
 
 
