@@ -35,7 +35,7 @@ async def ids(registry: Registry) -> list[str]:
 
 async def test_a_worker_without_its_inventory_is_listed_but_says_nothing(nc: Any, topology: Topology) -> None:
     kv = await nc.jetstream().key_value(topology.workers_bucket)
-    registry = await Registry(kv).start(wait=5.0)
+    registry = await Registry(kv).start(5.0)
     try:
         assert registry.loaded.is_set()
         await kv.put("listing", encode(worker("listing", tasks=None)))
@@ -69,7 +69,7 @@ async def test_a_worker_without_its_inventory_is_listed_but_says_nothing(nc: Any
 async def test_entries_leave_by_their_own_ttl_or_at_once_when_deleted(nc: Any, topology: Topology) -> None:
     kv = await nc.jetstream().key_value(topology.workers_bucket)
     bucket = topology.workers_bucket
-    registry = await Registry(kv).start(wait=5.0)
+    registry = await Registry(kv).start(5.0)
     try:
         await publish(nc, key_put(bucket, "brief", encode(worker("brief", tasks=[], ttl=1.0)), ttl=1.0), timeout=5)
         await publish(nc, key_put(bucket, "long", encode(worker("long", tasks=[], ttl=60.0)), ttl=60.0), timeout=5)

@@ -12,7 +12,6 @@ when its worker deletes it on the way out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from datetime import UTC, datetime
 from nats.js.kv import KeyValue
 
 from .errors import InvalidField, Unavailable
+from .follow import Follower
 from .schemas import EvaluateRequest, WorkerInfo, decode
 
 __all__ = ["Registry", "cannot_run", "check", "is_ready"]
@@ -87,56 +87,58 @@ class _View:
     def __init__(self) -> None:
         self.entries: dict[str, tuple[WorkerInfo, float]] = {}
 
-    def put(self, key: str, value: bytes, created: object) -> None:
+    def apply(self, entry: KeyValue.Entry) -> None:
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            self.entries.pop(entry.key, None)
+            return
         try:
-            worker = decode(value, WorkerInfo)
+            worker = decode(entry.value, WorkerInfo)
         except ValueError:
-            log.warning("ignoring an unreadable worker entry %s", key)
+            log.warning("ignoring an unreadable worker entry %s", entry.key)
             return
         ttl = worker.ttl or _TTL_UNSTATED
         # The server's clock dates the write; an entry read at load time may be most of its
         # TTL old already. Bounded, so a skewed clock can neither keep it nor drop it at once.
+        created = entry.created
         age = (datetime.now(UTC) - created).total_seconds() if isinstance(created, datetime) else 0.0
-        self.entries[key] = (worker, time.monotonic() + ttl - min(max(age, 0.0), ttl))
+        self.entries[entry.key] = (worker, time.monotonic() + ttl - min(max(age, 0.0), ttl))
 
     def live(self) -> list[WorkerInfo]:
         now = time.monotonic()
         return sorted((w for w, expires in self.entries.values() if expires > now), key=lambda w: w.worker_id)
 
 
-class Registry:
+class Registry(Follower):
     """The live workers, loaded from the workers bucket and then followed by a watch.
 
-    `start()` returns once the bucket is loaded (or `wait` has passed); until it is loaded
-    the answers raise `Unavailable` rather than say "no workers".
+    Until the bucket is loaded the answers wait for it, then raise `Unavailable` rather than
+    say "no workers".
     """
 
+    what = "worker registry"
+
     def __init__(self, kv: KeyValue, *, retry: float = 1.0) -> None:
-        self.kv = kv
-        self.retry = retry
-        self.loaded = asyncio.Event()
+        super().__init__(kv, retry=retry)
         self._view = _View()
-        self._task: asyncio.Task[None] | None = None
 
     @classmethod
     async def read(cls, kv: KeyValue) -> list[WorkerInfo]:
         """The live workers now, from one pass over the bucket (for a process that does not follow it)."""
         view = _View()
-        await cls(kv)._load(view, follow=False)
+        async for entry in cls(kv).entries():
+            if entry is None:
+                break
+            view.apply(entry)
         return view.live()
 
-    async def start(self, *, wait: float) -> Registry:
-        self._task = asyncio.create_task(self._run(), name="evalq-registry")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.loaded.wait()), wait)
-        return self
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def follow(self) -> None:
+        view = _View()
+        async for entry in self.entries():
+            if entry is None:  # every stored entry has been read: the view is whole
+                self._view = view
+                self.loaded.set()
+            else:
+                view.apply(entry)
 
     async def workers(self, *, wait: float = 5.0) -> list[WorkerInfo]:
         """Every live worker, ready or not, by worker id."""
@@ -164,34 +166,3 @@ class Registry:
     async def models(self) -> list[str]:
         """Every model some ready worker lists."""
         return sorted(set().union(*(w.models or [] for w in await self.ready())))
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                fresh = _View()
-                await self._load(fresh, follow=True)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # The last view keeps answering (entries still expire by their TTL) while a
-                # new watch loads the bucket again.
-                log.warning("worker registry: the watch of the workers bucket stopped (%s); reloading", exc)
-            await asyncio.sleep(self.retry)
-
-    async def _load(self, view: _View, *, follow: bool) -> None:
-        watcher = await self.kv.watchall()
-        try:
-            async for entry in watcher:
-                if entry is None:  # every stored entry has been read
-                    if not follow:
-                        return
-                    self._view = view
-                    self.loaded.set()
-                    continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    view.entries.pop(entry.key, None)
-                else:
-                    view.put(entry.key, entry.value, entry.created)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]

@@ -10,10 +10,8 @@ cursor, or sorts the smallest matching set first when a filter is selective
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 import datetime as dt
 import logging
 import time
@@ -26,6 +24,7 @@ import msgspec
 from nats.js.kv import KeyValue
 
 from ..errors import InvalidField, Unavailable
+from ..follow import Follower
 from ..schemas import JobsPage, JobsQuery, JobSummary, Progress, encode
 
 __all__ = ["History", "JobIndex", "select_metrics"]
@@ -173,6 +172,10 @@ class JobIndex:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def count(self, status: str) -> int:
+        """How many jobs are in `status`."""
+        return len(self._by_status.get(status, ()))
+
     def get(self, job_id: str) -> JobSummary | None:
         entry = self._entries.get(job_id)
         return entry.summary if entry else None
@@ -319,81 +322,59 @@ def _discard(sets: dict[Any, set[str]], key: Any, job_id: str) -> None:
             del sets[key]
 
 
-class History:
+class History(Follower):
     """A JobIndex that follows the jobs bucket. `start()` waits for the first load only up
     to `wait` seconds; until it is done, queries get 503 (a partial history would call an
     ambiguous short id unique)."""
 
+    what = "job history"
+
     def __init__(self, kv: KeyValue, *, retry: float = 1.0) -> None:
-        self.kv = kv
-        self.retry = retry
+        super().__init__(kv, retry=retry)
         self.index = JobIndex()
-        self.loaded = asyncio.Event()
         self.read = 0  # records read by the load under way
         self.pending: int | None = None  # records it has still to read, as last reported
         self.load_seconds: float | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self, wait: float = 1.0) -> History:
-        self._task = asyncio.create_task(self._run(), name="evalq-history")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.loaded.wait()), wait)
-        return self
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     def note(self, summary: JobSummary, revision: int) -> None:
         """A record this gateway wrote: shown at once, before the watch brings it back."""
         self.index.put(summary, revision)
 
     def page(self, query: JobsQuery, *, max_bytes: int) -> JobsPage:
+        return self._loaded().page(query, max_bytes=max_bytes)
+
+    def counts(self, statuses: Iterable[str]) -> dict[str, int]:
+        """How many jobs the history holds in each of `statuses`."""
+        index = self._loaded()
+        return {status: index.count(status) for status in statuses}
+
+    def _loaded(self) -> JobIndex:
         if not self.loaded.is_set():
             left = "" if self.pending is None else f" ({self.read} read, {self.pending} to go)"
             raise Unavailable(f"this gateway is still loading the job history{left}; retry in a moment")
-        return self.index.page(query, max_bytes=max_bytes)
+        return self.index
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self._follow()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # The last index keeps answering while a new one loads from the bucket.
-                log.warning("job history: the watch of the jobs bucket stopped (%s); reloading", exc)
-            await asyncio.sleep(self.retry)
-
-    async def _follow(self) -> None:
+    async def follow(self) -> None:
         started = time.monotonic()
         fresh = JobIndex()
         self.read, self.pending = 0, None
-        watcher = await self.kv.watchall()
-        try:
-            target = fresh
-            async for entry in watcher:
-                if entry is None:  # every stored record has been read
-                    self.index = target = fresh
-                    self.load_seconds = time.monotonic() - started
-                    self.loaded.set()
-                    log.info("job history: %d jobs loaded in %.2fs", len(fresh), self.load_seconds)
-                    continue
-                if target is fresh and not self.loaded.is_set():
-                    self.read += 1
-                    self.pending = entry.delta
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    target.remove(entry.key, entry.revision or 0)
-                    continue
-                try:
-                    summary = summarize(entry.value)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    log.warning("job history: record %s is unreadable (%s); not listed", entry.key, exc)
-                    continue
-                target.put(summary, entry.revision or 0)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+        target = fresh
+        async for entry in self.entries():
+            if entry is None:  # every stored record has been read
+                self.index = target = fresh
+                self.load_seconds = time.monotonic() - started
+                self.loaded.set()
+                log.info("job history: %d jobs loaded in %.2fs", len(fresh), self.load_seconds)
+                continue
+            if target is fresh and not self.loaded.is_set():
+                self.read += 1
+                self.pending = entry.delta
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                target.remove(entry.key, entry.revision or 0)
+                continue
+            try:
+                summary = summarize(entry.value)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.warning("job history: record %s is unreadable (%s); not listed", entry.key, exc)
+                continue
+            target.put(summary, entry.revision or 0)

@@ -18,7 +18,6 @@ import msgspec
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import AckPolicy, DeliverPolicy
 from nats.js.errors import (
     APIError,
     KeyWrongLastSequenceError,
@@ -171,7 +170,7 @@ class Gateway:
         self.idempotency = await self.js.key_value(self.topology.idempotency_bucket)
         # Followed by a watch; the bucket is small, so it is loaded before serving starts.
         self.registry = await Registry(await self.js.key_value(self.topology.workers_bucket)).start(
-            wait=self.settings.connection.request_timeout
+            self.settings.connection.request_timeout
         )
         self.policies = Policies(await self.js.key_value(self.topology.pools_bucket))
         # Loads in the background past a second: a long history must not hold up serving.
@@ -527,10 +526,11 @@ class Gateway:
 
     async def queue(self, request: Request) -> QueueStatus:
         pools = await self._known_pools()
-        snapshots, ids, counts, workers = await asyncio.gather(
+        # Counted from the history's index: no consumer is made for a count.
+        counts = self.history.counts(("completed", "failed", "cancelled"))
+        snapshots, ids, workers = await asyncio.gather(
             asyncio.gather(*(self.positions.snapshot(p) for p in pools)),
             asyncio.gather(*(self._queued_ids(p) for p in pools)),
-            self._terminal_counts(),
             self.registry.workers(),
         )
         running = sorted({w.current_job for w in workers if w.current_job})
@@ -561,27 +561,6 @@ class Gateway:
             ids.append(stored.subject[len(head) :])
             seq = stored.seq + 1
         return ids
-
-    async def _terminal_counts(self) -> dict[str, int]:
-        """Counts of terminal events still in the events stream (its max_age bounds them)."""
-
-        async def count(kind: str) -> int:
-            info = await self.js.add_consumer(
-                self.topology.events_stream,
-                filter_subject=self.topology.events_filter("*", kind),
-                ack_policy=AckPolicy.NONE,
-                deliver_policy=DeliverPolicy.ALL,
-                inactive_threshold=5.0,
-                mem_storage=True,
-            )
-            try:
-                return info.num_pending or 0
-            finally:
-                await self.js.delete_consumer(self.topology.events_stream, info.name)
-
-        kinds = ("completed", "failed", "cancelled")
-        values = await asyncio.gather(*(count(k) for k in kinds))
-        return dict(zip(kinds, values, strict=True))
 
     async def health(self, request: Request) -> Health:
         pools = await self._known_pools()
