@@ -238,6 +238,11 @@ BAD_INPUTS = [
     (encode({**JOB, "labels": {"epoch": "3\x00"}}), 422, "$.labels.epoch"),
     (encode({**JOB, "labels": {"epoch": "3\r\nforged line"}}), 422, "$.labels.epoch"),
     (encode({**JOB, "labels": {"epoch": "\x1b]0;title\x07"}}), 422, "$.labels.epoch"),
+    # Nor a character that reorders or hides what is shown (`evalq queue`, the dashboard).
+    (encode({**JOB, "labels": {"run": "safe\u202eexe.txt"}}), 422, "$.labels.run"),
+    (encode({**JOB, "labels": {"run": "a\u200bb"}}), 422, "$.labels.run"),
+    # Requests are readable by every submitter: no credential in them.
+    (encode({**JOB, "model_args": {"pretrained": "m", "hf_token": "hf_x"}}), 422, "$.model_args.hf_token"),
     # Integers bounded to what lmms-eval takes.
     (encode({**JOB, "limit": 10**30}), 422, "$.limit"),
     (encode({**JOB, "model_args": {"max_pixels": 2**60}}), 422, "$.model_args[...]"),
@@ -342,3 +347,22 @@ async def test_position_reads_are_shared_under_load(client: AsyncClient, gateway
     assert sorted(r.position_in_queue for r in results) == list(range(100))  # type: ignore[type-var]
     shared = gateway.positions.fetches - before
     assert shared < 100, f"{shared} reads for 100 submits: every submit read the stream and consumer info itself"
+
+
+async def test_an_older_record_holding_a_credential_is_shown_without_its_request(
+    client: AsyncClient, nc: Any, topology: Topology
+) -> None:
+    # Written before credentials were refused: the record must not hand the token to whoever asks.
+    accepted = await client.submit(**JOB)
+    kv = await nc.jetstream().key_value(topology.jobs_bucket)
+    entry = await kv.get(accepted.job_id)
+    raw = json.loads(entry.value)
+    raw["request"]["model_args"] = {"pretrained": "m", "hf_token": "hf_planted"}
+    await kv.update(accepted.job_id, json.dumps(raw).encode(), last=entry.revision)
+    info = await client.get_job(accepted.job_id)
+    assert info.request is None
+    assert "hf_planted" not in json.dumps(msgspec.to_builtins(info))
+    # A change of state writes the record back without it.
+    await client.cancel_job(accepted.job_id)
+    assert b"hf_planted" not in (await kv.get(accepted.job_id)).value
+

@@ -73,6 +73,20 @@ def test_minimal_request_gets_lmms_eval_defaults() -> None:
         ({"labels": {"ok": "x", "epoch": "\x1b[2J"}}, "$.labels.epoch"),
         ({"labels": {"epoch": "\x7f"}}, "$.labels.epoch"),
         ({"labels": {"epoch": "\x9b31m"}}, "$.labels.epoch"),
+        # Nor a character that reorders, breaks or hides what is shown: bidirectional
+        # overrides and isolates, the line separators, zero-width and byte-order marks.
+        ({"labels": {"run": "evil\u202egnp.exe"}}, "$.labels.run"),
+        ({"labels": {"run": "a\u2066b"}}, "$.labels.run"),
+        ({"labels": {"run": "line\u2028forged"}}, "$.labels.run"),
+        ({"labels": {"run": "ab\u200bc"}}, "$.labels.run"),
+        ({"labels": {"run": "\ufeffx"}}, "$.labels.run"),
+        ({"model_args": {"pretrained": "m\u202e"}}, "$.model_args.pretrained"),
+        # No credential: a request is readable by every submitter.
+        ({"model_args": {"pretrained": "m", "hf_token": "hf_abc"}}, "$.model_args.hf_token"),
+        ({"model_args": {"api_key": "sk-1"}}, "$.model_args.api_key"),
+        ({"model_args": {"openai_api_key": "sk-1"}}, "$.model_args.openai_api_key"),
+        ({"model_args": "pretrained=m,token=hf_abc"}, "$.model_args.token"),
+        ({"gen_kwargs": {"Password": "x"}}, "$.gen_kwargs.Password"),
         # Every int bounded to what lmms-eval takes.
         ({"limit": 10**30}, "$.limit"),
         ({"limit": 10**9 + 1}, "$.limit"),
@@ -147,3 +161,17 @@ def test_a_bad_dict_key_names_its_dict() -> None:
     with pytest.raises(msgspec.ValidationError) as refused:
         decode(b'{"model": "m", "tasks": ["t"], "labels": {"bad key": "v"}}', EvaluateRequest)
     assert error_path(refused.value)[1] == "$.labels"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"labels": {"run": "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"}},  # Persian needs the non-joiner
+        {"labels": {"team": "\U0001f468\u200d\U0001f4bb"}},  # an emoji sequence joins with U+200D
+        {"model_args": {"pretrained": "m", "use_auth_token": True}},  # use the worker's own token
+        {"model_args": "pretrained=m,use_auth_token=True"},
+        {"gen_kwargs": {"eos_token": "</s>", "max_new_tokens": 16}},
+    ],
+)
+def test_what_looks_close_but_is_fine_is_accepted(fields: dict[str, object]) -> None:
+    decode(body(**fields), EvaluateRequest)

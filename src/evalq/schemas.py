@@ -19,6 +19,7 @@ __all__ = [
     "CONTROL",
     "ID_PREFIX",
     "JOB_ID",
+    "SECRET_KEY",
     "TERMINAL",
     "CancelReply",
     "Cancelled",
@@ -81,9 +82,26 @@ ID_PREFIX = re.compile(r"[0-9a-f\-]{1,36}")
 JOB_ID_SEGMENT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # Both are used with fullmatch, so a final newline is not let through.
 ARG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
-ARG_TEXT = re.compile(r"[^,=\x00-\x1f\x7f-\x9f]*")
-# Control characters (C0, DEL, C1): none may be in a label, which is printed wherever events are.
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Characters that act on a terminal or a page instead of showing: C0, DEL and C1 controls;
+# bidirectional overrides, embeddings, isolates and marks, which reorder what follows (a
+# label `\u202e...` prints backwards); the line and paragraph separators, which break a line
+# where no newline shows; and invisible ones (zero-width space, word joiner, byte-order
+# mark), which make two different texts look alike. The zero-width joiner and non-joiner
+# (U+200C, U+200D) stay allowed: scripts such as Persian and emoji sequences need them.
+_UNSHOWN = "\x00-\x1f\x7f-\x9f\u061c\u180e\u200b\u200e\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
+ARG_TEXT = re.compile(f"[^,={_UNSHOWN}]*")
+# None may be in a label, which is printed wherever events are; the CLI escapes them in
+# whatever it prints.
+CONTROL = re.compile(f"[{_UNSHOWN}]")
+# Keys that name a credential. A request is readable by every submitter (status, events,
+# the dashboard), so credentials belong in the worker's environment, never in a request.
+# Exact names, and suffixes such as `_api_key`; `eos_token` and the like are not secrets.
+SECRET_KEY = re.compile(
+    r"(?:token|hf_token|api_?key|access_token|auth_token|use_auth_token|api_token|bearer_token|password|passwd|"
+    r"secret|secret_key|client_secret|private_key|credentials?|aws_secret_access_key|aws_session_token"
+    r"|[a-z0-9_.\-]*_(?:api_?key|secret|password|access_token|auth_token|api_token|secret_key|private_key))",
+    re.IGNORECASE,
+)
 # lmms-eval reads an int in model_args/gen_kwargs back from text and hands it to the model,
 # where it may become a C integer or a float: bounded to the ints a float holds exactly.
 ArgInt = Annotated[int, Meta(ge=-(2**53), le=2**53)]
@@ -177,12 +195,23 @@ def _check_args(args: dict[str, Any] | str | None, field: str) -> None:
                     f"Expected `k=v,k=v` with no `,` or `=` inside a key or value, got item {index} "
                     f"{key + eq + value!r} - at `$.{field}`"
                 )
+            _refuse_secret(key, value, field)
         return
     for key, value in args.items():
         if not ARG_KEY.fullmatch(key):
             raise ValueError(f"Invalid key {key!r}: expected a name matching {ARG_KEY.pattern!r} - at `$.{field}`")
         if isinstance(value, str) and not ARG_TEXT.fullmatch(value):
             raise ValueError(f"Expected a value with no `,`, `=` or control character - at `$.{field}.{key}`")
+        _refuse_secret(key, value, field)
+
+
+def _refuse_secret(key: str, value: object, field: str) -> None:
+    # A flag such as `use_auth_token=True` says to use the worker's own token: no secret.
+    if SECRET_KEY.fullmatch(key) and not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
+        raise ValueError(
+            f"Expected no credential in a request: {key!r} would be readable by every submitter; "
+            f"set it in the worker's environment (e.g. HF_TOKEN) instead - at `$.{field}.{key}`"
+        )
 
 
 def format_args(args: Mapping[str, object] | str | None) -> str:

@@ -22,6 +22,12 @@ def strip_ansi(text: str) -> str:
 
 
 def escape_control(text: object, *, lines: bool = False) -> str:
-    """`text` with each control character written as a `\\xNN` escape; `lines` keeps newlines."""
+    """`text` with each control, bidirectional or invisible character written as an escape
+    (`\\xNN`, `\\uNNNN`); `lines` keeps newlines."""
     parts = str(text).split("\n") if lines else [str(text)]
-    return "\n".join(CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", part) for part in parts)
+    return "\n".join(CONTROL.sub(_escape, part) for part in parts)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
