@@ -41,15 +41,16 @@ def server(
 
     async def main() -> None:
         async with embedded:
-            if json_:
-                dump({"url": embedded.url, "store": str(embedded.store_dir)})
-            else:
-                console.print(
-                    shown(f"nats-server listening on {embedded.url} (store {embedded.store_dir}); Ctrl-C stops it")
-                )
             stop = asyncio.Event()
+            # Before the ready line: whoever reads it may stop the server at once.
             remove = on_signals(stop.set)
             try:
+                if json_:
+                    dump({"url": embedded.url, "store": str(embedded.store_dir)})
+                else:
+                    console.print(
+                        shown(f"nats-server listening on {embedded.url} (store {embedded.store_dir}); Ctrl-C stops it")
+                    )
                 await stop.wait()
             finally:
                 remove()
