@@ -17,8 +17,8 @@ from pathlib import Path
 from pyinstrument import Profiler
 from pyinstrument.frame import Frame
 
+from evalq.cli.processes import run_gateway
 from evalq.config import load_settings
-from evalq.processes import run_gateway
 
 _IDLE = {"epoll.poll", "select.epoll.poll", "select", "poll"}  # the event loop waiting: wall time, not CPU
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +190,12 @@ async def test_labels_and_reasons_from_older_records_are_printed_escaped(
         "queue",
         "jobs",
         "workers",
+        "health",
+        "tasks",
+        "models",
         "setup",
+        "track",
+        "watch-dir",
     ],
 )
 async def test_every_command_has_help_with_an_example(settings: Settings, command: str) -> None:
@@ -210,3 +217,45 @@ async def test_setup_is_how_queue_settings_change(settings: Settings, nc: Any, t
     assert (await js.consumer_info(topology.work_stream("default"), topology.consumer)).config.ack_wait == 7.0
     code, out, _ = await evalq(settings, "setup", "--ack-wait", "7")
     assert code == 0 and "as configured" in out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("argv", "keys"),
+    [
+        (["server", "--port", "{port}", "--store-dir", "{tmp}/store"], {"url", "store"}),
+        (["gateway"], {"prefix", "nats_url"}),
+        (["ui", "--port", "0"], {"url", "lmms_eval_api"}),
+    ],
+)
+async def test_a_service_says_it_is_ready_in_one_json_object(
+    settings: Settings, topology: Topology, tmp_path: Path, argv: list[str], keys: set[str]
+) -> None:
+    args = [arg.format(port=free_port(), tmp=tmp_path) for arg in argv]
+    proc = await asyncio.create_subprocess_exec(
+        *EVALQ,
+        *args,
+        "--json",
+        env=settings_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 60) if proc.stdout else b""
+        ready = json.loads(line)
+        assert set(ready) == keys, ready
+        if "url" in ready:
+            assert ready["url"].startswith(("nats://127.0.0.1:", "http://127.0.0.1:"))
+        proc.terminate()
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err
+        assert out == b"", out
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -17,7 +17,8 @@ import pytest
 from rich.console import Console
 
 import evalq
-from evalq import AsyncClient, cli
+from evalq import AsyncClient
+from evalq.cli import output
 from evalq.config import Settings
 from evalq.extras import missing_for
 from evalq.schemas import WorkerInfo, now
@@ -146,7 +147,7 @@ async def test_labels_and_task_names_with_markup_are_printed_as_text(
 def test_metric_tables_print_task_names_as_text(monkeypatch: pytest.MonkeyPatch) -> None:
     # Task and metric names come from the evaluator's results file.
     out = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=out, width=200))
-    cli._print_metrics({"[red]task": {"[red]metric": "[red]n/a", "acc": 0.5}})
+    monkeypatch.setattr(output, "console", Console(file=out, width=200))
+    output.print_metrics({"[red]task": {"[red]metric": "[red]n/a", "acc": 0.5}})
     text = out.getvalue()
     assert "[red]task" in text and "[red]metric" in text and "[red]n/a" in text and "0.5" in text

@@ -45,7 +45,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta, Struct
@@ -55,6 +55,7 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from . import jetstream
+from .config import Settings
 from .errors import InvalidField
 from .schemas import EvaluateRequest, format_args
 from .topology import Topology
@@ -64,6 +65,8 @@ __all__ = [
     "LOCATION_SUFFIXES",
     "Policies",
     "PoolPolicy",
+    "SetupChange",
+    "apply_setup",
     "check",
     "decode_policy",
     "effective_timeout",
@@ -457,3 +460,51 @@ async def store_policy(nc: Client, topology: Topology, pool: str, policy: PoolPo
     await jetstream.publish(
         nc, jetstream.key_put(topology.pools_bucket, pool, msgspec.json.encode(policy)), timeout=timeout
     )
+
+
+# --- evalq setup ---------------------------------------------------------------------------
+
+
+class SetupChange(Struct, frozen=True, kw_only=True):
+    """A setting `apply_setup` changed (or, in a dry run, would change); `--json` prints these."""
+
+    object: str  # `stream X`, `consumer X/Y`, or `pool P`
+    setting: str  # the setting's name; `policy` for a pool's whole policy
+    was: Any
+    now: Any
+
+
+async def apply_setup(
+    nc: Client,
+    settings: Settings,
+    pools: tuple[str, ...] = ("default",),
+    *,
+    policy: Mapping[str, object] | None = None,
+    reset_policy: bool = False,
+    dry_run: bool = False,
+) -> list[SetupChange]:
+    """Apply the queue settings of `settings` and a policy to each of `pools`; returns what changed.
+
+    The queue's objects are created where missing and given these settings where they differ
+    (`Topology.apply`). With `policy` (fields of `PoolPolicy` to set) or `reset_policy`, each
+    pool's policy becomes its current one (or the default, with `reset_policy`) with `policy`
+    over it, and is written when it differs. With `dry_run`, nothing is written. A policy that
+    is not valid raises `ValueError` or `msgspec.ValidationError` before anything is touched.
+    """
+    changes = dict(policy or {})
+    revised(PoolPolicy(), **changes)
+    timeout = settings.connection.request_timeout
+    js = nc.jetstream(timeout=timeout, domain=settings.connection.js_domain)
+    topology = Topology.from_settings(settings)
+    found = await topology.apply(js, pools, dry_run=dry_run)
+    done = [SetupChange(object=m.object, setting=m.setting, was=m.current, now=m.wanted) for m in found]
+    for pool in pools if changes or reset_policy else ():
+        current = await load_policy(js, topology, pool)
+        wanted = revised(PoolPolicy() if reset_policy else current, **changes)
+        if wanted == current:
+            continue
+        if not dry_run:
+            await store_policy(nc, topology, pool, wanted, timeout=timeout)
+        was, now = msgspec.to_builtins(current), msgspec.to_builtins(wanted)
+        done.append(SetupChange(object=f"pool {pool}", setting="policy", was=was, now=now))
+    return done

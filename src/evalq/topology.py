@@ -223,6 +223,19 @@ class Topology:
             log.warning("%s", mismatch)
         return found
 
+    async def apply(
+        self, js: JetStreamContext, pools: tuple[str, ...], *, dry_run: bool = False, timeout: float = 30.0
+    ) -> list[Mismatch]:
+        """Bring the queue's objects to this topology's settings (what `evalq setup` does).
+
+        Creates what is missing, and returns each owned setting that differed; those are
+        updated unless `dry_run`. Nothing is logged: the differences are the caller's answer.
+        """
+        found = await _retrying(time.monotonic() + timeout, lambda: self._ensure_once(js, pools, False))
+        if found and not dry_run:
+            await _retrying(time.monotonic() + timeout, lambda: self._ensure_once(js, pools, True))
+        return found
+
     async def ensure_pool(self, js: JetStreamContext, pool: str, *, timeout: float = 30.0) -> list[Mismatch]:
         """Create one pool's work stream and consumer if missing (a worker's or a gateway's first use)."""
         return await _retrying(time.monotonic() + timeout, lambda: self._ensure_pool(js, pool, False))

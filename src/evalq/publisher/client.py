@@ -394,14 +394,31 @@ class AsyncClient:
                 return
 
     async def wait_for_job(self, job_id: str, timeout: float | None = None) -> JobInfo:
-        """Wait for the job's end; returns its JobInfo, or raises JobFailed / JobCancelled / Timeout."""
+        """Wait for the job's end; returns its JobInfo, or raises JobFailed / JobCancelled / Timeout.
+
+        One status request (a 404 for an unknown id, before any waiting); then the job's events
+        until its terminal one, and its record read once from the jobs bucket, where it is
+        terminal by then (a record is written before its event).
+        """
         try:
             async with asyncio.timeout(timeout):
-                info = await self.get_job(job_id)  # 404 for an unknown id, before any waiting
+                info = await self.get_job(job_id)
                 if info.status not in TERMINAL:
-                    async for _ in self.watch(job_id):
-                        pass
-                    info = await self.get_job(job_id)
+                    stored = self.events(job_id, history=True)
+                    try:
+                        async for event in stored:
+                            if isinstance(event, (Completed, Failed, Cancelled)):
+                                break
+                    finally:
+                        await stored.aclose()  # type: ignore[attr-defined]
+                    bucket = self.topology.jobs_bucket
+                    with self._errors(f"the jobs bucket {bucket}"):
+                        record = await _last_stored(self._js(), f"KV_{bucket}", f"$KV.{bucket}.{job_id}")
+                    try:
+                        info = decode(record.data if record is not None and record.data else b"", JobInfo)
+                    except msgspec.DecodeError:
+                        # Gone, or stored under older rules: the gateway reads it leniently, or says why not.
+                        info = await self.get_job(job_id)
         except TimeoutError as exc:
             if isinstance(exc, EvalqError):
                 raise

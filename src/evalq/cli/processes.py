@@ -13,9 +13,12 @@ import logging
 import signal
 from collections.abc import Callable
 
-from .config import Settings
-from .connection import connect
-from .embedded import EmbeddedServer
+from ..config import Settings
+from ..connection import connect
+from ..embedded import EmbeddedServer
+from ..gateway import Gateway
+from ..publisher import AsyncClient
+from ..web import WebServer, check_exposure
 
 __all__ = ["on_signals", "run_gateway", "run_ui", "run_up", "run_worker"]
 
@@ -36,8 +39,6 @@ def on_signals(stop: Callable[[], None]) -> Callable[[], None]:
 
 
 async def run_gateway(settings: Settings, ready: Callable[[], None] | None = None) -> None:
-    from .gateway import Gateway
-
     nc = await connect(settings, name="evalq-gateway")
     stopped = asyncio.Event()
     remove = on_signals(stopped.set) if settings.handle_signals else (lambda: None)
@@ -52,14 +53,15 @@ async def run_gateway(settings: Settings, ready: Callable[[], None] | None = Non
             await nc.drain()
 
 
-async def run_worker(settings: Settings, ready: Callable[[], None] | None = None) -> None:
-    from .worker import Worker
+async def run_worker(settings: Settings, ready: Callable[[str], None] | None = None) -> None:
+    """A worker until a signal stops it; `ready` gets its id once it takes jobs."""
+    from ..worker import Worker
 
     nc = await connect(settings, name="evalq-worker")
     try:
         async with Worker(nc, settings) as worker:
             if ready:
-                ready()
+                ready(worker.worker_id)
             await worker.run()
     finally:
         with contextlib.suppress(Exception):
@@ -68,9 +70,6 @@ async def run_worker(settings: Settings, ready: Callable[[], None] | None = None
 
 async def run_ui(settings: Settings, ready: Callable[[str], None] | None = None) -> None:
     """The web process alone, in front of a queue that runs elsewhere."""
-    from .publisher import AsyncClient
-    from .web import WebServer, check_exposure
-
     check_exposure(settings.ui)  # before connecting: a refusal is about this process's own flags
     nc = await connect(settings, name="evalq-web")
     stopped = asyncio.Event()
@@ -104,12 +103,9 @@ async def run_up(
     The web process takes a free port when its own is in use, so two `evalq up` on one
     machine both start; `web_ready` gets its URL, before `ready` gets the server's.
     """
-    from .gateway import Gateway
-    from .worker import Worker
+    from ..worker import Worker
 
     if web:
-        from .web import check_exposure
-
         check_exposure(settings.ui)
     server = EmbeddedServer(settings.home_path / "nats", port=port)
     async with server:
@@ -122,9 +118,6 @@ async def run_up(
                 await stack.enter_async_context(Gateway(gateway_nc, local))
                 worker = await stack.enter_async_context(Worker(worker_nc, local))
                 if web_nc is not None:
-                    from .publisher import AsyncClient
-                    from .web import WebServer
-
                     server_web = await stack.enter_async_context(
                         WebServer(local, AsyncClient(local, nc=web_nc), fallback_port=True)
                     )

@@ -1,0 +1,219 @@
+"""The commands about the queue itself: setup, health, workers, tasks, models."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Optional
+
+import msgspec
+import typer
+
+from ..connection import connect
+from ..policy import PoolPolicy, SetupChange, apply_setup, revised
+from ..publisher import AsyncClient
+from ..schemas import Health
+from .app import JsonOpt, client_command, run, settings
+from .output import console, dump, errors, print_rows, shown
+
+__all__ = ["health", "models", "setup", "tasks", "version_skew", "workers"]
+
+
+def setup(
+    ctx: typer.Context,
+    pool: Annotated[list[str], typer.Option(help="A pool to create or update (repeat it); default: `default`.")] = [],  # noqa: B006
+    ack_wait: Annotated[Optional[float], typer.Option(help="Seconds before a silent job is redelivered.")] = None,
+    replicas: Annotated[Optional[int], typer.Option(help="JetStream replicas for every stream and bucket.")] = None,
+    queue_limit: Annotated[Optional[int], typer.Option(help="Jobs a pool holds.")] = None,
+    trust_remote_code: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--trust-remote-code/--no-trust-remote-code",
+            help="Policy: whether requests may set trust_remote_code for any model they may name "
+            "(without it, only for a model named by a local path under a model root).",
+        ),
+    ] = None,
+    model_root: Annotated[
+        list[str],
+        typer.Option(help="Policy: an absolute folder under which requests may name local models (repeat it)."),
+    ] = [],  # noqa: B006
+    hub_prefix: Annotated[
+        list[str],
+        typer.Option(
+            help="Policy: hub ids requests may name: an organisation (`my-org`), a prefix with a `/`, "
+            "or `*` for any (repeat it)."
+        ),
+    ] = [],  # noqa: B006
+    default_timeout: Annotated[
+        Optional[int], typer.Option(help="Policy: seconds a job without its own timeout may run (0: no limit).")
+    ] = None,
+    max_timeout: Annotated[
+        Optional[int], typer.Option(help="Policy: the largest timeout a job may have, in seconds (0: no limit).")
+    ] = None,
+    reset_policy: Annotated[
+        bool, typer.Option("--reset-policy", help="Policy: start from the default instead of the pool's current one.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what differs.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create the queue's JetStream objects, or apply these queue settings and pool policies to them.
+
+    Every other process creates what is missing and leaves what exists as it is (a difference is
+    logged); this command is how the queue's settings change on purpose.
+
+    The policy options set what requests to each `--pool` may make its workers load and how long
+    their jobs may run. A list option replaces the pool's list; options not given keep the pool's
+    current values. A pool never set up refuses local paths, hub ids and trust_remote_code.
+
+    Example: `evalq setup --ack-wait 30 --pool default --pool big`
+
+    Example: `evalq setup --pool gpu --model-root /models --hub-prefix my-org --max-timeout 86400`
+    """
+    chosen = settings(ctx, ack_wait=ack_wait, replicas=replicas, queue_limit=queue_limit)
+    pools = tuple(pool) or ("default",)
+    changes: dict[str, Any] = {}
+    if trust_remote_code is not None:
+        changes["trust_remote_code"] = trust_remote_code
+    for root in model_root:
+        if not root.startswith("/"):
+            raise typer.BadParameter(f"{root!r} is not an absolute path", param_hint="--model-root")
+    if model_root:
+        changes["model_roots"] = model_root
+    if hub_prefix:
+        changes["hub_prefixes"] = hub_prefix
+    for name, seconds in (("default_timeout_s", default_timeout), ("max_timeout_s", max_timeout)):
+        if seconds is not None:
+            changes[name] = seconds or None
+    try:
+        # Checked before connecting, so a bad value is a usage error and changes nothing.
+        revised(PoolPolicy(), **changes)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="the policy options") from None
+
+    async def main() -> list[SetupChange]:
+        nc = await connect(chosen, name="evalq-setup")
+        try:
+            return await apply_setup(nc, chosen, pools, policy=changes, reset_policy=reset_policy, dry_run=dry_run)
+        finally:
+            await nc.close()
+
+    done = run(main())
+    if json_out:
+        dump(done)
+        return
+    verb = "would change" if dry_run else "changed"
+    for change in done:
+        if change.setting != "policy":
+            line = f"{change.object}: {change.setting} {verb} from {change.was!r} to {change.now!r}"
+            console.print(shown(line), highlight=False, soft_wrap=True)
+            continue
+        # A policy is shown field by field: only what differs.
+        for field, now in change.now.items():
+            if change.was[field] != now:
+                line = f"{change.object}: policy {field} {verb} from {change.was[field]!r} to {now!r}"
+                console.print(shown(line), highlight=False, soft_wrap=True)
+    if not done:
+        console.print(shown(f"queue {chosen.queue.prefix!r} is as configured (pools: {', '.join(pools)})"))
+
+
+def workers(ctx: typer.Context, json_: JsonOpt = False) -> None:
+    """List live workers: host, pool, GPUs, lmms-eval version, current job.
+
+    Example: `evalq workers --json`
+    """
+
+    async def main(client: AsyncClient) -> None:
+        live = (await client.health()).workers
+        if json_:
+            dump(live)
+            return
+        rows = [
+            (
+                w.worker_id,
+                w.host,
+                w.pool,
+                ", ".join(g.name for g in w.gpus) or "cpu",
+                w.lmms_eval_version or "",
+                "?" if w.models is None else str(len(w.models)),
+                "?" if w.tasks is None else str(len(w.tasks)),
+                w.current_job or "",
+                w.heartbeat_at,
+            )
+            for w in live
+        ]
+        columns = ("worker", "host", "pool", "gpus", "lmms-eval", "models", "tasks", "current job", "heartbeat")
+        print_rows(f"{len(live)} workers", columns, rows)
+
+    client_command(main)(ctx)
+
+
+def health(ctx: typer.Context, json_: JsonOpt = False) -> None:
+    """Check the gateway: status, pools, queue size, workers, and its evalq version.
+
+    Warns (on stderr) about each worker whose evalq differs from the gateway's in minor version.
+
+    Example: `evalq health --json`
+    """
+
+    async def main(client: AsyncClient) -> None:
+        state = await client.health()
+        if json_:
+            dump(state)
+        else:
+            console.print(
+                shown(
+                    f"{state.status}: pools {', '.join(state.pools)}; {state.queue_size} queued; "
+                    f"{len(state.workers)} workers; evalq {state.version}"
+                ),
+                highlight=False,
+            )
+        # On stderr, so `--json` stays one object on stdout.
+        for line in version_skew(state):
+            errors.print(f"[yellow]warning:[/yellow] {shown(line)}", highlight=False, soft_wrap=True)
+
+    client_command(main)(ctx)
+
+
+def _minor(version: str) -> str:
+    """`major.minor` of a version; the whole string when it has no such prefix."""
+    match = re.match(r"\d+\.\d+", version)
+    return match.group() if match else version
+
+
+def version_skew(state: Health) -> list[str]:
+    """A line per worker whose evalq differs from the gateway's in major or minor version.
+
+    A gateway and its workers are meant to run one minor version: the wire types between them
+    may change across minor versions. An entry without a version predates the field: not judged.
+    """
+    return [
+        f"worker {w.worker_id} runs evalq {w.version}, the gateway {state.version}: "
+        "upgrade them to the same minor version"
+        for w in state.workers
+        if w.version and _minor(w.version) != _minor(state.version)
+    ]
+
+
+def tasks(ctx: typer.Context, json_: JsonOpt = False) -> None:
+    """List the tasks that live workers can run.
+
+    Example: `evalq tasks | grep mmmu`
+    """
+
+    async def main(client: AsyncClient) -> None:
+        names = await client.list_tasks()
+        dump({"tasks": names}) if json_ else console.print("\n".join(shown(n) for n in names), highlight=False)
+
+    client_command(main)(ctx)
+
+
+def models(ctx: typer.Context, json_: JsonOpt = False) -> None:
+    """List the models that live workers can run.
+
+    Example: `evalq models --json`
+    """
+
+    async def main(client: AsyncClient) -> None:
+        names = await client.list_models()
+        dump({"models": names}) if json_ else console.print("\n".join(shown(n) for n in names), highlight=False)
+
+    client_command(main)(ctx)
