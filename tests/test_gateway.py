@@ -365,4 +365,3 @@ async def test_an_older_record_holding_a_credential_is_shown_without_its_request
     # A change of state writes the record back without it.
     await client.cancel_job(accepted.job_id)
     assert b"hf_planted" not in (await kv.get(accepted.job_id)).value
-

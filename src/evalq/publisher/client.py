@@ -413,7 +413,9 @@ class AsyncClient:
                         await stored.aclose()  # type: ignore[attr-defined]
                     bucket = self.topology.jobs_bucket
                     with self._errors(f"the jobs bucket {bucket}"):
-                        record = await _last_stored(self._js(), f"KV_{bucket}", f"$KV.{bucket}.{job_id}")
+                        record = await jetstream.msg_get_last(
+                            self._api(), jetstream.kv_stream(bucket), jetstream.kv_subject(bucket, job_id)
+                        )
                     try:
                         info = decode(record.data if record is not None and record.data else b"", JobInfo)
                     except msgspec.DecodeError:
