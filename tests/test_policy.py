@@ -206,6 +206,60 @@ def test_recheck_resolves_symlinks_out_of_a_root(tmp_path: Path) -> None:
     assert reason is not None and "$.model_args.pretrained" in reason
 
 
+def test_recheck_refuses_a_weight_file_linked_from_outside_the_root(tmp_path: Path) -> None:
+    # The folder is under the root; a file the loader opens inside it is not.
+    root, outside = tmp_path / "models", tmp_path / "outside"
+    model = root / "m"
+    (model / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "model.safetensors").write_bytes(b"weights from elsewhere")
+    (model / "config.json").write_text("{}")
+    (root / "blobs").mkdir()
+    (root / "blobs" / "abc").write_bytes(b"cached")
+    (model / "cached.bin").symlink_to(root / "blobs" / "abc")  # a cache's link inside the root is fine
+    policy = PoolPolicy(model_roots=[str(root)])
+    asked = request({"pretrained": str(model)})
+    assert recheck(asked, policy) is None
+    (model / "sub" / "model.safetensors").symlink_to(outside / "model.safetensors")
+    check(asked, policy)  # the gateway cannot see the files
+    reason = recheck(asked, policy)
+    assert reason is not None and "sub/model.safetensors" in reason and "$.model_args.pretrained" in reason
+
+
+@both_forms
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("vision_tower", "other-org/clip"),
+        ("tokenizer_name", "other-org/tok"),
+        ("model_name", "other-org/m"),
+        ("peft", "other-org/adapter"),
+        ("base_url", "http://attacker.example/v1"),
+        ("server_url", "https://judge.example"),
+    ],
+)
+def test_every_key_that_names_a_model_or_a_location_is_checked(form: Any, key: str, value: str) -> None:
+    assert refusal(request(form({key: value})), PoolPolicy(hub_prefixes=["my-org"])) == f"$.model_args.{key}"
+
+
+@both_forms
+def test_url_prefixes(form: Any) -> None:
+    judge = PoolPolicy(url_prefixes=["http://judge:8000"])
+    check(request(form({"base_url": "http://judge:8000"})), judge)
+    check(request(form({"base_url": "http://judge:8000/v1"})), judge)
+    check(request(form({"base_url": "HTTP://JUDGE:8000/v1"})), judge)  # scheme and host regardless of case
+    assert refusal(request(form({"base_url": "http://judge:8000.evil.example/v1"})), judge) == "$.model_args.base_url"
+    assert refusal(request(form({"base_url": "http://judge:80"})), judge) == "$.model_args.base_url"
+    assert refusal(request(form({"base_url": "https://judge:8000"})), judge) == "$.model_args.base_url"
+    check(request(form({"base_url": "https://anywhere/v1"})), PoolPolicy(url_prefixes=["*"]))
+    # A URL is no local model: it never brings remote code with it.
+    assert refusal(request(form({"base_url": "http://judge:8000", "trust_remote_code": True})), judge).endswith(
+        "trust_remote_code"
+    )
+    with pytest.raises(msgspec.ValidationError):
+        revised(PoolPolicy(), url_prefixes=["judge:8000"])
+
+
 def test_recheck_treats_a_name_that_exists_beside_the_job_as_a_local_path(tmp_path: Path) -> None:
     (tmp_path / "org" / "model").mkdir(parents=True)
     req = request({"pretrained": "org/model"})
@@ -235,6 +289,7 @@ async def test_setup_writes_the_policy_the_gateway_enforces(
         "trust_remote_code": False,
         "model_roots": [str(models)],
         "hub_prefixes": ["my-org"],
+        "url_prefixes": [],
         "default_timeout_s": None,
         "max_timeout_s": 600,
     }

@@ -87,6 +87,10 @@ Seconds = Annotated[int, Meta(ge=1, le=MAX_TIMEOUT_S)]
 Root = Annotated[str, Meta(min_length=1, max_length=4096, pattern=r"\A/")]
 # `*` is every hub id; a prefix with no `/` is an organisation (`my-org` matches `my-org/...`
 # but not `my-org-two/...`); one with a `/` is matched as written.
+# Lowercase scheme and host, as they are compared; a path part is matched as written.
+UrlPrefix = Annotated[
+    str, Meta(min_length=1, max_length=2048, pattern=r"\A(\*|[a-z][a-z0-9+.\-]*://[^\s/A-Z]+(/\S*)?)\Z")
+]
 HubPrefix = Annotated[
     str, Meta(min_length=1, max_length=128, pattern=r"\A(\*|[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9_.\-]*)?)\Z")
 ]
@@ -121,6 +125,13 @@ class PoolPolicy(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
         _doc(
             "hub ids a request may name: an organisation (`my-org`), a prefix with a `/`, or `*` for any; "
             "none: no hub id"
+        ),
+    ] = []
+    url_prefixes: Annotated[
+        list[UrlPrefix],
+        _doc(
+            "URLs a request may name (an API model's or a judge's server, `base_url` and the like): "
+            "a prefix ending at a path boundary (`http://judge:8000`), or `*` for any; none: no URL"
         ),
     ] = []
     default_timeout_s: Annotated[
@@ -161,8 +172,14 @@ LOCATION_KEYS = frozenset(
         "checkpoint",
         "tokenizer",
         "processor",
+        "vision_tower",
+        "peft",
+        "adapter",
+        "lora",
     }
 )
+# `_name` covers `model_name`, `tokenizer_name`, `model_id_name`; `_url` and `_endpoint` the
+# servers an API model or a judge is sent to (`base_url`, `server_url`, `nim_base_url`).
 LOCATION_SUFFIXES = (
     "_path",
     "_dir",
@@ -173,11 +190,17 @@ LOCATION_SUFFIXES = (
     "_model",
     "_tokenizer",
     "_processor",
+    "_name",
+    "_tower",
+    "_adapter",
+    "_url",
+    "_endpoint",
 )
 # The keys that name the model itself: remote code is allowed without the pool's leave
 # only when one of these is given (otherwise the model's default, a hub id, is loaded).
 _MODEL_KEYS = frozenset({"pretrained", "model", "model_name_or_path", "model_path", "model_id", "path", "checkpoint"})
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://\S+")
 _BARE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 
@@ -189,6 +212,7 @@ class Kind(Enum):
     LOCAL = "a local path"
     HUB = "a hub id"
     NAME = "a bare name"
+    URL = "a URL"
 
 
 # How a location's value is read: its kind and, for a local path, the path to compare with
@@ -208,6 +232,8 @@ def normal_path(path: str) -> str:
 def _locate_lexically(value: str) -> tuple[Kind, str] | None:
     if value.startswith("/"):
         return Kind.LOCAL, normal_path(value)
+    if _URL.fullmatch(value):
+        return Kind.URL, value
     if _HUB_ID.fullmatch(value):
         return Kind.HUB, value
     if _BARE_NAME.fullmatch(value):
@@ -227,6 +253,19 @@ def _hub_allowed(value: str, prefixes: list[str]) -> bool:
             return True
         wanted = prefix.lower() if "/" in prefix else prefix.lower() + "/"
         if lowered.startswith(wanted):
+            return True
+    return False
+
+
+def _url_allowed(value: str, prefixes: list[str]) -> bool:
+    scheme, _, rest = value.partition("://")
+    host, slash, path = rest.partition("/")
+    lowered = f"{scheme.lower()}://{host.lower()}{slash}{path}"
+    for prefix in prefixes:
+        if prefix == "*" or lowered == prefix:
+            return True
+        # A prefix ends at a boundary: `http://judge:8000` must not admit `http://judge:8000.evil.example`.
+        if lowered.startswith(prefix) and (prefix.endswith("/") or lowered[len(prefix)] in "/?#"):
             return True
     return False
 
@@ -319,6 +358,11 @@ def _checked(request: EvaluateRequest, policy: PoolPolicy, locate: Locate, resol
                 local_model = local_model or key in _MODEL_KEYS
                 continue
             only_local = False
+            if kind is Kind.URL and not _url_allowed(value, policy.url_prefixes):
+                allowed = ", ".join(policy.url_prefixes) or "none (see `evalq setup --url-prefix`)"
+                raise InvalidField(
+                    f"{key}={value!r}: pool {request.pool!r} allows no such URL; prefixes: {allowed}", path=path
+                )
             if kind is Kind.HUB and not _hub_allowed(value, policy.hub_prefixes):
                 allowed = ", ".join(policy.hub_prefixes) or "none (see `evalq setup --hub-prefix`)"
                 raise InvalidField(
@@ -368,6 +412,38 @@ def recheck(request: EvaluateRequest, policy: PoolPolicy, *, cwd: str | os.PathL
         _checked(request, policy, locate, os.path.realpath)
     except InvalidField as exc:
         return f"{exc.message} (at `{exc.path}`)"
+    roots = [os.path.realpath(root) for root in policy.model_roots]
+    for pairs in _readings(request.model_args):
+        for key, value in pairs:
+            found = locate(value) if is_location_key(key) else None
+            if found is not None and found[0] is Kind.LOCAL:
+                leaving = _link_out_of(found[1], roots)
+                if leaving is not None:
+                    return (
+                        f"{key}={value!r} holds {leaving}, a link that leads out of the model roots of pool "
+                        f"{request.pool!r} (at `$.model_args.{key}`)"
+                    )
+    return None
+
+
+# A model folder is walked to this many entries at most; one larger is refused, not half-checked.
+_MAX_ENTRIES = 100_000
+
+
+def _link_out_of(folder: str, roots: list[str]) -> str | None:
+    """A link inside `folder` whose target is outside every root (the loader opens the files
+    inside, not just the folder), or None. A folder too large to walk counts as one."""
+    if not os.path.isdir(folder):
+        return None
+    seen = 0
+    for here, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            seen += 1
+            if seen > _MAX_ENTRIES:
+                return f"more than {_MAX_ENTRIES} entries (too many to check)"
+            path = os.path.join(here, name)
+            if os.path.islink(path) and not any(_under(os.path.realpath(path), root) for root in roots):
+                return os.path.relpath(path, folder)
     return None
 
 

@@ -43,6 +43,13 @@ def setup(
             "or `*` for any (repeat it)."
         ),
     ] = [],  # noqa: B006
+    url_prefix: Annotated[
+        list[str],
+        typer.Option(
+            help="Policy: URLs requests may name (an API model's or a judge's server): a prefix ending at a "
+            "path boundary (`http://judge:8000`), or `*` for any (repeat it)."
+        ),
+    ] = [],  # noqa: B006
     default_timeout: Annotated[
         Optional[int], typer.Option(help="Policy: seconds a job without its own timeout may run (0: no limit).")
     ] = None,
@@ -80,6 +87,8 @@ def setup(
         changes["model_roots"] = model_root
     if hub_prefix:
         changes["hub_prefixes"] = hub_prefix
+    if url_prefix:
+        changes["url_prefixes"] = url_prefix
     for name, seconds in (("default_timeout_s", default_timeout), ("max_timeout_s", max_timeout)):
         if seconds is not None:
             changes[name] = seconds or None
