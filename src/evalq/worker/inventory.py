@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from ..children import die_with_parent
 from ..schemas import GpuInfo
 
 if TYPE_CHECKING:
@@ -107,8 +108,6 @@ async def take_inventory(
 
 
 async def _from_subprocess(include_dir: Path, env: dict[str, str], timeout: float) -> Inventory | None:
-    from .runner import die_with_parent
-
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

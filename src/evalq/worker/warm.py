@@ -25,9 +25,10 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from ..children import die_with_parent
 from ..schemas import Progress
 from .inventory import Inventory
-from .runner import GroupLeader, die_with_parent, pump_output
+from .runner import GroupLeader, pump_output
 from .zygote_protocol import (
     MAX_MESSAGE,
     About,
