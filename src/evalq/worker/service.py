@@ -33,7 +33,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 
-from .. import __version__, lifecycle
+from .. import __version__, lifecycle, sharding
 from ..capability import cannot_run
 from ..config import Settings
 from ..events import EventPublisher
@@ -815,7 +815,7 @@ class Worker:
             # A piece reports its share of its documents (a bar may count requests, several per
             # document); the job's progress is the sum over its pieces.
             docs = current.info.pieces[index].docs * min(value.done, value.total) // max(value.total, 1)
-            change = lambda info: lifecycle.piece_progress(info, index, docs)  # noqa: E731
+            change = lambda info: sharding.piece_progress(info, index, docs)  # noqa: E731
 
         def event(applied: Applied) -> lifecycle.Event:
             shown = value if index is None else (applied.after.progress or value)

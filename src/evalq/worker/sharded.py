@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import msgspec
 from nats.aio.msg import Msg
 
-from .. import jetstream, lifecycle
+from .. import jetstream, lifecycle, sharding
 from ..capability import cannot_run
 from ..lifecycle import Applied, Cancellation, Failure, Outcome, Refused, Success
 from ..outage import outlast
@@ -159,7 +159,7 @@ async def plan_job(worker: Worker, current: _Current) -> None:
     if failure is not None:
         await worker._conclude(current.msg, info.job_id, failure)
         return
-    moved = await worker.recorder.record(info.job_id, lambda record: lifecycle.plan(record, pieces), patient=True)
+    moved = await worker.recorder.record(info.job_id, lambda record: sharding.plan(record, pieces), patient=True)
     if isinstance(moved, Refused):
         record = moved.current
         if record is not None and record.status == "cancelling":
@@ -180,7 +180,7 @@ async def plan_job(worker: Worker, current: _Current) -> None:
 async def queue_pieces(worker: Worker, msg: Msg, planned: JobInfo) -> None:
     """Publish the planned job's pieces that still wait, then let the job's message go."""
     await _publish_pieces(worker, planned)
-    if lifecycle.all_pieces_done(planned):
+    if sharding.all_pieces_done(planned):
         await _publish_merge(worker, planned.job_id)
     await outlast(msg.ack, "ack", worker.settings.worker.outage_timeout)
 
@@ -215,7 +215,7 @@ async def handle_piece_message(worker: Worker, msg: Msg) -> None:
         return
     if piece.status == "completed":
         # Done before (its worker died before the ack): never run again; the merge may be owed.
-        if lifecycle.all_pieces_done(info):
+        if sharding.all_pieces_done(info):
             await _publish_merge(worker, info.job_id)
         await msg.ack()
         return
@@ -238,7 +238,7 @@ async def handle_piece_message(worker: Worker, msg: Msg) -> None:
         limit_s = info.request.timeout
     started_at = now()
     moved = await worker.recorder.record(
-        info.job_id, lambda record: lifecycle.piece_start(record, index, worker=worker.worker_id, at=started_at)
+        info.job_id, lambda record: sharding.piece_start(record, index, worker=worker.worker_id, at=started_at)
     )
     if isinstance(moved, Refused):
         record = moved.current
@@ -294,7 +294,7 @@ async def _run_piece(worker: Worker, current: _Current) -> None:
         # Shutting down: back to the queue for another worker; this attempt did not fail.
         await worker.recorder.record(
             info.job_id,
-            lambda record: lifecycle.piece_fail(
+            lambda record: sharding.piece_fail(
                 record, index, error=f"worker {worker.worker_id} shut down", final=False, at=now()
             ),
         )
@@ -326,10 +326,10 @@ async def _run_piece(worker: Worker, current: _Current) -> None:
         return lifecycle.shard_completed_event(applied.after, index, worker=worker.worker_id, at=at)
 
     moved = await worker.recorder.record(
-        info.job_id, lambda record: lifecycle.piece_finish(record, index, at=at, seconds=seconds), event, patient=True
+        info.job_id, lambda record: sharding.piece_finish(record, index, at=at, seconds=seconds), event, patient=True
     )
     record = moved.after if isinstance(moved, Applied) else moved.current
-    if record is not None and lifecycle.all_pieces_done(record):
+    if record is not None and sharding.all_pieces_done(record):
         await _publish_merge(worker, info.job_id)
     elif record is not None and record.status == "cancelling":
         await worker.recorder.end_cancelled_if_idle(info.job_id, at=now())
@@ -349,7 +349,7 @@ async def _fail_piece(worker: Worker, msg: Msg, info: JobInfo, index: int, *, at
 
     await worker.recorder.record(
         info.job_id,
-        lambda record: lifecycle.piece_fail(record, index, error=error, final=final, at=at),
+        lambda record: sharding.piece_fail(record, index, error=error, final=final, at=at),
         event,
         patient=True,
     )
@@ -365,7 +365,7 @@ async def _fail_piece(worker: Worker, msg: Msg, info: JobInfo, index: int, *, at
 
 
 async def cancel_piece(worker: Worker, job_id: str, index: int) -> None:
-    await worker.recorder.record(job_id, lambda record: lifecycle.piece_cancel(record, index, at=now()), patient=True)
+    await worker.recorder.record(job_id, lambda record: sharding.piece_cancel(record, index, at=now()), patient=True)
     await worker.recorder.end_cancelled_if_idle(job_id, at=now())
 
 
@@ -381,7 +381,7 @@ async def _merge(worker: Worker, msg: Msg, info: JobInfo) -> None:
     if info.status == "cancelling":
         await worker._conclude(msg, info.job_id, Cancellation(reason="cancelled before its pieces were merged"))
         return
-    if not lifecycle.all_pieces_done(info) or info.request is None:
+    if not sharding.all_pieces_done(info) or info.request is None:
         await msg.ack()  # not this job's last step after all; its last piece publishes it again
         return
     current = _Current(info=info, msg=msg, attempt=info.attempts, quiet=True)
