@@ -27,7 +27,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar, Union
+from typing import Literal, TypedDict, TypeVar, Union
 
 import msgspec
 from nats.js.errors import NotFoundError
@@ -74,9 +74,16 @@ __all__ = [
     "outcome_status",
     "pieces_running",  # sharding's, read here by the gateway
     "progress",
+    "progress_event",
+    "queued_event",
     "request_cancel",
     "requeue",
+    "requeued_event",
+    "shard_completed_event",
+    "shard_failed_event",
+    "shard_started_event",
     "start",
+    "started_event",
     "terminal_event",
 ]
 
@@ -203,72 +210,41 @@ def requeue(info: JobInfo) -> JobInfo | None:
     return msgspec.structs.replace(info, status="queued", worker=None, progress=None)
 
 
-def shard_started_event(info: JobInfo, index: int, *, worker: str, at: str) -> ShardStarted:
-    piece = info.pieces[index]
-    return ShardStarted(
-        job_id=info.job_id,
-        time=at,
-        attempt=piece.attempts,
-        worker=worker,
-        labels=info.labels,
-        shard=index,
-        shards=len(info.pieces),
-    )
-
-
-def shard_completed_event(info: JobInfo, index: int, *, worker: str, at: str) -> ShardCompleted:
-    piece = info.pieces[index]
-    return ShardCompleted(
-        job_id=info.job_id,
-        time=at,
-        attempt=piece.attempts,
-        worker=worker,
-        labels=info.labels,
-        shard=index,
-        seconds=piece.seconds,
-    )
-
-
-def shard_failed_event(info: JobInfo, index: int, *, attempt: int, worker: str, error: str, at: str) -> ShardFailed:
-    return ShardFailed(
-        job_id=info.job_id, time=at, attempt=attempt, worker=worker, labels=info.labels, shard=index, error=error
-    )
-
-
 # --- the events each change implies --------------------------------------------------
 
 
+class _Common(TypedDict):
+    """What every event says: whose, when, which attempt, which worker, the job's labels."""
+
+    job_id: str
+    time: str
+    attempt: int
+    worker: str | None
+    labels: dict[str, str]
+
+
+def _common(info: JobInfo, *, at: str, attempt: int = 0, worker: str | None = None) -> _Common:
+    return _Common(job_id=info.job_id, time=at, attempt=attempt, worker=worker, labels=info.labels)
+
+
 def queued_event(info: JobInfo) -> Queued:
-    return Queued(
-        job_id=info.job_id, time=info.created_at, labels=info.labels, pool=info.pool, stream_seq=info.stream_seq
-    )
+    return Queued(**_common(info, at=info.created_at), pool=info.pool, stream_seq=info.stream_seq)
 
 
 def terminal_event(info: JobInfo, outcome: Outcome | None = None, *, worker: str | None = None) -> Event:
     """The terminal event of a terminal record; `outcome` adds what only its writer knew."""
-    common = dict(job_id=info.job_id, time=info.completed_at or info.created_at, attempt=info.attempts, worker=worker)
-    labels = info.labels
+    common = _common(info, at=info.completed_at or info.created_at, attempt=info.attempts, worker=worker)
     if info.status == "completed":
         result = info.result or JobResult()
-        return Completed(
-            **common,  # type: ignore[arg-type]
-            labels=labels,
-            metrics=result.metrics,
-            artifacts=result.artifacts,
-            duration_s=result.duration_s,
-        )
+        return Completed(**common, metrics=result.metrics, artifacts=result.artifacts, duration_s=result.duration_s)
     if info.status == "failed":
         failure = outcome if isinstance(outcome, Failure) else Failure(error=info.error or "failed")
         return Failed(
-            **common,  # type: ignore[arg-type]
-            labels=labels,
-            error=info.error or failure.error,
-            exit_code=failure.exit_code,
-            log_tail=failure.log_tail,
+            **common, error=info.error or failure.error, exit_code=failure.exit_code, log_tail=failure.log_tail
         )
     reason = outcome.reason if isinstance(outcome, Cancellation) else (info.error or "cancelled")
     latency = outcome.latency_s if isinstance(outcome, Cancellation) else None
-    return Cancelled(**common, labels=labels, reason=reason, cancel_latency_s=latency)  # type: ignore[arg-type]
+    return Cancelled(**common, reason=reason, cancel_latency_s=latency)
 
 
 def started_event(
@@ -280,24 +256,34 @@ def started_event(
     model_load_seconds: float | None = None,
 ) -> Started:
     return Started(
-        job_id=info.job_id,
-        time=at,
-        attempt=info.attempts,
-        worker=worker,
-        labels=info.labels,
+        **_common(info, at=at, attempt=info.attempts, worker=worker),
         model_reused=model_reused,
         model_load_seconds=model_load_seconds,
     )
 
 
 def progress_event(info: JobInfo, value: Progress, *, worker: str, at: str) -> ProgressEvent:
-    return ProgressEvent(
-        job_id=info.job_id, time=at, attempt=info.attempts, worker=worker, labels=info.labels, progress=value
-    )
+    return ProgressEvent(**_common(info, at=at, attempt=info.attempts, worker=worker), progress=value)
 
 
 def requeued_event(info: JobInfo, *, attempt: int, worker: str, reason: str, at: str) -> Requeued:
-    return Requeued(job_id=info.job_id, time=at, attempt=attempt, worker=worker, labels=info.labels, reason=reason)
+    return Requeued(**_common(info, at=at, attempt=attempt, worker=worker), reason=reason)
+
+
+def shard_started_event(info: JobInfo, index: int, *, worker: str, at: str) -> ShardStarted:
+    attempt = info.pieces[index].attempts
+    return ShardStarted(**_common(info, at=at, attempt=attempt, worker=worker), shard=index, shards=len(info.pieces))
+
+
+def shard_completed_event(info: JobInfo, index: int, *, worker: str, at: str) -> ShardCompleted:
+    piece = info.pieces[index]
+    return ShardCompleted(
+        **_common(info, at=at, attempt=piece.attempts, worker=worker), shard=index, seconds=piece.seconds
+    )
+
+
+def shard_failed_event(info: JobInfo, index: int, *, attempt: int, worker: str, error: str, at: str) -> ShardFailed:
+    return ShardFailed(**_common(info, at=at, attempt=attempt, worker=worker), shard=index, error=error)
 
 
 # --- recording ------------------------------------------------------------------------
