@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evalq import lifecycle
+from evalq import lifecycle, sharding
 from evalq.schemas import EvaluateRequest, JobInfo, Piece
 from evalq.sharding import plan_pieces
 
@@ -72,7 +72,7 @@ def _running(pieces: int = 3) -> JobInfo:
     info = lifecycle.enqueue("00000000-0000-4000-8000-000000000000", request, created_at="t0", stream_seq=1)
     started = lifecycle.start(info, attempt=1, worker="w", at="t1")
     assert started is not None
-    planned = lifecycle.plan(started, plan_pieces({"t": 30}, pieces))
+    planned = sharding.plan(started, plan_pieces({"t": 30}, pieces))
     assert planned is not None
     return planned
 
@@ -80,64 +80,64 @@ def _running(pieces: int = 3) -> JobInfo:
 def test_a_plan_is_written_once_and_only_on_a_running_job() -> None:
     info = _running()
     assert (info.shards, info.shards_done, info.progress and info.progress.total) == (3, 0, 30)
-    assert lifecycle.plan(info, info.pieces) is None, "planned twice"
+    assert sharding.plan(info, info.pieces) is None, "planned twice"
     queued = lifecycle.enqueue(info.job_id, EvaluateRequest(model="d", tasks=["t"]), created_at="t", stream_seq=1)
-    assert lifecycle.plan(queued, info.pieces) is None
+    assert sharding.plan(queued, info.pieces) is None
 
 
 def test_pieces_complete_once_and_the_job_counts_them() -> None:
     info = _running()
     for index in range(3):
-        started = lifecycle.piece_start(info, index, worker="w", at="t")
+        started = sharding.piece_start(info, index, worker="w", at="t")
         assert started is not None
-        info = lifecycle.piece_finish(started, index, at="t", seconds=1.0) or info
-        assert lifecycle.piece_start(info, index, worker="w2", at="t") is None, "a completed piece ran again"
-        assert lifecycle.piece_finish(info, index, at="t", seconds=1.0) is None
-    assert info.shards_done == 3 and lifecycle.all_pieces_done(info)
+        info = sharding.piece_finish(started, index, at="t", seconds=1.0) or info
+        assert sharding.piece_start(info, index, worker="w2", at="t") is None, "a completed piece ran again"
+        assert sharding.piece_finish(info, index, at="t", seconds=1.0) is None
+    assert info.shards_done == 3 and sharding.all_pieces_done(info)
     assert info.progress is not None and info.progress.done == info.progress.total == 30
 
 
 def test_a_failed_attempt_queues_the_piece_again_until_the_last() -> None:
     info = _running()
-    started = lifecycle.piece_start(info, 1, worker="w", at="t")
+    started = sharding.piece_start(info, 1, worker="w", at="t")
     assert started is not None
-    again = lifecycle.piece_fail(started, 1, error="boom", final=False, at="t")
+    again = sharding.piece_fail(started, 1, error="boom", final=False, at="t")
     assert again is not None and again.pieces[1].status == "queued" and again.pieces[1].attempts == 1
-    restarted = lifecycle.piece_start(again, 1, worker="w2", at="t")
+    restarted = sharding.piece_start(again, 1, worker="w2", at="t")
     assert restarted is not None and restarted.pieces[1].attempts == 2
-    failed = lifecycle.piece_fail(restarted, 1, error="boom", final=True, at="t")
+    failed = sharding.piece_fail(restarted, 1, error="boom", final=True, at="t")
     assert failed is not None and failed.pieces[1].status == "failed"
-    assert lifecycle.piece_start(failed, 1, worker="w3", at="t") is None
+    assert sharding.piece_start(failed, 1, worker="w3", at="t") is None
 
 
 def test_a_redelivered_piece_starts_again_with_the_next_attempt() -> None:
-    started = lifecycle.piece_start(_running(), 0, worker="dead", at="t")
+    started = sharding.piece_start(_running(), 0, worker="dead", at="t")
     assert started is not None
-    again = lifecycle.piece_start(started, 0, worker="alive", at="t")
+    again = sharding.piece_start(started, 0, worker="alive", at="t")
     assert again is not None and (again.pieces[0].attempts, again.pieces[0].worker) == (2, "alive")
 
 
 def test_cancelling_a_sharded_job_cancels_its_waiting_pieces_and_nothing_starts() -> None:
     info = _running()
-    running = lifecycle.piece_start(info, 0, worker="w", at="t")
+    running = sharding.piece_start(info, 0, worker="w", at="t")
     assert running is not None
     cancelling = lifecycle.request_cancel(running, at="t")
     assert cancelling is not None and cancelling.status == "cancelling"
     assert [p.status for p in cancelling.pieces] == ["running", "cancelled", "cancelled"]
-    assert lifecycle.pieces_running(cancelling) == [0]
-    assert lifecycle.piece_start(cancelling, 1, worker="w", at="t") is None
-    stopped = lifecycle.piece_cancel(cancelling, 0, at="t")
-    assert stopped is not None and lifecycle.pieces_running(stopped) == []
+    assert sharding.pieces_running(cancelling) == [0]
+    assert sharding.piece_start(cancelling, 1, worker="w", at="t") is None
+    stopped = sharding.piece_cancel(cancelling, 0, at="t")
+    assert stopped is not None and sharding.pieces_running(stopped) == []
     # A piece that finished as the cancel came keeps its result; the job still ends cancelled.
-    finished = lifecycle.piece_finish(cancelling, 0, at="t", seconds=1.0)
+    finished = sharding.piece_finish(cancelling, 0, at="t", seconds=1.0)
     assert finished is not None and finished.pieces[0].status == "completed"
 
 
 def test_progress_of_a_piece_never_goes_back() -> None:
-    info = lifecycle.piece_start(_running(), 0, worker="w", at="t")
+    info = sharding.piece_start(_running(), 0, worker="w", at="t")
     assert info is not None
-    ahead = lifecycle.piece_progress(info, 0, 8)
+    ahead = sharding.piece_progress(info, 0, 8)
     assert ahead is not None
-    behind = lifecycle.piece_progress(ahead, 0, 2)
+    behind = sharding.piece_progress(ahead, 0, 2)
     assert behind is not None and behind.pieces[0].done == 8
-    assert lifecycle.piece_progress(ahead, 1, 3) is None, "a piece that is not running reports nothing"
+    assert sharding.piece_progress(ahead, 1, 3) is None, "a piece that is not running reports nothing"

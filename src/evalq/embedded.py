@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .children import die_with_parent
 from .errors import ServerNotFound, StoreLocked
 
 __all__ = ["LOCK_NAME", "EmbeddedServer", "find_nats_server"]
@@ -110,7 +111,6 @@ def _tied_to(parent: int) -> Callable[[], None] | None:
     """The child's pre-exec step on Linux: SIGKILL when `parent` dies."""
     if sys.platform != "linux":
         return None
-    from .worker.runner import die_with_parent
 
     def tie() -> None:
         die_with_parent()

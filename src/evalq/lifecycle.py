@@ -11,7 +11,8 @@ function that records a change. This is where a job's terminal state is written.
                   └──finish──> completed | failed | cancelled   (gave up, or cancelled before it ran)
 
 Each change is a pure function ``JobInfo -> JobInfo | None``: the next record, or None when
-the current state does not allow it (`ALLOWED` is the table they all consult). `Recorder`
+the current state does not allow it (`ALLOWED` is the table they all consult). A sharded
+job's pieces change the same way (`sharding.py`: `PIECE_ALLOWED`, `piece_start`, ...). `Recorder`
 applies one with a compare-and-set on the record, publishes the event it implies under its
 ``Nats-Msg-Id``, and, when the record turns out to be terminal already, publishes that
 terminal event if it is missing. Two writers (the gateway cancelling, a worker finishing)
@@ -26,7 +27,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar, Union
+from typing import Literal, TypedDict, TypeVar, Union
 
 import msgspec
 from nats.js.errors import NotFoundError
@@ -44,8 +45,6 @@ from .schemas import (
     JobInfo,
     JobResult,
     JobStatus,
-    Piece,
-    PieceStatus,
     Progress,
     ProgressEvent,
     Queued,
@@ -55,6 +54,7 @@ from .schemas import (
     ShardStarted,
     Started,
 )
+from .sharding import pieces_running
 
 __all__ = [
     "ALLOWED",
@@ -72,16 +72,18 @@ __all__ = [
     "enqueue",
     "finish",
     "outcome_status",
-    "piece_cancel",
-    "piece_fail",
-    "piece_finish",
-    "piece_progress",
-    "piece_start",
-    "plan",
+    "pieces_running",  # sharding's, read here by the gateway
     "progress",
+    "progress_event",
+    "queued_event",
     "request_cancel",
     "requeue",
+    "requeued_event",
+    "shard_completed_event",
+    "shard_failed_event",
+    "shard_started_event",
     "start",
+    "started_event",
     "terminal_event",
 ]
 
@@ -208,180 +210,41 @@ def requeue(info: JobInfo) -> JobInfo | None:
     return msgspec.structs.replace(info, status="queued", worker=None, progress=None)
 
 
-# --- the pieces of a sharded job ---------------------------------------------------------
-#
-# A sharded job is `running` from the moment a worker starts planning it until its merge
-# ends it; its pieces live in its record, so every piece change is a compare-and-set on
-# the same record as the job's own changes, and "all done" or "none running" is read from
-# one consistent record.
-
-PieceTransition = Literal["piece_start", "piece_finish", "piece_fail", "piece_cancel"]
-# (piece state, transition) -> the piece states it may lead to.
-PIECE_ALLOWED: dict[tuple[PieceStatus, PieceTransition], frozenset[PieceStatus]] = {
-    ("queued", "piece_start"): frozenset({"running"}),
-    # A redelivery: the worker that ran it stopped answering.
-    ("running", "piece_start"): frozenset({"running"}),
-    ("running", "piece_finish"): frozenset({"completed"}),
-    # Back to the queue for another attempt, or failed for good (and the job with it).
-    ("running", "piece_fail"): frozenset({"queued", "failed"}),
-    ("queued", "piece_cancel"): frozenset({"cancelled"}),
-    ("running", "piece_cancel"): frozenset({"cancelled"}),
-}
-# The job states in which each piece change may happen: pieces start and report only
-# while the job runs; a piece that ends may still say so while the job is being cancelled.
-_JOB_STATES_FOR: dict[PieceTransition, frozenset[str]] = {
-    "piece_start": frozenset({"running"}),
-    "piece_finish": frozenset({"running", "cancelling"}),
-    "piece_fail": frozenset({"running", "cancelling"}),
-    "piece_cancel": frozenset({"running", "cancelling", "failed", "cancelled"}),
-}
-
-
-def piece_allowed(info: JobInfo, index: int, transition: PieceTransition) -> frozenset[PieceStatus]:
-    if info.status not in _JOB_STATES_FOR[transition] or not 0 <= index < len(info.pieces):
-        return frozenset()
-    return PIECE_ALLOWED.get((info.pieces[index].status, transition), frozenset())
-
-
-def _with_piece(info: JobInfo, index: int, piece: Piece) -> JobInfo:
-    pieces = list(info.pieces)
-    pieces[index] = piece
-    done = sum(1 for p in pieces if p.status == "completed")
-    return msgspec.structs.replace(info, pieces=pieces, shards_done=done, progress=_pieces_progress(pieces))
-
-
-def _pieces_progress(pieces: list[Piece]) -> Progress:
-    done = sum(p.docs if p.status == "completed" else min(p.done, p.docs) for p in pieces)
-    total = sum(p.docs for p in pieces) or 1
-    return Progress(phase="documents", done=done, total=total, percent=round(100.0 * done / total, 1))
-
-
-def plan(info: JobInfo, pieces: list[Piece]) -> JobInfo | None:
-    """Give a running job its pieces, once."""
-    if info.status != "running" or info.pieces or not pieces:
-        return None
-    return msgspec.structs.replace(
-        info, pieces=list(pieces), shards=len(pieces), shards_done=0, progress=_pieces_progress(list(pieces))
-    )
-
-
-def piece_start(info: JobInfo, index: int, *, worker: str, at: str) -> JobInfo | None:
-    if "running" not in piece_allowed(info, index, "piece_start"):
-        return None
-    piece = info.pieces[index]
-    started = msgspec.structs.replace(
-        piece, status="running", attempts=piece.attempts + 1, worker=worker, started_at=at, done=0, error=None
-    )
-    return _with_piece(info, index, started)
-
-
-def piece_progress(info: JobInfo, index: int, done: int) -> JobInfo | None:
-    if info.status != "running" or not 0 <= index < len(info.pieces) or info.pieces[index].status != "running":
-        return None
-    piece = info.pieces[index]
-    # Later bars of the same run (post-processing) may count from zero again: never go back.
-    return _with_piece(info, index, msgspec.structs.replace(piece, done=max(piece.done, min(done, piece.docs))))
-
-
-def piece_finish(info: JobInfo, index: int, *, at: str, seconds: float) -> JobInfo | None:
-    if "completed" not in piece_allowed(info, index, "piece_finish"):
-        return None
-    piece = info.pieces[index]
-    finished = msgspec.structs.replace(piece, status="completed", done=piece.docs, completed_at=at, seconds=seconds)
-    return _with_piece(info, index, finished)
-
-
-def piece_fail(info: JobInfo, index: int, *, error: str, final: bool, at: str) -> JobInfo | None:
-    """A piece's attempt failed: back to `queued` for the next attempt, or `failed` when `final`."""
-    target: PieceStatus = "failed" if final else "queued"
-    if target not in piece_allowed(info, index, "piece_fail"):
-        return None
-    piece = msgspec.structs.replace(
-        info.pieces[index], status=target, error=error, done=0, worker=None, completed_at=at if final else None
-    )
-    return _with_piece(info, index, piece)
-
-
-def piece_cancel(info: JobInfo, index: int, *, at: str) -> JobInfo | None:
-    if "cancelled" not in piece_allowed(info, index, "piece_cancel"):
-        return None
-    return _with_piece(info, index, msgspec.structs.replace(info.pieces[index], status="cancelled", completed_at=at))
-
-
-def pieces_running(info: JobInfo) -> list[int]:
-    return [p.index for p in info.pieces if p.status == "running"]
-
-
-def all_pieces_done(info: JobInfo) -> bool:
-    return bool(info.pieces) and all(p.status == "completed" for p in info.pieces)
-
-
-def shard_started_event(info: JobInfo, index: int, *, worker: str, at: str) -> ShardStarted:
-    piece = info.pieces[index]
-    return ShardStarted(
-        job_id=info.job_id,
-        time=at,
-        attempt=piece.attempts,
-        worker=worker,
-        labels=info.labels,
-        shard=index,
-        shards=len(info.pieces),
-    )
-
-
-def shard_completed_event(info: JobInfo, index: int, *, worker: str, at: str) -> ShardCompleted:
-    piece = info.pieces[index]
-    return ShardCompleted(
-        job_id=info.job_id,
-        time=at,
-        attempt=piece.attempts,
-        worker=worker,
-        labels=info.labels,
-        shard=index,
-        seconds=piece.seconds,
-    )
-
-
-def shard_failed_event(info: JobInfo, index: int, *, attempt: int, worker: str, error: str, at: str) -> ShardFailed:
-    return ShardFailed(
-        job_id=info.job_id, time=at, attempt=attempt, worker=worker, labels=info.labels, shard=index, error=error
-    )
-
-
 # --- the events each change implies --------------------------------------------------
 
 
+class _Common(TypedDict):
+    """What every event says: whose, when, which attempt, which worker, the job's labels."""
+
+    job_id: str
+    time: str
+    attempt: int
+    worker: str | None
+    labels: dict[str, str]
+
+
+def _common(info: JobInfo, *, at: str, attempt: int = 0, worker: str | None = None) -> _Common:
+    return _Common(job_id=info.job_id, time=at, attempt=attempt, worker=worker, labels=info.labels)
+
+
 def queued_event(info: JobInfo) -> Queued:
-    return Queued(
-        job_id=info.job_id, time=info.created_at, labels=info.labels, pool=info.pool, stream_seq=info.stream_seq
-    )
+    return Queued(**_common(info, at=info.created_at), pool=info.pool, stream_seq=info.stream_seq)
 
 
 def terminal_event(info: JobInfo, outcome: Outcome | None = None, *, worker: str | None = None) -> Event:
     """The terminal event of a terminal record; `outcome` adds what only its writer knew."""
-    common = dict(job_id=info.job_id, time=info.completed_at or info.created_at, attempt=info.attempts, worker=worker)
-    labels = info.labels
+    common = _common(info, at=info.completed_at or info.created_at, attempt=info.attempts, worker=worker)
     if info.status == "completed":
         result = info.result or JobResult()
-        return Completed(
-            **common,  # type: ignore[arg-type]
-            labels=labels,
-            metrics=result.metrics,
-            artifacts=result.artifacts,
-            duration_s=result.duration_s,
-        )
+        return Completed(**common, metrics=result.metrics, artifacts=result.artifacts, duration_s=result.duration_s)
     if info.status == "failed":
         failure = outcome if isinstance(outcome, Failure) else Failure(error=info.error or "failed")
         return Failed(
-            **common,  # type: ignore[arg-type]
-            labels=labels,
-            error=info.error or failure.error,
-            exit_code=failure.exit_code,
-            log_tail=failure.log_tail,
+            **common, error=info.error or failure.error, exit_code=failure.exit_code, log_tail=failure.log_tail
         )
     reason = outcome.reason if isinstance(outcome, Cancellation) else (info.error or "cancelled")
     latency = outcome.latency_s if isinstance(outcome, Cancellation) else None
-    return Cancelled(**common, labels=labels, reason=reason, cancel_latency_s=latency)  # type: ignore[arg-type]
+    return Cancelled(**common, reason=reason, cancel_latency_s=latency)
 
 
 def started_event(
@@ -393,24 +256,34 @@ def started_event(
     model_load_seconds: float | None = None,
 ) -> Started:
     return Started(
-        job_id=info.job_id,
-        time=at,
-        attempt=info.attempts,
-        worker=worker,
-        labels=info.labels,
+        **_common(info, at=at, attempt=info.attempts, worker=worker),
         model_reused=model_reused,
         model_load_seconds=model_load_seconds,
     )
 
 
 def progress_event(info: JobInfo, value: Progress, *, worker: str, at: str) -> ProgressEvent:
-    return ProgressEvent(
-        job_id=info.job_id, time=at, attempt=info.attempts, worker=worker, labels=info.labels, progress=value
-    )
+    return ProgressEvent(**_common(info, at=at, attempt=info.attempts, worker=worker), progress=value)
 
 
 def requeued_event(info: JobInfo, *, attempt: int, worker: str, reason: str, at: str) -> Requeued:
-    return Requeued(job_id=info.job_id, time=at, attempt=attempt, worker=worker, labels=info.labels, reason=reason)
+    return Requeued(**_common(info, at=at, attempt=attempt, worker=worker), reason=reason)
+
+
+def shard_started_event(info: JobInfo, index: int, *, worker: str, at: str) -> ShardStarted:
+    attempt = info.pieces[index].attempts
+    return ShardStarted(**_common(info, at=at, attempt=attempt, worker=worker), shard=index, shards=len(info.pieces))
+
+
+def shard_completed_event(info: JobInfo, index: int, *, worker: str, at: str) -> ShardCompleted:
+    piece = info.pieces[index]
+    return ShardCompleted(
+        **_common(info, at=at, attempt=piece.attempts, worker=worker), shard=index, seconds=piece.seconds
+    )
+
+
+def shard_failed_event(info: JobInfo, index: int, *, attempt: int, worker: str, error: str, at: str) -> ShardFailed:
+    return ShardFailed(**_common(info, at=at, attempt=attempt, worker=worker), shard=index, error=error)
 
 
 # --- recording ------------------------------------------------------------------------

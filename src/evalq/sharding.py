@@ -1,4 +1,5 @@
-"""How a job is split into pieces: pure functions, tested without NATS or lmms-eval.
+"""A sharded job's pieces: how a job is split into them, and how each one changes.
+Pure functions, tested without NATS or lmms-eval.
 
 A job with `shards = N` is split into at most N pieces. First by task, one piece per task;
 when N allows more, the largest tasks are split into contiguous document ranges
@@ -8,16 +9,39 @@ tasks are packed whole into the pieces, largest first into the lightest piece.
 
 Pieces are listed largest first: the pieces stream hands them out in that order, so the
 longest piece never starts last.
+
+A sharded job is `running` from the moment a worker starts planning it until its merge
+ends it; its pieces live in its record, so every piece change is a compare-and-set on
+the same record as the job's own changes (`lifecycle.Recorder` applies them), and "all
+done" or "none running" is read from one consistent record. Each change is a pure
+function ``JobInfo -> JobInfo | None``, as the job's own changes in `lifecycle` are:
+`PIECE_ALLOWED` is the table they consult.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping
+from typing import Literal
 
-from .schemas import Piece
+import msgspec
 
-__all__ = ["plan_pieces"]
+from .schemas import JobInfo, Piece, PieceStatus, Progress
+
+__all__ = [
+    "PIECE_ALLOWED",
+    "PieceTransition",
+    "all_pieces_done",
+    "piece_allowed",
+    "piece_cancel",
+    "piece_fail",
+    "piece_finish",
+    "piece_progress",
+    "piece_start",
+    "pieces_running",
+    "plan",
+    "plan_pieces",
+]
 
 
 def plan_pieces(doc_counts: Mapping[str, int], shards: int) -> list[Piece]:
@@ -79,3 +103,106 @@ def _pack(tasks: list[tuple[str, int]], bins: int) -> list[Piece]:
         Piece(index=index, tasks=names, offset=None, limit=None, docs=load)
         for index, (load, _, names) in enumerate(filled)
     ]
+
+
+# --- the pieces' changes, as pure functions ---------------------------------------------
+
+PieceTransition = Literal["piece_start", "piece_finish", "piece_fail", "piece_cancel"]
+# (piece state, transition) -> the piece states it may lead to.
+PIECE_ALLOWED: dict[tuple[PieceStatus, PieceTransition], frozenset[PieceStatus]] = {
+    ("queued", "piece_start"): frozenset({"running"}),
+    # A redelivery: the worker that ran it stopped answering.
+    ("running", "piece_start"): frozenset({"running"}),
+    ("running", "piece_finish"): frozenset({"completed"}),
+    # Back to the queue for another attempt, or failed for good (and the job with it).
+    ("running", "piece_fail"): frozenset({"queued", "failed"}),
+    ("queued", "piece_cancel"): frozenset({"cancelled"}),
+    ("running", "piece_cancel"): frozenset({"cancelled"}),
+}
+# The job states in which each piece change may happen: pieces start and report only
+# while the job runs; a piece that ends may still say so while the job is being cancelled.
+_JOB_STATES_FOR: dict[PieceTransition, frozenset[str]] = {
+    "piece_start": frozenset({"running"}),
+    "piece_finish": frozenset({"running", "cancelling"}),
+    "piece_fail": frozenset({"running", "cancelling"}),
+    "piece_cancel": frozenset({"running", "cancelling", "failed", "cancelled"}),
+}
+
+
+def piece_allowed(info: JobInfo, index: int, transition: PieceTransition) -> frozenset[PieceStatus]:
+    if info.status not in _JOB_STATES_FOR[transition] or not 0 <= index < len(info.pieces):
+        return frozenset()
+    return PIECE_ALLOWED.get((info.pieces[index].status, transition), frozenset())
+
+
+def _with_piece(info: JobInfo, index: int, piece: Piece) -> JobInfo:
+    pieces = list(info.pieces)
+    pieces[index] = piece
+    done = sum(1 for p in pieces if p.status == "completed")
+    return msgspec.structs.replace(info, pieces=pieces, shards_done=done, progress=_pieces_progress(pieces))
+
+
+def _pieces_progress(pieces: list[Piece]) -> Progress:
+    done = sum(p.docs if p.status == "completed" else min(p.done, p.docs) for p in pieces)
+    total = sum(p.docs for p in pieces) or 1
+    return Progress(phase="documents", done=done, total=total, percent=round(100.0 * done / total, 1))
+
+
+def plan(info: JobInfo, pieces: list[Piece]) -> JobInfo | None:
+    """Give a running job its pieces, once."""
+    if info.status != "running" or info.pieces or not pieces:
+        return None
+    return msgspec.structs.replace(
+        info, pieces=list(pieces), shards=len(pieces), shards_done=0, progress=_pieces_progress(list(pieces))
+    )
+
+
+def piece_start(info: JobInfo, index: int, *, worker: str, at: str) -> JobInfo | None:
+    if "running" not in piece_allowed(info, index, "piece_start"):
+        return None
+    piece = info.pieces[index]
+    started = msgspec.structs.replace(
+        piece, status="running", attempts=piece.attempts + 1, worker=worker, started_at=at, done=0, error=None
+    )
+    return _with_piece(info, index, started)
+
+
+def piece_progress(info: JobInfo, index: int, done: int) -> JobInfo | None:
+    if info.status != "running" or not 0 <= index < len(info.pieces) or info.pieces[index].status != "running":
+        return None
+    piece = info.pieces[index]
+    # Later bars of the same run (post-processing) may count from zero again: never go back.
+    return _with_piece(info, index, msgspec.structs.replace(piece, done=max(piece.done, min(done, piece.docs))))
+
+
+def piece_finish(info: JobInfo, index: int, *, at: str, seconds: float) -> JobInfo | None:
+    if "completed" not in piece_allowed(info, index, "piece_finish"):
+        return None
+    piece = info.pieces[index]
+    finished = msgspec.structs.replace(piece, status="completed", done=piece.docs, completed_at=at, seconds=seconds)
+    return _with_piece(info, index, finished)
+
+
+def piece_fail(info: JobInfo, index: int, *, error: str, final: bool, at: str) -> JobInfo | None:
+    """A piece's attempt failed: back to `queued` for the next attempt, or `failed` when `final`."""
+    target: PieceStatus = "failed" if final else "queued"
+    if target not in piece_allowed(info, index, "piece_fail"):
+        return None
+    piece = msgspec.structs.replace(
+        info.pieces[index], status=target, error=error, done=0, worker=None, completed_at=at if final else None
+    )
+    return _with_piece(info, index, piece)
+
+
+def piece_cancel(info: JobInfo, index: int, *, at: str) -> JobInfo | None:
+    if "cancelled" not in piece_allowed(info, index, "piece_cancel"):
+        return None
+    return _with_piece(info, index, msgspec.structs.replace(info.pieces[index], status="cancelled", completed_at=at))
+
+
+def pieces_running(info: JobInfo) -> list[int]:
+    return [p.index for p in info.pieces if p.status == "running"]
+
+
+def all_pieces_done(info: JobInfo) -> bool:
+    return bool(info.pieces) and all(p.status == "completed" for p in info.pieces)

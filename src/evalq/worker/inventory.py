@@ -17,16 +17,14 @@ import logging
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgspec
 
+from ..children import die_with_parent
 from ..schemas import GpuInfo
 
-if TYPE_CHECKING:
-    from .warm import WarmEvaluator
-
-__all__ = ["MARK", "Inventory", "cuda_gpus", "list_lmms_eval", "take_inventory"]
+__all__ = ["MARK", "Inventory", "InventorySource", "cuda_gpus", "list_lmms_eval", "take_inventory"]
 
 log = logging.getLogger("evalq.worker")
 
@@ -41,6 +39,12 @@ class Inventory(msgspec.Struct, frozen=True, kw_only=True):
     gpus: list[GpuInfo]
     models: list[str]
     tasks: list[str]
+
+
+class InventorySource(Protocol):
+    """What can list a worker's inventory from an lmms-eval it has imported: the warm evaluator."""
+
+    async def inventory(self, timeout: float) -> Inventory: ...
 
 
 def cuda_gpus() -> list[GpuInfo]:
@@ -81,7 +85,7 @@ def list_lmms_eval(include_path: str | None, gpus: list[GpuInfo]) -> Inventory:
 
 
 async def take_inventory(
-    include_dir: Path, env: dict[str, str], warm: WarmEvaluator | None, timeout: float = 300
+    include_dir: Path, env: dict[str, str], warm: InventorySource | None, timeout: float = 300
 ) -> Inventory | None:
     """What this worker can run, or None (with a warning saying why) if it cannot be found out.
 
@@ -107,8 +111,6 @@ async def take_inventory(
 
 
 async def _from_subprocess(include_dir: Path, env: dict[str, str], timeout: float) -> Inventory | None:
-    from .runner import die_with_parent
-
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

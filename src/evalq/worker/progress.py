@@ -10,11 +10,10 @@ import re
 from collections.abc import Iterator
 
 from ..schemas import Progress
+from ..text import strip_ansi
 
-__all__ = ["ANSI_ESCAPE", "ProgressParser"]
+__all__ = ["ProgressParser"]
 
-# Colour and cursor codes, as tqdm and loguru write them; stripped before output is read.
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _BAR = re.compile(
     r"(?:^|\s)(?:(?P<phase>[^|:\r\n]{1,80}):\s*)?(?P<pct>\d{1,3})%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)"
 )
@@ -39,7 +38,7 @@ class ProgressParser:
 
     @staticmethod
     def parse_line(line: str) -> Progress | None:
-        match = _BAR.search(ANSI_ESCAPE.sub("", line))
+        match = _BAR.search(strip_ansi(line))
         if not match:
             return None
         done, total = int(match.group("done")), int(match.group("total"))

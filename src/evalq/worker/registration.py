@@ -10,14 +10,19 @@ tasks would make the gateway accept any task, and `evalq tasks` answer nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import msgspec
 from nats.aio.client import Client
 
 from .. import jetstream
 from ..schemas import WorkerInfo, encode, now
+from .argv import scrubbed_env
+from .inventory import InventorySource, take_inventory
 
 __all__ = ["Registration"]
 
@@ -42,10 +47,37 @@ class Registration:
         self.wanted = True
         await jetstream.publish(self.nc, write, timeout=self.timeout)
 
+    async def show(self, current_job: str | None) -> None:
+        """Name the job in hand in the entry now, if the entry is wanted; best effort: the
+        next heartbeat names it too."""
+        if self.wanted:
+            with contextlib.suppress(Exception):
+                await self.put(current_job=current_job)
+
     async def advertise(self, changes: dict[str, object], *, current_job: str | None) -> None:
         """Add what the worker can run to its entry, and write it (the first time, if it waited)."""
         self.info = msgspec.structs.replace(self.info, **changes)
         await self.put(current_job=current_job)
+
+    async def advertise_inventory(
+        self, include_dir: Path, warm: InventorySource | None, current_job: Callable[[], str | None]
+    ) -> None:
+        """Take the worker's inventory (`inventory.py`) and add it to the entry, which is
+        written from then on; `current_job()` names the job in hand by then."""
+        found = await take_inventory(include_dir, scrubbed_env(os.environ), warm)
+        if found is None:
+            return  # take_inventory said why; the worker still runs jobs, unlisted
+        await self.advertise(
+            dict(
+                lmms_eval_version=found.lmms_eval_version,
+                gpus=found.gpus,
+                gpu_count=len(found.gpus),
+                models=found.models,
+                tasks=found.tasks,
+            ),
+            current_job=current_job(),
+        )
+        log.info("advertising %d models and %d tasks", len(found.models), len(found.tasks))
 
     async def beat(self, current_job: Callable[[], str | None]) -> None:
         """Rewrite the entry every heartbeat until closed; `current_job()` names the job in hand."""

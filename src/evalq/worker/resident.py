@@ -126,6 +126,16 @@ class Resident:
     def alive(self) -> bool:
         return self.control is not None and self.pid is not None and not _exited(self.pid)
 
+    @property
+    def busy(self) -> bool:
+        """A job runs in it now."""
+        return self._busy.locked()
+
+    def job_ended(self) -> None:
+        """Its job is over, whichever way: the next may run, and the idle time counts from now."""
+        self.last_used = time.monotonic()
+        self._busy.release()
+
     async def run(
         self, module: str, argv: list[str], *, cwd: Path, log_path: Path, on_progress: Callable[[Progress], None]
     ) -> ResidentJob:
@@ -221,8 +231,7 @@ class ResidentJob(GroupLeader):
         finally:
             if not self._loaded.done():
                 self._loaded.set_result(None)
-            self.resident.last_used = time.monotonic()
-            self.resident._busy.release()
+            self.resident.job_ended()
 
     async def loaded(self) -> Loaded | None:
         """Once the model is built or found for this job; None if the job ended first."""

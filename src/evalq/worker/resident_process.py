@@ -18,7 +18,6 @@ import contextlib
 import gc
 import json
 import os
-import runpy
 import socket
 import sys
 import time
@@ -26,8 +25,11 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
+from ..children import exit_code, run_as_main
+from .lmms_hooks import patched_get_model
 from .resident import MAX_MESSAGE, Done, Loaded, ResidentRun, decode, encode
-from .sharded_eval import patched_get_model
+from .sharded_eval import SHARDED_MODULE
+from .sharded_eval import main as sharded_main
 
 __all__ = ["main"]
 
@@ -94,18 +96,12 @@ def _keeping(kept: _Kept, control: socket.socket) -> Iterator[None]:
 def _run(module: str, argv: list[str]) -> int:
     """Run the module as `python -m` would; lmms-eval ends with `sys.exit`, which ends the
     job here, not the process."""
-    try:
-        if module == "evalq.worker.sharded_eval":
-            from .sharded_eval import main as sharded_main
-
+    if module == SHARDED_MODULE:
+        try:
             return sharded_main(argv)
-        sys.argv = [module, *argv]
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except SystemExit as done:
-        if done.code is None:
-            return 0
-        return done.code if isinstance(done.code, int) else 1
-    return 0
+        except SystemExit as done:
+            return exit_code(done)
+    return run_as_main(module, argv)
 
 
 def serve(control: socket.socket) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..lifecycle import Failure, Outcome, Success
 from ..schemas import JOB_ID_SEGMENT, JobResult
-from .progress import ANSI_ESCAPE
+from ..text import strip_ansi
 
 __all__ = ["ResultFiles", "collect", "metrics_of", "outcome_of", "tail", "upload"]
 
@@ -111,7 +111,7 @@ def tail(path: Path, lines: int = 40, max_bytes: int = 16384) -> str:
     except OSError:
         return ""
     text = data.decode(errors="replace").replace("\r", "\n")
-    text = ANSI_ESCAPE.sub("", text)
+    text = strip_ansi(text)
     kept = [line for line in text.split("\n") if line.strip()]
     return "\n".join(kept[-lines:])
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import sys
@@ -16,10 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..children import die_with_parent
 from ..schemas import Progress
 from .progress import ProgressParser
 
-__all__ = ["EvalProcess", "GroupLeader", "die_with_parent", "pump_output"]
+__all__ = ["EvalProcess", "GroupLeader", "pump_output"]
 
 
 class GroupLeader:
@@ -132,11 +132,3 @@ async def pump_output(stream: asyncio.StreamReader, log_path: Path, on_progress:
             log.flush()
             for progress in parser.feed(chunk):
                 on_progress(progress)
-
-
-def die_with_parent() -> None:
-    # If the worker is killed (-9), the evaluation must not live on holding a GPU: the
-    # job is redelivered to another worker, which starts its own.
-    PR_SET_PDEATHSIG = 1
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -21,441 +21,431 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import msgspec
+from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
-from .. import jetstream, lifecycle
+from .. import jetstream, lifecycle, sharding
 from ..capability import cannot_run
-from ..lifecycle import Applied, Cancellation, Failure, Outcome, Refused, Success
+from ..config import Settings
+from ..lifecycle import Applied, Cancellation, Failure, Outcome, Recorder, Refused, Success
 from ..outage import outlast
 from ..policy import effective_timeout, load_policy
 from ..schemas import TERMINAL, JobInfo, Piece, PieceItem, decode, encode, now
 from ..sharding import plan_pieces
+from ..topology import Topology
 from .argv import lmms_eval_args
-from .results import collect, outcome_of, tail, upload
-from .sharded_eval import RESPONSES_FILE, shard_flags
+from .evaluation import Evaluation, RunningJob
+from .launch import Launch
+from .registration import Registration
+from .results import collect, tail, upload
+from .settle import Settler
+from .sharded_eval import RESPONSES_FILE, SHARDED_MODULE, shard_flags
 
-if TYPE_CHECKING:
-    from .service import Worker, _Current
-
-__all__ = [
-    "SHARDED_MODULE",
-    "cancel_piece",
-    "handle_piece_message",
-    "piece_args",
-    "plan_job",
-    "queue_pieces",
-]
+__all__ = ["ShardedSteps", "piece_args"]
 
 log = logging.getLogger("evalq.worker")
 
-SHARDED_MODULE = "evalq.worker.sharded_eval"
 # A piece whose attempt failed goes back to the pieces stream after this delay.
 _RETRY_DELAY = 1.0
 
 
-def piece_args(worker: Worker, info: JobInfo, piece: Piece, output: Path) -> list[str]:
+def piece_args(info: JobInfo, piece: Piece, output: Path, *, include_dir: Path) -> list[str]:
     """lmms-eval's flags for one piece: its tasks, and its document range when it has one."""
     request = info.request
     assert request is not None
     whole = msgspec.structs.replace(request, tasks=piece.tasks)
     if piece.offset is not None:
         whole = msgspec.structs.replace(whole, limit=None)
-    args = lmms_eval_args(whole, output_path=output, include_path=worker.include_dir)
+    args = lmms_eval_args(whole, output_path=output, include_path=include_dir)
     if piece.offset is not None and piece.limit is not None:
         args += [f"--offset={piece.offset}", f"--limit={piece.limit}"]
     return args
 
 
-def _response_names(info: JobInfo, index: int) -> list[str]:
+def _response_names(info: JobInfo) -> list[str]:
     assert info.request is not None
     if info.request.num_gpus > 1:
         return [f"responses.rank{rank}.pkl" for rank in range(info.request.num_gpus)]
     return [RESPONSES_FILE]
 
 
-async def _publish_pieces(worker: Worker, info: JobInfo) -> None:
-    """A message per piece still to run; ids make a re-publication (a redelivered plan) a no-op."""
-    for piece in info.pieces:
-        if piece.status != "queued":
-            continue
-        body = encode(PieceItem(job_id=info.job_id, step="piece", index=piece.index))
+class ShardedSteps:
+    """A sharded job's steps on one worker.
+
+    `hold` makes a piece or a merge the worker's job in hand (a shutdown then reaches it);
+    `registration` is the worker's entry (who it is, what it can run).
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        topology: Topology,
+        settings: Settings,
+        *,
+        registration: Registration,
+        recorder: Recorder,
+        settler: Settler,
+        evaluation: Evaluation,
+        hold: Callable[[RunningJob], None],
+    ) -> None:
+        self.nc = nc
+        self.js = js
+        self.topology = topology
+        self.settings = settings
+        self.pool = settings.worker.pool
+        self.registration = registration
+        self.recorder = recorder
+        self.settler = settler
+        self.evaluation = evaluation
+        self.hold = hold
+
+    @property
+    def worker_id(self) -> str:
+        return self.registration.info.worker_id
+
+    async def _publish(self, item: PieceItem, what: str) -> None:
+        """One message of the pieces stream; its id makes a re-publication (a redelivered plan,
+        a piece completed twice) a no-op."""
+        name = "merge" if item.step == "merge" else str(item.index)
         write = jetstream.Write(
-            worker.topology.piece_subject(worker.pool, info.job_id, str(piece.index)),
-            body,
-            {"Nats-Msg-Id": f"{info.job_id}.piece.{piece.index}"},
-            stream=worker.topology.pieces_stream(worker.pool),
+            self.topology.piece_subject(self.pool, item.job_id, name),
+            encode(item),
+            {"Nats-Msg-Id": f"{item.job_id}.merge" if item.step == "merge" else f"{item.job_id}.piece.{item.index}"},
+            stream=self.topology.pieces_stream(self.pool),
         )
-        publish = functools.partial(
-            jetstream.publish, worker.nc, write, timeout=worker.settings.connection.request_timeout
+        timeout = self.settings.connection.request_timeout
+        await outlast(
+            lambda: jetstream.publish(self.nc, write, timeout=timeout), what, self.settings.worker.outage_timeout
         )
-        await outlast(publish, "publish a piece", worker.settings.worker.outage_timeout)
 
+    async def _publish_pieces(self, info: JobInfo) -> None:
+        """A message per piece still to run."""
+        for piece in info.pieces:
+            if piece.status == "queued":
+                await self._publish(PieceItem(job_id=info.job_id, step="piece", index=piece.index), "publish a piece")
 
-async def _publish_merge(worker: Worker, job_id: str) -> None:
-    body = encode(PieceItem(job_id=job_id, step="merge"))
-    write = jetstream.Write(
-        worker.topology.piece_subject(worker.pool, job_id, "merge"),
-        body,
-        {"Nats-Msg-Id": f"{job_id}.merge"},
-        stream=worker.topology.pieces_stream(worker.pool),
-    )
-    await outlast(
-        lambda: jetstream.publish(worker.nc, write, timeout=worker.settings.connection.request_timeout),
-        "publish the merge step",
-        worker.settings.worker.outage_timeout,
-    )
+    async def _publish_merge(self, job_id: str) -> None:
+        await self._publish(PieceItem(job_id=job_id, step="merge"), "publish the merge step")
 
+    # --- 1. plan ----------------------------------------------------------------------------
 
-# --- 1. plan --------------------------------------------------------------------------------
+    async def plan(self, job: RunningJob) -> None:
+        """Split the job in hand into pieces and queue them; the job's own message is then done."""
+        info = job.info
+        request = info.request
+        assert request is not None
+        output = self.settler.output_dir(info)
+        if isinstance(output, str):
+            await self.settler.conclude(job.msg, info.job_id, Failure(error=output))
+            return
+        plan_file = output / "plan.json"
+        log_path = output / "plan.log"
 
+        async def announce() -> None:
+            await self.recorder.announce(lifecycle.started_event(info, worker=self.worker_id, at=now()))
 
-async def plan_job(worker: Worker, current: _Current) -> None:
-    """Split the job in hand into pieces and queue them; the job's own message is then done."""
-    info = current.info
-    request = info.request
-    assert request is not None
-    output = worker._output_dir(info)
-    if isinstance(output, str):
-        await worker._conclude(current.msg, info.job_id, Failure(error=output))
-        return
-    plan_file = output / "plan.json"
-    log_path = output / "plan.log"
+        include_dir = self.evaluation.include_dir
+        args = shard_flags("plan", plan_file) + lmms_eval_args(request, output_path=output, include_path=include_dir)
+        launch = Launch(args=args, cwd=output, log_path=log_path, module=SHARDED_MODULE, per_gpu=False)
+        job.quiet = True
+        code = await self.evaluation.run(job, launch, announce)
+        if job.requeue.is_set() and not job.cancel.is_set():
+            reason = f"worker {self.worker_id} is shutting down"
+            await self.settler.requeue(job.msg, info.job_id, attempt=job.attempt, reason=reason)
+            return
+        failure: Outcome | None = None
+        if code is None:
+            failure = Failure(error=f"the evaluation could not start: {job.launch_error}")
+        elif job.cancel.is_set():
+            failure = Cancellation(reason="cancelled while its pieces were planned")
+        elif job.timed_out.is_set():
+            failure = await self.evaluation.timeout_failure(job, info.job_id, log_path, code)
+        pieces: list[Piece] = []
+        if failure is None:
+            try:
+                counts = msgspec.json.decode(plan_file.read_bytes(), type=dict[str, int])
+                pieces = plan_pieces(counts, request.shards)
+            except (OSError, msgspec.DecodeError, ValueError) as exc:
+                log_tail = tail(log_path, self.settings.worker.log_tail_lines)
+                await upload(self.settler.store, info.job_id, [(log_path, "plan.log")])
+                error = f"could not split the job into pieces: {exc}"
+                failure = Failure(error=error, exit_code=code, log_tail=log_tail)
+        if failure is not None:
+            await self.settler.conclude(job.msg, info.job_id, failure)
+            return
+        moved = await self.recorder.record(info.job_id, lambda record: sharding.plan(record, pieces), patient=True)
+        if isinstance(moved, Refused):
+            record = moved.current
+            if record is not None and record.status == "cancelling":
+                cancelled = Cancellation(reason="cancelled while its pieces were planned")
+                await self.settler.conclude(job.msg, info.job_id, cancelled)
+                return
+            if record is None or not record.pieces:
+                await self.settler.ack(job.msg)
+                return
+            planned = record
+        else:
+            planned = moved.after
+        docs = sum(p.docs for p in planned.pieces)
+        log.info("job %s: %d pieces of %d documents", info.job_id, len(planned.pieces), docs)
+        await self.queue_pieces(job.msg, planned)
 
-    async def announce() -> None:
-        await worker.recorder.announce(lifecycle.started_event(info, worker=worker.worker_id, at=now()))
+    async def queue_pieces(self, msg: Msg, planned: JobInfo) -> None:
+        """Publish the planned job's pieces that still wait, then let the job's message go."""
+        await self._publish_pieces(planned)
+        if sharding.all_pieces_done(planned):
+            await self._publish_merge(planned.job_id)
+        await self.settler.ack(msg)
 
-    args = shard_flags("plan", plan_file) + lmms_eval_args(request, output_path=output, include_path=worker.include_dir)
-    from .service import Launch
+    # --- 2. pieces --------------------------------------------------------------------------
 
-    launch = Launch(args=args, cwd=output, log_path=log_path, module=SHARDED_MODULE, per_gpu=False)
-    current.quiet = True
-    code = await worker._evaluate(current, launch, announce)
-    if current.requeue.is_set() and not current.cancel.is_set():
-        await worker._requeue(current, f"worker {worker.worker_id} is shutting down")
-        return
-    failure: Outcome | None = None
-    if code is None:
-        failure = Failure(error=f"the evaluation could not start: {current.launch_error}")
-    elif current.cancel.is_set():
-        failure = Cancellation(reason="cancelled while its pieces were planned")
-    elif current.timed_out.is_set():
-        failure = await worker._timeout_failure(current, info.job_id, log_path, code)
-    pieces: list[Piece] = []
-    if failure is None:
+    async def handle_message(self, msg: Msg) -> None:
+        """One message of the pieces stream: a piece to run, or a job to merge."""
         try:
-            counts = msgspec.json.decode(plan_file.read_bytes(), type=dict[str, int])
-            pieces = plan_pieces(counts, request.shards)
-        except (OSError, msgspec.DecodeError, ValueError) as exc:
-            log_tail = tail(log_path, worker.settings.worker.log_tail_lines)
-            await upload(worker._store_artifact, info.job_id, [(log_path, "plan.log")])
-            failure = Failure(error=f"could not split the job into pieces: {exc}", exit_code=code, log_tail=log_tail)
-    if failure is not None:
-        await worker._conclude(current.msg, info.job_id, failure)
-        return
-    moved = await worker.recorder.record(info.job_id, lambda record: lifecycle.plan(record, pieces), patient=True)
-    if isinstance(moved, Refused):
-        record = moved.current
-        if record is not None and record.status == "cancelling":
-            await worker._conclude(
-                current.msg, info.job_id, Cancellation(reason="cancelled while its pieces were planned")
-            )
+            item = decode(msg.data, PieceItem)
+        except (msgspec.DecodeError, ValueError) as exc:
+            log.error("an unreadable piece message: %s", exc)
+            await msg.term()
             return
-        if record is None or not record.pieces:
-            await outlast(current.msg.ack, "ack", worker.settings.worker.outage_timeout)
+        found = await self.recorder.jobs.get(item.job_id)
+        if found is None:
+            await msg.term()
             return
-        planned = record
-    else:
-        planned = moved.after
-    log.info("job %s: %d pieces of %d documents", info.job_id, len(planned.pieces), sum(p.docs for p in planned.pieces))
-    await queue_pieces(worker, current.msg, planned)
-
-
-async def queue_pieces(worker: Worker, msg: Msg, planned: JobInfo) -> None:
-    """Publish the planned job's pieces that still wait, then let the job's message go."""
-    await _publish_pieces(worker, planned)
-    if lifecycle.all_pieces_done(planned):
-        await _publish_merge(worker, planned.job_id)
-    await outlast(msg.ack, "ack", worker.settings.worker.outage_timeout)
-
-
-# --- 2. pieces ------------------------------------------------------------------------------
-
-
-async def handle_piece_message(worker: Worker, msg: Msg) -> None:
-    """One message of the pieces stream: a piece to run, or a job to merge."""
-    try:
-        item = decode(msg.data, PieceItem)
-    except (msgspec.DecodeError, ValueError) as exc:
-        log.error("an unreadable piece message: %s", exc)
-        await msg.term()
-        return
-    found = await worker.jobs.get(item.job_id)
-    if found is None:
-        await msg.term()
-        return
-    info = found[0]
-    if item.step == "merge":
-        await _merge(worker, msg, info)
-        return
-    index = item.index
-    if info.status in TERMINAL or not 0 <= index < len(info.pieces) or info.request is None:
-        await msg.ack()  # its job ended: nothing to run
-        return
-    piece = info.pieces[index]
-    if info.status == "cancelling":
-        await cancel_piece(worker, info.job_id, index)
-        await msg.ack()
-        return
-    if piece.status == "completed":
-        # Done before (its worker died before the ack): never run again; the merge may be owed.
-        if lifecycle.all_pieces_done(info):
-            await _publish_merge(worker, info.job_id)
-        await msg.ack()
-        return
-    if piece.status in ("failed", "cancelled"):
-        await msg.ack()
-        return
-    max_attempts = worker.settings.worker.max_attempts
-    if piece.attempts >= max_attempts:
-        await _fail_piece(worker, msg, info, index, attempt=piece.attempts, error="its worker stopped answering")
-        return
-    unable = cannot_run(worker.registration.info, info.request)
-    if unable is not None:
-        log.info("job %s piece %d: %s; handing it back", info.job_id, index, unable)
-        await msg.nak(delay=_RETRY_DELAY)
-        return
-    limit_s = None
-    with contextlib.suppress(Exception):  # no policy read: the job's own timeout still applies
-        limit_s = effective_timeout(info.request, await load_policy(worker.js, worker.topology, worker.pool))
-    if limit_s is None:
-        limit_s = info.request.timeout
-    started_at = now()
-    moved = await worker.recorder.record(
-        info.job_id, lambda record: lifecycle.piece_start(record, index, worker=worker.worker_id, at=started_at)
-    )
-    if isinstance(moved, Refused):
-        record = moved.current
-        if record is not None and record.status == "cancelling":
-            await cancel_piece(worker, record.job_id, index)
-        await msg.ack()
-        return
-    from .service import _Current
-
-    started = moved.after
-    attempt = started.pieces[index].attempts
-    current = _Current(info=started, msg=msg, attempt=attempt, limit_s=limit_s, piece=index)
-    worker.current = current
-    if worker.stopping:
-        worker._stop_job(current)
-    if worker.registration.wanted:
-        with contextlib.suppress(Exception):
-            await worker.registration.put(current_job=info.job_id)
-    await _run_piece(worker, current)
-
-
-async def _run_piece(worker: Worker, current: _Current) -> None:
-    from .service import Launch
-
-    info = current.info
-    index = current.piece
-    assert index is not None and info.request is not None
-    piece = info.pieces[index]
-    job_dir = worker._output_dir(info, fresh=False)
-    if isinstance(job_dir, str):
-        await _fail_piece(worker, current.msg, info, index, attempt=current.attempt, error=job_dir)
-        return
-    output = worker._fresh_dir(job_dir / "shards" / str(index))
-    log_path = output / "eval.log"
-    responses = output / RESPONSES_FILE
-    begun = time.monotonic()
-
-    async def announce() -> None:
-        at = now()
-        await worker.recorder.announce(lifecycle.shard_started_event(info, index, worker=worker.worker_id, at=at))
-
-    args = shard_flags("record", responses) + piece_args(worker, info, piece, output)
-    code = await worker._evaluate(
-        current, Launch(args=args, cwd=output, log_path=log_path, module=SHARDED_MODULE), announce
-    )
-    prefix = f"{info.job_id}/shards/{index}"
-    await upload(worker._store_artifact, prefix, [(log_path, "eval.log")])
-    if current.cancel.is_set():
-        await cancel_piece(worker, info.job_id, index)
-        await outlast(current.msg.ack, "ack", worker.settings.worker.outage_timeout)
-        return
-    if current.requeue.is_set():
-        # Shutting down: back to the queue for another worker; this attempt did not fail.
-        await worker.recorder.record(
-            info.job_id,
-            lambda record: lifecycle.piece_fail(
-                record, index, error=f"worker {worker.worker_id} shut down", final=False, at=now()
-            ),
-        )
-        await current.msg.nak()
-        return
-    error = None
-    if code is None:
-        error = f"the evaluation could not start: {current.launch_error}"
-    elif current.timed_out.is_set():
-        error = f"timeout: the piece ran longer than its limit of {current.limit_s} s and was stopped"
-    else:
-        files = collect(output)
-        if files.results is None:
-            last = tail(log_path, 1)
-            error = f"lmms-eval exited with code {code} and {files.problem}" + (f": {last}" if last else "")
-    if error is None:
-        names = [name for name in _response_names(info, index) if (output / name).is_file()]
-        if not names:
-            error = "the piece recorded no responses"
-        else:
-            await upload(worker._store_artifact, prefix, [(output / name, name) for name in names])
-    if error is not None:
-        await _fail_piece(worker, current.msg, info, index, attempt=current.attempt, error=error)
-        return
-    seconds = round(time.monotonic() - begun, 3)
-    at = now()
-
-    def event(applied: Applied) -> lifecycle.Event:
-        return lifecycle.shard_completed_event(applied.after, index, worker=worker.worker_id, at=at)
-
-    moved = await worker.recorder.record(
-        info.job_id, lambda record: lifecycle.piece_finish(record, index, at=at, seconds=seconds), event, patient=True
-    )
-    record = moved.after if isinstance(moved, Applied) else moved.current
-    if record is not None and lifecycle.all_pieces_done(record):
-        await _publish_merge(worker, info.job_id)
-    elif record is not None and record.status == "cancelling":
-        await worker.recorder.end_cancelled_if_idle(info.job_id, at=now())
-    await outlast(current.msg.ack, "ack", worker.settings.worker.outage_timeout)
-
-
-async def _fail_piece(worker: Worker, msg: Msg, info: JobInfo, index: int, *, attempt: int, error: str) -> None:
-    """An attempt of a piece failed: it goes back to the queue alone, or, after max_attempts,
-    fails the job (whose other pieces then stop)."""
-    final = attempt >= worker.settings.worker.max_attempts
-    at = now()
-
-    def event(applied: Applied) -> lifecycle.Event:
-        return lifecycle.shard_failed_event(
-            applied.after, index, attempt=attempt, worker=worker.worker_id, error=error, at=at
-        )
-
-    await worker.recorder.record(
-        info.job_id,
-        lambda record: lifecycle.piece_fail(record, index, error=error, final=final, at=at),
-        event,
-        patient=True,
-    )
-    if not final:
-        log.warning("job %s piece %d attempt %d failed: %s; queued again", info.job_id, index, attempt, error)
-        await msg.nak(delay=_RETRY_DELAY)
-        return
-    reason = f"piece {index} failed {attempt} times (max_attempts={worker.settings.worker.max_attempts}): {error}"
-    # Its running pieces stop (their workers watch the record); those still queued are
-    # dropped unrun by whichever worker takes them.
-    await worker.recorder.finish(info.job_id, Failure(error=reason), at=at, worker=worker.worker_id)
-    await outlast(msg.ack, "ack", worker.settings.worker.outage_timeout)
-
-
-async def cancel_piece(worker: Worker, job_id: str, index: int) -> None:
-    await worker.recorder.record(job_id, lambda record: lifecycle.piece_cancel(record, index, at=now()), patient=True)
-    await worker.recorder.end_cancelled_if_idle(job_id, at=now())
-
-
-# --- 3. merge -------------------------------------------------------------------------------
-
-
-async def _merge(worker: Worker, msg: Msg, info: JobInfo) -> None:
-    from .service import Launch, _Current
-
-    if info.status in TERMINAL:
-        await msg.ack()
-        return
-    if info.status == "cancelling":
-        await worker._conclude(msg, info.job_id, Cancellation(reason="cancelled before its pieces were merged"))
-        return
-    if not lifecycle.all_pieces_done(info) or info.request is None:
-        await msg.ack()  # not this job's last step after all; its last piece publishes it again
-        return
-    current = _Current(info=info, msg=msg, attempt=info.attempts, quiet=True)
-    worker.current = current
-    if worker.stopping:
-        worker._stop_job(current)
-    output = worker._output_dir(info)
-    if isinstance(output, str):
-        await worker._conclude(msg, info.job_id, Failure(error=output))
-        return
-    responses = output / "responses"
-
-    async def download(index: int, name: str) -> None:
-        folder = responses / str(index)
-        folder.mkdir(parents=True, exist_ok=True)
-        get = functools.partial(worker.results.get, f"{info.job_id}/shards/{index}/{name}")
-        got = await outlast(get, "download a piece's responses", worker.settings.worker.outage_timeout)
-        (folder / name).write_bytes(got.data or b"")
-
-    try:
-        await asyncio.gather(
-            *(download(piece.index, name) for piece in info.pieces for name in _response_names(info, piece.index))
-        )
-    except Exception as exc:
-        if (msg.metadata.num_delivered or 1) >= worker.settings.worker.max_attempts:
-            await worker._conclude(msg, info.job_id, Failure(error=f"a piece's responses could not be read: {exc}"))
-        else:
-            log.warning("job %s: could not download the pieces' responses (%s); retrying", info.job_id, exc)
+        info = found[0]
+        if item.step == "merge":
+            await self._merge(msg, info)
+            return
+        index = item.index
+        if info.status in TERMINAL or not 0 <= index < len(info.pieces) or info.request is None:
+            await msg.ack()  # its job ended: nothing to run
+            return
+        piece = info.pieces[index]
+        if info.status == "cancelling":
+            await self.cancel_piece(info.job_id, index)
+            await msg.ack()
+            return
+        if piece.status == "completed":
+            # Done before (its worker died before the ack): never run again; the merge may be owed.
+            if sharding.all_pieces_done(info):
+                await self._publish_merge(info.job_id)
+            await msg.ack()
+            return
+        if piece.status in ("failed", "cancelled"):
+            await msg.ack()
+            return
+        if piece.attempts >= self.settings.worker.max_attempts:
+            await self._fail_piece(msg, info, index, attempt=piece.attempts, error="its worker stopped answering")
+            return
+        unable = cannot_run(self.registration.info, info.request)
+        if unable is not None:
+            log.info("job %s piece %d: %s; handing it back", info.job_id, index, unable)
             await msg.nak(delay=_RETRY_DELAY)
-        return
-    log_path = output / "eval.log"
-    begun = time.monotonic()
-    launched_at = time.time()
-
-    async def announce() -> None:
-        return None
-
-    args = shard_flags("replay", responses) + lmms_eval_args(
-        info.request, output_path=output, include_path=worker.include_dir
-    )
-    launch = Launch(args=args, cwd=output, log_path=log_path, module=SHARDED_MODULE, per_gpu=False)
-    code = await worker._evaluate(current, launch, announce)
-    outcome: Outcome
-    if code is None:
-        outcome = Failure(error=f"the merge could not start: {current.launch_error}")
-    elif current.cancel.is_set():
-        outcome = worker._cancellation(current)
-    elif current.timed_out.is_set():
-        outcome = await worker._timeout_failure(current, info.job_id, log_path, code)
-    elif current.requeue.is_set():
-        await msg.nak()  # shutting down: another worker merges
-        return
-    else:
-        outcome = await outcome_of(
-            output,
-            log_path,
-            code,
-            job_id=info.job_id,
-            put=worker._store_artifact,
-            duration_s=_since(info.started_at, begun),
-            tail_lines=worker.settings.worker.log_tail_lines,
-            started_at=launched_at,
+            return
+        limit_s = None
+        with contextlib.suppress(Exception):  # no policy read: the job's own timeout still applies
+            limit_s = effective_timeout(info.request, await load_policy(self.js, self.topology, self.pool))
+        if limit_s is None:
+            limit_s = info.request.timeout
+        started_at = now()
+        worker_id = self.worker_id
+        moved = await self.recorder.record(
+            info.job_id, lambda record: sharding.piece_start(record, index, worker=worker_id, at=started_at)
         )
+        if isinstance(moved, Refused):
+            record = moved.current
+            if record is not None and record.status == "cancelling":
+                await self.cancel_piece(record.job_id, index)
+            await msg.ack()
+            return
+        started = moved.after
+        attempt = started.pieces[index].attempts
+        job = RunningJob(info=started, msg=msg, attempt=attempt, limit_s=limit_s, piece=index)
+        self.hold(job)
+        await self.registration.show(info.job_id)
+        await self._run_piece(job)
+
+    async def _run_piece(self, job: RunningJob) -> None:
+        info = job.info
+        index = job.piece
+        assert index is not None and info.request is not None
+        piece = info.pieces[index]
+        job_dir = self.settler.output_dir(info, fresh=False)
+        if isinstance(job_dir, str):
+            await self._fail_piece(job.msg, info, index, attempt=job.attempt, error=job_dir)
+            return
+        output = self.settler.fresh_dir(job_dir / "shards" / str(index))
+        log_path = output / "eval.log"
+        responses = output / RESPONSES_FILE
+        begun = time.monotonic()
+
+        async def announce() -> None:
+            at = now()
+            await self.recorder.announce(lifecycle.shard_started_event(info, index, worker=self.worker_id, at=at))
+
+        args = shard_flags("record", responses) + piece_args(
+            info, piece, output, include_dir=self.evaluation.include_dir
+        )
+        launch = Launch(args=args, cwd=output, log_path=log_path, module=SHARDED_MODULE)
+        code = await self.evaluation.run(job, launch, announce)
+        prefix = f"{info.job_id}/shards/{index}"
+        await upload(self.settler.store, prefix, [(log_path, "eval.log")])
+        if job.cancel.is_set():
+            await self.cancel_piece(info.job_id, index)
+            await self.settler.ack(job.msg)
+            return
+        if job.requeue.is_set():
+            # Shutting down: back to the queue for another worker; this attempt did not fail.
+            error = f"worker {self.worker_id} shut down"
+            await self.recorder.record(
+                info.job_id, lambda record: sharding.piece_fail(record, index, error=error, final=False, at=now())
+            )
+            await job.msg.nak()
+            return
+        failed = None
+        if code is None:
+            failed = f"the evaluation could not start: {job.launch_error}"
+        elif job.timed_out.is_set():
+            failed = f"timeout: the piece ran longer than its limit of {job.limit_s} s and was stopped"
+        else:
+            files = collect(output)
+            if files.results is None:
+                last = tail(log_path, 1)
+                failed = f"lmms-eval exited with code {code} and {files.problem}" + (f": {last}" if last else "")
+        if failed is None:
+            names = [name for name in _response_names(info) if (output / name).is_file()]
+            if not names:
+                failed = "the piece recorded no responses"
+            else:
+                await upload(self.settler.store, prefix, [(output / name, name) for name in names])
+        if failed is not None:
+            await self._fail_piece(job.msg, info, index, attempt=job.attempt, error=failed)
+            return
+        seconds = round(time.monotonic() - begun, 3)
+        at = now()
+
+        def event(applied: Applied) -> lifecycle.Event:
+            return lifecycle.shard_completed_event(applied.after, index, worker=self.worker_id, at=at)
+
+        moved = await self.recorder.record(
+            info.job_id,
+            lambda record: sharding.piece_finish(record, index, at=at, seconds=seconds),
+            event,
+            patient=True,
+        )
+        record = moved.after if isinstance(moved, Applied) else moved.current
+        if record is not None and sharding.all_pieces_done(record):
+            await self._publish_merge(info.job_id)
+        elif record is not None and record.status == "cancelling":
+            await self.recorder.end_cancelled_if_idle(info.job_id, at=now())
+        await self.settler.ack(job.msg)
+
+    async def _fail_piece(self, msg: Msg, info: JobInfo, index: int, *, attempt: int, error: str) -> None:
+        """An attempt of a piece failed: it goes back to the queue alone, or, after max_attempts,
+        fails the job (whose other pieces then stop)."""
+        max_attempts = self.settings.worker.max_attempts
+        final = attempt >= max_attempts
+        at = now()
+
+        def event(applied: Applied) -> lifecycle.Event:
+            return lifecycle.shard_failed_event(
+                applied.after, index, attempt=attempt, worker=self.worker_id, error=error, at=at
+            )
+
+        await self.recorder.record(
+            info.job_id,
+            lambda record: sharding.piece_fail(record, index, error=error, final=final, at=at),
+            event,
+            patient=True,
+        )
+        if not final:
+            log.warning("job %s piece %d attempt %d failed: %s; queued again", info.job_id, index, attempt, error)
+            await msg.nak(delay=_RETRY_DELAY)
+            return
+        reason = f"piece {index} failed {attempt} times (max_attempts={max_attempts}): {error}"
+        # Its running pieces stop (their workers watch the record); those still queued are
+        # dropped unrun by whichever worker takes them.
+        await self.recorder.finish(info.job_id, Failure(error=reason), at=at, worker=self.worker_id)
+        await self.settler.ack(msg)
+
+    async def cancel_piece(self, job_id: str, index: int) -> None:
+        await self.recorder.record(job_id, lambda record: sharding.piece_cancel(record, index, at=now()), patient=True)
+        await self.recorder.end_cancelled_if_idle(job_id, at=now())
+
+    # --- 3. merge ---------------------------------------------------------------------------
+
+    async def _merge(self, msg: Msg, info: JobInfo) -> None:
+        if info.status in TERMINAL:
+            await msg.ack()
+            return
+        if info.status == "cancelling":
+            cancelled = Cancellation(reason="cancelled before its pieces were merged")
+            await self.settler.conclude(msg, info.job_id, cancelled)
+            return
+        if not sharding.all_pieces_done(info) or info.request is None:
+            await msg.ack()  # not this job's last step after all; its last piece publishes it again
+            return
+        job = RunningJob(info=info, msg=msg, attempt=info.attempts, quiet=True)
+        self.hold(job)
+        output = self.settler.output_dir(info)
+        if isinstance(output, str):
+            await self.settler.conclude(msg, info.job_id, Failure(error=output))
+            return
+        responses = output / "responses"
+
+        async def download(index: int, name: str) -> None:
+            folder = responses / str(index)
+            folder.mkdir(parents=True, exist_ok=True)
+            data = await self.settler.fetch(f"{info.job_id}/shards/{index}/{name}", "download a piece's responses")
+            (folder / name).write_bytes(data)
+
+        try:
+            names = _response_names(info)
+            await asyncio.gather(*(download(piece.index, name) for piece in info.pieces for name in names))
+        except Exception as exc:
+            if (msg.metadata.num_delivered or 1) >= self.settings.worker.max_attempts:
+                unread = Failure(error=f"a piece's responses could not be read: {exc}")
+                await self.settler.conclude(msg, info.job_id, unread)
+            else:
+                log.warning("job %s: could not download the pieces' responses (%s); retrying", info.job_id, exc)
+                await msg.nak(delay=_RETRY_DELAY)
+            return
+        log_path = output / "eval.log"
+        begun = time.monotonic()
+        launched_at = time.time()
+
+        async def announce() -> None:
+            return None
+
+        include_dir = self.evaluation.include_dir
+        args = shard_flags("replay", responses) + lmms_eval_args(
+            info.request, output_path=output, include_path=include_dir
+        )
+        launch = Launch(args=args, cwd=output, log_path=log_path, module=SHARDED_MODULE, per_gpu=False)
+        code = await self.evaluation.run(job, launch, announce)
+        outcome = await self.evaluation.outcome(
+            job, code, output, log_path, duration_s=_since(info.started_at, begun), started_at=launched_at, step="merge"
+        )
+        if outcome is None:
+            await msg.nak()  # shutting down: another worker merges
+            return
         if isinstance(outcome, Success):
             logs = [f"{info.job_id}/shards/{piece.index}/eval.log" for piece in info.pieces]
             result = msgspec.structs.replace(outcome.result, artifacts=[*outcome.result.artifacts, *logs])
             outcome = Success(result=result)
-    await worker._conclude(msg, info.job_id, outcome)
+        await self.settler.conclude(msg, info.job_id, outcome)
 
 
 def _since(started_at: str | None, fallback: float) -> float:
     """Seconds since the job started (all its pieces), or since `fallback` (a monotonic time)."""
-    import datetime as dt
-
     if started_at:
         with contextlib.suppress(ValueError):
             begun = dt.datetime.fromisoformat(started_at.replace("Z", "+00:00"))

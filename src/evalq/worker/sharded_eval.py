@@ -18,33 +18,27 @@ take part in sharded jobs too.
 The model never loads in `replay`: the class lmms-eval asks for is swapped for one that
 only replays (it keeps the real class's name and whether it is a chat model, which decides
 how tasks build their prompts). A response that is missing ends the run with an error.
+How the model class is swapped or watched is `lmms_hooks.py`; this module runs the modes.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pickle
 import runpy
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "MODES",
-    "RESPONSES_FILE",
-    "load_responses",
-    "main",
-    "on_create",
-    "patched_get_model",
-    "recording",
-    "shard_flags",
-]
+from .lmms_hooks import Key, patched_get_model, recording, replaying
 
+__all__ = ["MODES", "RESPONSES_FILE", "SHARDED_MODULE", "load_responses", "main", "shard_flags"]
+
+# This module, as the worker launches it.
+SHARDED_MODULE = "evalq.worker.sharded_eval"
 RESPONSES_FILE = "responses.pkl"
 MODES = ("plan", "record", "replay")
 
@@ -52,16 +46,6 @@ MODES = ("plan", "record", "replay")
 def shard_flags(mode: str, path: str | Path) -> list[str]:
     """The two flags that make an evaluation one step of a sharded job."""
     return [f"--evalq_shard={mode}", f"--evalq_shard_file={path}"]
-
-
-# The methods by which lmms-eval asks a model for responses, one per request type.
-REQUEST_TYPES = ("loglikelihood", "generate_until", "generate_until_multi_round")
-
-Key = tuple[str, str, Any, int]
-
-
-def _key(reqtype: str, request: Any) -> Key:
-    return (reqtype, str(request.task_name), request.doc_id, int(request.idx))
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -91,66 +75,6 @@ def load_responses(path: Path) -> dict[Key, list[Any]]:
     return loaded
 
 
-@contextlib.contextmanager
-def patched_get_model(make: Callable[[type], type]) -> Iterator[None]:
-    """lmms-eval asks `models.get_model(name)` for the class it builds the model from: hand it
-    `make(that class)` instead, until the block ends (a resident process runs many jobs)."""
-    import lmms_eval.models as models
-
-    original = models.get_model
-
-    def get_model(model_name: str, force_simple: bool = False) -> type:
-        return make(original(model_name, force_simple))
-
-    models.get_model = get_model  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        models.get_model = original  # type: ignore[assignment]
-
-
-def on_create(cls: Any, change: Callable[[Any], Any]) -> type:
-    """A stand-in for the model class whose instances pass through `change` once built."""
-
-    def create_from_arg_string(klass: type, arg_string: str, additional_config: Any = None) -> Any:
-        return change(cls.create_from_arg_string(arg_string, additional_config))
-
-    return type(cls.__name__, (), {"create_from_arg_string": classmethod(create_from_arg_string)})
-
-
-@contextlib.contextmanager
-def recording(kept: dict[Key, list[Any]]) -> Iterator[None]:
-    """Keep every response the model gives during the block. The model instance's request
-    methods are wrapped (its class is left alone, so lmms-eval reports the same backend),
-    and unwrapped when the block ends."""
-    wrapped: list[Any] = []
-
-    def wrap(lm: Any) -> Any:
-        for reqtype in REQUEST_TYPES:
-            real = getattr(lm, reqtype, None)
-            if real is None:
-                continue
-
-            def method(requests: list[Any], real: Any = real, reqtype: str = reqtype) -> Any:
-                answers = real(requests)
-                for request, answer in zip(requests, answers, strict=False):
-                    kept[_key(reqtype, request)].append(answer)
-                return answers
-
-            setattr(lm, reqtype, method)
-        wrapped.append(lm)
-        return lm
-
-    with patched_get_model(lambda cls: on_create(cls, wrap)):
-        try:
-            yield
-        finally:
-            for lm in wrapped:
-                for reqtype in REQUEST_TYPES:
-                    with contextlib.suppress(AttributeError):
-                        delattr(lm, reqtype)  # back to the class's own method
-
-
 def _run_lmms_eval(argv: list[str]) -> None:
     sys.argv = ["lmms_eval", *argv]
     runpy.run_module("lmms_eval", run_name="__main__", alter_sys=True)
@@ -175,44 +99,11 @@ def _record(responses_path: Path, argv: list[str]) -> int:
 
 
 def _replay(responses_dir: Path, argv: list[str]) -> int:
-    from lmms_eval.api.model import lmms
-
     answers: dict[Key, list[Any]] = {}
     for path in sorted(responses_dir.glob("*/responses*.pkl")):
         for key, values in load_responses(path).items():
             answers.setdefault(key, []).extend(values)
-    cursor: dict[Key, int] = defaultdict(int)
-
-    def replay(reqtype: str) -> Callable[..., Any]:
-        def method(self: Any, requests: list[Any]) -> list[Any]:
-            out = []
-            for request in requests:
-                key = _key(reqtype, request)
-                values = answers.get(key, [])
-                index = cursor[key]
-                if index >= len(values):
-                    raise RuntimeError(f"no recorded response for {key} (answer {index + 1}); a piece is missing")
-                cursor[key] = index + 1
-                out.append(values[index])
-            return out
-
-        return method
-
-    def replaying(cls: type) -> type:
-        def create_from_arg_string(klass: type, arg_string: str, additional_config: Any = None) -> Any:
-            return klass()
-
-        body: dict[str, Any] = {name: replay(name) for name in REQUEST_TYPES}
-        body["is_simple"] = getattr(cls, "is_simple", True)
-        body["create_from_arg_string"] = classmethod(create_from_arg_string)
-        body["generate_until_agentic"] = lambda self, requests: (_ for _ in ()).throw(
-            RuntimeError("agentic requests are not replayed")
-        )
-        replayer = type(cls.__name__, (lmms,), body)
-        replayer.__module__, replayer.__qualname__ = cls.__module__, cls.__qualname__
-        return replayer
-
-    with patched_get_model(replaying):
+    with patched_get_model(replaying(answers)):
         _run_lmms_eval(argv)
     return 0
 

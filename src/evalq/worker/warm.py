@@ -25,9 +25,10 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from ..children import die_with_parent
 from ..schemas import Progress
 from .inventory import Inventory
-from .runner import GroupLeader, die_with_parent, pump_output
+from .runner import GroupLeader, pump_output
 from .zygote_protocol import (
     MAX_MESSAGE,
     About,
@@ -220,16 +221,43 @@ class WarmEvaluator:
         on_progress: Callable[[Progress], None] = lambda progress: None,
         module: str = "lmms_eval",
     ) -> WarmProcess:
-        """Fork a job running `python -m <module> <argv>`; its output goes to `log_path`."""
-        job = WarmProcess(self, log_path=log_path, on_progress=on_progress)
+        """Fork a job running `python -m <module> <argv>`; its output goes to `log_path`.
+
+        The control socket stays this job's until it exits: `Exited` is its next message.
+        """
         await self._lock.acquire()
         try:
             await self.ready()
-            await job._begin(module, list(argv), cwd)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            read_end, write_end = os.pipe()
+            try:
+                self._send(Run(module=module, argv=list(argv), cwd=os.fspath(cwd)), [write_end])
+            except BaseException:
+                os.close(read_end)
+                raise
+            finally:
+                os.close(write_end)  # the child holds the only write end: EOF when its group is done
+            reader = asyncio.StreamReader(limit=1 << 20)
+            pipe = os.fdopen(read_end, "rb", buffering=0)  # the transport closes it at EOF
+            await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+            pump = asyncio.create_task(pump_output(reader, log_path, on_progress))
+            pid = _expect(await self._answer(), Started).pid
         except BaseException:
             self._lock.release()
             raise
-        return job
+        return WarmProcess(pid, pump=pump, exited=asyncio.create_task(self._job_exit()))
+
+    async def _job_exit(self) -> int:
+        """The running job's exit code; the socket is free for the next request after it."""
+        try:
+            code = _expect(await self._receive(), Exited).code
+        except (ZygoteError, OSError) as exc:
+            # The zygote died under the job; with it went the job (parent-death signal).
+            log.warning("warm evaluator lost during a job: %s", exc)
+            code = -signal.SIGKILL
+        finally:
+            self._lock.release()
+        return code
 
     async def spawn(self, module: str, argv: Sequence[str], *, fd: int, cwd: Path, log_path: Path) -> int:
         """Fork a long-lived child (`python -m <module> <argv>`) holding `fd`; returns its pid."""
@@ -262,43 +290,13 @@ class WarmEvaluator:
 class WarmProcess(GroupLeader):
     """One job forked from the zygote; it leads its own group, as an `EvalProcess` does."""
 
-    def __init__(self, zygote: WarmEvaluator, *, log_path: Path, on_progress: Callable[[Progress], None]) -> None:
-        self.zygote = zygote
-        self.log_path = log_path
-        self.on_progress = on_progress
-        self._exited: asyncio.Task[int] | None = None
-
-    async def _begin(self, module: str, argv: list[str], cwd: Path) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        read_end, write_end = os.pipe()
-        try:
-            self.zygote._send(Run(module=module, argv=argv, cwd=os.fspath(cwd)), [write_end])
-        except BaseException:
-            os.close(read_end)
-            raise
-        finally:
-            os.close(write_end)  # the child holds the only write end: EOF when its group is done
-        reader = asyncio.StreamReader(limit=1 << 20)
-        pipe = os.fdopen(read_end, "rb", buffering=0)  # the transport closes it at EOF
-        await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
-        self._pump = asyncio.create_task(pump_output(reader, self.log_path, self.on_progress))
-        self.pid = _expect(await self.zygote._answer(), Started).pid
-        self._exited = asyncio.create_task(self._wait_exit())
-
-    async def _wait_exit(self) -> int:
-        try:
-            code = _expect(await self.zygote._receive(), Exited).code
-        except (ZygoteError, OSError) as exc:
-            # The zygote died under the job; with it went the job (parent-death signal).
-            log.warning("warm evaluator lost during a job: %s", exc)
-            code = -signal.SIGKILL
-        finally:
-            self.zygote._lock.release()
-        return code
+    def __init__(self, pid: int, *, pump: asyncio.Task[None], exited: asyncio.Task[int]) -> None:
+        self.pid = pid
+        self._pump = pump
+        self._exited = exited
 
     async def _leader_exit(self) -> int:
-        assert self._exited is not None
         return await asyncio.shield(self._exited)
 
     def _running(self) -> bool:
-        return self._exited is not None and not self._exited.done()
+        return not self._exited.done()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import runpy
 import select
 import signal
 import socket
@@ -34,9 +33,9 @@ from typing import Any
 
 import msgspec
 
+from ..children import die_with_parent, run_as_main
 from ..schemas import GpuInfo
 from .inventory import cuda_gpus, list_lmms_eval
-from .runner import die_with_parent
 from .zygote_protocol import (
     MAX_MESSAGE,
     About,
@@ -123,18 +122,8 @@ def _child(module: str, argv: list[str], cwd: str, output_fd: int, control: sock
         os.dup2(output_fd, 2)
         os.close(output_fd)
         os.chdir(cwd)
-        sys.argv = [module, *argv]
         try:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
-            code = 0
-        except SystemExit as done:
-            if done.code is None:
-                code = 0
-            elif isinstance(done.code, int):
-                code = done.code
-            else:
-                print(done.code, file=sys.stderr)
-                code = 1
+            code = run_as_main(module, argv)
         except BaseException:
             traceback.print_exc()
             code = 1

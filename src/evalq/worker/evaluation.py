@@ -1,0 +1,301 @@
+"""One evaluation, supervised: the job in hand, its process, and what may end it early.
+
+The worker holds one `RunningJob` at a time: a whole job, or a sharded job's plan, piece
+or merge. `Evaluation.run` starts its process (`launch.py` says where) and supervises it
+until it ends on its own, the job's record turns `cancelling`, its time limit passes, or
+the worker hands it back (a shutdown); each way ends the whole process group. `started`
+is announced once the process exists (and, in a resident process, has its model), and
+progress is reported only between `started` and the outcome, so that no progress event
+precedes the one or follows the other. `Evaluation.outcome` turns how it ended into the
+job's `Outcome`, one ladder for a whole job and a merge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from .. import lifecycle, sharding
+from ..config import Settings
+from ..jobstore import JobStore
+from ..lifecycle import Applied, Cancellation, Failure, Outcome, Recorder
+from ..schemas import TERMINAL, JobInfo, Progress, decode, now
+from .argv import lmms_eval_args
+from .launch import Launch, Launcher, Process
+from .results import outcome_of, tail, upload
+from .settle import Settler
+from .warm import ZygoteError
+
+__all__ = ["Evaluation", "RunningJob"]
+
+log = logging.getLogger("evalq.worker")
+
+
+@dataclass
+class RunningJob:
+    """The job in hand, and why it may have to stop early."""
+
+    info: JobInfo
+    msg: Msg
+    attempt: int
+    process: Process | None = None
+    # Seconds the evaluation may run (the job's timeout, or its pool's); None: no limit.
+    limit_s: int | None = None
+    timed_out: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel_requested_at: float | None = None
+    launch_error: str = ""
+    # The piece of a sharded job this evaluation runs (None: the whole job, or its plan or merge).
+    piece: int | None = None
+    # A sharded job's plan and merge steps report no progress: the job's progress counts
+    # the documents its pieces answered.
+    quiet: bool = False
+    # What the resident model said for this job: (reused, load seconds); None: no resident.
+    model: tuple[bool, float | None] | None = None
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    requeue: asyncio.Event = field(default_factory=asyncio.Event)
+    last_progress_at: float = 0.0
+    last_phase: str = ""
+    # Progress is reported only between `started` and the outcome, so that no progress event
+    # precedes the one or follows the other.
+    announced: bool = False
+    reports: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class Evaluation:
+    """Runs the evaluation of the job in hand and supervises it to its end."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        launcher: Launcher,
+        recorder: Recorder,
+        jobs: JobStore,
+        settler: Settler,
+        *,
+        worker_id: str,
+        include_dir: Path,
+    ) -> None:
+        self.settings = settings
+        self.launcher = launcher
+        self.recorder = recorder
+        self.jobs = jobs
+        self.settler = settler
+        self.worker_id = worker_id
+        self.include_dir = include_dir
+
+    async def supervise(self, job: RunningJob) -> None:
+        """Run a whole job's evaluation to its end, a cancel, or a hand-back; then settle its message."""
+        info = job.info
+        assert info.request is not None
+        output = self.settler.output_dir(info)
+        begun = time.monotonic()
+        launched_at = time.time()
+        if isinstance(output, str):
+            await self.settler.conclude(job.msg, info.job_id, Failure(error=output))
+            return
+        log_path = output / "eval.log"
+
+        async def announce() -> None:
+            reused, load_s = job.model if job.model is not None else (None, None)
+            event = lifecycle.started_event(
+                info, worker=self.worker_id, at=now(), model_reused=reused, model_load_seconds=load_s
+            )
+            await self.recorder.announce(event)
+
+        args = lmms_eval_args(info.request, output_path=output, include_path=self.include_dir)
+        exit_code = await self.run(job, Launch(args=args, cwd=output, log_path=log_path), announce)
+        outcome = await self.outcome(
+            job, exit_code, output, log_path, duration_s=round(time.monotonic() - begun, 3), started_at=launched_at
+        )
+        if outcome is None:
+            reason = f"worker {self.worker_id} is shutting down"
+            await self.settler.requeue(job.msg, info.job_id, attempt=job.attempt, reason=reason)
+            return
+        await self.settler.conclude(job.msg, info.job_id, outcome)
+
+    async def outcome(
+        self,
+        job: RunningJob,
+        exit_code: int | None,
+        output: Path,
+        log_path: Path,
+        *,
+        duration_s: float,
+        started_at: float,
+        step: str = "evaluation",
+    ) -> Outcome | None:
+        """How the evaluation ended, as the job's outcome: it could not start, was cancelled,
+        ran out of time, or produced results (or none); None when it was handed back."""
+        if exit_code is None:
+            return Failure(error=f"the {step} could not start: {job.launch_error}")
+        if job.cancel.is_set():
+            return self.cancellation(job)
+        if job.timed_out.is_set():
+            return await self.timeout_failure(job, job.info.job_id, log_path, exit_code)
+        if job.requeue.is_set():
+            return None
+        return await outcome_of(
+            output,
+            log_path,
+            exit_code,
+            job_id=job.info.job_id,
+            put=self.settler.store,
+            duration_s=duration_s,
+            tail_lines=self.settings.worker.log_tail_lines,
+            started_at=started_at,
+        )
+
+    def cancellation(self, job: RunningJob) -> Cancellation:
+        latency = None
+        ended_at = job.process.ended_at if job.process is not None else None
+        if job.cancel_requested_at is not None and ended_at is not None:
+            latency = round(max(0.0, ended_at - job.cancel_requested_at), 3)
+        return Cancellation(reason="cancelled while running", latency_s=latency)
+
+    async def timeout_failure(self, job: RunningJob, object_prefix: str, log_path: Path, exit_code: int) -> Failure:
+        log_tail = tail(log_path, self.settings.worker.log_tail_lines)
+        await upload(self.settler.store, object_prefix, [(log_path, "eval.log")])
+        return Failure(
+            error=f"timeout: the evaluation ran longer than its limit of {job.limit_s} s and was stopped",
+            exit_code=exit_code,
+            log_tail=log_tail,
+        )
+
+    async def run(self, job: RunningJob, launch: Launch, announce: Callable[[], Awaitable[None]]) -> int | None:
+        """Start one evaluation process and supervise it until it ends, is cancelled, runs out
+        of time or is handed back (`job` says which); its exit code, or None when it could
+        not start (`job.launch_error` says why)."""
+        ended = asyncio.Event()
+        # Follow the record from here on: a launch may wait for the warm evaluator's imports.
+        watcher = asyncio.create_task(self._watch_for_cancel(job, ended))
+        waiting: asyncio.Task[int] | None = None
+        stop_reasons: list[asyncio.Task[Any]] = []
+        try:
+            try:
+                process = await self._launch(job, launch)
+            except (OSError, ZygoteError) as exc:
+                job.launch_error = str(exc)
+                return None
+            job.process = process
+            waiting = asyncio.create_task(process.wait())
+            stop_reasons = [asyncio.create_task(job.cancel.wait()), asyncio.create_task(job.requeue.wait())]
+            if job.limit_s is not None:
+                stop_reasons.append(asyncio.create_task(self._time_limit(job)))
+            # A resident model says once it has the model (loaded or reused): `started` waits
+            # for that, while a cancel or the time limit is still heard.
+            loading = asyncio.create_task(process.loaded())
+            stop_reasons.append(loading)
+            await asyncio.wait([loading, waiting, *stop_reasons], return_when=asyncio.FIRST_COMPLETED)
+            stop_reasons.remove(loading)
+            if not any(task.done() for task in stop_reasons):
+                # Started: with its model, or ended before it had one (a model that cannot load).
+                got = loading.result() if loading.done() else None
+                if got is not None:
+                    job.model = (got.reused, got.seconds)
+                # Announced after the launch, so a follower that sees it can act on the process.
+                await announce()
+                job.announced = True
+                await asyncio.wait([waiting, *stop_reasons], return_when=asyncio.FIRST_COMPLETED)
+            if not loading.done():
+                loading.cancel()
+            if not waiting.done():
+                await process.terminate(self.settings.worker.cancel_grace)
+            return await waiting
+        finally:
+            ended.set()
+            job.announced = False
+            if job.reports:
+                # Each report's requests are bounded by their own timeouts.
+                await asyncio.wait(job.reports)
+            pending: list[asyncio.Task[Any]] = [watcher, *stop_reasons]
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=10)
+            if waiting is not None and not waiting.done():
+                if job.process is not None:
+                    await job.process.terminate(0.5)
+                waiting.cancel()
+
+    async def _launch(self, job: RunningJob, launch: Launch) -> Process:
+        request = job.info.request
+        assert request is not None
+
+        def on_progress(progress: Progress) -> None:
+            self._on_progress(job, progress)
+
+        name = f"job {job.info.job_id} attempt {job.attempt}"
+        return await self.launcher.launch(request, launch, on_progress=on_progress, job=name)
+
+    async def _time_limit(self, job: RunningJob) -> None:
+        assert job.limit_s is not None
+        await asyncio.sleep(job.limit_s)  # the job's time limit itself
+        job.timed_out.set()
+
+    async def _watch_for_cancel(self, job: RunningJob, ended: asyncio.Event) -> None:
+        """Watch the job's record; a `cancelling` status ends the evaluation."""
+        while not ended.is_set():
+            watcher = None
+            try:
+                watcher = await self.jobs.kv.watch(job.info.job_id)
+                # Setting up a watch can swallow a cancellation: look again before waiting on it.
+                if ended.is_set():
+                    return
+                async for entry in watcher:
+                    if entry is None or not entry.value:
+                        continue
+                    record = decode(entry.value, JobInfo)
+                    # A piece also stops when its job ended without it (another piece failed).
+                    if record.status == "cancelling" or (job.piece is not None and record.status in TERMINAL):
+                        job.cancel_requested_at = asyncio.get_running_loop().time()
+                        job.cancel.set()
+                        return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # reconnecting: watch again
+                log.warning("watching job %s: %s", job.info.job_id, exc)
+                await asyncio.sleep(1.0)
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()  # type: ignore[no-untyped-call]
+
+    def _on_progress(self, job: RunningJob, progress: Progress) -> None:
+        if not job.announced or job.quiet:
+            return
+        clock = time.monotonic()
+        phase_changed = progress.phase != job.last_phase
+        if not phase_changed and clock - job.last_progress_at < self.settings.worker.progress_interval:
+            return
+        job.last_progress_at = clock
+        job.last_phase = progress.phase
+        report = asyncio.get_running_loop().create_task(self._report_progress(job, progress))
+        job.reports.add(report)
+        report.add_done_callback(job.reports.discard)
+
+    async def _report_progress(self, job: RunningJob, value: Progress) -> None:
+        index = job.piece
+        change: lifecycle.Change
+        if index is None:
+            change = lambda info: lifecycle.progress(info, value)  # noqa: E731
+        else:
+            # A piece reports its share of its documents (a bar may count requests, several per
+            # document); the job's progress is the sum over its pieces.
+            docs = job.info.pieces[index].docs * min(value.done, value.total) // max(value.total, 1)
+            change = lambda info: sharding.piece_progress(info, index, docs)  # noqa: E731
+
+        def event(applied: Applied) -> lifecycle.Event:
+            shown = value if index is None else (applied.after.progress or value)
+            return lifecycle.progress_event(applied.after, shown, worker=self.worker_id, at=now())
+
+        try:
+            await self.recorder.record(job.info.job_id, change, event)
+        except Exception as exc:
+            log.debug("progress not reported: %s", exc)
