@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from evalq import AsyncClient
-from evalq.capability import cannot_run
+from evalq.registry import cannot_run
 from evalq.schemas import TERMINAL, EvaluateRequest, JobInfo, Started, WorkerInfo
 from evalq.topology import Topology
 

@@ -28,12 +28,12 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 
 from .. import __version__, lifecycle
-from ..capability import cannot_run
 from ..config import Settings
 from ..events import EventPublisher
 from ..jobstore import JobStore
 from ..lifecycle import Applied, Cancellation, Failure, Recorder, Refused
 from ..policy import effective_timeout, load_policy, missing_model, recheck
+from ..registry import Registry, cannot_run
 from ..schemas import TERMINAL, JobInfo, WorkerInfo, WorkItem, decode, now
 from ..topology import Topology
 from .evaluation import Evaluation, RunningJob
@@ -286,23 +286,10 @@ class Worker:
         await self.settler.conclude(msg, info.job_id, Failure(error=why))
 
     async def _peers(self) -> list[WorkerInfo]:
-        """The other live workers of this pool, as the workers bucket lists them."""
-        peers: list[WorkerInfo] = []
-        try:
-            kv = await self.js.key_value(self.topology.workers_bucket)
-            keys = await kv.keys()
-        except Exception:  # no keys, or NATS away: nobody known to hand it to
-            return peers
-        for key in keys:
-            if key == self.worker_id:
-                continue
-            with contextlib.suppress(Exception):
-                entry = await kv.get(key)
-                if entry.value:
-                    peer = decode(entry.value, WorkerInfo)
-                    if peer.pool == self.pool:
-                        peers.append(peer)
-        return peers
+        """The other live workers of this pool, as the workers bucket holds them. A read that
+        fails raises: the job is not failed for want of a peer that a slow server hid."""
+        kv = await self.js.key_value(self.topology.workers_bucket)
+        return [w for w in await Registry.read(kv) if w.worker_id != self.worker_id and w.pool == self.pool]
 
     async def _record_of(self, item: WorkItem, seq: int) -> JobInfo:
         """The job's record; created from the message if the gateway never wrote it."""

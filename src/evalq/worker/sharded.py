@@ -33,11 +33,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from .. import jetstream, lifecycle, sharding
-from ..capability import cannot_run
 from ..config import Settings
 from ..lifecycle import Applied, Cancellation, Failure, Outcome, Recorder, Refused, Success
 from ..outage import outlast
 from ..policy import effective_timeout, load_policy
+from ..registry import cannot_run
 from ..schemas import TERMINAL, JobInfo, Piece, PieceItem, decode, encode, now
 from ..sharding import plan_pieces
 from ..topology import Topology
