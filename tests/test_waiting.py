@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -22,9 +22,9 @@ async def test_returns_the_first_value_that_holds() -> None:
 
 
 async def test_awaits_an_async_condition_and_applies_until() -> None:
-    seen = answers(1, 2, 3, 4)
+    seen = iter(range(1, 100))
 
-    async def read() -> object:
+    async def read() -> int:
         return next(seen)
 
     assert await eventually(read, until=lambda n: n >= 3, timeout=5, interval=0) == 3
@@ -86,7 +86,7 @@ def test_the_sync_variant_waits_the_same_way() -> None:
         eventually_sync(_awaitable, timeout=1)
 
 
-def _raise(exc: Exception) -> object:
+def _raise(exc: Exception) -> Callable[[], object]:
     def condition() -> object:
         raise exc
 

@@ -16,7 +16,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 __all__ = ["eventually", "eventually_sync"]
 
@@ -71,15 +71,39 @@ class _Tries:
         return AssertionError(f"waited {self.timeout:g} s for {what}, in vain: the last of {self.count} tries {seen}")
 
 
+@overload
 async def eventually(
-    condition: Callable[[], Awaitable[T]] | Callable[[], T],
+    condition: Callable[[], Awaitable[T]],
     *,
     timeout: float,
     what: What | None = None,
     until: Callable[[T], object] | None = None,
     interval: float = 0.1,
     retry_on: tuple[type[BaseException], ...] = (),
-) -> T:
+) -> T: ...
+
+
+@overload
+async def eventually(
+    condition: Callable[[], T],
+    *,
+    timeout: float,
+    what: What | None = None,
+    until: Callable[[T], object] | None = None,
+    interval: float = 0.1,
+    retry_on: tuple[type[BaseException], ...] = (),
+) -> T: ...
+
+
+async def eventually(
+    condition: Callable[[], Any],
+    *,
+    timeout: float,
+    what: What | None = None,
+    until: Callable[[Any], object] | None = None,
+    interval: float = 0.1,
+    retry_on: tuple[type[BaseException], ...] = (),
+) -> Any:
     """The first value of `condition()` (awaited when it is awaitable) that holds, tried every
     `interval` s for `timeout` s; past that, an AssertionError naming `what` and the last try.
 
@@ -97,7 +121,7 @@ async def eventually(
             tries.raised(exc)
         else:
             if tries.holds(value):
-                return value  # type: ignore[return-value]
+                return value
         await asyncio.sleep(tries.pause(interval))
 
 
