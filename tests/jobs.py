@@ -3,7 +3,6 @@ and a submit that keeps its Idempotency-Key through faults."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 import uuid
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from evalq import AsyncClient
+
+from .waiting import eventually
 
 HERE = Path(__file__).resolve().parent
 
@@ -29,15 +30,21 @@ async def submit_until_accepted(client: AsyncClient, key: str, deadline: float, 
 
     A client that got no reply cannot tell a lost request from a lost reply, so it retries
     with the same Idempotency-Key: the tests that use this count on it never duplicating a job.
-    `deadline` is a `time.monotonic()` value; past it the last error is raised.
+    `deadline` is a `time.monotonic()` value, shared by the submits of one burst; past it the
+    test fails with the last error.
     """
-    while True:
-        try:
-            return (await client.submit(**{**JOB, **fields}, idempotency_key=key, retries=0)).job_id
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)  # back-off between retries, as a real client would
+
+    async def submit() -> str:
+        return (await client.submit(**{**JOB, **fields}, idempotency_key=key, retries=0)).job_id
+
+    # The pause between tries is the back-off a real client would take.
+    return await eventually(
+        submit,
+        timeout=deadline - time.monotonic(),
+        what=f"a reply to submit {key!r}",
+        interval=0.2,
+        retry_on=(Exception,),
+    )
 
 
 async def enqueue_unchecked(nc: Any, topology: Any, request: dict[str, Any]) -> str:

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ from .conftest import REPO
 from .events import kinds
 from .jobs import FAKE
 from .jobs import JOB as BASE_JOB
+from .waiting import eventually
 
 ACCOUNTS = REPO / "deploy" / "nats" / "accounts.conf"
 PASSWORDS = {"submitter": "s3cret-sub", "gateway": "s3cret-gw", "worker": "s3cret-wk"}
@@ -132,7 +132,9 @@ async def deployment(auth_server: EmbeddedServer, settings: Settings) -> AsyncIt
     await gateway_nc.close()
 
 
-async def test_every_role_does_its_job(deployment: dict[str, Any], tmp_path: Path) -> None:
+async def test_every_role_does_its_job(
+    deployment: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     submitter = as_user(deployment["base"], deployment["server"], "submitter")
     async with AsyncClient(submitter) as client, AsyncClient(submitter) as follower:
         followed: list[Event] = []
@@ -156,10 +158,13 @@ async def test_every_role_does_its_job(deployment: dict[str, Any], tmp_path: Pat
         assert (await client.queue()).completed_jobs == 1
         assert (await client.health()).workers
         # The history: the gateway follows the jobs bucket under its own user.
-        deadline = asyncio.get_running_loop().time() + 10
-        while not (await client.jobs(status="completed")).jobs:
-            assert asyncio.get_running_loop().time() < deadline, "the completed job never reached the history"
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: client.jobs(status="completed"),
+            until=lambda page: page.jobs,
+            timeout=10,
+            what="the completed job in the history",
+            interval=0.05,
+        )
         assert await client.resolve(accepted.job_id[:8]) == accepted.job_id
 
         # A sharded job: the worker queues its pieces and merges them under its own user.
@@ -169,18 +174,18 @@ async def test_every_role_does_its_job(deployment: dict[str, Any], tmp_path: Pat
 
         # A sharded job cancelled with pieces waiting: the gateway takes them out of the
         # pieces stream under its own user, and the running one stops.
-        os.environ["FAKE_EVAL_MODE"] = "slow"
-        try:
+        with monkeypatch.context() as slow_evaluations:
+            slow_evaluations.setenv("FAKE_EVAL_MODE", "slow")
             slow = await client.submit(**{**JOB, "limit": 6, "shards": 3})
-            deadline = time.monotonic() + 30
-            while not [p for p in (await client.get_job(slow.job_id)).pieces if p.status == "running"]:
-                assert time.monotonic() < deadline, "no piece of the sharded job started"
-                await asyncio.sleep(0.1)
+            await eventually(
+                lambda: client.get_job(slow.job_id),
+                until=lambda info: any(p.status == "running" for p in info.pieces),
+                timeout=30,
+                what="a piece of the sharded job to start",
+            )
             assert (await client.cancel_job(slow.job_id)).status == "cancelling"
             with pytest.raises(JobCancelled):
                 await client.wait_for_job(slow.job_id, timeout=60)
-        finally:
-            os.environ.pop("FAKE_EVAL_MODE", None)
         admin_js = deployment["gateway_nc"].jetstream()
         left = (await admin_js.stream_info(Topology().pieces_stream("default"))).state.messages
         assert left == 0, "a cancelled job's pieces stayed in the pieces stream"

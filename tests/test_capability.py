@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import shutil
-import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from evalq.topology import Topology
 
 from .events import all_events
 from .jobs import FAKE, JOB, enqueue_unchecked
+from .waiting import eventually
 
 WORKER = WorkerInfo(worker_id="w", host="h", pid=1, models=["dummy"], tasks=["evalq_demo"], gpu_count=0)
 
@@ -45,11 +44,13 @@ def task_folder(root: Path, name: str) -> Path:
 
 
 async def ended(client: AsyncClient, job_id: str, timeout: float = 120) -> JobInfo:
-    deadline = time.monotonic() + timeout
-    while (info := await client.get_job(job_id)).status not in TERMINAL:
-        assert time.monotonic() < deadline, f"job {job_id} never ended"
-        await asyncio.sleep(0.2)  # polling the record, bounded above
-    return info
+    return await eventually(
+        lambda: client.get_job(job_id),
+        until=lambda info: info.status in TERMINAL,
+        timeout=timeout,
+        what=f"job {job_id} to end",
+        interval=0.2,
+    )
 
 
 @pytest.mark.slow
@@ -66,10 +67,13 @@ async def test_a_job_goes_to_the_worker_that_can_run_it(
     extra = await worker_factory(
         evaluator=FAKE, advertise_inventory=True, task_paths=[str(task_folder(tmp_path / "tasks", "team_task"))]
     )
-    deadline = time.monotonic() + 240  # both take their inventory, on 2 shared cores
-    while len([w for w in (await client.health()).workers if w.tasks]) < 2:
-        assert time.monotonic() < deadline, "the workers never listed their inventory"
-        await asyncio.sleep(0.5)
+    await eventually(
+        client.health,
+        until=lambda health: len([w for w in health.workers if w.tasks]) >= 2,
+        timeout=240,  # both take their inventory, on 2 shared cores
+        what="both workers to list their inventory",
+        interval=0.5,
+    )
 
     # Keep the able worker busy, so that the other one takes the next jobs first.
     busy = await client.submit(**{**JOB, "tasks": ["team_task"], "limit": 60})

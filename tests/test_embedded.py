@@ -3,7 +3,6 @@ per store, and none outlives the process that started it."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import re
@@ -11,7 +10,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -25,6 +23,7 @@ from evalq.errors import ConnectError, ServerNotFound, StoreLocked
 
 from .conftest import EVALQ, Processes, run_command
 from .jobs import JOB, STAND_IN
+from .waiting import eventually
 
 
 async def test_store_survives_a_restart(tmp_path: Path) -> None:
@@ -134,14 +133,14 @@ def up_env(home: Path, evaluator: str = STAND_IN) -> dict[str, str]:
 async def wait_until_up(proc: subprocess.Popen[bytes], timeout: float = 60) -> str:
     """The URL `evalq up` prints once it serves; fails if it exits or stays silent."""
     log_path: Path = proc.log_path  # type: ignore[attr-defined]
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def served() -> re.Match[str] | None:
         found = re.search(r"evalq up: (nats://\S+)", log_path.read_text(errors="replace"))
-        if found:
-            return found.group(1)
-        assert proc.poll() is None, f"evalq up exited ({proc.returncode}): {log_path.read_text()}"
-        assert time.monotonic() < deadline, f"evalq up did not serve in {timeout} s: {log_path.read_text()}"
-        await asyncio.sleep(0.1)  # poll interval for the log line
+        assert found or proc.poll() is None, f"evalq up exited ({proc.returncode}): {log_path.read_text()}"
+        return found
+
+    found = await eventually(served, timeout=timeout, what=lambda: f"evalq up to serve: {log_path.read_text()}")
+    return found.group(1)
 
 
 def nats_child(proc: subprocess.Popen[bytes]) -> psutil.Process:
@@ -213,10 +212,12 @@ async def test_a_killed_up_leaves_no_server_behind(tmp_path: Path, processes: Pr
 
     os.kill(first.pid, signal.SIGKILL)
     assert first.wait(10) == -signal.SIGKILL
-    deadline = time.monotonic() + 10
-    while not gone(server.pid):
-        assert time.monotonic() < deadline, f"nats-server {server.pid} outlived its killed evalq up"
-        await asyncio.sleep(0.05)  # poll interval for the orphan's end
+    await eventually(
+        lambda: gone(server.pid),
+        timeout=10,
+        what=f"nats-server {server.pid} to end with its killed evalq up",
+        interval=0.05,
+    )
 
     # The same port and the same store are free: a new `up` serves the queue.
     again = processes.start([*EVALQ, "up", "--port", str(port)], up_env(home), name="up")

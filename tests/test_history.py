@@ -6,7 +6,6 @@ import asyncio
 import csv
 import io
 import json
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +22,7 @@ from evalq.topology import Topology
 
 from .conftest import EVALQ, run_command, settings_env
 from .jobs import JOB
+from .waiting import eventually
 
 
 def job_id(head: str = "") -> str:
@@ -44,17 +44,6 @@ def record(i: int, **fields: Any) -> JobInfo:
 async def write(nc: Any, topology: Topology, records: list[JobInfo]) -> None:
     kv = await nc.jetstream().key_value(topology.jobs_bucket)
     await asyncio.gather(*(kv.put(r.job_id, encode(r)) for r in records))
-
-
-async def until(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def test_filters_status_pool_labels_and_time(nc: Any, settings: Settings, topology: Topology) -> None:
@@ -123,7 +112,7 @@ async def test_the_index_follows_the_bucket(nc: Any, settings: Settings, client:
         page = await client.jobs(status="cancelled")
         return [j.job_id for j in page.jobs] == [accepted.job_id]
 
-    await until(cancelled)
+    await eventually(cancelled, timeout=10, what="the cancelled job in the index", interval=0.02)
     assert (await client.jobs(status="queued")).jobs == []
     # A record written by another process, with metrics, then deleted.
     topology = Topology.from_settings(settings)
@@ -134,7 +123,8 @@ async def test_the_index_follows_the_bucket(nc: Any, settings: Settings, client:
         page = await client.jobs(status="completed", metrics=["demo/acc"])
         return page.jobs and page.jobs[0].metrics
 
-    assert await until(metrics) == {"demo": {"acc,none": 0.5}}
+    shown = await eventually(metrics, timeout=10, what="the written record in the index", interval=0.02)
+    assert shown == {"demo": {"acc,none": 0.5}}
     assert (await client.jobs(status="completed")).jobs[0].metrics == {}
     assert (await client.jobs(status="completed", metrics=["*"])).jobs[0].metrics["demo"]["acc_stderr,none"] == 0.1
     await (await nc.jetstream().key_value(topology.jobs_bucket)).delete(done.job_id)
@@ -142,7 +132,7 @@ async def test_the_index_follows_the_bucket(nc: Any, settings: Settings, client:
     async def gone() -> bool:
         return (await client.jobs(status="completed")).jobs == []
 
-    await until(gone)
+    await eventually(gone, timeout=10, what="the deleted record gone from the index", interval=0.02)
 
 
 async def test_short_ids_resolve_or_are_refused(nc: Any, settings: Settings, topology: Topology) -> None:
@@ -226,7 +216,7 @@ async def test_cli_jobs_metric_columns_csv_json_and_short_ids(
     async def listed() -> bool:
         return len(gateway.history.index) == 2
 
-    await until(listed)
+    await eventually(listed, timeout=10, what="both records in the index", interval=0.02)
     code, out, err = await evalq("jobs", "--metric", "evalq_demo/exact_match", "--label", "run=[bold]x[/bold]")
     assert code == 0, err
     assert done.job_id[:8] in out and done.job_id[:9] not in out and other.job_id[:8] not in out

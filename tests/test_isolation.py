@@ -3,9 +3,9 @@ empty for each attempt, and results are read only from it."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from evalq.worker.results import collect
 
 from .events import all_events
 from .jobs import FAKE, JOB, enqueue_unchecked
+from .waiting import eventually
 
 VICTIM_LIKE = "0b3e9a8e-1111-4222-8333-123456789abc"
 
@@ -64,25 +65,29 @@ async def test_output_dir_naming_another_job_is_refused(client: AsyncClient, top
 
 @pytest.mark.slow
 async def test_a_crashed_job_is_failed_with_its_own_log_whatever_was_queued_beside_it(
-    client: AsyncClient, settings: Settings, topology: Topology, nc: Any, worker_factory: Any
+    client: AsyncClient,
+    settings: Settings,
+    topology: Topology,
+    nc: Any,
+    worker_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The attack: the victim crashes, and a job whose folder would sit inside the victim's
     writes a results file there. The gateway refuses such a job now, so it arrives here as a
     work message from before that rule, with its record: the worker refuses it too."""
-    os.environ["FAKE_EVAL_MODE"] = "fail"
-    try:
-        victim = await client.submit(**JOB)
-        attacker_id = await enqueue_unchecked(nc, topology, {**JOB, "output_dir": victim.job_id})
-        await worker_factory(evaluator=FAKE)
-        finals = {}
-        for job in (victim.job_id, attacker_id):
-            deadline = time.monotonic() + 120
-            while (info := await client.get_job(job)).status not in TERMINAL:
-                assert time.monotonic() < deadline, f"job {job} never ended"
-                await asyncio.sleep(0.2)  # polling the record, bounded above
-            finals[job] = info
-    finally:
-        os.environ.pop("FAKE_EVAL_MODE", None)
+    monkeypatch.setenv("FAKE_EVAL_MODE", "fail")
+    victim = await client.submit(**JOB)
+    attacker_id = await enqueue_unchecked(nc, topology, {**JOB, "output_dir": victim.job_id})
+    await worker_factory(evaluator=FAKE)
+    finals = {}
+    for job in (victim.job_id, attacker_id):
+        finals[job] = await eventually(
+            partial(client.get_job, job),
+            until=lambda info: info.status in TERMINAL,
+            timeout=120,
+            what=f"job {job} to end",
+            interval=0.2,
+        )
     victim_final = finals[victim.job_id]
     assert victim_final.status == "failed" and victim_final.result is None
     assert "no *_results.json" in (victim_final.error or "")

@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from evalq.web import check_exposure, is_loopback
 
 from .conftest import EVALQ, REPO, Processes, run_command
 from .test_embedded import free_port
+from .waiting import eventually_sync
 
 TOKEN = "s3cret-token"
 DEMO = {"model": "dummy", "tasks": ["evalq_demo"]}
@@ -49,14 +49,13 @@ class Up:
 
 
 def _wait_for_line(proc: subprocess.Popen[bytes], log: Path, pattern: str, timeout: float = 90) -> re.Match[str]:
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def logged() -> re.Match[str] | None:
         found = re.search(pattern, log.read_text(errors="replace"))
-        if found:
-            return found
-        assert proc.poll() is None, f"exited ({proc.returncode}): {log.read_text()}"
-        assert time.monotonic() < deadline, f"no {pattern!r} in {timeout} s: {log.read_text()}"
-        time.sleep(0.1)  # poll interval for the log line
+        assert found or proc.poll() is None, f"exited ({proc.returncode}): {log.read_text()}"
+        return found
+
+    return eventually_sync(logged, timeout=timeout, what=lambda: f"{pattern!r} in the log: {log.read_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +89,14 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
 
 def _listed(client: EvalClient, what: str, name: str, timeout: float = 120) -> list[str]:
     """The worker lists its tasks and models once lmms-eval has indexed them: wait for `name`, bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        names = client.list_tasks() if what == "tasks" else client.list_models()
-        if name in names:
-            return names
-        assert time.monotonic() < deadline, f"{name} not in /{what} within {timeout} s"
-        time.sleep(0.2)  # the inventory comes with the worker's next heartbeat
+    # The pause between tries: the inventory comes with the worker's next heartbeat.
+    return eventually_sync(
+        client.list_tasks if what == "tasks" else client.list_models,
+        until=lambda names: name in names,
+        timeout=timeout,
+        what=f"{name} in /{what}",
+        interval=0.2,
+    )
 
 
 def test_health_tasks_and_models(up: Up) -> None:

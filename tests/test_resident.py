@@ -3,7 +3,6 @@ with the same model, and gives identical results to a fresh load."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -24,6 +23,7 @@ from .conftest import Processes
 from .events import all_events, follow
 from .jobs import JOB
 from .tiny_model import build_tiny_model
+from .waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -134,7 +134,8 @@ async def test_a_killed_worker_leaves_no_resident_process(
     assert len(tree) >= 2, "expected the zygote and the resident process under the worker"
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait(10)
-    deadline = time.monotonic() + 20
-    while not all(_gone(p.pid) for p in tree):
-        assert time.monotonic() < deadline, f"left behind: {[p.pid for p in tree if not _gone(p.pid)]}"
-        await asyncio.sleep(0.1)
+    await eventually(
+        lambda: all(_gone(p.pid) for p in tree),
+        timeout=20,
+        what=lambda: f"the worker's children to end (left behind: {[p.pid for p in tree if not _gone(p.pid)]})",
+    )

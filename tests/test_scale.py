@@ -30,6 +30,7 @@ from .conftest import RunningWorker, start_worker
 from .events import job_history
 from .jobs import JOB as BASE_JOB
 from .jobs import STAND_IN, submit_until_accepted
+from .waiting import eventually
 
 # One document each: these tests count jobs through faults, they do not measure evaluations.
 JOB = {**BASE_JOB, "limit": 1}
@@ -130,37 +131,42 @@ async def site_factory() -> AsyncIterator[Any]:
 
 
 async def final_status(client: AsyncClient, job: str, deadline: float) -> str:
-    while True:
+    """The job's terminal status; an error in asking (a node is restarting) is asked again."""
+
+    async def ended() -> str:
         try:
             return (await client.wait_for_job(job, timeout=max(1.0, deadline - time.monotonic()))).status
         except JobFailed:
             return "failed"
         except JobCancelled:
             return "cancelled"
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.5)  # a node is restarting: ask again
+
+    return await eventually(
+        ended, timeout=deadline - time.monotonic(), what=f"job {job} to end", interval=0.5, retry_on=(Exception,)
+    )
 
 
 async def settled_history(settings: Settings, ids: list[str], deadline: float) -> dict[str, list[Any]]:
-    """The event history once every job has its terminal event, or as it stands at the deadline.
+    """The event history once every job has its terminal event; read again while the restarted
+    node catches up.
 
     A cancel whose event publish met the killed node leaves the work message in the stream; the
     worker that takes it publishes the event, so a record can be terminal a moment before its event.
     """
-    while True:
-        try:
-            history = await job_history(settings)
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.5)  # the restarted node is still catching up: read again
-            continue
-        settled = all(any(type(e).__struct_config__.tag in TERMINAL for e in history[job]) for job in ids)  # type: ignore[attr-defined]
-        if settled or time.monotonic() > deadline:
-            return history
-        await asyncio.sleep(0.5)  # poll the stream again
+
+    async def settled() -> dict[str, list[Any]]:
+        history = await job_history(settings)
+        unsettled = [job for job in ids if not any(type(e).__struct_config__.tag in TERMINAL for e in history[job])]  # type: ignore[attr-defined]
+        assert not unsettled, f"{len(unsettled)} jobs have no terminal event, such as {unsettled[:3]}"
+        return history
+
+    return await eventually(
+        settled,
+        timeout=deadline - time.monotonic(),
+        what="a terminal event of every job",
+        interval=0.5,
+        retry_on=(Exception,),
+    )
 
 
 def assert_one_job_at_a_time(history: dict[str, list[Any]]) -> collections.Counter[str]:

@@ -3,12 +3,10 @@ up, merged exactly, and resumed piece by piece."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from .conftest import Processes
 from .events import all_events, follow, kinds
 from .jobs import FAKE
 from .tiny_model import build_tiny_model
+from .waiting import eventually
 
 BOTH = {"model": "dummy", "tasks": ["evalq_demo", "evalq_shard_demo"]}
 # What an unsharded run of BOTH gives (the first test checks it against a real one).
@@ -158,28 +157,28 @@ async def test_a_piece_of_a_killed_worker_runs_again_alone_and_the_metrics_hold(
 
 
 async def test_cancelling_a_sharded_job_stops_every_running_piece(
-    settings: Settings, client: AsyncClient, worker_factory: Any
+    settings: Settings, client: AsyncClient, worker_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    os.environ["FAKE_EVAL_MODE"] = "slow"
-    try:
-        handles = [await worker_factory(evaluator=FAKE) for _ in range(3)]
-        accepted = await client.submit(model="dummy", tasks=["fake"], limit=40, shards=6)
-        deadline = time.monotonic() + 60
-        pids: set[int] = set()
-        while len(pids) < 3:
-            assert time.monotonic() < deadline, "three pieces never ran at once"
-            for handle in handles:
-                current = handle.worker.current
-                if current is not None and current.piece is not None and current.process is not None:
-                    pids.add(current.process.pid or 0)
-            await asyncio.sleep(0.05)
-        reply = await client.cancel_job(accepted.job_id)
-        assert reply.status == "cancelling"
-        with pytest.raises(JobCancelled):
-            await client.wait_for_job(accepted.job_id, timeout=60)
-        info = await client.get_job(accepted.job_id)
-    finally:
-        os.environ.pop("FAKE_EVAL_MODE", None)
+    monkeypatch.setenv("FAKE_EVAL_MODE", "slow")
+    handles = [await worker_factory(evaluator=FAKE) for _ in range(3)]
+    accepted = await client.submit(model="dummy", tasks=["fake"], limit=40, shards=6)
+    pids: set[int] = set()
+
+    def three_running() -> bool:
+        for handle in handles:
+            current = handle.worker.current
+            if current is not None and current.piece is not None and current.process is not None:
+                pids.add(current.process.pid or 0)
+        return len(pids) >= 3
+
+    await eventually(
+        three_running, timeout=60, what=lambda: f"three pieces to run at once (seen pids {sorted(pids)})", interval=0.05
+    )
+    reply = await client.cancel_job(accepted.job_id)
+    assert reply.status == "cancelling"
+    with pytest.raises(JobCancelled):
+        await client.wait_for_job(accepted.job_id, timeout=60)
+    info = await client.get_job(accepted.job_id)
     assert info.status == "cancelled"
     assert {p.status for p in info.pieces} == {"cancelled"}
     for pid in pids:
@@ -190,18 +189,15 @@ async def test_cancelling_a_sharded_job_stops_every_running_piece(
 
 
 async def test_a_piece_that_keeps_failing_fails_the_job_and_stops_the_others(
-    settings: Settings, client: AsyncClient, worker_factory: Any
+    settings: Settings, client: AsyncClient, worker_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    os.environ["FAKE_FAIL_OFFSET"] = "0"
-    try:
-        for _ in range(2):
-            await worker_factory(evaluator=FAKE, max_attempts=2)
-        accepted = await client.submit(model="dummy", tasks=["fake"], limit=30, shards=3)
-        with pytest.raises(JobFailed):
-            await client.wait_for_job(accepted.job_id, timeout=90)
-        info = await client.get_job(accepted.job_id)
-    finally:
-        os.environ.pop("FAKE_FAIL_OFFSET", None)
+    monkeypatch.setenv("FAKE_FAIL_OFFSET", "0")
+    for _ in range(2):
+        await worker_factory(evaluator=FAKE, max_attempts=2)
+    accepted = await client.submit(model="dummy", tasks=["fake"], limit=30, shards=3)
+    with pytest.raises(JobFailed):
+        await client.wait_for_job(accepted.job_id, timeout=90)
+    info = await client.get_job(accepted.job_id)
     assert info.status == "failed"
     assert info.error and "piece" in info.error and "failed 2 times" in info.error
     events = await all_events(client, accepted.job_id)

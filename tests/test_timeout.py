@@ -4,7 +4,6 @@ a cancel and ends `failed` with reason `timeout` and its log tail."""
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
 import msgspec
@@ -22,10 +21,8 @@ from .jobs import FAKE, JOB, enqueue_unchecked
 
 
 @pytest.fixture
-def slow_evaluations() -> Any:
-    os.environ["FAKE_EVAL_MODE"] = "slow"  # runs until stopped
-    yield
-    os.environ.pop("FAKE_EVAL_MODE", None)
+def slow_evaluations(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_EVAL_MODE", "slow")  # runs until stopped
 
 
 async def test_a_job_past_its_timeout_is_stopped_and_failed(

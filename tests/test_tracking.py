@@ -3,7 +3,6 @@ with each library's own reader, at the step of their label, once each across res
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from evalq.topology import Topology
 
 from .conftest import EVALQ, run_command, settings_env
 from .jobs import FAKE
+from .waiting import eventually
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -182,18 +182,17 @@ async def test_track_without_a_tracker_library_says_which_extra(settings: Settin
 async def test_track_stops_on_sigterm(settings: Settings, topology: Topology, processes: Any, tmp_path: Path) -> None:
     import os
     import signal
-    import time
 
     proc = processes.start([*EVALQ, "track", "--tensorboard", str(tmp_path / "tb")], track_env(settings), "track")
-    deadline = time.monotonic() + 60
-    while "tracking completed jobs" not in proc.log_path.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.log_path.read_text()
-        await asyncio.sleep(0.1)
+
+    def tracking() -> bool:
+        log = proc.log_path.read_text()
+        assert "tracking completed jobs" in log or proc.poll() is None, log
+        return "tracking completed jobs" in log
+
+    await eventually(tracking, timeout=60, what=lambda: f"evalq track to start: {proc.log_path.read_text()}")
     os.kill(proc.pid, signal.SIGTERM)
-    started = time.monotonic()
-    while proc.poll() is None:
-        assert time.monotonic() - started < 10, "evalq track did not stop on SIGTERM"
-        await asyncio.sleep(0.1)
+    await eventually(proc.poll, until=lambda code: code is not None, timeout=10, what="evalq track to stop on SIGTERM")
     assert proc.returncode == 0, proc.log_path.read_text()
 
 

@@ -132,24 +132,23 @@ async def test_broken_task_fails_with_the_log_tail(client: AsyncClient, worker_f
     assert kinds(events).count("started") == 1
 
 
-async def test_cancel_a_running_job_ends_its_process_group(client: AsyncClient, worker_factory: Any) -> None:
+async def test_cancel_a_running_job_ends_its_process_group(
+    client: AsyncClient, worker_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     handle = await worker_factory(evaluator=FAKE, cancel_grace=2.0)
-    os.environ["FAKE_EVAL_MODE"] = "slow"
-    try:
-        accepted = await client.submit(**JOB)
-        pids: list[int] = []
+    monkeypatch.setenv("FAKE_EVAL_MODE", "slow")
+    accepted = await client.submit(**JOB)
+    pids: list[int] = []
 
-        async def on_event(event: Any) -> None:
-            if isinstance(event, ProgressEvent) and not pids:
-                current = handle.worker.current
-                assert current is not None and current.process is not None
-                pids.append(current.process.pid)
-                reply = await client.cancel_job(accepted.job_id)
-                assert reply.status == "cancelling"
+    async def on_event(event: Any) -> None:
+        if isinstance(event, ProgressEvent) and not pids:
+            current = handle.worker.current
+            assert current is not None and current.process is not None
+            pids.append(current.process.pid)
+            reply = await client.cancel_job(accepted.job_id)
+            assert reply.status == "cancelling"
 
-        events = await follow(client, accepted.job_id, timeout=60, on_event=on_event)
-    finally:
-        os.environ.pop("FAKE_EVAL_MODE", None)
+    events = await follow(client, accepted.job_id, timeout=60, on_event=on_event)
     cancelled = events[-1]
     assert isinstance(cancelled, Cancelled)
     assert cancelled.cancel_latency_s is not None and cancelled.cancel_latency_s >= 0

@@ -28,6 +28,7 @@ from evalq.worker.resident import ResidentJob
 from ..conftest import EVALQ, Processes, Workers, settings_env
 from ..events import all_events, follow, job_history, kinds
 from ..jobs import FAKE, JOB, STAND_IN, submit_until_accepted
+from ..waiting import eventually
 from .conftest import figure
 
 pytestmark = pytest.mark.chaos
@@ -122,9 +123,14 @@ async def test_gateway_killed_under_load(settings: Settings, nc: Any, topology: 
     env = settings_env(settings)
     first = processes.start([*EVALQ, "gateway"], env, name="gateway")
     processes.start([*EVALQ, "gateway"], env, name="gateway")
-    deadline = time.monotonic() + 60
-    while await _service_instances(nc, topology.service_name) < 2:
-        assert time.monotonic() < deadline, "gateways did not start"
+    # Each try listens half a second for the gateways' answers: no pause is needed between them.
+    await eventually(
+        lambda: _service_instances(nc, topology.service_name),
+        until=lambda count: count >= 2,
+        timeout=60,
+        what="both gateways to answer a service ping",
+        interval=0,
+    )
     accepted: dict[str, str] = {}
     async with AsyncClient(settings, timeout=2.0) as client:
         slots = asyncio.Semaphore(16)
@@ -288,8 +294,17 @@ async def test_2000_jobs_with_random_cancels_and_two_workers(settings: Settings,
     chosen = rng.sample(ids, total // 5)
     cancel_replies = collections.Counter[str]()
     jobs = JobStore(await nc.jetstream().key_value(Topology.from_settings(settings).jobs_bucket))
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 300  # from the workers' start: the cancels below take part of it
     statuses: dict[str, str] = {}
+
+    async def all_ended() -> bool:
+        for job in ids:
+            if job not in statuses:
+                found = await jobs.get(job)
+                if found and found[0].status in TERMINAL:
+                    statuses[job] = found[0].status
+        return len(statuses) == total
+
     async with Workers(settings) as workers:
         for _ in range(2):
             await workers.start(evaluator=[STAND_IN], progress_interval=60.0)
@@ -298,16 +313,12 @@ async def test_2000_jobs_with_random_cancels_and_two_workers(settings: Settings,
                 cancel_replies[(await client.cancel_job(job)).status] += 1
             except Exception as exc:  # 409: it finished before the cancel arrived
                 cancel_replies[type(exc).__name__] += 1
-        while len(statuses) < total:
-            for job in ids:
-                if job in statuses:
-                    continue
-                found = await jobs.get(job)
-                if found and found[0].status in TERMINAL:
-                    statuses[job] = found[0].status
-            assert time.monotonic() < deadline, f"{total - len(statuses)} jobs not finished"
-            if len(statuses) < total:
-                await asyncio.sleep(0.5)  # the workers are draining; look again
+        await eventually(
+            all_ended,
+            timeout=deadline - time.monotonic(),
+            what=lambda: f"every job to end ({total - len(statuses)} not finished)",
+            interval=0.5,
+        )
     topology = Topology.from_settings(settings)
     history = await job_history(settings)
     terminal_events = collections.Counter(
@@ -332,14 +343,14 @@ async def test_2000_jobs_with_random_cancels_and_two_workers(settings: Settings,
 
 
 async def test_a_sharded_job_resumes_across_a_nats_and_gateway_restart(
-    own_server: EmbeddedServer, own_settings: Settings
+    own_server: EmbeddedServer, own_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Pieces that finished before nats-server and the gateway went away are never run again."""
     settings = own_settings.with_(ack_wait=60.0)
     gateway_nc = await connect(settings)
     await Topology.from_settings(settings).ensure(gateway_nc.jetstream())
     gateway = await Gateway(gateway_nc, settings).start()
-    os.environ["FAKE_PIECE_SECONDS"] = "1.5"
+    monkeypatch.setenv("FAKE_PIECE_SECONDS", "1.5")
     try:
         async with Workers(settings) as running:
             for _ in range(2):
@@ -366,7 +377,6 @@ async def test_a_sharded_job_resumes_across_a_nats_and_gateway_restart(
                 info = await client.wait_for_job(accepted.job_id, timeout=180)
                 events = await all_events(client, accepted.job_id)
     finally:
-        os.environ.pop("FAKE_PIECE_SECONDS", None)
         await gateway.stop()
         await gateway_nc.close()
     assert info.status == "completed" and (info.shards, info.shards_done) == (6, 6)

@@ -1,0 +1,177 @@
+"""The dashboard's routes in-process, against a real nats-server and gateway: its security
+headers, its downloads, its read-only default and its cancel's header check, where no
+browser is installed.
+
+The app is called through httpx's ASGI transport in the test's own event loop, where the
+`AsyncClient` it answers with lives (a client on another loop could not use that connection).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+from importlib import resources
+from typing import Any
+
+import httpx
+import pytest
+
+from evalq import AsyncClient
+from evalq.config import Settings
+from evalq.topology import Topology
+from evalq.web import create_app
+
+from .jobs import JOB
+
+# The policy the design promises for every page: only the process's own script and style,
+# images from it or data: URIs, no framing, no forms, no base.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+ARTIFACT_CSP = "default-src 'none'; sandbox"
+XSS = "<img src=x onerror=alert(1)>"
+HTML = {"Accept": "text/html,application/xhtml+xml"}
+DASHBOARD = {"X-Evalq-Ui": "1"}
+
+
+@pytest.fixture
+async def dashboard(settings: Settings, client: AsyncClient) -> AsyncIterator[Callable[..., httpx.AsyncClient]]:
+    """Open the web app with these UI settings over `client`; each one is closed at teardown."""
+    opened: list[httpx.AsyncClient] = []
+
+    def open_app(**ui: Any) -> httpx.AsyncClient:
+        app = create_app(client, settings.with_(**ui).ui)
+        opened.append(httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://dashboard"))
+        return opened[-1]
+
+    yield open_app
+    for http in opened:
+        await http.aclose()
+
+
+@pytest.fixture
+def web(dashboard: Callable[..., httpx.AsyncClient]) -> httpx.AsyncClient:
+    """The dashboard as it starts by default: read-only."""
+    return dashboard()
+
+
+def assert_json(response: httpx.Response, status: int = 200) -> Any:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    return response.json()
+
+
+async def test_pages_carry_the_policy_and_assets_are_served_as_what_they_are(
+    web: httpx.AsyncClient, client: AsyncClient
+) -> None:
+    accepted = await client.submit(**JOB)
+    pages = ["/", f"/jobs/{accepted.job_id}", f"/jobs/{accepted.job_id[:8]}", "/trends", "/compare?jobs=a,b"]
+    shells = set()
+    for path in pages:
+        page = await web.get(path, headers=HTML)
+        assert page.status_code == 200, path
+        assert page.headers["content-type"] == "text/html; charset=utf-8", path
+        assert page.headers["content-security-policy"] == PAGE_CSP, path
+        assert page.headers["x-content-type-options"] == "nosniff", path
+        assert page.headers["referrer-policy"] == "no-referrer", path
+        shells.add(page.text)
+    (shell,) = shells
+    # Under that policy an inline script, style or handler would not run: the page has none.
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", shell), "an inline script"
+    assert not re.search(r"<style\b|\sstyle=|\son\w+=", shell), "an inline style or event handler"
+    assets = re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)=\"([^\"]+)\"", shell)
+    assert sorted(assets) == ["/ui/app.js", "/ui/style.css"]
+    types = {"/ui/app.js": "text/javascript; charset=utf-8", "/ui/style.css": "text/css; charset=utf-8"}
+    for path in assets:
+        asset = await web.get(path)
+        assert asset.status_code == 200, path
+        assert asset.headers["content-type"] == types[path], path
+        assert asset.headers["x-content-type-options"] == "nosniff", path
+        assert asset.content == resources.files("evalq").joinpath("ui", path.rsplit("/", 1)[-1]).read_bytes()
+    assert_json(await web.get("/ui/index.html"), 404)  # only the named assets, nothing else of the package
+    # A script asking a page's path for JSON gets the routes behind it, never the shell.
+    index = await web.get("/", headers={"Accept": "application/json"})
+    assert index.json()["service"] == "evalq" and "content-security-policy" not in index.headers
+
+
+async def test_a_label_with_markup_comes_back_as_json_text(web: httpx.AsyncClient, client: AsyncClient) -> None:
+    accepted = await client.submit(**JOB, labels={"note": XSS})
+    answers = [
+        await web.get(f"/api/jobs/{accepted.job_id}"),
+        await web.get("/api/compare", params={"jobs": accepted.job_id}),
+        await web.get("/api/jobs", params={"label": f"note={XSS}"}),
+    ]
+    job, compared, listed = (assert_json(answer) for answer in answers)
+    assert job["job"]["labels"] == {"note": XSS}
+    assert [j["labels"] for j in compared["jobs"]] == [{"note": XSS}]
+    assert [(j["job_id"], j["labels"]) for j in listed["jobs"]] == [(accepted.job_id, {"note": XSS})]
+    for answer in answers:
+        assert answer.headers["cache-control"] == "no-store"
+        # The label is a JSON string in a JSON document: nothing a browser would take for a page.
+        assert json.dumps(XSS) in answer.text and "text/html" not in answer.headers["content-type"]
+
+
+async def test_artifacts_download_as_sandboxed_attachments(web: httpx.AsyncClient, nc: Any, topology: Topology) -> None:
+    job_id = str(uuid.uuid4())
+    page = b"<html><script>alert(document.cookie)</script></html>"
+    store = await nc.jetstream().object_store(topology.results_bucket)
+    await store.put(f"{job_id}/results.json", page)
+    await store.put(f"{job_id}/samples/odd name<x>.html", page)
+    for name, filename in (("results.json", "results.json"), ("samples/odd name<x>.html", "odd_name_x_.html")):
+        download = await web.get(f"/api/jobs/{job_id}/files/{name}")
+        assert download.status_code == 200, name
+        assert download.headers["content-type"] == "application/octet-stream"
+        assert download.headers["content-disposition"] == f'attachment; filename="{filename}"'
+        assert download.headers["content-security-policy"] == ARTIFACT_CSP
+        assert download.headers["x-content-type-options"] == "nosniff"
+        assert download.headers["content-length"] == str(len(page))
+        assert download.content == page
+    assert_json(await web.get(f"/api/jobs/{job_id}/files/eval.log"), 404)
+    # Another job's file is not reached by climbing out of this one's folder.
+    other = str(uuid.uuid4())
+    await store.put(f"{other}/results.json", b"{}")
+    assert_json(await web.get(f"/api/jobs/{job_id}/files/..%2F{other}%2Fresults.json"), 404)
+
+
+async def test_cancel_is_refused_when_read_only_and_without_the_dashboards_header(
+    dashboard: Callable[..., httpx.AsyncClient], client: AsyncClient
+) -> None:
+    accepted = await client.submit(**JOB)
+    cancel = f"/api/jobs/{accepted.job_id}/cancel"
+    read_only = dashboard()
+    assert assert_json(await read_only.get(f"/api/jobs/{accepted.job_id}"))["allow_cancel"] is False
+    assert assert_json(await read_only.get("/api/queue"))["allow_cancel"] is False
+    # Read-only, the route does not exist, whatever the request carries.
+    assert (await read_only.post(cancel, headers=DASHBOARD)).status_code == 404
+    assert (await read_only.post(cancel)).status_code == 404
+    assert (await client.get_job(accepted.job_id)).status == "queued"
+
+    allowed = dashboard(ui_allow_cancel=True)
+    assert assert_json(await allowed.get(f"/api/jobs/{accepted.job_id}"))["allow_cancel"] is True
+    # What a cross-site form can send: no header, or not the dashboard's value.
+    for headers in ({}, {"X-Evalq-Ui": "0"}, {"Content-Type": "application/x-www-form-urlencoded"}):
+        refused = assert_json(await allowed.post(cancel, headers=headers), 403)
+        assert "X-Evalq-Ui" in refused["detail"]
+    assert (await allowed.get(cancel)).status_code == 405
+    assert (await client.get_job(accepted.job_id)).status == "queued"
+    reply = assert_json(await allowed.post(cancel, headers=DASHBOARD))
+    assert reply["job_id"] == accepted.job_id and reply["status"] == "cancelled"
+    assert (await client.get_job(accepted.job_id)).status == "cancelled"
+    # Its page no longer offers a cancel, and a second one is refused as the job's state says.
+    assert assert_json(await allowed.get(f"/api/jobs/{accepted.job_id}"))["allow_cancel"] is False
+    assert_json(await allowed.post(cancel, headers=DASHBOARD), 409)
+
+
+async def test_unknown_job_ids_answer_404(dashboard: Callable[..., httpx.AsyncClient]) -> None:
+    web = dashboard(ui_allow_cancel=True)
+    unknown = str(uuid.uuid4())
+    for given in (unknown, unknown[:8], "not-hex!"):
+        for path in (f"/api/jobs/{given}", f"/api/jobs/{given}/samples", f"/api/jobs/{given}/files/results.json"):
+            assert "detail" in assert_json(await web.get(path), 404), path
+        assert "detail" in assert_json(await web.get("/api/compare", params={"jobs": given}), 404), given
+        assert "detail" in assert_json(await web.get("/api/stream", params={"job": given}), 404), given
+        assert "detail" in assert_json(await web.post(f"/api/jobs/{given}/cancel", headers=DASHBOARD), 404), given
