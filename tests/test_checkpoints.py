@@ -1,24 +1,34 @@
 """`evalq watch-dir`: one evaluation per complete checkpoint, none for an incomplete one,
-none twice across restarts; a checkpoint deleted before its job runs fails it clearly."""
+none twice across restarts; a checkpoint deleted before its job runs fails it clearly; a
+folder the queue refuses is skipped, once, and the others go on; a folder's name is never
+read as model arguments."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.js.errors import NoKeysError
 
 from evalq import AsyncClient, JobFailed
 from evalq.checkpoints import INDEX, DirWatcher
 from evalq.config import Settings
+from evalq.errors import ConfigError, Unavailable
+from evalq.gateway import Gateway
 from evalq.policy import PoolPolicy, store_policy
+from evalq.schemas import JobInfo
 from evalq.topology import Topology
 
 from .conftest import EVALQ, run_command, settings_env
-from .jobs import FAKE
+from .jobs import FAKE, JOB
+from .waiting import eventually
 
 
 def checkpoint(root: Path, name: str, shards: int = 2, written: int | None = None) -> Path:
@@ -43,12 +53,36 @@ async def allowed(nc: Any, topology: Topology, tmp_path: Path) -> Path:
     return tmp_path / "out"
 
 
-async def watch_dir(settings: Settings, folder: Path, *args: str) -> list[dict[str, Any]]:
+def watch_argv(folder: Path, *args: str) -> list[str]:
     argv = [*EVALQ, "watch-dir", str(folder), "--tasks", "evalq_demo", "--model", "dummy", "--limit", "2"]
-    argv += ["--label", "run=r1", "--once", "--interval", "0.2", "--json", *args]
-    code, out, err = await run_command(argv, settings_env(settings), timeout=60)
+    return [*argv, "--label", "run=r1", "--interval", "0.2", *args]
+
+
+async def watch_once(settings: Settings, folder: Path, *args: str) -> tuple[int, list[dict[str, Any]], str]:
+    """`evalq watch-dir --once --json`: its exit code, the JSON lines it printed, its stderr."""
+    code, out, err = await run_command(watch_argv(folder, "--once", "--json", *args), settings_env(settings), 60)
+    return code, [json.loads(line) for line in out.splitlines()], err
+
+
+async def watch_dir(settings: Settings, folder: Path, *args: str) -> list[dict[str, Any]]:
+    code, printed, err = await watch_once(settings, folder, *args)
     assert code == 0, err
-    return [json.loads(line) for line in out.splitlines()]
+    return printed
+
+
+async def all_jobs(client: AsyncClient) -> list[JobInfo]:
+    """Every job in the queue, read from its jobs bucket."""
+    bucket = await client.nc.jetstream().key_value(client.topology.jobs_bucket)
+    try:
+        keys = await bucket.keys()
+    except NoKeysError:
+        return []
+    return [await client.get_job(key) for key in keys]
+
+
+async def jobs_for(client: AsyncClient) -> set[str]:
+    """The `checkpoint` labels of the queue's jobs."""
+    return {info.labels.get("checkpoint", "") for info in await all_jobs(client)}
 
 
 async def test_watch_dir_submits_each_complete_checkpoint_once(
@@ -83,20 +117,20 @@ async def test_watch_dir_waits_for_sizes_to_settle_and_for_a_marker(
 ) -> None:
     folder = checkpoint(allowed, "checkpoint-5")
     watcher = DirWatcher(client, allowed, {"model": "dummy", "tasks": ["evalq_demo"]}, state_file=tmp_path / "s.json")
-    assert await watcher.scan() == []  # seen once
+    assert (await watcher.scan()).submitted == []  # seen once
     with open(folder / "model-00002-of-00002.safetensors", "ab") as shard:
         shard.write(b"more")  # still being written
-    assert await watcher.scan() == []
-    (submitted,) = await watcher.scan()
+    assert (await watcher.scan()).submitted == []
+    (submitted,) = (await watcher.scan()).submitted
     assert submitted.step == 5
 
     marked = DirWatcher(
         client, allowed, {"model": "dummy", "tasks": ["evalq_demo"]}, marker="DONE", state_file=tmp_path / "m.json"
     )
-    assert await marked.scan() == [] and await marked.scan() == []
+    assert (await marked.scan()).submitted == [] and (await marked.scan()).submitted == []
     (folder / "DONE").touch()
-    assert await marked.scan() == []
-    (again,) = await marked.scan()
+    assert (await marked.scan()).submitted == []
+    (again,) = (await marked.scan()).submitted
     assert again.path == str(folder) and again.job_id != submitted.job_id
 
 
@@ -106,12 +140,101 @@ async def test_a_checkpoint_deleted_before_its_job_runs_fails_it_clearly(
     folder = checkpoint(allowed, "checkpoint-7", shards=1)
     watcher = DirWatcher(client, allowed, {"model": "dummy", "tasks": ["evalq_demo"]}, state_file=tmp_path / "s.json")
     await watcher.scan()
-    (submitted,) = await watcher.scan()
+    (submitted,) = (await watcher.scan()).submitted
     shutil.rmtree(folder)  # rotated away by the trainer before any worker took the job
     await worker_factory(evaluator=FAKE)
     with pytest.raises(JobFailed) as failed:
         await asyncio.wait_for(client.wait_for_job(submitted.job_id), 60)
     assert f"the checkpoint path {folder} (model_args.pretrained) does not exist" in str(failed.value)
+
+
+async def test_a_refused_checkpoint_is_skipped_once_and_the_later_ones_submitted(
+    settings: Settings, client: AsyncClient, allowed: Path
+) -> None:
+    first = checkpoint(allowed, "checkpoint-100", shards=1)
+    bad = checkpoint(allowed, "checkpoint-200\nforged line", shards=1)  # no model path holds a newline
+    third = checkpoint(allowed, "checkpoint-300", shards=1)
+
+    code, printed, err = await watch_once(settings, allowed)
+    assert code == 0, err
+    assert [(c["path"], c["step"]) for c in printed] == [(str(first), 100), (str(third), 300)]
+    # One line for it, its name escaped: the newline forges no line of its own.
+    assert err.count("refused the checkpoint") == 1, err
+    assert "checkpoint-200\\x0aforged line" in err and "\nforged line" not in err
+    (state_file,) = (Path(settings.home) / "watch-dir").glob("*.json")
+    refused = json.loads(state_file.read_text())["refused"]
+    assert list(refused) == [str(bad)] and refused[str(bad)]["refused"].startswith("422:")
+
+    # Restarted: the refused folder is not tried again, the others are not submitted twice.
+    code, printed, err = await watch_once(settings, allowed)
+    assert (code, printed) == (0, []) and "refused" not in err, err
+    assert await jobs_for(client) == {"checkpoint-100", "checkpoint-300"}
+
+
+async def test_the_watcher_goes_on_after_a_refused_checkpoint(
+    settings: Settings, client: AsyncClient, allowed: Path, processes: Any
+) -> None:
+    checkpoint(allowed, "checkpoint-200\nforged line", shards=1)
+    checkpoint(allowed, "checkpoint-300", shards=1)
+    proc = processes.start(watch_argv(allowed), settings_env(settings), "watch-dir")
+
+    async def submitted(name: str) -> bool:
+        assert proc.poll() is None, proc.log_path.read_text()
+        return name in await jobs_for(client)
+
+    await eventually(lambda: submitted("checkpoint-300"), timeout=45, what="checkpoint-300 submitted")
+    checkpoint(allowed, "checkpoint-400", shards=1)  # written after the refusal
+    await eventually(lambda: submitted("checkpoint-400"), timeout=45, what="checkpoint-400 submitted")
+    # Refused once in all the scans so far, not once a scan.
+    assert proc.log_path.read_text().count("refused the checkpoint") == 1
+
+    os.kill(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, "evalq watch-dir did not stop on SIGTERM"
+        await asyncio.sleep(0.1)
+    assert proc.returncode == 0, proc.log_path.read_text()
+    assert await jobs_for(client) == {"checkpoint-300", "checkpoint-400"}
+
+
+async def test_a_queue_that_is_away_leaves_the_checkpoint_to_the_next_scan(
+    settings: Settings, nc: Any, topology: Topology, allowed: Path, tmp_path: Path
+) -> None:
+    folder = checkpoint(allowed, "checkpoint-8", shards=1)
+    # No gateway yet; a short request timeout, since each submission waits that long for one.
+    async with AsyncClient(settings.with_(request_timeout=1.0)) as client:
+        watcher = DirWatcher(client, allowed, JOB, state_file=tmp_path / "s.json")
+        await watcher.scan()  # seen once
+        away = await watcher.scan()
+        assert [f.path for f in away.failed] == [str(folder)] and isinstance(away.failed[0].error, Unavailable)
+        assert away.refused == [] and not (tmp_path / "s.json").exists()
+        # --once: a folder left unsubmitted by a queue that is away fails the run.
+        once = DirWatcher(client, allowed, JOB, state_file=tmp_path / "once.json")
+        with pytest.raises(Unavailable):
+            await once.run(0.01, asyncio.Event(), passes=2)
+
+        async with Gateway(nc, settings, topology):
+            (submitted,) = (await watcher.scan()).submitted
+    assert submitted.path == str(folder) and submitted.step == 8
+
+
+async def test_a_folder_name_is_never_read_as_model_arguments(
+    settings: Settings, client: AsyncClient, allowed: Path
+) -> None:
+    checkpoint(allowed, "checkpoint-400,trust_remote_code=True", shards=1)
+    fine = checkpoint(allowed, "checkpoint-500", shards=1)
+
+    code, printed, err = await watch_once(settings, allowed, "--model-args", "dtype=float32")
+    jobs = await all_jobs(client)
+    args = [info.request.model_args for info in jobs if info.request is not None]
+    assert [a for a in args if "trust_remote_code" in str(a)] == []
+    assert args == [{"pretrained": str(fine), "dtype": "float32"}]
+    assert code == 0, err
+    assert [c["path"] for c in printed] == [str(fine)]
+    assert "refused the checkpoint" in err and "checkpoint-400,trust_remote_code=True" in err
+
+    with pytest.raises(ConfigError, match="expected k=v,k=v"):
+        DirWatcher(client, allowed, {**JOB, "model_args": "dtype=a=b"})
 
 
 async def test_watch_dir_refuses_a_bad_regex_in_one_line(settings: Settings, allowed: Path) -> None:

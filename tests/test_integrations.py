@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.js.errors import NoKeysError
 
 from evalq import AsyncClient
 from evalq.config import Settings
@@ -129,6 +130,29 @@ async def test_callback_never_blocks_training_when_the_queue_is_away(settings: S
     assert len(timed.saves) == 2 and max(timed.saves) < 0.5
     assert [item.step for item in callback.submitted] == [2, 4]
     assert all(item.accepted is None and item.error for item in callback.submitted)
+
+
+async def test_a_comma_in_the_output_folder_is_refused_not_read_as_model_arguments(
+    settings: Settings, gateway: Any, tmp_path: Path, nc: Any, topology: Topology
+) -> None:
+    from types import SimpleNamespace
+
+    from evalq.integrations import EvalqCallback
+
+    await store_policy(nc, topology, "default", PoolPolicy(model_roots=[str(tmp_path)]), timeout=10)
+    callback = EvalqCallback(tasks=["evalq_demo"], model="dummy", settings=settings, submit_retry_s=5.0)
+    args = SimpleNamespace(output_dir=str(tmp_path / "out,trust_remote_code=True"), run_name="r1")
+    state = SimpleNamespace(global_step=4, is_world_process_zero=True)
+    # The Trainer's own calls, without training: the gateway answers on this test's loop.
+    await asyncio.to_thread(callback.on_save, args, state, None)
+    await asyncio.to_thread(callback.on_train_end, args, state, None)
+
+    (item,) = callback.submitted
+    assert item.accepted is None and item.error is not None and item.error.startswith("422:"), item.error
+    # The jobs bucket itself, not the history's index, which follows it.
+    bucket = await nc.jetstream().key_value(topology.jobs_bucket)
+    with pytest.raises(NoKeysError):
+        await bucket.keys()
 
 
 async def test_training_example_logs_each_checkpoint_to_tensorboard(

@@ -1,10 +1,12 @@
 """`evalq track`: completed jobs' metrics in TensorBoard, MLflow and W&B (offline), read back
-with each library's own reader, at the step of their label, once each across restarts."""
+with each library's own reader, at the step of their label, once each across restarts; a job
+a tracker can never log is skipped, once, and the jobs after it are logged."""
 
 from __future__ import annotations
 
 import json
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 
 from evalq import AsyncClient
 from evalq.config import Settings
-from evalq.schemas import Completed, decode_event
+from evalq.schemas import Completed, decode_event, encode, now
 from evalq.topology import Topology
 
 from .conftest import EVALQ, run_command, settings_env
@@ -46,7 +48,16 @@ async def complete(client: AsyncClient, step: int | None, score: float, run: str
     return info.job_id
 
 
-async def track(settings: Settings, root: Path, *args: str) -> list[dict[str, Any]]:
+async def track(settings: Settings, root: Path, *args: str, timeout: float = 120) -> list[dict[str, Any]]:
+    code, outcomes, err = await track_run(settings, root, *args, timeout=timeout)
+    assert code == 0, err
+    return outcomes
+
+
+async def track_run(
+    settings: Settings, root: Path, *args: str, timeout: float = 120
+) -> tuple[int, list[dict[str, Any]], str]:
+    """`evalq track --json` with the three trackers: its exit code, its JSON lines, its stderr."""
     argv = [
         *EVALQ,
         "track",
@@ -59,34 +70,36 @@ async def track(settings: Settings, root: Path, *args: str) -> list[dict[str, An
         "--json",
         *args,
     ]
-    code, out, err = await run_command(argv, track_env(settings), timeout=120)
-    assert code == 0, err
-    return [json.loads(line) for line in out.splitlines()]
+    code, out, err = await run_command(argv, track_env(settings), timeout=timeout)
+    return code, [json.loads(line) for line in out.splitlines()], err
 
 
-def tensorboard_points(root: Path, run: str = "r1") -> list[tuple[int, float]]:
+def tensorboard_points(root: Path, run: str = "r1", tag: str = TAG) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(root / "tb" / run))
     acc.Reload()
-    return [(e.step, round(e.value, 6)) for e in acc.Scalars(TAG)]
+    return [(e.step, round(e.value, 6)) for e in acc.Scalars(tag)]
 
 
-def mlflow_run(root: Path, run: str = "r1") -> tuple[Any, list[tuple[int, float]]]:
+def mlflow_run(root: Path, run: str = "r1", tag: str = TAG) -> tuple[Any, list[tuple[int, float]]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=(root / "mlruns").as_uri())
     experiment = client.get_experiment_by_name("evalq")
     (found,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`evalq.run` = '{run}'")
-    points = [(m.step, round(m.value, 6)) for m in client.get_metric_history(found.info.run_id, TAG)]
+    points = [(m.step, round(m.value, 6)) for m in client.get_metric_history(found.info.run_id, tag)]
     return found, sorted(points)
 
 
-def wandb_points(root: Path) -> list[tuple[int, float]]:
+def wandb_points(root: Path, tag: str = TAG) -> list[tuple[int, float]]:
     from evalq.tracking import wandb_records
 
     return sorted(
-        (row["train/global_step"], round(row[TAG], 6)) for _, rows in wandb_records(root / "wb") for row in rows
+        (row["train/global_step"], round(row[tag], 6))
+        for _, rows in wandb_records(root / "wb")
+        for row in rows
+        if tag in row
     )
 
 
@@ -166,6 +179,86 @@ async def test_track_restart_and_a_crash_before_the_ack_leave_no_gap_and_no_dupl
     assert sorted(tensorboard_points(tmp_path)) == expected
     assert mlflow_run(tmp_path)[1] == expected
     assert wandb_points(tmp_path) == expected
+
+
+async def test_a_job_no_tracker_can_log_is_skipped_once_and_the_next_one_logged(
+    settings: Settings, client: AsyncClient, worker_factory: Any, topology: Topology, tmp_path: Path, nc: Any
+) -> None:
+    await worker_factory(evaluator=FAKE)
+    poisoned = await complete(client, 10**23, 0.9)  # any submitter may label a job so
+    good = await complete(client, 10, 0.25)
+
+    # Bounded: a tracker that retried the first job for ever would never reach the second.
+    code, outcomes, err = await track_run(settings, tmp_path, "--max-jobs", "2", timeout=90)
+    assert code == 0, err
+    assert [o["job_id"] for o in outcomes] == [poisoned, good]
+    assert outcomes[0]["trackers"] == {} and outcomes[0]["step"] is None
+    assert "'100000000000000000000000' is not a whole number from 0 to 9223372036854775807" in outcomes[0]["skipped"]
+    assert f"job {poisoned} skipped, it can never be logged" in err
+    assert outcomes[1]["trackers"] == {"tensorboard": "logged", "mlflow": "logged", "wandb": "logged"}
+    assert outcomes[1]["skipped"] is None
+    assert tensorboard_points(tmp_path) == [(10, 0.25)]
+    assert mlflow_run(tmp_path)[1] == [(10, 0.25)]
+    assert wandb_points(tmp_path) == [(10, 0.25)]
+
+    # Restarted: the skipped job was acknowledged, so it is not tried again.
+    later = await complete(client, 20, 0.5)
+    again = await track(settings, tmp_path, "--max-jobs", "1", timeout=90)
+    assert [o["job_id"] for o in again] == [later]
+    consumer = await nc.jetstream().consumer_info(topology.events_stream, f"{topology.prefix}-track-tracker")
+    assert (consumer.num_pending, consumer.num_ack_pending) == (0, 0)
+    assert tensorboard_points(tmp_path) == [(10, 0.25), (20, 0.5)]
+
+
+async def test_a_metric_name_mlflow_refuses_is_skipped_there_and_logged_elsewhere(
+    settings: Settings, topology: Topology, tmp_path: Path, nc: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from evalq.tracking import MlflowTracker, TensorBoardTracker, Tracking, TrackOptions, WandbTracker
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    # lmms-eval names a metric of a filter other than `none` `metric,filter` (gsm8k's
+    # `exact_match,strict-match`); MLflow allows no comma in a metric's name.
+    filtered, plain = "eval/gsm8k/exact_match,strict-match", "eval/gsm8k/exact_match"
+    jobs = []
+    for name, step in ((filtered, 10), (plain, 20)):
+        job_id = str(uuid.uuid4())
+        metrics = {"gsm8k": {name.rsplit("/", 1)[1]: step / 100}}
+        event = Completed(job_id=job_id, time=now(), labels={"run": "r1", "step": str(step)}, metrics=metrics)
+        await nc.jetstream().publish(topology.event_subject(job_id, "completed"), encode(event))
+        jobs.append(job_id)
+
+    trackers = [
+        TensorBoardTracker(tmp_path / "tb"),
+        MlflowTracker((tmp_path / "mlruns").as_uri()),
+        WandbTracker(tmp_path / "wb"),
+    ]
+    outcomes: list[Any] = []
+    async with Tracking(settings, trackers, TrackOptions(max_jobs=2)) as tracking:
+        await asyncio.wait_for(tracking.run(outcomes.append), 90)
+
+    assert [o.job_id for o in outcomes] == jobs
+    assert outcomes[0].trackers == {"tensorboard": "logged", "mlflow": "skipped", "wandb": "logged"}
+    assert outcomes[0].skipped.startswith("mlflow: MLflow refuses it: Invalid value")
+    assert set(outcomes[1].trackers.values()) == {"logged"} and outcomes[1].skipped is None
+    assert tracking.skipped == 1
+    assert tensorboard_points(tmp_path, tag=filtered) == [(10, 0.1)]
+    assert wandb_points(tmp_path, tag=filtered) == [(10, 0.1)]
+    assert mlflow_run(tmp_path, tag=plain)[1] == [(20, 0.2)]
+
+
+@pytest.mark.parametrize(
+    ("text", "step"),
+    [("0", 0), ("0042", 42), (str(2**63 - 1), 2**63 - 1)]
+    + [(text, None) for text in (str(2**63), "-1", "+5", " 5", "5_000", "1e3", "\u0663", "")],
+)
+def test_a_step_is_whole_and_within_every_trackers_range(text: str, step: int | None) -> None:
+    from evalq.tracking import Unloggable, parse_step
+
+    if step is not None:
+        assert parse_step(text) == step
+    else:
+        with pytest.raises(Unloggable, match="is not a whole number from 0 to 9223372036854775807"):
+            parse_step(text)
 
 
 async def test_track_without_a_tracker_library_says_which_extra(settings: Settings, tmp_path: Path) -> None:

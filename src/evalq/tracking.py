@@ -8,6 +8,11 @@ in its own store), so a crash between writing and acknowledging never logs a job
 
 The step comes from a label (`step` by default) and the run from another (`run`); the
 other labels and the job id go along as tags (TensorBoard: a text summary).
+
+A job that a tracker can never log (a step out of every tracker's range, a metric name the
+tracker refuses) is reported as skipped, with its reason, and acknowledged: retried, it
+would hold back every job after it. A tracker that is away (I/O, a server restarting) is
+retried, the message kept.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from .connection import connect
 from .errors import ConfigError, EvalqError, MissingExtra, Unavailable
 from .extras import install_command
 from .schemas import Completed, decode_event
+from .text import escape_control
 from .topology import Topology
 
 __all__ = [
@@ -47,11 +53,24 @@ __all__ = [
     "TrackOptions",
     "Tracker",
     "Tracking",
+    "Unloggable",
     "WandbTracker",
     "job_metrics",
+    "parse_step",
 ]
 
 log = logging.getLogger("evalq.tracking")
+
+
+# The largest step every tracker keeps as it is: TensorBoard's event and MLflow's metric hold
+# it as an int64 (protobuf, and BIGINT in MLflow's SQL store), and W&B turns a larger int
+# into a float. Steps are counted from 0.
+MAX_STEP = 2**63 - 1
+
+
+class Unloggable(Exception):
+    """A job that a tracker can never log, whatever is retried: its step or a name is out of
+    the tracker's range. The message says why; the job is skipped, not retried."""
 
 
 def _missing(extra: str) -> MissingExtra:
@@ -79,15 +98,22 @@ def _epoch(text: str) -> float:
     return _dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+def parse_step(text: str, label: str = "step") -> int:
+    """The step a label holds, for every tracker; Unloggable unless it is 0 to MAX_STEP in digits."""
+    # ASCII digits only: int() would also take a sign, spaces, underscores and other scripts' digits.
+    if text.isascii() and text.isdigit() and int(text) <= MAX_STEP:
+        return int(text)
+    shown = text if len(text) <= 40 else text[:40] + "..."
+    raise Unloggable(f"its {label!r} label {shown!r} is not a whole number from 0 to {MAX_STEP}")
+
+
 def job_metrics(event: Completed, *, step_label: str = "step", run_label: str = "run") -> JobMetrics | None:
-    """What the trackers log for `event`; None when it has no whole-number step label."""
+    """What the trackers log for `event`; None when it has no step label, Unloggable when the
+    label holds no step a tracker takes."""
     raw = event.labels.get(step_label)
-    try:
-        step = int(raw) if raw is not None else None
-    except ValueError:
-        step = None
-    if step is None:
+    if raw is None:
         return None
+    step = parse_step(raw, step_label)
     metrics: dict[str, float] = {}
     for task, values in event.metrics.items():
         for name, value in values.items():
@@ -159,17 +185,21 @@ class TensorBoardTracker:
         if any(path.name.endswith(marker) for path in folder.iterdir()):
             return False
         ev, s = self._event_pb2, self._summary_pb2
-        scalars = [s.Summary.Value(tag=tag, simple_value=value) for tag, value in job.metrics.items()]
         tags = {"job_id": job.job_id, **job.labels}
-        events = [
-            ev.Event(wall_time=job.time, file_version="brain.Event:2"),
-            ev.Event(wall_time=job.time, step=job.step, summary=s.Summary(value=scalars)),
-            ev.Event(
-                wall_time=job.time,
-                step=job.step,
-                summary=s.Summary(value=[self._text("evalq/job", json.dumps(tags, sort_keys=True))]),
-            ),
-        ]
+        try:
+            scalars = [s.Summary.Value(tag=tag, simple_value=value) for tag, value in job.metrics.items()]
+            events = [
+                ev.Event(wall_time=job.time, file_version="brain.Event:2"),
+                ev.Event(wall_time=job.time, step=job.step, summary=s.Summary(value=scalars)),
+                ev.Event(
+                    wall_time=job.time,
+                    step=job.step,
+                    summary=s.Summary(value=[self._text("evalq/job", json.dumps(tags, sort_keys=True))]),
+                ),
+            ]
+        except (ValueError, TypeError) as exc:
+            # Only the job's own values are read here, no file: it would fail the same way again.
+            raise Unloggable(f"TensorBoard cannot hold it: {exc}") from None
         name = f"events.out.tfevents.{int(job.time):010d}.{socket.gethostname()}{marker}"
         partial = folder / f".partial-{job.job_id}"
         with open(partial, "wb") as handle:
@@ -206,6 +236,7 @@ class MlflowTracker:
         except ImportError:
             raise _missing("mlflow") from None
         self._metric, self._tag = Metric, RunTag
+        self._error = MlflowException
         try:
             self.client = MlflowClient(tracking_uri=tracking_uri)
             found = self.client.get_experiment_by_name(experiment)
@@ -229,6 +260,16 @@ class MlflowTracker:
         return self._runs[run]
 
     def log(self, job: JobMetrics) -> bool:
+        try:
+            return self._log(job)
+        except self._error as exc:
+            # MLflow's validation of a name or value (a metric named `exact_match,strict-match`
+            # has a comma it refuses): the job's data, not the server, so never accepted.
+            if exc.error_code == "INVALID_PARAMETER_VALUE":
+                raise Unloggable(f"MLflow refuses it: {exc.message}") from None
+            raise
+
+    def _log(self, job: JobMetrics) -> bool:
         run_id = self.run_id(job.run)
         stamp = int(job.time * 1000)
         fresh = []
@@ -377,8 +418,10 @@ class Outcome:
     job_id: str
     run: str | None
     step: int | None
-    # tracker name -> "logged" | "present"; empty when the job had no step label.
+    # tracker name -> "logged" | "present" | "skipped"; empty when no tracker was asked.
     trackers: dict[str, str] = field(default_factory=dict)
+    # Why the job, or a tracker's part of it, can never be logged; None when nothing was skipped.
+    skipped: str | None = None
 
 
 class Tracking:
@@ -391,6 +434,8 @@ class Tracking:
         self.topology = Topology.from_settings(settings)
         self._nc: NatsClient | None = None
         self._stop = asyncio.Event()
+        # Jobs skipped (wholly or by a tracker) because they can never be logged.
+        self.skipped = 0
 
     @property
     def durable(self) -> str:
@@ -470,17 +515,26 @@ class Tracking:
         event = decode_event(data)
         if not isinstance(event, Completed):
             return Outcome(event.job_id, None, None)
-        job = job_metrics(event, step_label=self.options.step_label, run_label=self.options.run_label)
+        run = event.labels.get(self.options.run_label)
+        try:
+            job = job_metrics(event, step_label=self.options.step_label, run_label=self.options.run_label)
+        except Unloggable as exc:
+            return self._skip(Outcome(event.job_id, run, None), str(exc))
         if job is None:
-            log.warning("job %s has no whole-number %r label: not logged", event.job_id, self.options.step_label)
-            return Outcome(event.job_id, event.labels.get(self.options.run_label), None)
+            log.warning("job %s has no %r label: not logged", event.job_id, self.options.step_label)
+            return Outcome(event.job_id, run, None)
         outcome = Outcome(job.job_id, job.run, job.step)
+        reasons = []
         for tracker in self.trackers:
             delay = 1.0
             while True:
                 started = time.monotonic()
                 try:
-                    wrote = await asyncio.to_thread(tracker.log, job)
+                    wrote: bool | None = await asyncio.to_thread(tracker.log, job)
+                    break
+                except Unloggable as exc:
+                    reasons.append(f"{tracker.name}: {exc}")
+                    wrote = None
                     break
                 except EvalqError:
                     raise
@@ -498,5 +552,11 @@ class Tracking:
                     if time.monotonic() - started > 20:
                         with contextlib.suppress(Exception):
                             await msg.in_progress()
-            outcome.trackers[tracker.name] = "logged" if wrote else "present"
+            outcome.trackers[tracker.name] = "skipped" if wrote is None else "logged" if wrote else "present"
+        return self._skip(outcome, "; ".join(reasons)) if reasons else outcome
+
+    def _skip(self, outcome: Outcome, reason: str) -> Outcome:
+        outcome.skipped = escape_control(reason)
+        self.skipped += 1
+        log.warning("job %s skipped, it can never be logged: %s", escape_control(outcome.job_id), outcome.skipped)
         return outcome
