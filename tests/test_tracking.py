@@ -4,6 +4,7 @@ a tracker can never log is skipped, once, and the jobs after it are logged."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import uuid

@@ -72,11 +72,16 @@ def track(
     def show(outcome: tracking.Outcome) -> None:
         if json_:
             dump(outcome.__dict__)
+        elif outcome.skipped is not None and not outcome.trackers:
+            line = f"{outcome.job_id}: skipped, it can never be logged: {outcome.skipped}"
+            console.print(shown(line), highlight=False)
         elif outcome.step is None:
             console.print(shown(f"{outcome.job_id}: no {step_label!r} label, not logged"), highlight=False)
         else:
             done = ", ".join(f"{k} {v}" for k, v in outcome.trackers.items())
-            console.print(shown(f"{outcome.job_id}: run {outcome.run} step {outcome.step}: {done}"), highlight=False)
+            why = f" ({outcome.skipped})" if outcome.skipped else ""
+            line = f"{outcome.job_id}: run {outcome.run} step {outcome.step}: {done}{why}"
+            console.print(shown(line), highlight=False)
 
     async def main() -> None:
         async with tracking.Tracking(chosen, trackers, options) as tracker:
@@ -98,7 +103,10 @@ def watch_dir(
     model: Annotated[str, typer.Option(help="lmms-eval model name; gets model_args pretrained=<folder>.")] = (
         "huggingface"
     ),
-    model_args: Annotated[Optional[str], typer.Option(help="More k=v,k=v model arguments.")] = None,
+    model_args: Annotated[
+        Optional[str],
+        typer.Option(help="More k=v,k=v model arguments (sent as an object; `pretrained` is always the folder)."),
+    ] = None,
     limit: Annotated[Optional[str], typer.Option(help="Documents per task (int) or a fraction in (0, 1].")] = None,
     batch_size: Annotated[Optional[str], typer.Option(help="An int, 'auto' or 'auto:N'.")] = None,
     device: Annotated[Optional[str], typer.Option(help="e.g. cuda:0 or cpu.")] = None,
@@ -158,6 +166,7 @@ def watch_dir(
             stop = asyncio.Event()
             remove = on_signals(stop.set)
             try:
+                # A refused folder is logged (escaped) by the watcher, which goes on.
                 await watcher.run(interval, stop, show, passes=2 if once else None)
             finally:
                 remove()
