@@ -23,6 +23,7 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("queued", "start"): {"running"},
     ("running", "start"): {"running"},
     ("running", "progress"): {"running"},
+    ("running", "stall"): {"running"},
     ("queued", "request_cancel"): {"cancelled"},
     ("running", "request_cancel"): {"cancelling"},
     ("queued", "finish"): {"completed", "failed", "cancelled"},
@@ -48,6 +49,8 @@ def apply(info: JobInfo, transition: str, outcome: Outcome = OUTCOMES[0]) -> Job
             return lifecycle.start(info, attempt=2, worker="w1", at=AT)
         case "progress":
             return lifecycle.progress(info, PROGRESS)
+        case "stall":
+            return lifecycle.stall(info, since=AT)
         case "request_cancel":
             return lifecycle.request_cancel(info, at=AT)
         case "finish":
@@ -94,6 +97,19 @@ def test_finish_keeps_what_the_outcome_says() -> None:
     assert (repaired.error, repaired.exit_code) == ("boom", None)  # type: ignore[union-attr]
 
 
+def test_a_stall_is_marked_once_and_moving_progress_takes_the_mark_off() -> None:
+    running = record("running")
+    stalled = lifecycle.stall(running, since=AT)
+    assert stalled is not None and stalled.stalled_since == AT and stalled.status == "running"
+    assert lifecycle.stall(stalled, since="later") is None, "a job marked stalled is marked once"
+    event = lifecycle.stalled_event(stalled, worker="w1", at=AT, seconds=30.04, action="fail")
+    assert (event.since, event.seconds, event.action, event.worker) == (AT, 30.04, "fail", "w1")
+    moved = lifecycle.progress(stalled, PROGRESS)
+    assert moved is not None and moved.stalled_since is None
+    restarted = lifecycle.start(stalled, attempt=2, worker="w2", at=AT)
+    assert restarted is not None and restarted.stalled_since is None
+
+
 def test_a_queued_cancel_is_terminal_and_a_running_one_waits_for_the_worker() -> None:
     queued = lifecycle.request_cancel(record("queued"), at=AT)
     assert queued is not None and queued.status == "cancelled" and queued.completed_at == AT
@@ -121,6 +137,8 @@ def implied_events(before: JobInfo, after: JobInfo, transition: str) -> list[str
         return ["requeued", "started"] if before.status == "running" else ["started"]
     if transition == "progress":
         return ["progress"]
+    if transition == "stall":
+        return ["stalled"]
     if transition == "requeue":
         return ["requeued"]
     if after.status in TERMINAL:
@@ -137,7 +155,7 @@ def valid_sequence(events: list[str]) -> bool:
             return False
         if event == "started":
             phase = "running"
-        elif event == "progress" and phase != "running":
+        elif event in ("progress", "stalled") and phase != "running":
             return False
         elif event == "requeued":
             if phase != "running":

@@ -290,6 +290,8 @@ async def test_setup_writes_the_policy_the_gateway_enforces(
         "model_roots": [str(models)],
         "hub_prefixes": ["my-org"],
         "url_prefixes": [],
+        "stall_after_s": 1800,
+        "stall_action": "report",
         "default_timeout_s": None,
         "max_timeout_s": 600,
     }

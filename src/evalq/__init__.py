@@ -48,6 +48,7 @@ from .schemas import (
     ShardCompleted,
     ShardFailed,
     ShardStarted,
+    Stalled,
     Started,
     WorkerInfo,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "ShardCompleted",
     "ShardFailed",
     "ShardStarted",
+    "Stalled",
     "Started",
     "Timeout",
     "TooLarge",

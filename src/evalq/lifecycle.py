@@ -52,6 +52,7 @@ from .schemas import (
     ShardCompleted,
     ShardFailed,
     ShardStarted,
+    Stalled,
     Started,
 )
 from .sharding import pieces_running
@@ -82,6 +83,8 @@ __all__ = [
     "shard_completed_event",
     "shard_failed_event",
     "shard_started_event",
+    "stall",
+    "stalled_event",
     "start",
     "started_event",
     "terminal_event",
@@ -89,9 +92,9 @@ __all__ = [
 
 log = logging.getLogger("evalq.lifecycle")
 
-Transition = Literal["start", "progress", "request_cancel", "finish", "requeue"]
+Transition = Literal["start", "progress", "stall", "request_cancel", "finish", "requeue"]
 STATES: tuple[JobStatus, ...] = ("queued", "running", "cancelling", "completed", "failed", "cancelled")
-TRANSITIONS: tuple[Transition, ...] = ("start", "progress", "request_cancel", "finish", "requeue")
+TRANSITIONS: tuple[Transition, ...] = ("start", "progress", "stall", "request_cancel", "finish", "requeue")
 
 # (state, transition) -> the states it may lead to. A pair that is absent is refused.
 ALLOWED: dict[tuple[JobStatus, Transition], frozenset[JobStatus]] = {
@@ -99,6 +102,8 @@ ALLOWED: dict[tuple[JobStatus, Transition], frozenset[JobStatus]] = {
     # A redelivery: the worker that held it stopped answering.
     ("running", "start"): frozenset({"running"}),
     ("running", "progress"): frozenset({"running"}),
+    # Its progress has not moved for the pool's `stall_after_s`: marked, still running.
+    ("running", "stall"): frozenset({"running"}),
     ("queued", "request_cancel"): frozenset({"cancelled"}),
     ("running", "request_cancel"): frozenset({"cancelling"}),
     # From queued: a job that used up its attempts, or whose output folder is unusable.
@@ -162,14 +167,23 @@ def start(info: JobInfo, *, attempt: int, worker: str, at: str) -> JobInfo | Non
     if not allowed(info.status, "start"):
         return None
     return msgspec.structs.replace(
-        info, status="running", attempts=attempt, worker=worker, started_at=at, progress=None
+        info, status="running", attempts=attempt, worker=worker, started_at=at, progress=None, stalled_since=None
     )
 
 
 def progress(info: JobInfo, value: Progress) -> JobInfo | None:
+    """Progress recorded; one that moved takes a stall mark off."""
     if not allowed(info.status, "progress"):
         return None
-    return msgspec.structs.replace(info, progress=value)
+    moved = info.progress is None or (value.phase, value.done) != (info.progress.phase, info.progress.done)
+    return msgspec.structs.replace(info, progress=value, stalled_since=None if moved else info.stalled_since)
+
+
+def stall(info: JobInfo, *, since: str) -> JobInfo | None:
+    """Its progress has not moved since `since`: marked, once (a job marked already is left as it is)."""
+    if not allowed(info.status, "stall") or info.stalled_since is not None:
+        return None
+    return msgspec.structs.replace(info, stalled_since=since)
 
 
 def request_cancel(info: JobInfo, *, at: str) -> JobInfo | None:
@@ -264,6 +278,16 @@ def started_event(
 
 def progress_event(info: JobInfo, value: Progress, *, worker: str, at: str) -> ProgressEvent:
     return ProgressEvent(**_common(info, at=at, attempt=info.attempts, worker=worker), progress=value)
+
+
+def stalled_event(info: JobInfo, *, worker: str, at: str, seconds: float, action: str) -> Stalled:
+    assert info.stalled_since is not None
+    return Stalled(
+        **_common(info, at=at, attempt=info.attempts, worker=worker),
+        since=info.stalled_since,
+        seconds=round(seconds, 3),
+        action="fail" if action == "fail" else "report",
+    )
 
 
 def requeued_event(info: JobInfo, *, attempt: int, worker: str, reason: str, at: str) -> Requeued:

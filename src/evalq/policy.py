@@ -45,7 +45,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -134,6 +134,14 @@ class PoolPolicy(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
             "a prefix ending at a path boundary (`http://judge:8000`), or `*` for any; none: no URL"
         ),
     ] = []
+    stall_after_s: Annotated[
+        Seconds | None,
+        _doc("seconds without progress after which a running job is stalled (an event and a mark); none: never"),
+    ] = 1800
+    stall_action: Annotated[
+        Literal["report", "fail"],
+        _doc("what a stall does: `report` (the event and the mark), or `fail` (the job is stopped and fails)"),
+    ] = "report"
     default_timeout_s: Annotated[
         Seconds | None, _doc("seconds a job without its own `timeout` may run; none: no limit")
     ] = None

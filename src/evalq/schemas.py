@@ -49,6 +49,7 @@ __all__ = [
     "ShardCompleted",
     "ShardFailed",
     "ShardStarted",
+    "Stalled",
     "Started",
     "TasksReply",
     "WorkItem",
@@ -318,6 +319,9 @@ class JobInfo(_Wire, frozen=True, kw_only=True):
     labels: dict[str, str] = {}
     pool: str = "default"
     cancel_requested_at: str | None = None
+    # When its progress last moved, while it has not moved for its pool's `stall_after_s`;
+    # None once it moves again (or never stalled).
+    stalled_since: str | None = None
     # Sharded jobs: the number of pieces (the request's `shards` until the job is planned),
     # how many have completed, and each piece's state.
     shards: int = 1
@@ -479,6 +483,15 @@ class Requeued(_EventBase, frozen=True, kw_only=True, tag="requeued"):
     reason: str
 
 
+class Stalled(_EventBase, frozen=True, kw_only=True, tag="stalled"):
+    # When its progress last moved, and for how long it had not when this was said.
+    since: str
+    seconds: float
+    # What the pool's policy does about it: `report` (this event and the record's mark), or
+    # `fail` (the evaluation is stopped, and a `failed` event follows).
+    action: Literal["report", "fail"] = "report"
+
+
 class Completed(_EventBase, frozen=True, kw_only=True, tag="completed"):
     metrics: dict[str, dict[str, Any]] = {}
     artifacts: list[str] = []
@@ -513,7 +526,17 @@ class ShardFailed(_EventBase, frozen=True, kw_only=True, tag="shard_failed"):
 
 
 Event = Union[
-    Queued, Started, ProgressEvent, Requeued, ShardStarted, ShardCompleted, ShardFailed, Completed, Failed, Cancelled
+    Queued,
+    Started,
+    ProgressEvent,
+    Stalled,
+    Requeued,
+    ShardStarted,
+    ShardCompleted,
+    ShardFailed,
+    Completed,
+    Failed,
+    Cancelled,
 ]
 TERMINAL_EVENTS: tuple[type, ...] = (Completed, Failed, Cancelled)
 

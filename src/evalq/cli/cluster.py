@@ -56,6 +56,14 @@ def setup(
     max_timeout: Annotated[
         Optional[int], typer.Option(help="Policy: the largest timeout a job may have, in seconds (0: no limit).")
     ] = None,
+    stall_after: Annotated[
+        Optional[int],
+        typer.Option(help="Policy: seconds without progress after which a running job is stalled (0: never)."),
+    ] = None,
+    stall_action: Annotated[
+        Optional[str],
+        typer.Option(help="Policy: what a stall does: `report` (an event and a mark) or `fail` (the job fails)."),
+    ] = None,
     reset_policy: Annotated[
         bool, typer.Option("--reset-policy", help="Policy: start from the default instead of the pool's current one.")
     ] = False,
@@ -89,7 +97,13 @@ def setup(
         changes["hub_prefixes"] = hub_prefix
     if url_prefix:
         changes["url_prefixes"] = url_prefix
-    for name, seconds in (("default_timeout_s", default_timeout), ("max_timeout_s", max_timeout)):
+    if stall_action is not None:
+        changes["stall_action"] = stall_action
+    for name, seconds in (
+        ("default_timeout_s", default_timeout),
+        ("max_timeout_s", max_timeout),
+        ("stall_after_s", stall_after),
+    ):
         if seconds is not None:
             changes[name] = seconds or None
     try:

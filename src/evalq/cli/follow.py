@@ -26,6 +26,7 @@ from ..schemas import (
     ShardCompleted,
     ShardFailed,
     ShardStarted,
+    Stalled,
     Started,
 )
 from .app import EXIT_CANCELLED, EXIT_FAILED
@@ -93,6 +94,9 @@ async def _follow_pretty(client: AsyncClient, job_id: str) -> Event | None:
                 progress.console.print(shown(f"started  on {event.worker} (attempt {event.attempt})"), highlight=False)
             elif isinstance(event, Requeued):
                 progress.console.print(shown(f"requeued {event.reason}"), highlight=False)
+            elif isinstance(event, Stalled):
+                line = f"stalled: no progress for {event.seconds:.0f}s (since {event.since})"
+                progress.console.print(f"[yellow]{shown(line)}[/yellow]", highlight=False)
             elif isinstance(event, ShardStarted):
                 line = f"piece {event.shard + 1}/{event.shards} started on {event.worker} (attempt {event.attempt})"
                 progress.console.print(shown(line), highlight=False)

@@ -29,6 +29,7 @@ from ..schemas import (
     ShardCompleted,
     ShardFailed,
     ShardStarted,
+    Stalled,
 )
 from ..text import escape_control
 
@@ -128,6 +129,7 @@ def print_job(info: JobInfo) -> None:
         ("model", info.request.model if info.request else None),
         ("tasks", ",".join(info.request.tasks) if info.request else None),
         ("progress", f"{info.progress.phase} {info.progress.done}/{info.progress.total}" if info.progress else None),
+        ("stalled", f"no progress since {info.stalled_since}" if info.stalled_since else None),
         ("pieces", f"{info.shards_done}/{info.shards} done" if info.pieces else None),
         ("error", info.error),
     ]
@@ -167,6 +169,8 @@ def event_line(event: Event) -> str:
         detail = event.error
     elif isinstance(event, (Cancelled, Requeued)):
         detail = event.reason
+    elif isinstance(event, Stalled):
+        detail = f"no progress for {event.seconds:.0f}s (since {event.since}), {event.action}"
     elif isinstance(event, ShardStarted):
         detail = f"piece {event.shard + 1}/{event.shards}"
     elif isinstance(event, ShardCompleted):

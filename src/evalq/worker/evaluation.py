@@ -50,6 +50,15 @@ class RunningJob:
     # Seconds the evaluation may run (the job's timeout, or its pool's); None: no limit.
     limit_s: int | None = None
     timed_out: asyncio.Event = field(default_factory=asyncio.Event)
+    # Seconds without progress after which the job is stalled, and what that does (its pool's
+    # policy); None: never. A sharded job's pieces are not watched: their plan and merge
+    # steps report no progress of their own.
+    stall_after_s: int | None = None
+    stall_action: str = "report"
+    stalled: asyncio.Event = field(default_factory=asyncio.Event)
+    # When its progress last moved (monotonic, and as a timestamp for the record).
+    moved_at: float = 0.0
+    moved_stamp: str = ""
     cancel_requested_at: float | None = None
     launch_error: str = ""
     # The piece of a sharded job this evaluation runs (None: the whole job, or its plan or merge).
@@ -63,6 +72,9 @@ class RunningJob:
     requeue: asyncio.Event = field(default_factory=asyncio.Event)
     last_progress_at: float = 0.0
     last_phase: str = ""
+    # The last (phase, done) seen: progress has moved when it changes.
+    position: tuple[str, int] = ("", -1)
+    reported: tuple[str, int] = ("", -1)
     # Progress is reported only between `started` and the outcome, so that no progress event
     # precedes the one or follows the other.
     announced: bool = False
@@ -140,6 +152,8 @@ class Evaluation:
             return self.cancellation(job)
         if job.timed_out.is_set():
             return await self.timeout_failure(job, job.info.job_id, log_path, exit_code)
+        if job.stalled.is_set():
+            return await self.stall_failure(job, log_path, exit_code)
         if job.requeue.is_set():
             return None
         return await outcome_of(
@@ -165,6 +179,16 @@ class Evaluation:
         await upload(self.settler.store, object_prefix, [(log_path, "eval.log")])
         return Failure(
             error=f"timeout: the evaluation ran longer than its limit of {job.limit_s} s and was stopped",
+            exit_code=exit_code,
+            log_tail=log_tail,
+        )
+
+    async def stall_failure(self, job: RunningJob, log_path: Path, exit_code: int) -> Failure:
+        log_tail = tail(log_path, self.settings.worker.log_tail_lines)
+        await upload(self.settler.store, job.info.job_id, [(log_path, "eval.log")])
+        return Failure(
+            error=f"stalled: its progress had not moved for {job.stall_after_s} s (since {job.moved_stamp}), "
+            "and its pool's policy fails a stalled job",
             exit_code=exit_code,
             log_tail=log_tail,
         )
@@ -203,6 +227,9 @@ class Evaluation:
                 # Announced after the launch, so a follower that sees it can act on the process.
                 await announce()
                 job.announced = True
+                if job.stall_after_s is not None and job.piece is None and not job.quiet:
+                    self._moved(job)
+                    stop_reasons.append(asyncio.create_task(self._stall_watch(job)))
                 await asyncio.wait([waiting, *stop_reasons], return_when=asyncio.FIRST_COMPLETED)
             if not loading.done():
                 loading.cancel()
@@ -267,15 +294,58 @@ class Evaluation:
                     with contextlib.suppress(Exception):
                         await watcher.stop()  # type: ignore[no-untyped-call]
 
+    def _moved(self, job: RunningJob) -> None:
+        job.moved_at = time.monotonic()
+        job.moved_stamp = now()
+
+    async def _stall_watch(self, job: RunningJob) -> None:
+        """Mark the job stalled once its progress has not moved for `stall_after_s`; with the
+        `fail` action, end it then (this task ending is what stops the evaluation)."""
+        assert job.stall_after_s is not None
+        while True:
+            idle = time.monotonic() - job.moved_at
+            if idle < job.stall_after_s:
+                await asyncio.sleep(job.stall_after_s - idle)
+                continue
+            await self._report_stall(job, idle)
+            if job.stall_action == "fail":
+                job.stalled.set()
+                return
+            # Reported: wait for progress to move, then watch afresh.
+            seen = job.moved_at
+            while job.moved_at == seen:
+                await asyncio.sleep(min(1.0, job.stall_after_s))
+
+    async def _report_stall(self, job: RunningJob, idle: float) -> None:
+        since = job.moved_stamp
+
+        def event(applied: Applied) -> lifecycle.Event:
+            return lifecycle.stalled_event(
+                applied.after, worker=self.worker_id, at=now(), seconds=idle, action=job.stall_action
+            )
+
+        log.warning("job %s: no progress for %.0f s (since %s)", job.info.job_id, idle, since)
+        try:
+            await self.recorder.record(job.info.job_id, lambda info: lifecycle.stall(info, since=since), event)
+        except Exception as exc:
+            log.warning("job %s: the stall was not recorded: %s", job.info.job_id, exc)
+
     def _on_progress(self, job: RunningJob, progress: Progress) -> None:
         if not job.announced or job.quiet:
             return
+        position = (progress.phase, progress.done)
+        if position != job.position:
+            job.position = position
+            self._moved(job)
         clock = time.monotonic()
         phase_changed = progress.phase != job.last_phase
+        if position == job.reported:
+            return  # a bar redrawn where it was: nothing to say (and a stall mark stays)
         if not phase_changed and clock - job.last_progress_at < self.settings.worker.progress_interval:
             return
         job.last_progress_at = clock
         job.last_phase = progress.phase
+        job.reported = position
         report = asyncio.get_running_loop().create_task(self._report_progress(job, progress))
         job.reports.add(report)
         report.add_done_callback(job.reports.discard)

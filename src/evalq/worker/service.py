@@ -410,7 +410,14 @@ class Worker:
             else:
                 await msg.ack()  # terminal already (its event made sure of by the recorder): nothing to run
             return
-        job = RunningJob(info=moved.after, msg=msg, attempt=attempt, limit_s=limit_s)
+        job = RunningJob(
+            info=moved.after,
+            msg=msg,
+            attempt=attempt,
+            limit_s=limit_s,
+            stall_after_s=policy.stall_after_s,
+            stall_action=policy.stall_action,
+        )
         self.hold(job)
         await self.registration.show(job_id)
         if info.request.shards > 1:
