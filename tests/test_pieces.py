@@ -18,7 +18,9 @@ def _covered(pieces: list[Piece], counts: dict[str, int]) -> dict[str, list[int]
     for piece in pieces:
         for task in piece.tasks:
             if piece.offset is None:
-                docs[task] += list(range(counts[task]))
+                # Its limit, applied to each of its tasks, runs each task's planned documents.
+                assert piece.limit == max(counts[name] for name in piece.tasks)
+                docs[task] += list(range(min(counts[task], piece.limit)))
             else:
                 assert piece.limit is not None and len(piece.tasks) == 1
                 docs[task] += list(range(piece.offset, piece.offset + piece.limit))
@@ -53,13 +55,13 @@ def test_the_largest_task_is_split_first() -> None:
         (["evalq_shard_demo"], 60, 60),
         (["evalq_shard_demo"], 120, 60),
         (["evalq_shard_demo"], 180, 60),
-        (["evalq_demo"], None, None),
+        (["evalq_demo"], None, 20),
     ]
 
 
 def test_fewer_pieces_than_tasks_packs_whole_tasks() -> None:
     pieces = plan_pieces({"a": 5, "b": 7, "c": 1}, 2)
-    assert [(p.tasks, p.docs, p.offset) for p in pieces] == [(["b"], 7, None), (["a", "c"], 6, None)]
+    assert [(p.tasks, p.docs, p.offset, p.limit) for p in pieces] == [(["b"], 7, None, 7), (["a", "c"], 6, None, 5)]
 
 
 def test_a_job_with_no_documents_cannot_be_split() -> None:

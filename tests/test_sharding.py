@@ -15,7 +15,7 @@ import pytest
 from evalq import AsyncClient, JobCancelled, JobFailed, PoolPolicy
 from evalq.config import Settings
 from evalq.policy import store_policy
-from evalq.schemas import ShardStarted
+from evalq.schemas import JobInfo, ShardStarted
 from evalq.topology import Topology
 
 from .conftest import Processes
@@ -45,6 +45,26 @@ def _samples(files: list[Path], task: str) -> list[dict[str, Any]]:
     return [{k: v for k, v in json.loads(line).items() if k in keep} for line in path.read_text().splitlines()]
 
 
+async def _assert_same_run(client: AsyncClient, whole: JobInfo, sharded: JobInfo, tmp_path: Path) -> list[Path]:
+    """The sharded job's results and samples are the unsharded job's; returns the sharded job's files."""
+    expected = await _results_json(client, whole.job_id, tmp_path / f"{whole.job_id}-results")
+    got = await _results_json(client, sharded.job_id, tmp_path / f"{sharded.job_id}-results")
+    # Every metric and stderr key, with exact float equality.
+    assert got["results"] == expected["results"]
+    assert got.get("groups") == expected.get("groups")
+    assert got["n-samples"] == expected["n-samples"]
+    assert sharded.result is not None and whole.result is not None
+    assert sharded.result.metrics == whole.result.metrics
+    # Samples per task, in document order, as the unsharded run wrote them.
+    whole_files = await client.results(whole.job_id, tmp_path / f"{whole.job_id}-files")
+    sharded_files = await client.results(sharded.job_id, tmp_path / f"{sharded.job_id}-files")
+    for task in expected["n-samples"]:
+        samples = _samples(sharded_files, task)
+        assert samples == _samples(whole_files, task)
+        assert [s["doc_id"] for s in samples] == sorted(s["doc_id"] for s in samples)
+    return sharded_files
+
+
 @pytest.mark.slow
 async def test_a_sharded_run_gives_the_unsharded_results_key_for_key(
     client: AsyncClient, worker_factory: Any, tmp_path: Path
@@ -60,25 +80,11 @@ async def test_a_sharded_run_gives_the_unsharded_results_key_for_key(
     assert (sharded_info.shards, sharded_info.shards_done) == (5, 5)
     assert sorted(p.docs for p in sharded_info.pieces) == [20, 60, 60, 60, 60]
 
-    expected = await _results_json(client, whole.job_id, tmp_path / "whole")
-    got = await _results_json(client, sharded.job_id, tmp_path / "sharded")
-    # Every metric and stderr key, with exact float equality.
-    assert got["results"] == expected["results"]
-    assert got.get("groups") == expected.get("groups")
-    assert got["n-samples"] == expected["n-samples"]
-    assert sharded_info.result is not None and whole_info.result is not None
-    assert sharded_info.result.metrics == whole_info.result.metrics
+    sharded_files = await _assert_same_run(client, whole_info, sharded_info, tmp_path)
+    assert whole_info.result is not None
     for task, metrics in UNSHARDED.items():
         for name, value in metrics.items():
             assert whole_info.result.metrics[task][name] == value
-
-    # Samples per task, in document order, as the unsharded run wrote them.
-    whole_files = await client.results(whole.job_id, tmp_path / "whole-files")
-    sharded_files = await client.results(sharded.job_id, tmp_path / "sharded-files")
-    for task in BOTH["tasks"]:
-        samples = _samples(sharded_files, task)
-        assert samples == _samples(whole_files, task)
-        assert [s["doc_id"] for s in samples] == sorted(s["doc_id"] for s in samples)
     for index in range(5):
         assert any(p.as_posix().endswith(f"/shards/{index}/eval.log") for p in sharded_files), (
             f"no log of piece {index}"
@@ -91,6 +97,37 @@ async def test_a_sharded_run_gives_the_unsharded_results_key_for_key(
     progress = [e.progress for e in events if e.__struct_config__.tag == "progress"]  # type: ignore[attr-defined]
     assert progress and progress[-1].total == 260, "progress counts documents across all pieces"
     assert all(a.done <= b.done for a, b in itertools.pairwise(progress))
+
+
+@pytest.mark.slow
+async def test_a_fractional_limit_is_split_as_lmms_eval_applies_it(
+    client: AsyncClient, worker_factory: Any, tmp_path: Path
+) -> None:
+    """lmms-eval 0.7.3 turns a fraction into a count, ceil(documents * limit), on the first task
+    it builds (evalq_shard_demo: lmms-eval orders these two tasks in reverse) and then applies
+    that count to every task after it: evalq_demo runs all its 20 documents, not half."""
+    for _ in range(2):
+        await worker_factory()
+    # 0.5 of 240 is 120, evalq_demo's 20 a whole piece; 0.31 of 240 is 74.4, rounded up to
+    # 75, an odd count that splits 38 + 37.
+    cases = {0.5: (4, [20, 40, 40, 40]), 0.31: (3, [20, 37, 38])}
+    submitted = {}
+    for limit, (shards, _) in cases.items():
+        whole = await client.submit(**BOTH, limit=limit)
+        sharded = await client.submit(**BOTH, limit=limit, shards=shards)
+        submitted[limit] = (whole.job_id, sharded.job_id)
+    for limit, (whole_id, sharded_id) in submitted.items():
+        shards, sizes = cases[limit]
+        whole_info = await client.wait_for_job(whole_id, timeout=300)
+        sharded_info = await client.wait_for_job(sharded_id, timeout=300)
+        assert whole_info.status == "completed", whole_info.error
+        assert sharded_info.status == "completed", (limit, sharded_info.error)
+        assert (sharded_info.shards, sharded_info.shards_done) == (shards, shards)
+        assert sorted(p.docs for p in sharded_info.pieces) == sizes
+        expected = await _results_json(client, whole_id, tmp_path / f"{limit}-counts")
+        effective = {task: n["effective"] for task, n in expected["n-samples"].items()}
+        assert effective == {"evalq_demo": 20, "evalq_shard_demo": sum(sizes) - 20}
+        await _assert_same_run(client, whole_info, sharded_info, tmp_path)
 
 
 @pytest.mark.slow

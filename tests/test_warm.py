@@ -24,6 +24,9 @@ from .conftest import REPO
 pytestmark = pytest.mark.slow
 
 FAKE_MODULE = "tests.fake_evaluator"
+# The repo (for the stand-in module), then the path this run imports evalq from: without
+# it a zygote would import whichever evalq is installed, not the one under test.
+IMPORTABLE = os.pathsep.join(path for path in (str(REPO), os.environ.get("PYTHONPATH", "")) if path)
 Factory = Callable[..., Awaitable[WarmEvaluator]]
 
 
@@ -36,7 +39,7 @@ async def zygote_factory(tmp_path: Path) -> AsyncIterator[Factory]:
         include = build_include_dir(tmp_path / "tasks", [])
         warm = WarmEvaluator(
             include,
-            env=scrubbed_env({**os.environ, "PYTHONPATH": str(REPO), **env}),
+            env=scrubbed_env({**os.environ, "PYTHONPATH": IMPORTABLE, **env}),
             log_path=tmp_path / f"zygote-{len(started)}.log",
         )
         started.append(warm)
@@ -138,7 +141,7 @@ async def test_a_zygote_that_cannot_warm_up_says_why(zygote_factory: Factory, tm
     broken = tmp_path / "broken" / "lmms_eval"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text("raise ImportError('this lmms-eval is broken')\n")
-    warm = await zygote_factory(wait=False, PYTHONPATH=f"{broken.parent}{os.pathsep}{REPO}")
+    warm = await zygote_factory(wait=False, PYTHONPATH=f"{broken.parent}{os.pathsep}{IMPORTABLE}")
     with pytest.raises(ZygoteError, match="this lmms-eval is broken"):
         await asyncio.wait_for(warm.ready(), 120)
     assert warm.failures == 1
@@ -169,8 +172,8 @@ async def test_take_inventory_falls_back_to_a_subprocess(
     broken = tmp_path / "broken" / "lmms_eval"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text("raise ImportError('this lmms-eval is broken')\n")
-    warm = await zygote_factory(wait=False, PYTHONPATH=f"{broken.parent}{os.pathsep}{REPO}")
-    env = scrubbed_env({**os.environ, "PYTHONPATH": str(REPO)})
+    warm = await zygote_factory(wait=False, PYTHONPATH=f"{broken.parent}{os.pathsep}{IMPORTABLE}")
+    env = scrubbed_env({**os.environ, "PYTHONPATH": IMPORTABLE})
     inventory = await take_inventory(tmp_path / "tasks", env, warm, timeout=300)
     assert warm.failures == 1, "the zygote was asked first"
     assert inventory is not None
@@ -181,5 +184,6 @@ async def test_take_inventory_falls_back_to_a_subprocess(
 
     # An lmms-eval that cannot be imported where the subprocess runs: no inventory, and why.
     caplog.clear()
-    assert await take_inventory(tmp_path / "tasks", {**env, "PYTHONPATH": str(broken.parent)}, None, 300) is None
+    unimportable = {**env, "PYTHONPATH": f"{broken.parent}{os.pathsep}{IMPORTABLE}"}
+    assert await take_inventory(tmp_path / "tasks", unimportable, None, 300) is None
     assert "this lmms-eval is broken" in caplog.text

@@ -7,6 +7,12 @@ when N allows more, the largest tasks are split into contiguous document ranges
 now, so the pieces come out as even as the tasks allow. With fewer pieces than tasks,
 tasks are packed whole into the pieces, largest first into the lightest piece.
 
+A piece of whole tasks has no offset, and as its limit the largest count among its tasks.
+lmms-eval applies one count to every task of a run (a fractional limit becomes the first
+task's share, see `worker/sharded_eval.py`), so each task's count is min(its documents,
+that count), and this limit runs exactly the planned documents of each of the piece's
+tasks, where the request's fraction, applied to the piece's tasks alone, would not.
+
 Pieces are listed largest first: the pieces stream hands them out in that order, so the
 longest piece never starts last.
 
@@ -80,13 +86,7 @@ def plan_pieces(doc_counts: Mapping[str, int], shards: int) -> list[Piece]:
     pieces.sort(key=lambda p: (-p[0], p[1], p[2]))
     whole = {name for name, _ in tasks if parts[name] == 1}
     return [
-        Piece(
-            index=index,
-            tasks=[name],
-            offset=None if name in whole else offset,
-            limit=None if name in whole else limit,
-            docs=size,
-        )
+        Piece(index=index, tasks=[name], offset=None if name in whole else offset, limit=limit, docs=size)
         for index, (size, name, offset, limit) in enumerate(pieces)
     ]
 
@@ -99,8 +99,9 @@ def _pack(tasks: list[tuple[str, int]], bins: int) -> list[Piece]:
         names.append(name)
         heapq.heappush(loads, (load + count, i, names))
     filled = sorted((item for item in loads if item[2]), key=lambda item: (-item[0], item[1]))
+    counts = dict(tasks)
     return [
-        Piece(index=index, tasks=names, offset=None, limit=None, docs=load)
+        Piece(index=index, tasks=names, offset=None, limit=max(counts[name] for name in names), docs=load)
         for index, (load, _, names) in enumerate(filled)
     ]
 

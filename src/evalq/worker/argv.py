@@ -6,8 +6,10 @@ field can add a flag or a command: a value that starts with `-` stays a value.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import urllib.parse
 from collections.abc import Mapping, Sequence
 
 from ..schemas import EvaluateRequest, format_args
@@ -28,6 +30,17 @@ _SCRUB_EXACT = {
     "NODE_RANK",
 }
 _SCRUB_PREFIXES = ("SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_", "ACCELERATE_")
+# evalq's settings (the connection's among them: user, password, token, creds and NKey
+# files, TLS key, a URL with userinfo, and EVALQ_CONFIG, whose file may hold any of them)
+# and the NATS clients' own. An evaluation runs code evalq does not vet (a task's Python, a
+# model's remote code); with these it could connect as its worker and rewrite any job's
+# record. It needs none of them: it reaches its worker only through the pipe and socket
+# it is handed.
+_CREDENTIAL_PREFIXES = ("EVALQ_", "NATS_")
+_SECRET_SUFFIXES = ("PASSWORD", "TOKEN", "SECRET", "SEED")
+# A secret is looked for in other variables' values only from this length: a short one
+# (`1`) would take every variable that happens to contain it (`HF_HUB_OFFLINE=1`).
+_MIN_SECRET = 8
 
 
 def evaluator_command(
@@ -89,9 +102,37 @@ def lmms_eval_args(
     return argv
 
 
+def _secrets(credentials: Mapping[str, str]) -> set[str]:
+    """The secret values among `credentials`: passwords and tokens, and those in URLs' userinfo."""
+    found: set[str] = set()
+    for key, value in credentials.items():
+        if key.endswith(_SECRET_SUFFIXES):
+            found.add(value)
+        for url in value.split(","):
+            with contextlib.suppress(ValueError):
+                parts = urllib.parse.urlsplit(url.strip())
+                if not parts.netloc or "@" not in parts.netloc:
+                    continue
+                userinfo = parts.netloc.rsplit("@", 1)[0]
+                # `user:password@`, or a token alone (`token@`).
+                secret = userinfo.split(":", 1)[1] if ":" in userinfo else userinfo
+                found.update({secret, urllib.parse.unquote(secret)})
+    return {secret for secret in found if len(secret) >= _MIN_SECRET}
+
+
 def scrubbed_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of every process below a worker: without the variables that would make
+    it a rank of another job, without any evalq or NATS variable, and without any variable
+    that holds one of their secrets under another name. Applying it twice changes nothing."""
+    credentials = {key: value for key, value in environ.items() if key.startswith(_CREDENTIAL_PREFIXES)}
+    secrets = _secrets(credentials)
     env = {
-        key: value for key, value in environ.items() if key not in _SCRUB_EXACT and not key.startswith(_SCRUB_PREFIXES)
+        key: value
+        for key, value in environ.items()
+        if key not in credentials
+        and key not in _SCRUB_EXACT
+        and not key.startswith(_SCRUB_PREFIXES)
+        and not any(secret in value for secret in secrets)
     }
     env["PYTHONUNBUFFERED"] = "1"
     return env

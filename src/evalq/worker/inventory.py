@@ -23,6 +23,7 @@ import msgspec
 
 from ..children import die_with_parent
 from ..schemas import GpuInfo
+from .argv import scrubbed_env
 
 __all__ = ["MARK", "Inventory", "InventorySource", "cuda_gpus", "list_lmms_eval", "take_inventory"]
 
@@ -119,7 +120,7 @@ async def _from_subprocess(include_dir: Path, env: dict[str, str], timeout: floa
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=env,
+        env=scrubbed_env(env),  # it imports lmms-eval and the task folders' code
         preexec_fn=die_with_parent if sys.platform == "linux" else None,
     )
     try:

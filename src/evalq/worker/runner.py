@@ -17,6 +17,7 @@ from typing import Any
 
 from ..children import die_with_parent
 from ..schemas import Progress
+from .argv import scrubbed_env
 from .progress import ProgressParser
 
 __all__ = ["EvalProcess", "GroupLeader", "pump_output"]
@@ -90,7 +91,8 @@ class EvalProcess(GroupLeader):
         on_progress: Callable[[Progress], None] = lambda progress: None,
     ) -> None:
         self.argv = list(argv)
-        self.env = dict(env)
+        # Whoever starts it, an evaluation never gets the worker's credentials.
+        self.env = scrubbed_env(env)
         self.cwd = cwd
         self.log_path = log_path
         self.on_progress = on_progress

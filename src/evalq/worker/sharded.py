@@ -61,9 +61,14 @@ def piece_args(info: JobInfo, piece: Piece, output: Path, *, include_dir: Path) 
     """lmms-eval's flags for one piece: its tasks, and its document range when it has one."""
     request = info.request
     assert request is not None
-    whole = msgspec.structs.replace(request, tasks=piece.tasks)
+    limit = request.limit
     if piece.offset is not None:
-        whole = msgspec.structs.replace(whole, limit=None)
+        limit = None  # its range follows, as its own --offset and --limit
+    elif limit is not None and piece.limit is not None:
+        # The documents the plan counted for its tasks: a fraction of the request, applied to
+        # this piece's tasks alone, would give other counts than the whole run gives them.
+        limit = piece.limit
+    whole = msgspec.structs.replace(request, tasks=piece.tasks, limit=limit)
     args = lmms_eval_args(whole, output_path=output, include_path=include_dir)
     if piece.offset is not None and piece.limit is not None:
         args += [f"--offset={piece.offset}", f"--limit={piece.limit}"]

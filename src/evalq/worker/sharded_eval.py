@@ -108,20 +108,8 @@ def _replay(responses_dir: Path, argv: list[str]) -> int:
     return 0
 
 
-def _leaves(task_dict: dict[str, Any]) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for name, value in task_dict.items():
-        if isinstance(value, dict):
-            found.update(_leaves(value))
-            continue
-        task = value[1] if isinstance(value, tuple) else value
-        if task is not None:
-            found[str(name)] = task
-    return found
-
-
 def _plan(out: Path, argv: list[str]) -> int:
-    from lmms_eval.evaluator_utils import get_sample_size
+    from lmms_eval.evaluator_utils import get_sample_size, get_task_list
     from lmms_eval.tasks import TaskManager, get_task_dict
 
     parser = argparse.ArgumentParser(add_help=False)
@@ -131,14 +119,27 @@ def _plan(out: Path, argv: list[str]) -> int:
     parser.add_argument("--limit", type=float, default=None)
     known, _ = parser.parse_known_args(argv)
     manager = TaskManager("ERROR", include_path=known.include_path, model_name=known.model)
+    # The tasks in the order lmms-eval's own run builds them: its command line sorts the
+    # names it matches, and `get_task_dict` may reorder them again (it reverses them).
+    asked = known.tasks.split(",")
+    names = manager.match_tasks(asked)
+    missing = [name for name in asked if name not in names and "*" not in name]
+    if missing:
+        raise ValueError(f"tasks not found: {', '.join(missing)}")
     counts: dict[str, int] = {}
-    for name, task in _leaves(get_task_dict(known.tasks.split(","), manager)).items():
+    # lmms-eval's `evaluate` replaces its `limit` with each task's count as it builds the
+    # tasks, so a fraction becomes ceil(documents * fraction) of the first task it builds,
+    # and that count is then the limit of every task after it. The pieces must hold exactly
+    # the documents that run asks for, so the same walk counts them here.
+    limit: float | int | None = known.limit
+    for output in get_task_list(get_task_dict(names, manager)):
+        task = output.task
+        if task is None:  # a group's own entry
+            continue
+        limit = get_sample_size(task, limit)
         docs = len(task.eval_docs)
-        limit = known.limit
-        if limit is not None and limit >= 1:
-            limit = int(limit)
-        size = get_sample_size(task, limit)
-        counts[name] = docs if size is None else min(docs, size)
+        # A limit of 0 (a first task with no documents) reads as none at all, as lmms-eval reads it.
+        counts[str(output.task_name)] = min(docs, int(limit)) if limit else docs
     out.write_text(json.dumps(counts))
     print(f"planned: {json.dumps(counts)}")
     return 0

@@ -27,6 +27,7 @@ import msgspec
 
 from ..children import die_with_parent
 from ..schemas import Progress
+from .argv import scrubbed_env
 from .inventory import Inventory
 from .runner import GroupLeader, pump_output
 from .zygote_protocol import (
@@ -84,7 +85,9 @@ class WarmEvaluator:
         python: str = sys.executable,
     ) -> None:
         self.include_path = None if include_path is None else os.fspath(include_path)
-        self.env = dict(env)
+        # Every job and the resident model process are forked from the zygote and inherit its
+        # environment: it must start without the worker's credentials.
+        self.env = scrubbed_env(env)
         self.log_path = log_path
         self.startup_timeout = startup_timeout
         self.python = python
