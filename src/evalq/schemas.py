@@ -247,7 +247,8 @@ PieceStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 
 
 class Piece(_Wire, frozen=True, kw_only=True):
-    """One piece of a sharded job: whole tasks, or one task's documents `[offset, offset+limit)`."""
+    """One piece of a sharded job: whole tasks (`limit`: the most documents any of them runs),
+    or one task's documents `[offset, offset+limit)`."""
 
     index: int
     tasks: list[str]
