@@ -164,6 +164,8 @@ async def test_with_the_shipped_permissions_setup_lowers_it_as_the_gateway_user(
             Workers(worker_settings) as workers,
             AsyncClient(as_user(settings, shipped_server, "submitter")) as client,
         ):
+            # Two, so that a job given up by its worker would start again on the other.
+            await workers.start(evaluator=FAKE)
             await workers.start(evaluator=FAKE)
             accepted = await client.submit(**LONG_JOB)
             await eventually(lambda: running(client, accepted.job_id), timeout=60, what="the job started")
