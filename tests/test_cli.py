@@ -217,6 +217,12 @@ async def test_setup_is_how_queue_settings_change(settings: Settings, nc: Any, t
     assert (await js.consumer_info(topology.work_stream("default"), topology.consumer)).config.ack_wait == 7.0
     code, out, _ = await evalq(settings, "setup", "--ack-wait", "7")
     assert code == 0 and "as configured" in out
+    # Lowering it asks the workers running a job first; with none, there is no one to ask.
+    code, out, err = await evalq(settings, "setup", "--ack-wait", "5")
+    assert code == 0 and "ack_wait changed from 7.0 to 5.0" in out, err
+    assert (await js.consumer_info(topology.work_stream("default"), topology.consumer)).config.ack_wait == 5.0
+    code, out, _ = await evalq(settings, "setup", "--help")
+    assert code == 0 and "--force" in out
 
 
 def free_port() -> int:

@@ -57,6 +57,7 @@ from nats.js.kv import KeyValue
 from . import jetstream
 from .config import Settings
 from .errors import InvalidField
+from .renewal import confirm_lowering
 from .schemas import EvaluateRequest, format_args
 from .topology import Topology
 
@@ -566,11 +567,14 @@ async def apply_setup(
     policy: Mapping[str, object] | None = None,
     reset_policy: bool = False,
     dry_run: bool = False,
+    force: bool = False,
 ) -> list[SetupChange]:
     """Apply the queue settings of `settings` and a policy to each of `pools`; returns what changed.
 
     The queue's objects are created where missing and given these settings where they differ
-    (`Topology.apply`). With `policy` (fields of `PoolPolicy` to set) or `reset_policy`, each
+    (`Topology.apply`). A lower ack_wait is applied only once the pools' workers running a job
+    have confirmed it (`renewal.confirm_lowering`: `renewal.Unconfirmed` otherwise, and nothing
+    is changed; `force` applies it anyway). With `policy` (fields of `PoolPolicy` to set) or `reset_policy`, each
     pool's policy becomes its current one (or the default, with `reset_policy`) with `policy`
     over it, and is written when it differs. With `dry_run`, nothing is written. A policy that
     is not valid raises `ValueError` or `msgspec.ValidationError` before anything is touched.
@@ -580,7 +584,12 @@ async def apply_setup(
     timeout = settings.connection.request_timeout
     js = nc.jetstream(timeout=timeout, domain=settings.connection.js_domain)
     topology = Topology.from_settings(settings)
-    found = await topology.apply(js, pools, dry_run=dry_run)
+
+    async def confirm(lowering: dict[str, float]) -> None:
+        domain = settings.connection.js_domain
+        await confirm_lowering(nc, topology, lowering, timeout=timeout, domain=domain, force=force)
+
+    found = await topology.apply(js, pools, dry_run=dry_run, confirm=confirm)
     done = [SetupChange(object=m.object, setting=m.setting, was=m.current, now=m.wanted) for m in found]
     for pool in pools if changes or reset_policy else ():
         current = await load_policy(js, topology, pool)

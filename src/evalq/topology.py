@@ -7,10 +7,12 @@ test) can share one NATS server without seeing each other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from nats.errors import NoRespondersError
@@ -21,7 +23,7 @@ from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableErr
 from . import jetstream
 from .config import Settings
 
-__all__ = ["Mismatch", "Topology"]
+__all__ = ["LOWERING", "Confirm", "Mismatch", "Topology"]
 
 log = logging.getLogger("evalq.topology")
 
@@ -50,6 +52,16 @@ class Mismatch:
 # itself (created, sealed, ...) are left out.
 _OWNED_STREAM_FIELDS = ("num_replicas", "max_msgs", "max_age", "max_msgs_per_subject", "duplicate_window")
 _OWNED_CONSUMER_FIELDS = ("ack_wait", "max_deliver", "max_ack_pending")
+
+# A key of the work consumer's metadata, there while `evalq setup` lowers the pool's ack_wait:
+# the value it is about to apply. Whoever reads the consumer's ack_wait meanwhile (a worker
+# taking a message, or renewing one) renews for the lower value already, so a worker the
+# announcement missed, or one that takes a message after it, is not left at the old pace.
+LOWERING = "evalq.ack_wait.lowering"
+
+# What `apply` awaits before it lowers ack_wait: pool -> the new value. It raises to stop the
+# change; `renewal.confirm_lowering` asks the pools' workers.
+Confirm = Callable[[dict[str, float]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,10 @@ class Topology:
 
     def event_subject(self, job_id: str, kind: str) -> str:
         return f"{self.prefix}.events.{job_id}.{kind}"
+
+    def ack_wait_subject(self, pool: str) -> str:
+        """`<prefix>.control.ack_wait.<pool>`: core NATS, `evalq setup` to the pool's workers."""
+        return f"{self.prefix}.control.ack_wait.{pool}"
 
     def events_filter(self, job_id: str = "*", kind: str = "*") -> str:
         if job_id == "*" and kind == "*":
@@ -224,17 +240,63 @@ class Topology:
         return found
 
     async def apply(
-        self, js: JetStreamContext, pools: tuple[str, ...], *, dry_run: bool = False, timeout: float = 30.0
+        self,
+        js: JetStreamContext,
+        pools: tuple[str, ...],
+        *,
+        dry_run: bool = False,
+        timeout: float = 30.0,
+        confirm: Confirm | None = None,
     ) -> list[Mismatch]:
         """Bring the queue's objects to this topology's settings (what `evalq setup` does).
 
         Creates what is missing, and returns each owned setting that differed; those are
         updated unless `dry_run`. Nothing is logged: the differences are the caller's answer.
+
+        A higher ack_wait is safe at once. A lower one would have the server redeliver a
+        message whose worker still renews it at the old pace, so the pools it lowers are first
+        marked (`LOWERING`) and `confirm` awaited; if it raises, the marks are taken back and
+        nothing is changed.
         """
         found = await _retrying(time.monotonic() + timeout, lambda: self._ensure_once(js, pools, False))
-        if found and not dry_run:
+        if not found or dry_run:
+            return found
+        lowering: dict[str, float] = {}
+        for pool in pools:
+            highest = max(await _retrying(time.monotonic() + timeout, partial(self._ack_waits, js, pool)))
+            if highest > self.ack_wait and not _same(highest, self.ack_wait):
+                lowering[pool] = self.ack_wait
+        marked: list[str] = []
+        try:
+            for pool in lowering:
+                await _retrying(time.monotonic() + timeout, partial(self.mark_lowering, js, pool, self.ack_wait))
+                marked.append(pool)
+            if lowering and confirm is not None:
+                await confirm(lowering)
+            # The update writes the consumer without the mark: the lower value is in force.
             await _retrying(time.monotonic() + timeout, lambda: self._ensure_once(js, pools, True))
+        except BaseException:
+            for pool in marked:
+                with contextlib.suppress(Exception):
+                    await self.mark_lowering(js, pool, None)
+            raise
         return found
+
+    async def mark_lowering(self, js: JetStreamContext, pool: str, ack_wait: float | None) -> None:
+        """Set (or, with None, take back) the `LOWERING` mark on the pool's work consumer; its
+        other settings are written back as the server has them."""
+        stream = self.work_stream(pool)
+        config = (await js.consumer_info(stream, self.consumer)).config
+        metadata = {key: value for key, value in (config.metadata or {}).items() if key != LOWERING}
+        if ack_wait is not None:
+            metadata[LOWERING] = repr(float(ack_wait))
+        await js.add_consumer(stream, config.evolve(metadata=metadata))
+
+    async def _ack_waits(self, js: JetStreamContext, pool: str) -> list[float]:
+        return [
+            float((await js.consumer_info(stream, self.consumer)).config.ack_wait or self.ack_wait)
+            for stream in (self.work_stream(pool), self.pieces_stream(pool))
+        ]
 
     async def ensure_pool(self, js: JetStreamContext, pool: str, *, timeout: float = 30.0) -> list[Mismatch]:
         """Create one pool's work stream and consumer if missing (a worker's or a gateway's first use)."""
@@ -296,16 +358,23 @@ class Topology:
                 for name in _OWNED_CONSUMER_FIELDS
                 if not _same(getattr(current.config, name), getattr(wanted, name))
             }
-            if differs and update:
-                await js.add_consumer(stream, wanted)  # an update of a durable with the same name
+            if update and (differs or LOWERING in (current.config.metadata or {})):
+                # An update of a durable with the same name; it also drops a mark that a
+                # setup which never finished left behind.
+                await js.add_consumer(stream, wanted)
             elif differs:
                 found += [Mismatch(f"consumer {stream}/{self.consumer}", k, *v) for k, v in differs.items()]
         return found
 
     async def ack_wait_of(self, js: JetStreamContext, pool: str) -> float:
-        """The pool consumer's ack_wait as it is on the server (it may differ from this process's)."""
-        info = await js.consumer_info(self.work_stream(pool), self.consumer)
-        return float(info.config.ack_wait or self.ack_wait)
+        """The ack_wait a worker of `pool` must renew its message for: the consumer's as it is on
+        the server (it may differ from this process's), or the lower one `evalq setup` is about
+        to apply (`LOWERING`)."""
+        config = (await js.consumer_info(self.work_stream(pool), self.consumer)).config
+        found = float(config.ack_wait or self.ack_wait)
+        with contextlib.suppress(ValueError):
+            found = min(found, float((config.metadata or {}).get(LOWERING, "inf")))
+        return found
 
     async def pools(self, js: JetStreamContext) -> list[str]:
         """The pools whose work stream exists, sorted (asks for this prefix's streams only)."""

@@ -21,7 +21,13 @@ __all__ = ["health", "models", "setup", "tasks", "version_skew", "workers"]
 def setup(
     ctx: typer.Context,
     pool: Annotated[list[str], typer.Option(help="A pool to create or update (repeat it); default: `default`.")] = [],  # noqa: B006
-    ack_wait: Annotated[Optional[float], typer.Option(help="Seconds before a silent job is redelivered.")] = None,
+    ack_wait: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Seconds before a silent job is redelivered. A lower value is applied only once every worker "
+            "running a job has confirmed it renews its job at the new pace; otherwise nothing changes."
+        ),
+    ] = None,
     replicas: Annotated[Optional[int], typer.Option(help="JetStream replicas for every stream and bucket.")] = None,
     queue_limit: Annotated[Optional[int], typer.Option(help="Jobs a pool holds.")] = None,
     trust_remote_code: Annotated[
@@ -68,6 +74,13 @@ def setup(
         bool, typer.Option("--reset-policy", help="Policy: start from the default instead of the pool's current one.")
     ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what differs.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Lower ack_wait even if a worker running a job does not confirm it (that job may then run twice).",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create the queue's JetStream objects, or apply these queue settings and pool policies to them.
@@ -78,6 +91,12 @@ def setup(
     The policy options set what requests to each `--pool` may make its workers load and how long
     their jobs may run. A list option replaces the pool's list; options not given keep the pool's
     current values. A pool never set up refuses local paths, hub ids and trust_remote_code.
+
+    Raising `--ack-wait` takes effect at once. Lowering it (a setup whose ack_wait, given or from
+    the settings, is below the consumer's) is first announced to the pool's workers: each renews
+    its job and switches to the new pace, and only when every worker the registry lists as running
+    a job has confirmed (within the request timeout) is the consumer changed. Otherwise nothing
+    changes and the command exits 1, naming the workers and their jobs; `--force` lowers it anyway.
 
     Example: `evalq setup --ack-wait 30 --pool default --pool big`
 
@@ -115,7 +134,9 @@ def setup(
     async def main() -> list[SetupChange]:
         nc = await connect(chosen, name="evalq-setup")
         try:
-            return await apply_setup(nc, chosen, pools, policy=changes, reset_policy=reset_policy, dry_run=dry_run)
+            return await apply_setup(
+                nc, chosen, pools, policy=changes, reset_policy=reset_policy, dry_run=dry_run, force=force
+            )
         finally:
             await nc.close()
 

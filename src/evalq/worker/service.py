@@ -37,6 +37,7 @@ from ..registry import Registry, cannot_run
 from ..schemas import TERMINAL, JobInfo, WorkerInfo, WorkItem, decode, now
 from ..topology import Topology
 from .evaluation import Evaluation, RunningJob
+from .keepalive import KeepAlive
 from .launch import Launcher
 from .registration import Registration
 from .resident import Resident
@@ -92,7 +93,16 @@ class Worker:
         )
         # The consumer's ack_wait as the server has it: the keep-alive follows it, whatever
         # this worker's own setting says.
-        self.ack_wait = settings.queue.ack_wait
+        self.keep_alive = KeepAlive(
+            nc,
+            self.js,
+            self.topology,
+            pool=self.pool,
+            worker_id=self.worker_id,
+            ack_wait=settings.queue.ack_wait,
+            timeout=settings.connection.request_timeout,
+            current_job=self._current_job_id,
+        )
         self.current: RunningJob | None = None
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -102,6 +112,11 @@ class Worker:
     @property
     def info(self) -> WorkerInfo:
         return self.registration.info
+
+    @property
+    def ack_wait(self) -> float:
+        """The ack_wait this worker keeps its message alive for (see `keepalive.py`)."""
+        return self.keep_alive.ack_wait
 
     @property
     def warm(self) -> WarmEvaluator | None:
@@ -115,8 +130,8 @@ class Worker:
 
     async def start(self) -> Worker:
         await self.topology.ensure(self.js, pools=(self.pool,))
-        self.ack_wait = await self.topology.ack_wait_of(self.js, self.pool)
-        if self.ack_wait != self.settings.queue.ack_wait:
+        # Listening before the first fetch: no message is taken that an announcement could miss.
+        if await self.keep_alive.start() != self.settings.queue.ack_wait:
             log.warning(
                 "pool %s: the consumer's ack_wait is %.0f s, this worker's setting %.0f s; keeping jobs alive "
                 "for the consumer's (`evalq setup` changes it)",
@@ -196,6 +211,7 @@ class Worker:
             await self.sub.unsubscribe()
         with contextlib.suppress(Exception):
             await self.pieces.unsubscribe()
+        await self.keep_alive.stop()
         await self.launcher.close()
 
     async def __aenter__(self) -> Worker:
@@ -310,17 +326,11 @@ class Worker:
         """One message, kept alive from the moment it is taken until it is settled: a slow
         step before the start (a leader election) must not get it redelivered to a second
         worker while this one goes on."""
-        settled = asyncio.Event()
-        keep_alive = asyncio.create_task(self._keep_alive(msg, settled))
-        try:
+        async with self.keep_alive.holding(msg):
             if piece:
                 await self.sharded.handle_message(msg)
             else:
                 await self._handle(msg)
-        finally:
-            settled.set()
-            keep_alive.cancel()
-            await asyncio.wait([keep_alive], timeout=10)
 
     async def _handle(self, msg: Msg) -> None:
         """Settle the message at once if there is nothing to run, else run its job."""
@@ -345,8 +355,7 @@ class Worker:
             # A sharded job planned before (its planner died before the ack): queue what waits.
             await self.sharded.queue_pieces(msg, info)
             return
-        with contextlib.suppress(Exception):
-            self.ack_wait = await self.topology.ack_wait_of(self.js, self.pool)
+        # The keep-alive reads the consumer's ack_wait as it takes the message: none here.
         await self.recorder.ensure_queued_event(
             info, bound=min(self.settings.connection.request_timeout, self.ack_wait / 3)
         )
@@ -424,13 +433,3 @@ class Worker:
             await self.sharded.plan(job)
         else:
             await self.evaluation.supervise(job)
-
-    async def _keep_alive(self, msg: Msg, settled: asyncio.Event) -> None:
-        """Restart the message's ack timer until the job is settled, uploads and all."""
-        while not settled.is_set():
-            # Four times per ack_wait: a missed beat or two still does not get it redelivered.
-            await asyncio.sleep(max(0.5, self.ack_wait / 4))
-            try:
-                await msg.in_progress()
-            except Exception as exc:
-                log.warning("in_progress failed: %s", exc)
