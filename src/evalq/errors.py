@@ -20,6 +20,7 @@
     │                           answers, or the queue's JetStream objects are missing
     ├── AmbiguousJobId          a short job id that starts more than one job's id; lists them
     ├── Conflict                a compare-and-set on a job's record kept losing the race (409 at the gateway)
+    ├── Unconfirmed             evalq setup: workers running a job did not confirm a lower ack_wait; nothing changed
     ├── JobFailed               wait_for_job: the job ended ``failed``
     └── JobCancelled            wait_for_job: the job ended ``cancelled``
 
@@ -52,6 +53,7 @@ __all__ = [
     "Timeout",
     "TooLarge",
     "Unavailable",
+    "Unconfirmed",
     "WrongState",
 ]
 
@@ -174,3 +176,7 @@ class JobCancelled(EvalqError):
         self.job_id = job_id
         self.reason = reason
         self.info = info
+
+
+class Unconfirmed(EvalqError):
+    """Workers running a job did not confirm a lower ack_wait in time: nothing was changed."""

@@ -16,49 +16,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import TypeVar
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from .errors import EvalqError
+from .errors import Unconfirmed
 from .registry import Registry
-from .schemas import WorkerInfo
+from .schemas import Announcement, Confirmation, WorkerInfo, decode
 from .topology import Topology
 
-__all__ = ["Announcement", "Confirmation", "Unconfirmed", "confirm_lowering", "read"]
+__all__ = ["confirm_lowering"]
 
 log = logging.getLogger("evalq.renewal")
-
-T = TypeVar("T")
-
-
-class Announcement(msgspec.Struct, frozen=True, kw_only=True):
-    """From `evalq setup` to a pool's workers: the ack_wait it is about to apply."""
-
-    pool: str
-    ack_wait: float
-
-
-class Confirmation(msgspec.Struct, frozen=True, kw_only=True):
-    """A worker's answer, sent once it has renewed its message and renews for `ack_wait`."""
-
-    worker_id: str
-    ack_wait: float
-    # A message in hand (a job's, or a piece's, from the moment it is taken), and its job.
-    holding: bool = False
-    job_id: str | None = None
-
-
-class Unconfirmed(EvalqError):
-    """Workers running a job did not confirm a lower ack_wait in time: nothing was changed."""
-
-
-def read(data: bytes, kind: type[T]) -> T:
-    """Decode an announcement or a confirmation; raises ValueError (msgspec's errors included)."""
-    # Checked as UTF-8 before msgspec sees it, as schemas.decode does for its types.
-    return msgspec.json.decode(bytes(data).decode("utf-8"), type=kind)
 
 
 async def confirm_lowering(
@@ -97,7 +67,7 @@ async def confirm_lowering(
 
     async def on_answer(msg: Msg) -> None:
         try:
-            answer = read(msg.data, Confirmation)
+            answer = decode(msg.data, Confirmation)
         except ValueError as exc:
             log.warning("an unreadable confirmation: %s", exc)
             return

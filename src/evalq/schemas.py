@@ -21,9 +21,11 @@ __all__ = [
     "JOB_ID",
     "SECRET_KEY",
     "TERMINAL",
+    "Announcement",
     "CancelReply",
     "Cancelled",
     "Completed",
+    "Confirmation",
     "EvaluateRequest",
     "Event",
     "Failed",
@@ -364,6 +366,24 @@ class WorkerInfo(_Wire, frozen=True, kw_only=True):
     ttl: float | None = None
 
 
+class Announcement(_Wire, frozen=True, kw_only=True):
+    """From `evalq setup` to a pool's workers (`<prefix>.control.ack_wait.<pool>`): the lower
+    ack_wait it is about to apply."""
+
+    pool: str
+    ack_wait: float
+
+
+class Confirmation(_Wire, frozen=True, kw_only=True):
+    """A worker's answer, sent once it has renewed its message and renews for `ack_wait`."""
+
+    worker_id: str
+    ack_wait: float
+    # A message in hand (a job's, or a piece's, from the moment it is taken), and its job.
+    holding: bool = False
+    job_id: str | None = None
+
+
 class QueueStatus(_Wire, frozen=True, kw_only=True):
     queue_size: int
     queued_jobs: dict[str, list[str]]
@@ -558,6 +578,8 @@ _decoders: dict[Any, msgspec.json.Decoder[Any]] = {
         JobInfo,
         CancelReply,
         WorkerInfo,
+        Announcement,
+        Confirmation,
         QueueStatus,
         Health,
         TasksReply,

@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from ..renewal import Announcement, Confirmation, read
+from ..schemas import Announcement, Confirmation, decode
 from ..topology import Topology
 
 __all__ = ["KeepAlive"]
@@ -128,7 +128,7 @@ class KeepAlive:
 
     async def _on_announcement(self, msg: Msg) -> None:
         try:
-            change = read(msg.data, Announcement)
+            change = decode(msg.data, Announcement)
         except ValueError as exc:
             log.warning("an unreadable ack_wait announcement: %s", exc)
             return
