@@ -24,6 +24,7 @@ from evalq.topology import Topology
 from .conftest import Processes
 from .events import all_events, follow, kinds
 from .jobs import FAKE, JOB
+from .waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +36,12 @@ async def test_workers_with_other_settings_and_a_gateway_on_defaults_change_noth
     # own 30 s / 3) and list itself every 4 s: both must follow what the queue says instead.
     slow_beat = await worker_factory(evaluator=FAKE, heartbeat=4.0, ack_wait=30.0)
     accepted = await client.submit(**{**JOB, "limit": 240})  # about 12 s in the stand-in
-    deadline = time.monotonic() + 60
-    while (await client.get_job(accepted.job_id)).status != "running":
-        assert time.monotonic() < deadline, "the job never started"
-        await asyncio.sleep(0.1)
+    started = time.monotonic()
+
+    async def running() -> bool:
+        return (await client.get_job(accepted.job_id)).status == "running"
+
+    await eventually(running, timeout=60, what="the job to start")
 
     # Then a worker with a 1 s heartbeat and a gateway on every default start beside it.
     fast_beat = await worker_factory(evaluator=FAKE, heartbeat=1.0, ack_wait=5.0)
@@ -52,8 +55,9 @@ async def test_workers_with_other_settings_and_a_gateway_on_defaults_change_noth
     seen: list[set[str]] = []
     try:
         async with Gateway(gateway_nc, defaults):
-            while (await client.get_job(accepted.job_id)).status == "running":
-                assert time.monotonic() < deadline, "the job never finished"
+            # A sample each 0.25 s while it runs: every one is checked, so this stays a loop.
+            while await running():
+                assert time.monotonic() < started + 60, "the job never finished"
                 # Health comes from a gateway's registry, which follows the bucket: a request
                 # that times out is a failure, never a sample to skip.
                 seen.append({w.worker_id for w in (await client.health()).workers})
@@ -120,20 +124,22 @@ async def test_a_killed_workers_job_restarts_elsewhere_within_20_s(
 async def test_a_worker_is_listed_only_with_its_inventory(client: AsyncClient, worker_factory: Any) -> None:
     """`health` never shows a worker whose tasks are unknown, so `tasks` never answers [] beside it."""
     handle = await worker_factory(advertise_inventory=True)
-    deadline = time.monotonic() + 240  # the warm evaluator's imports, on 2 shared cores
     looks = 0
-    while True:
-        assert time.monotonic() < deadline, "the worker never listed itself"
+
+    async def listed() -> list[Any]:
+        nonlocal looks
         workers = (await client.health()).workers
         tasks = await client.list_tasks()
         looks += 1
-        if workers:
-            assert [w.worker_id for w in workers] == [handle.worker.worker_id]
-            assert workers[0].tasks and "evalq_demo" in workers[0].tasks
-            assert "evalq_demo" in tasks and "dummy" in await client.list_models()
-            break
-        assert tasks == [], "tasks came from a worker that health does not show"
-        await asyncio.sleep(0.2)
+        # Every look is checked: until health shows the worker, tasks must say nothing.
+        assert workers or tasks == [], "tasks came from a worker that health does not show"
+        return workers
+
+    # The warm evaluator's imports, on 2 shared cores.
+    workers = await eventually(listed, timeout=240, interval=0.2, what="the worker listed with its inventory")
+    assert [w.worker_id for w in workers] == [handle.worker.worker_id]
+    assert workers[0].tasks and "evalq_demo" in workers[0].tasks
+    assert "evalq_demo" in await client.list_tasks() and "dummy" in await client.list_models()
     assert looks > 1, "listed before its inventory could have been taken"
     # A job for a task no worker lists is refused once one is listed.
     with pytest.raises(InvalidField, match="unknown task"):
