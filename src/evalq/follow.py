@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Self
 
+from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
 __all__ = ["Follower"]
@@ -29,8 +30,10 @@ class Follower:
 
     what = "a bucket"
 
-    def __init__(self, kv: KeyValue, *, retry: float = 1.0) -> None:
+    def __init__(self, kv: KeyValue, *, nc: Client | None = None, retry: float = 1.0) -> None:
         self.kv = kv
+        # The connection whose reconnects restart the watch (none: only a failed watch does).
+        self.nc = nc
         self.retry = retry
         self.loaded = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -64,10 +67,28 @@ class Follower:
 
     async def _run(self) -> None:
         while True:
+            reconnects = self._reconnects()
+            following = asyncio.create_task(self.follow())
             try:
-                await self.follow()
-            except asyncio.CancelledError:
-                raise
+                while not following.done() and self._reconnects() == reconnects:
+                    await asyncio.wait([following], timeout=_RECONNECT_CHECK)
+                if following.done():
+                    following.result()  # what stopped the watch
+                else:
+                    # The server may have restarted, and the consumer behind the watch with it:
+                    # the watch would sit silent until the client noticed. Load afresh now.
+                    log.info("%s: reconnected to NATS; loading the bucket again", self.what)
             except Exception as exc:
                 log.warning("%s: the watch of the bucket stopped (%s); reloading", self.what, exc)
+            finally:
+                if not following.done():
+                    following.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await following
             await asyncio.sleep(self.retry)
+
+    def _reconnects(self) -> int:
+        return int(self.nc.stats["reconnects"]) if self.nc is not None else 0
+
+
+_RECONNECT_CHECK = 1.0

@@ -16,6 +16,7 @@ import logging
 import time
 from datetime import UTC, datetime
 
+from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
 from .errors import InvalidField, Unavailable
@@ -117,8 +118,8 @@ class Registry(Follower):
 
     what = "worker registry"
 
-    def __init__(self, kv: KeyValue, *, retry: float = 1.0) -> None:
-        super().__init__(kv, retry=retry)
+    def __init__(self, kv: KeyValue, *, nc: Client | None = None, retry: float = 1.0) -> None:
+        super().__init__(kv, nc=nc, retry=retry)
         self._view = _View()
 
     @classmethod

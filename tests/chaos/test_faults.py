@@ -228,8 +228,13 @@ async def test_nats_restart_while_lmms_eval_runs(own_server: EmbeddedServer, own
                 assert not process._running() and worker.resident is not None and worker.resident.alive
             else:
                 assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-            workers = (await client.health()).workers
-            assert workers and workers[0].worker_id == worker.worker_id
+
+            # Its entry expired in the outage; its next heartbeat lists it again.
+            async def listed() -> list[str]:
+                return [w.worker_id for w in (await client.health()).workers]
+
+            workers = await eventually(listed, timeout=10 * settings.worker.heartbeat, what="the worker listed again")
+            assert workers == [worker.worker_id]
         figure(
             "nats-server stopped 10 s mid-job",
             jobs=1,

@@ -21,6 +21,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any
 
 import msgspec
+from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
 from ..errors import InvalidField, Unavailable
@@ -329,8 +330,8 @@ class History(Follower):
 
     what = "job history"
 
-    def __init__(self, kv: KeyValue, *, retry: float = 1.0) -> None:
-        super().__init__(kv, retry=retry)
+    def __init__(self, kv: KeyValue, *, nc: Client | None = None, retry: float = 1.0) -> None:
+        super().__init__(kv, nc=nc, retry=retry)
         self.index = JobIndex()
         self.read = 0  # records read by the load under way
         self.pending: int | None = None  # records it has still to read, as last reported

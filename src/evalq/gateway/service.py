@@ -169,12 +169,12 @@ class Gateway:
         self.recorder = Recorder(self.jobs, self.events)
         self.idempotency = await self.js.key_value(self.topology.idempotency_bucket)
         # Followed by a watch; the bucket is small, so it is loaded before serving starts.
-        self.registry = await Registry(await self.js.key_value(self.topology.workers_bucket)).start(
+        self.registry = await Registry(await self.js.key_value(self.topology.workers_bucket), nc=self.nc).start(
             self.settings.connection.request_timeout
         )
         self.policies = Policies(await self.js.key_value(self.topology.pools_bucket))
         # Loads in the background past a second: a long history must not hold up serving.
-        self.history = await History(self.jobs.kv).start(wait=1.0)
+        self.history = await History(self.jobs.kv, nc=self.nc).start(wait=1.0)
         self._pools = set(await self.topology.pools(self.js))
         group = self.topology.service_name
         self._service = await add_service(
