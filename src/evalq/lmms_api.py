@@ -126,7 +126,9 @@ def lmms_job(info: JobInfo, base_url: str) -> dict[str, Any]:
     return body
 
 
-def lmms_eval_routes(client: AsyncClient) -> list[BaseRoute]:
+def lmms_eval_routes(client: AsyncClient, base_url: str) -> list[BaseRoute]:
+    """The routes; result URLs are built on `base_url` (the configured public URL), never on the
+    request's Host, which whoever sends the request chooses."""
     from starlette.responses import StreamingResponse
     from starlette.routing import Route
 
@@ -186,7 +188,7 @@ def lmms_eval_routes(client: AsyncClient) -> list[BaseRoute]:
             info = await client.get_job(job_id)
         except EvalqError as exc:
             return _refusal(exc, job_id)
-        return _json(lmms_job(info, str(request.base_url)))
+        return _json(lmms_job(info, base_url))
 
     async def cancel_job(request: Request) -> Response:
         job_id = request.path_params["job_id"]
