@@ -4,12 +4,16 @@ Each test runs the real web process (`WebServer`, the shipped loopback configura
 token, the lmms-eval API and the dashboard's cancel on) on a random loopback port in front of a
 gateway on this test's own prefix, and speaks HTTP to it over TCP with httpx, sending the headers
 a browser sends for the attack: an HTML form's or a `no-cors` fetch's body types and `Origin`
-(cross-site submission) and a `Host` naming another site (DNS rebinding).
+(cross-site submission), a `Host` naming another site (DNS rebinding), and hostile bodies and
+header values (which must get a 4xx, never a 5xx, and the refusals the NATS subject gives).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -189,3 +193,205 @@ async def test_result_urls_come_from_the_configuration_never_from_the_host(
         assert reply.status_code == 200, reply.text
         results = reply.json()["result"]["dummy"]["results"]
         assert results == f"https://evalq.example/queue/jobs/{job_id}/files/results.json"
+
+
+# --- hostile input -------------------------------------------------------------------------------
+
+
+def _body(**fields: Any) -> bytes:
+    return json.dumps({"model": "dummy", "tasks": [TASK], **fields}).encode()
+
+
+HOSTILE_BODIES = {
+    "limit NaN": _body()[:-1] + b', "limit": NaN}',
+    "limit Infinity": _body()[:-1] + b', "limit": Infinity}',
+    "limit -Infinity": _body()[:-1] + b', "limit": -Infinity}',
+    "limit 1e999": _body()[:-1] + b', "limit": 1e999}',
+    "timeout 1e999": _body()[:-1] + b', "timeout": 1e999}',
+    "model_args 1e999": _body()[:-1] + b', "model_args": {"x": 1e999}}',
+    "lone surrogate": b'{"model": "\\ud800", "tasks": ["fake"]}',
+    "lone surrogate in a label": _body()[:-1] + b', "labels": {"a": "\\udfff"}}',
+    "100,000-deep nesting": b'{"model": "dummy", "tasks": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "100,000-deep top level": b"[" * 100_000 + b"]" * 100_000,
+    "deep unknown field": b'{"zz": ' + b"{" * 50_000 + b"}" * 50_000 + b"}",
+    "invalid UTF-8": b'{"model": "\xff\xfe", "tasks": ["fake"]}',
+    "a null where lmms-eval has no Optional": _body(num_gpus=None),
+    "a null evalq field": _body(pool=None),
+    "top-level array": b"[]",
+    "top-level null": b"null",
+    "empty": b"",
+    "huge int": _body()[:-1] + b', "num_fewshot": ' + b"9" * 5000 + b"}",
+    "valid": _body(),
+    "valid with Optional nulls": _body(limit=None, model_args=None, device=None),
+}
+
+
+def _mutations(count: int, seed: int = 21) -> dict[str, bytes]:
+    """Valid bodies with a few bytes changed: JSON's own tokens, non-finite numbers, broken text."""
+    rng = random.Random(seed)
+    bases = [_body(), _body(limit=0.5, labels={"run": "a"}, model_args={"x": 1.5}), _body(timeout=60, num_fewshot=2)]
+    tokens = [b"NaN", b"Infinity", b"1e999", b"-0", b"null", b'"\\ud800"', b"[", b"]", b"{", b"}", b",", b'"', b"\xff"]
+    found = {}
+    for index in range(count):
+        data = bytearray(rng.choice(bases))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(data))
+            if rng.random() < 0.7:
+                data[at:at] = rng.choice(tokens)
+            else:
+                del data[at : at + rng.randint(1, 4)]
+        found[f"mutation {index}"] = bytes(data)
+    return found
+
+
+async def _nats_code(client: AsyncClient, body: bytes) -> int:
+    subject = f"{client.settings.queue.prefix}.submit"
+    reply = await client.nc.request(subject, body, headers={"Idempotency-Key": str(uuid.uuid4())}, timeout=30)
+    return int((reply.headers or {}).get("Nats-Service-Error-Code", 200))
+
+
+async def test_the_http_api_refuses_exactly_what_the_nats_subject_refuses(
+    http: httpx.AsyncClient, client: AsyncClient
+) -> None:
+    differ = []
+    accepted = 0
+    for name, body in {**HOSTILE_BODIES, **_mutations(150)}.items():
+        reply = await http.post("/evaluate", content=body, headers=JSON)
+        nats = await _nats_code(client, body)
+        assert reply.status_code < 500, (name, reply.status_code, reply.text)
+        if (reply.status_code == 200) != (nats == 200):
+            differ.append((name, body[:80], reply.status_code, nats))
+        if reply.status_code == 200:
+            accepted += 1
+            continue
+        # lmms-eval's shape for a bad body: FastAPI's list of errors, each with its location.
+        detail = reply.json()["detail"]
+        assert reply.status_code == 422 and isinstance(detail, list), (name, reply.text)
+        assert detail[0]["loc"][0] == "body" and detail[0]["msg"] and detail[0]["type"], (name, detail)
+    assert differ == []
+    assert accepted >= 2  # the valid bodies (some mutations may stay valid)
+    # Every accepted job is queued once by each path, and nothing refused was.
+    assert await queued(client) == 2 * accepted
+
+
+async def test_a_bad_body_names_its_place_as_lmms_eval_does(http: httpx.AsyncClient) -> None:
+    nan = await http.post("/evaluate", content=HOSTILE_BODIES["limit NaN"], headers=JSON)
+    assert nan.status_code == 422 and nan.json()["detail"][0]["type"] == "json_invalid"
+    assert nan.json()["detail"][0]["loc"] == ["body", HOSTILE_BODIES["limit NaN"].index(b"NaN")]
+    huge = await http.post("/evaluate", content=HOSTILE_BODIES["timeout 1e999"], headers=JSON)
+    assert huge.status_code == 422 and huge.json()["detail"][0]["loc"] == ["body", "timeout"]
+    null = await http.post("/evaluate", content=HOSTILE_BODIES["a null evalq field"], headers=JSON)
+    assert null.status_code == 422 and null.json()["detail"][0]["loc"] == ["body", "pool"]
+    array = await http.post("/evaluate", content=b"[]", headers=JSON)
+    assert array.status_code == 422 and array.json()["detail"][0]["type"] == "model_attributes_type"
+
+
+async def _stream_status(http: httpx.AsyncClient, path: str, headers: dict[str, Any]) -> tuple[int, bytes]:
+    """The status of a request whose answer may be an endless event stream, and its first bytes."""
+    async with http.stream("GET", path, headers=headers) as reply:
+        first = b""
+        async for chunk in reply.aiter_bytes():
+            first = chunk
+            break
+        return reply.status_code, first
+
+
+async def test_a_last_event_id_that_is_not_an_event_number_is_refused(
+    http: httpx.AsyncClient, client: AsyncClient
+) -> None:
+    job_id = (await client.submit(model="dummy", tasks=[TASK])).job_id
+    for seen in ("²".encode("latin-1"), b"9" * 5000, b"-1", b"1.0", b"1 2"):
+        reply = await http.get(f"/api/stream?job={job_id}", headers={"Last-Event-ID": seen})
+        assert reply.status_code == 400 and "Last-Event-ID" in reply.json()["detail"], (seen, reply.text)
+    # A reconnecting EventSource's own value still picks up where it left off.
+    async with http.stream("GET", f"/api/stream?job={job_id}", headers={"Last-Event-ID": "0"}) as reply:
+        assert reply.status_code == 200
+        async with asyncio.timeout(10):
+            async for line in reply.aiter_lines():
+                if line.startswith("id: "):
+                    assert line == "id: 1"
+                    break
+
+
+async def test_streams_left_at_once_leave_the_web_process_answering(
+    http: httpx.AsyncClient, client: AsyncClient
+) -> None:
+    """Any page can open an EventSource to this port and close it at once, over and over."""
+    job_id = (await client.submit(model="dummy", tasks=[TASK])).job_id
+    for _ in range(40):
+        for path in (f"/api/stream?job={job_id}", "/api/stream"):
+            status, first = await _stream_status(http, path, {})
+            assert status == 200 and first.startswith(b"event: hello")
+    async with httpx.AsyncClient(base_url=str(http.base_url), timeout=5) as quick:
+        assert (await quick.get("/api/queue")).status_code == 200
+        assert (await quick.get(f"/api/jobs/{job_id}")).json()["job"]["job_id"] == job_id
+
+
+HEADER_VALUES: list[bytes] = [
+    "²".encode("latin-1"),
+    b"9" * 5000,
+    b"-1",
+    b"",
+    b"\x80\xff",
+    b"null",
+    b"1e999",
+    b"text/html, application/json;q=0.9, */*;q=\xff",
+    b"%00",
+    b'"\\ud800"',
+]
+HEADERS = ["Last-Event-ID", "Idempotency-Key", "Content-Type", "Origin", "Sec-Fetch-Site", "Accept", "Host"]
+ROUTES = [
+    ("GET", "/"),
+    ("GET", "/health"),
+    ("GET", "/queue"),
+    ("GET", "/tasks"),
+    ("GET", "/jobs/{id}"),
+    ("GET", "/jobs/{id}/files/results.json"),
+    ("GET", "/api/queue"),
+    ("GET", "/api/jobs"),
+    ("GET", "/api/jobs/{id}"),
+    ("GET", "/api/jobs/{id}/log"),
+    ("GET", "/api/jobs/{id}/samples"),
+    ("GET", "/api/compare?jobs={id}"),
+    ("GET", "/api/stream?job={id}"),
+    ("POST", "/evaluate"),
+    ("DELETE", "/jobs/{id}"),
+    ("POST", "/api/jobs/{id}/cancel"),
+]
+
+
+async def test_no_header_value_on_any_route_gets_a_5xx(
+    settings: Settings, http: httpx.AsyncClient, client: AsyncClient
+) -> None:
+    job_id = (await client.submit(model="dummy", tasks=[TASK])).job_id
+    failures = []
+    for method, path in ROUTES:
+        for header in HEADERS:
+            for value in HEADER_VALUES:
+                headers = {header: value, "X-Evalq-Ui": b"1"}
+                target = path.format(id=job_id)
+                if method == "GET":
+                    code, _ = await _stream_status(http, target, headers)
+                else:
+                    body = BODY if path == "/evaluate" else b""
+                    reply = await http.request(method, target, content=body, headers={**JSON, **headers})
+                    code = reply.status_code
+                if code >= 500:
+                    failures.append((method, path, header, value[:20], code))
+    # A query string the dashboard's routes parse, in the same spirit.
+    for query in ("lines=²", "lines=" + "9" * 5000, "offset=-1", "limit=1e999", "file=../../x", "status=²", "pool=%00"):
+        for route in ("/api/jobs/{id}/log", "/api/jobs/{id}/samples", "/api/jobs"):
+            code, _ = await _stream_status(http, f"{route.format(id=job_id)}?{query}", {})
+            if code >= 500:
+                failures.append(("GET", route, "query", query[:20], code))
+    # The token's check, with a token set.
+    async with (
+        WebServer(settings.with_(ui_port=0, ui_token="t0ken"), client) as gated,
+        httpx.AsyncClient(base_url=gated.url, timeout=30) as session,
+    ):
+        for value in HEADER_VALUES:
+            for scheme in (b"Basic ", b"Bearer ", b""):
+                reply = await session.get("/api/queue", headers={"Authorization": (scheme + value).strip()})
+                if reply.status_code != 401:
+                    failures.append(("GET", "/api/queue", "Authorization", (scheme + value)[:20], reply.status_code))
+    assert failures == []
