@@ -171,13 +171,19 @@ async def test_the_names_of_a_loopback_bind_and_the_configured_ones_are_answered
     assert got == {**{host: 200 for host in answered}, **{host: 400 for host in refused}}
 
 
-async def test_result_urls_come_from_the_configuration_never_from_the_host(
-    settings: Settings, client: AsyncClient, worker_factory: Any
-) -> None:
+@pytest.fixture
+async def completed(client: AsyncClient, worker_factory: Any) -> str:
+    """A completed job with results and samples, by the stand-in evaluator."""
     await worker_factory(evaluator=FAKE)
     job_id = (await client.submit(model="dummy", tasks=[TASK], limit=2, model_args="samples=2")).job_id
     assert (await client.wait_for_job(job_id, timeout=60)).status == "completed"
+    return job_id
 
+
+async def test_result_urls_come_from_the_configuration_never_from_the_host(
+    settings: Settings, client: AsyncClient, completed: str
+) -> None:
+    job_id = completed
     async with WebServer(settings.with_(ui_port=0, lmms_eval_api=True), client) as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             reply = await http.get(f"/jobs/{job_id}", headers={"Host": f"localhost:{port_of(server)}"})
@@ -193,6 +199,25 @@ async def test_result_urls_come_from_the_configuration_never_from_the_host(
         assert reply.status_code == 200, reply.text
         results = reply.json()["result"]["dummy"]["results"]
         assert results == f"https://evalq.example/queue/jobs/{job_id}/files/results.json"
+
+
+async def test_the_lmms_eval_apis_files_are_downloads_as_the_dashboards_are(
+    http: httpx.AsyncClient, client: AsyncClient, completed: str
+) -> None:
+    """A job's output (a model's text, an HTML report) must never render as a page of this origin."""
+    info = await client.get_job(completed)
+    names = [name.split("/", 1)[1] for name in info.result.artifacts] if info.result else []
+    assert "results.json" in names and any(name.endswith(".jsonl") for name in names)
+    for name in names:
+        api = await http.get(f"/jobs/{completed}/files/{name}")
+        dashboard = await http.get(f"/api/jobs/{completed}/files/{name}")
+        assert api.status_code == dashboard.status_code == 200 and api.content == dashboard.content
+        for header in ("content-type", "content-disposition", "x-content-type-options", "content-security-policy"):
+            assert api.headers.get(header) == dashboard.headers.get(header), (name, header)
+        assert api.headers["content-type"] == "application/octet-stream"
+        assert api.headers["content-disposition"].startswith("attachment; filename=")
+        assert api.headers["x-content-type-options"] == "nosniff"
+        assert "sandbox" in api.headers["content-security-policy"]
 
 
 # --- hostile input -------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from . import jetstream
 from .errors import AmbiguousJobId, EvalqError, JobNotFound, RequestError, WrongState
 from .schemas import TERMINAL, JobInfo, JobSummary, encode
 from .text import strip_ansi
+from .webguard import artifact_response
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -384,16 +385,7 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
             return refusal(exc)
         if artifact is None:
             return _error("no such artifact", 404)
-        filename = re.sub(r"[^A-Za-z0-9_.\-]", "_", artifact.name.rsplit("/", 1)[-1]) or "artifact"
-        # Served as an attachment of no known type: an artifact holds the job's own output, and
-        # a browser must never render it as a page of this origin.
-        headers = {
-            "Content-Disposition": f'attachment; filename="{filename}"',
-            "Content-Length": str(artifact.size),
-            "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "default-src 'none'; sandbox",
-        }
-        return StreamingResponse(artifact.chunks(), media_type="application/octet-stream", headers=headers)
+        return artifact_response(artifact)
 
     async def read_samples(job_id: str, name: str) -> list[dict[str, Any]] | None:
         key = (job_id, name)

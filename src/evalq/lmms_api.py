@@ -18,6 +18,7 @@ import msgspec
 
 from .errors import ConnectError, EvalqError, InvalidField, JobNotFound, RequestError, Timeout, WrongState
 from .schemas import JOB_ID, EvaluateRequest, JobInfo, decode, error_path, format_args
+from .webguard import artifact_response
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -31,7 +32,6 @@ __all__ = ["body_location", "lmms_eval_routes", "lmms_job"]
 _STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 _FIELD_NAMED = re.compile(r"(missing required field|unknown field) `([^`]+)`")
 _BYTE = re.compile(r"\(byte (\d+)\)")
-_MEDIA = {".json": "application/json", ".jsonl": "application/x-ndjson", ".log": "text/plain; charset=utf-8"}
 
 
 def body_location(path: str | None, message: str = "") -> list[str | int]:
@@ -146,7 +146,6 @@ def lmms_job(info: JobInfo, base_url: str) -> dict[str, Any]:
 def lmms_eval_routes(client: AsyncClient, base_url: str) -> list[BaseRoute]:
     """The routes; result URLs are built on `base_url` (the configured public URL), never on the
     request's Host, which whoever sends the request chooses."""
-    from starlette.responses import StreamingResponse
     from starlette.routing import Route
 
     async def health(request: Request) -> Response:
@@ -229,12 +228,7 @@ def lmms_eval_routes(client: AsyncClient, base_url: str) -> list[BaseRoute]:
             return _refusal(exc, job_id)
         if artifact is None:
             return missing
-        suffix = name[name.rfind(".") :] if "." in name else ""
-        return StreamingResponse(
-            artifact.chunks(),
-            media_type=_MEDIA.get(suffix, "application/octet-stream"),
-            headers={"Content-Length": str(artifact.size)},
-        )
+        return artifact_response(artifact)
 
     async def queue(request: Request) -> Response:
         try:

@@ -1,4 +1,5 @@
-"""The web process's defences against web pages elsewhere: what it refuses before any route runs.
+"""The web process's defences against web pages elsewhere: what it refuses before any route runs,
+and how it sends what a browser must never render (`artifact_response`).
 
 A page on any site can make its visitor's browser send requests to this process's port, and on
 loopback no token stands in the way (`web.py`'s auth rule: whoever reaches the port is on the
@@ -35,11 +36,13 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
     from .config import UiSettings
+    from .publisher import Artifact
 
 __all__ = [
     "Hosts",
     "RequestGuard",
     "allowed_hosts",
+    "artifact_response",
     "configured_hosts",
     "is_loopback",
     "public_url",
@@ -224,3 +227,21 @@ class RequestGuard:
 
 def _is_json(content_type: str) -> bool:
     return content_type.split(";", 1)[0].strip().lower() == "application/json"
+
+
+def artifact_response(artifact: Artifact) -> Response:
+    """One artifact of a job, streamed as read, as a download of no known type.
+
+    An artifact holds the job's own output (a model's text, an HTML report): a browser must
+    never render it as a page of this origin, where its script could read the queue.
+    """
+    from starlette.responses import StreamingResponse
+
+    filename = re.sub(r"[^A-Za-z0-9_.\-]", "_", artifact.name.rsplit("/", 1)[-1]) or "artifact"
+    headers = {
+        "Content-Disposition": f'attachment; filename="{filename}"',
+        "Content-Length": str(artifact.size),
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; sandbox",
+    }
+    return StreamingResponse(artifact.chunks(), media_type="application/octet-stream", headers=headers)
