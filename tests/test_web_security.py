@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,8 +23,9 @@ import pytest
 from lmms_eval.entrypoints.client import AsyncEvalClient
 
 from evalq import AsyncClient
-from evalq.config import Settings
+from evalq.config import Settings, UiSettings
 from evalq.web import WebServer
+from evalq.webguard import allowed_hosts, public_url
 
 from .jobs import FAKE
 
@@ -169,6 +171,51 @@ async def test_the_names_of_a_loopback_bind_and_the_configured_ones_are_answered
         ]
         got = {host: (await http.get("/api/queue", headers={"Host": host})).status_code for host in answered + refused}
     assert got == {**{host: 200 for host in answered}, **{host: 400 for host in refused}}
+
+
+@pytest.mark.parametrize(
+    ("bind", "answered", "refused"),
+    [
+        ("::1", ["[::1]:8642", "localhost:8642", "127.0.0.1:8642"], ["[::1]:8643", "evil.example:8642"]),
+        ("127.0.0.1", ["127.0.0.1:8642"], ["127.0.0.2:8642", "0.0.0.0:8642"]),
+        ("10.0.0.5", ["10.0.0.5:8642"], ["localhost:8642", "127.0.0.1:8642", "10.0.0.6:8642"]),
+        # Bound to every address: any address literal (no DNS answer rebinds one) and the machine's name.
+        (
+            "0.0.0.0",
+            ["10.1.2.3:8642", "10.1.2.3:9000", "[fe80::1]:8642", f"{socket.gethostname()}:8642"],
+            ["evil.example:8642"],
+        ),
+    ],
+)
+def test_the_host_names_each_bind_answers(bind: str, answered: list[str], refused: list[str]) -> None:
+    hosts = allowed_hosts(UiSettings(ui_host=bind, ui_port=8642))
+    assert {host: hosts.admit(host) for host in answered + refused} == {
+        **{host: True for host in answered},
+        **{host: False for host in refused},
+    }
+    port80 = allowed_hosts(UiSettings(ui_host=bind, ui_port=80))
+    assert port80.admit(answered[0].rsplit(":", 1)[0]) and port80.admit(answered[0].rsplit(":", 1)[0] + ":80")
+
+
+def test_the_default_public_url_is_the_bind_address() -> None:
+    assert public_url(UiSettings(ui_port=8642)) == "http://127.0.0.1:8642"
+    assert public_url(UiSettings(ui_host="::1", ui_port=8642)) == "http://[::1]:8642"
+    assert (
+        public_url(UiSettings(ui_host="0.0.0.0", ui_port=8642, ui_token="t")) == f"http://{socket.gethostname()}:8642"
+    )
+    assert public_url(UiSettings(ui_public_url="https://evalq.example/q/")) == "https://evalq.example/q"
+
+
+async def test_behind_a_proxy_that_rewrites_host_the_public_origin_may_write(
+    settings: Settings, client: AsyncClient
+) -> None:
+    proxied = settings.with_(ui_port=0, lmms_eval_api=True, ui_public_url="https://evalq.example")
+    async with WebServer(proxied, client) as server, httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        ours = await http.post("/evaluate", content=BODY, headers={**JSON, "Origin": "https://evalq.example"})
+        assert ours.status_code == 200, ours.text
+        theirs = await http.post("/evaluate", content=BODY, headers={**JSON, "Origin": "https://evil.example"})
+        assert theirs.status_code == 403
+    assert await queued(client) == 1
 
 
 @pytest.fixture
