@@ -225,3 +225,40 @@ async def test_read_only_unless_cancel_is_allowed(settings: Settings, client: As
         assert (await client.get_job(accepted.job_id)).status == "queued"
         reply = await http.post(cancel, headers={"X-Evalq-Ui": "1"})
         assert reply.status_code == 200 and reply.json()["status"] == "cancelled"
+
+
+async def test_the_cancel_button_works_from_each_name_of_a_loopback_bind(
+    settings: Settings, browser: Browser, client: AsyncClient
+) -> None:
+    """The cross-site check lets the dashboard's own pages through, whichever loopback name they were opened on."""
+    async with WebServer(settings.with_(ui_port=0, ui_allow_cancel=True), client) as server:
+        port = server.url.rsplit(":", 1)[1]
+        for base in (server.url, f"http://localhost:{port}"):
+            accepted = await client.submit(model="dummy", tasks=[TASK])
+            page = await open_page(browser, f"{base}/jobs/{accepted.job_id}")
+            await page.wait_for_selector("#live.on", timeout=10_000)
+            async with page.expect_response(lambda r: r.url.endswith("/cancel")) as answer:
+                await page.click("#cancel")
+            assert (await answer.value).status == 200, base
+            await page.wait_for_selector("#job-status.status-cancelled", timeout=10_000)
+            assert (await client.get_job(accepted.job_id)).status == "cancelled"
+
+
+# The classic JSON form: a text/plain form whose one field's name and value, joined by `=`, are
+# a JSON body. Any page can send it to any port on the visitor's machine.
+EVIL_FORM = """<!doctype html><form method="post" enctype="text/plain" action="{action}">
+<input name='{{"model": "dummy", "tasks": ["fake"], "labels": {{"x": "' value='"}}}}'></form>
+<script>document.forms[0].submit()</script>"""
+
+
+async def test_a_form_on_another_site_queues_nothing(settings: Settings, browser: Browser, client: AsyncClient) -> None:
+    async with WebServer(settings.with_(ui_port=0, lmms_eval_api=True), client) as server:
+        page = await browser.new_page()
+        html = EVIL_FORM.format(action=f"{server.url}/evaluate")
+        await page.route("http://evil.example/**", lambda route: route.fulfill(body=html, content_type="text/html"))
+        async with page.expect_response(f"{server.url}/evaluate") as answer:
+            await page.goto("http://evil.example/")
+        reply = await answer.value
+        assert reply.request.headers["content-type"] == "text/plain"  # what the browser sent
+        assert reply.status == 403, await reply.text()
+        assert (await client.queue()).queue_size == 0

@@ -158,6 +158,20 @@ class UiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     ui_allow_cancel: Annotated[
         bool, _doc("show a cancel button on the dashboard's job pages (read-only otherwise)")
     ] = False
+    ui_allowed_hosts: Annotated[
+        list[Annotated[str, Meta(pattern=r"\A(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+)(:[0-9]{1,5})?\Z")]],
+        _doc(
+            "`Host` names the web process answers besides its bind address (and localhost on loopback), "
+            "comma-separated: a proxy's name; `name` for any port, `name:port` for one"
+        ),
+    ] = []
+    ui_public_url: Annotated[
+        Annotated[str, Meta(pattern=r"\Ahttps?://[^/?#\s]+(/[^?#\s]*)?\Z")] | None,
+        _doc(
+            "the web process's URL as its clients reach it, for the result URLs it gives out "
+            "(default `http://<ui_host>:<port>`, or the machine's name when bound to all addresses)"
+        ),
+    ] = None
 
 
 _ROLES: dict[str, type[msgspec.Struct]] = {
@@ -227,7 +241,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return self.home_path / "results"
 
 
-_LISTS = {"nats_url": ",", "task_paths": os.pathsep, "evaluator": " "}
+_LISTS = {"nats_url": ",", "task_paths": os.pathsep, "evaluator": " ", "ui_allowed_hosts": ","}
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -21,7 +21,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -30,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from . import jetstream
-from .errors import AmbiguousJobId, EvalqError, JobNotFound, WrongState
+from .errors import AmbiguousJobId, EvalqError, JobNotFound, RequestError, WrongState
 from .schemas import TERMINAL, JobInfo, JobSummary, encode
 from .text import strip_ansi
+from .webguard import artifact_response
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -60,10 +63,22 @@ SAMPLES_FILE_BYTES = 256 * 1024 * 1024
 SAMPLES_PAGE_MAX = 100
 HISTORY_MAX = 20_000
 KEEPALIVE_S = 15.0
+# What this process sends as an event's `id`: a count, ASCII digits (`str.isdigit` takes `²`).
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
 
 
 def _asset(name: str) -> bytes:
     return resources.files("evalq").joinpath("ui", name).read_bytes()
+
+
+def _startup_s(client: AsyncClient) -> float:
+    """How long a follower (`AsyncClient.events`) may take to start: its `nc.flush()`'s own bound.
+
+    nats-py's flush, cancelled before its PONG comes, leaves a cancelled future that the PONG
+    then fails on, and that ends the connection's read loop: every later request of this process
+    would time out. So a follower is cancelled only once it has an event or is past this.
+    """
+    return math.ceil(client.settings.connection.request_timeout) + 1.0
 
 
 # --- the shared live feed ---------------------------------------------------------------------
@@ -73,8 +88,9 @@ class EventHub:
     """One follower of every event and of the workers bucket, fanned out to each SSE subscriber.
 
     It runs only while someone listens: the first subscriber starts it, the last one leaving
-    stops it. A subscriber too slow to keep up loses its oldest messages rather than holding
-    the others back (its page reloads the queue when told it fell behind).
+    stops it (not before the follower is past its start, `_startup_s`). A subscriber too slow
+    to keep up loses its oldest messages rather than holding the others back (its page reloads
+    the queue when told it fell behind).
     """
 
     QUEUE_MAX = 2048
@@ -84,11 +100,14 @@ class EventHub:
         self.subscribers: set[asyncio.Queue[bytes]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._workers_sub: Any = None
+        self._started = 0.0
+        self._closer: asyncio.Task[None] | None = None
 
     async def subscribe(self) -> asyncio.Queue[bytes]:
         queue: asyncio.Queue[bytes] = asyncio.Queue(self.QUEUE_MAX)
         self.subscribers.add(queue)
         if not self._tasks:
+            self._started = time.monotonic()
             self._tasks = [asyncio.create_task(self._follow_events())]
             with contextlib.suppress(Exception):  # a user without the right to follow the bucket sees no live workers
                 bucket = self.client.topology.workers_bucket
@@ -97,19 +116,29 @@ class EventHub:
                 )
         return queue
 
-    async def unsubscribe(self, queue: asyncio.Queue[bytes]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[bytes]) -> None:
+        """Called where the leaving response is being cancelled: the stop runs as its own task."""
         self.subscribers.discard(queue)
+        if not self.subscribers and self._tasks and self._closer is None:
+            self._closer = asyncio.create_task(self._close_when_idle())
+
+    async def _close_when_idle(self) -> None:
+        try:
+            await asyncio.sleep(max(0.0, self._started + _startup_s(self.client) - time.monotonic()))
+        finally:
+            self._closer = None
         if not self.subscribers:
             await self.close()
 
     async def close(self) -> None:
+        # Both are taken before any wait, so a subscriber arriving meanwhile starts afresh.
         tasks, self._tasks = self._tasks, []
+        sub, self._workers_sub = self._workers_sub, None
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
-        sub, self._workers_sub = self._workers_sub, None
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -127,6 +156,7 @@ class EventHub:
 
     async def _follow_events(self) -> None:
         while True:
+            self._started = time.monotonic()
             try:
                 async for event in self.client.events():
                     self.publish("job", encode(event))
@@ -300,6 +330,8 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
             return _error(str(exc), 409)
         if isinstance(exc, WrongState):
             return _error(str(exc), 409)
+        if isinstance(exc, RequestError):
+            return _error(str(exc), exc.code)  # the gateway's own answer to a bad filter: 4xx, or 503
         if isinstance(exc, EvalqError):
             return _error(str(exc), 502)
         raise exc
@@ -353,16 +385,7 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
             return refusal(exc)
         if artifact is None:
             return _error("no such artifact", 404)
-        filename = re.sub(r"[^A-Za-z0-9_.\-]", "_", artifact.name.rsplit("/", 1)[-1]) or "artifact"
-        # Served as an attachment of no known type: an artifact holds the job's own output, and
-        # a browser must never render it as a page of this origin.
-        headers = {
-            "Content-Disposition": f'attachment; filename="{filename}"',
-            "Content-Length": str(artifact.size),
-            "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "default-src 'none'; sandbox",
-        }
-        return StreamingResponse(artifact.chunks(), media_type="application/octet-stream", headers=headers)
+        return artifact_response(artifact)
 
     async def read_samples(job_id: str, name: str) -> list[dict[str, Any]] | None:
         key = (job_id, name)
@@ -468,9 +491,19 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
                 return refusal(exc)
             # A reconnecting EventSource says how many it had: those are not sent twice.
             seen = request.headers.get("last-event-id", "0")
-            skip = int(seen) if seen.isdigit() else 0
+            if not _EVENT_ID.fullmatch(seen):
+                return _error(f"Last-Event-ID must be the number of an event this stream sent, got {seen[:40]!r}", 400)
+            events = client.events(job_id, history=True).__aiter__()
+            # The follower's start runs here, before the response, where a client that leaves
+            # cancels nothing (`_startup_s`); it ends with the job's first event.
+            first = asyncio.ensure_future(events.__anext__())
+            await asyncio.wait({first}, timeout=_startup_s(client))
+            if first.done() and not first.cancelled():
+                error = first.exception()
+                if isinstance(error, EvalqError):
+                    return refusal(error)
             return StreamingResponse(
-                _job_events(client, job_id, skip), media_type="text/event-stream", headers=_SSE_HEADERS
+                _job_events(events, first, int(seen)), media_type="text/event-stream", headers=_SSE_HEADERS
             )
         return StreamingResponse(_hub_events(hub), media_type="text/event-stream", headers=_SSE_HEADERS)
 
@@ -507,15 +540,15 @@ async def _hub_events(hub: EventHub) -> AsyncIterator[bytes]:
             except TimeoutError:
                 yield b": keepalive\n\n"
     finally:
-        await hub.unsubscribe(queue)
+        hub.unsubscribe(queue)
 
 
-async def _job_events(client: AsyncClient, job_id: str, skip: int) -> AsyncIterator[bytes]:
-    yield b"event: hello\ndata: {}\n\n"
+async def _job_events(events: AsyncIterator[Any], first: asyncio.Future[Any], skip: int) -> AsyncIterator[bytes]:
+    """The job's events after the first `skip`; `first` is the follower's first step, already started."""
     count = 0
-    events = client.events(job_id, history=True).__aiter__()
-    pending: asyncio.Task[Any] | None = None
+    pending: asyncio.Future[Any] | None = first
     try:
+        yield b"event: hello\ndata: {}\n\n"
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(events.__anext__())

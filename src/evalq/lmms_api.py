@@ -10,7 +10,6 @@ lmms-eval's server") and docs/DESIGN.md.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -18,7 +17,8 @@ from urllib.parse import quote
 import msgspec
 
 from .errors import ConnectError, EvalqError, InvalidField, JobNotFound, RequestError, Timeout, WrongState
-from .schemas import JOB_ID, EvaluateRequest, JobInfo, format_args
+from .schemas import JOB_ID, EvaluateRequest, JobInfo, decode, error_path, format_args
+from .webguard import artifact_response
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -31,7 +31,7 @@ __all__ = ["body_location", "lmms_eval_routes", "lmms_job"]
 
 _STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 _FIELD_NAMED = re.compile(r"(missing required field|unknown field) `([^`]+)`")
-_MEDIA = {".json": "application/json", ".jsonl": "application/x-ndjson", ".log": "text/plain; charset=utf-8"}
+_BYTE = re.compile(r"\(byte (\d+)\)")
 
 
 def body_location(path: str | None, message: str = "") -> list[str | int]:
@@ -59,6 +59,23 @@ def _error_type(message: str) -> str:
 
 def _validation(loc: list[str | int], message: str, kind: str) -> dict[str, Any]:
     return {"detail": [{"type": kind, "loc": loc, "msg": message}]}
+
+
+def _bad_body(exc: msgspec.DecodeError) -> Response:
+    """lmms-eval's 422 for a body the gateway's decoder refuses, with FastAPI's types and places.
+
+    The same decoder as the gateway's, so the API refuses exactly what the NATS subject does:
+    JSON's non-finite numbers, numbers out of range, lone surrogates, invalid UTF-8.
+    """
+    message, path = error_path(exc)
+    if not isinstance(exc, msgspec.ValidationError):
+        # Not JSON: FastAPI places it at the byte where its parser stopped.
+        at = _BYTE.search(message)
+        loc: list[str | int] = ["body", int(at.group(1)) if at else 0]
+        return _json(_validation(loc, f"JSON decode error: {message}", "json_invalid"), 422)
+    if path == "$" and message.startswith("Expected `object`"):
+        return _json(_validation(["body"], "Input should be a valid dictionary", "model_attributes_type"), 422)
+    return _json(_validation(body_location(path, message), message, _error_type(message)), 422)
 
 
 def _json(content: Any, status: int = 200) -> Response:
@@ -126,8 +143,9 @@ def lmms_job(info: JobInfo, base_url: str) -> dict[str, Any]:
     return body
 
 
-def lmms_eval_routes(client: AsyncClient) -> list[BaseRoute]:
-    from starlette.responses import StreamingResponse
+def lmms_eval_routes(client: AsyncClient, base_url: str) -> list[BaseRoute]:
+    """The routes; result URLs are built on `base_url` (the configured public URL), never on the
+    request's Host, which whoever sends the request chooses."""
     from starlette.routing import Route
 
     async def health(request: Request) -> Response:
@@ -154,15 +172,11 @@ def lmms_eval_routes(client: AsyncClient) -> list[BaseRoute]:
             if len(body) > limit:
                 return _json({"detail": f"Request body over {limit} bytes"}, 413)
         try:
-            payload = json.loads(body)
-        except ValueError as exc:
-            return _json(_validation(["body", 0], f"JSON decode error: {exc}", "json_invalid"), 422)
-        if not isinstance(payload, dict):
-            return _json(_validation(["body"], "Input should be a valid dictionary", "model_attributes_type"), 422)
-        # lmms-eval's optional fields take null for their default; so do evalq's, by leaving them out.
-        payload = {key: value for key, value in payload.items() if value is not None}
+            job = decode(bytes(body), EvaluateRequest)
+        except msgspec.DecodeError as exc:
+            return _bad_body(exc)
         try:
-            accepted = await client.submit(payload, idempotency_key=request.headers.get("idempotency-key"))
+            accepted = await client.submit(job, idempotency_key=request.headers.get("idempotency-key"))
         except EvalqError as exc:
             return _refusal(exc)
         position = accepted.position_in_queue or 0
@@ -186,7 +200,7 @@ def lmms_eval_routes(client: AsyncClient) -> list[BaseRoute]:
             info = await client.get_job(job_id)
         except EvalqError as exc:
             return _refusal(exc, job_id)
-        return _json(lmms_job(info, str(request.base_url)))
+        return _json(lmms_job(info, base_url))
 
     async def cancel_job(request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -214,12 +228,7 @@ def lmms_eval_routes(client: AsyncClient) -> list[BaseRoute]:
             return _refusal(exc, job_id)
         if artifact is None:
             return missing
-        suffix = name[name.rfind(".") :] if "." in name else ""
-        return StreamingResponse(
-            artifact.chunks(),
-            media_type=_MEDIA.get(suffix, "application/octet-stream"),
-            headers={"Content-Length": str(artifact.size)},
-        )
+        return artifact_response(artifact)
 
     async def queue(request: Request) -> Response:
         try:

@@ -12,7 +12,8 @@ HTTP Bearer, or as the password of HTTP Basic (any user name), so
 `http://user:TOKEN@host:8642` works with any client that sends URL credentials (httpx does).
 Read-only by default: the only routes that change anything (submit and cancel) are the
 lmms-eval API's, served only when it is turned on, and the dashboard's cancel, served only
-with `ui_allow_cancel`.
+with `ui_allow_cancel`. Ahead of the auth rule, `webguard.RequestGuard` refuses what a web page
+elsewhere could make a browser send: another site's Host name, and cross-site or non-JSON writes.
 """
 
 from __future__ import annotations
@@ -22,16 +23,18 @@ import base64
 import contextlib
 import errno
 import hmac
-import ipaddress
 import logging
 import socket
 from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from . import __version__
 from .config import Settings, UiSettings
 from .errors import ConfigError, EvalqError
+from .webguard import RequestGuard, is_loopback, public_url
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -42,15 +45,6 @@ if TYPE_CHECKING:
 __all__ = ["WebServer", "check_exposure", "create_app", "is_loopback"]
 
 log = logging.getLogger("evalq.web")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def check_exposure(ui: UiSettings) -> None:
@@ -100,7 +94,8 @@ class TokenGate:
 
 
 def create_app(client: AsyncClient, ui: UiSettings) -> Starlette:
-    """The web process's app; each feature adds its routes here."""
+    """The web process's app; each feature adds its routes here. `ui.ui_port` is the port it
+    is served on: the Host check and the result URLs are built from it."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.requests import Request
@@ -117,8 +112,10 @@ def create_app(client: AsyncClient, ui: UiSettings) -> Starlette:
     if ui.lmms_eval_api:
         from .lmms_api import lmms_eval_routes
 
-        routes += lmms_eval_routes(client)
-    middleware = [Middleware(TokenGate, token=ui.ui_token)] if ui.ui_token else []
+        routes += lmms_eval_routes(client, public_url(ui))
+    middleware = [Middleware(RequestGuard, ui=ui)]
+    if ui.ui_token:
+        middleware.append(Middleware(TokenGate, token=ui.ui_token))
     return Starlette(routes=routes, middleware=middleware)
 
 
@@ -175,11 +172,12 @@ class WebServer:
         import uvicorn
 
         check_exposure(self.ui)
-        app = create_app(self.client, self.ui)
         self._socket = _bind(self.ui.ui_host, self.ui.ui_port, self.fallback_port)
         host, port = self._socket.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
+        # The port bound, not the one asked for (0, or taken): the Host check needs the real one.
+        app = create_app(self.client, msgspec.structs.replace(self.ui, ui_port=port))
         # The dashboard's event streams never end on their own: a stop waits that long for them.
         config = uvicorn.Config(
             app,
