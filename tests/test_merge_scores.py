@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,8 @@ import numpy as np
 import pytest
 
 from evalq import AsyncClient
-from evalq.worker.sharded_eval import load_responses
+from evalq.worker.sharded_eval import RESPONSES_FILE, SHARDED_MODULE, load_responses, shard_flags
+from evalq.worker.taskpaths import build_include_dir
 
 from .test_sharding import _assert_same_run
 
@@ -100,3 +103,30 @@ def test_recorded_scores_load_as_they_were_kept_and_a_planted_class_does_not(tmp
     older.write_bytes(pickle.dumps({("generate_until", "t", 0, 0): ["A"]}))
     with pytest.raises(ValueError, match="holds no responses"):
         load_responses(older)
+
+
+def _shard_step(mode: str, path: Path, output: Path, include: Path) -> subprocess.CompletedProcess[str]:
+    """One step of a sharded job, as the worker launches it, on evalq_demo's first 4 documents."""
+    flags = ["--model=dummy", "--tasks=evalq_demo", "--limit=4", f"--output_path={output}", f"--include_path={include}"]
+    argv = [sys.executable, "-m", SHARDED_MODULE, *shard_flags(mode, path), *flags]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=output.parent, check=False)
+
+
+@pytest.mark.slow
+def test_a_merge_without_a_documents_score_fails_naming_it(tmp_path: Path) -> None:
+    include = build_include_dir(tmp_path / "include", [])
+    recorded = tmp_path / "responses" / "0" / RESPONSES_FILE
+    recorded.parent.mkdir(parents=True)
+    piece = _shard_step("record", recorded, tmp_path / "piece", include)
+    assert recorded.is_file(), piece.stderr[-2000:]
+    kept = load_responses(recorded)
+    assert sorted(kept.scores) == [("evalq_demo", doc, "none", 0) for doc in range(4)]
+
+    merged = _shard_step("replay", tmp_path / "responses", tmp_path / "merge", include)
+    assert list((tmp_path / "merge").rglob("*_results.json")), merged.stderr[-2000:]
+
+    del kept.scores[("evalq_demo", 2, "none", 0)]
+    kept.dump(recorded)
+    missing = _shard_step("replay", tmp_path / "responses", tmp_path / "missing", include)
+    assert "no recorded score for task evalq_demo document 2" in missing.stderr + missing.stdout
+    assert not list((tmp_path / "missing").rglob("*_results.json")), "a merge with a score missing wrote results"
