@@ -93,9 +93,10 @@ class Recorded:
         with open(path, "rb") as handle:
             loaded = _SafeUnpickler(handle).load()
         if not isinstance(loaded, dict) or not isinstance(loaded.get("responses"), dict):
-            raise ValueError(f"{path} holds no responses")
+            # An evalq before scores were kept wrote the responses alone: its pieces cannot be merged.
+            raise ValueError(f"{path} holds no responses and scores (a piece recorded by an older evalq?)")
         if not isinstance(loaded.get("scores"), dict):
-            raise ValueError(f"{path} holds no scores (recorded by an evalq that did not keep them)")
+            raise ValueError(f"{path} holds no scores")
         for key, values in loaded["responses"].items():
             self.responses[key].extend(values)
         self.scores.update(loaded["scores"])
