@@ -8,6 +8,10 @@ call hands back, and nothing else of lmms-eval's run:
 - a sharded job's piece keeps every response the model gives (`recording`);
 - a sharded job's merge answers every request from the pieces' responses (`replaying`).
 
+It also changes what one call of lmms-eval's scoring hands back: a piece keeps every score
+`process_results` gives its documents, and the merge hands back those scores in place of
+calling it (`scoring`).
+
 lmms-eval is imported only when a hook is used: the zygote imports this before it forks jobs.
 """
 
@@ -18,12 +22,28 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-__all__ = ["REQUEST_TYPES", "Key", "on_create", "patched_get_model", "recording", "replaying", "request_key"]
+__all__ = [
+    "REQUEST_TYPES",
+    "Key",
+    "ScoreKey",
+    "on_create",
+    "patched_get_model",
+    "recording",
+    "replaying",
+    "request_key",
+    "scoring",
+]
 
 # The methods by which lmms-eval asks a model for responses, one per request type.
 REQUEST_TYPES = ("loglikelihood", "generate_until", "generate_until_multi_round")
 
 Key = tuple[str, str, Any, int]
+# One call of a task's `process_results`, as pieces and merge both know it: (task, document,
+# filter, call). Call 0 scores all the document's responses; with `repeats`, lmms-eval calls
+# it again once per response (calls 1 to repeats).
+ScoreKey = tuple[str, Any, str, int]
+# How a call is answered: given its key and the task's own call, its value.
+Scorer = Callable[[ScoreKey, Callable[[], Any]], Any]
 
 
 def request_key(reqtype: str, request: Any) -> Key:
@@ -130,3 +150,50 @@ def replaying(answers: Mapping[Key, list[Any]]) -> Callable[[type], type]:
         return made
 
     return replayer
+
+
+class _ScoredTask:
+    """A task as lmms-eval's scoring of one document sees it: the task itself, except that
+    `process_results` goes through the scorer, keyed by this document and filter. One is
+    made per document and filter, so the threads lmms-eval scores on share no state."""
+
+    def __init__(self, task: Any, key: tuple[str, Any, str], scorer: Scorer) -> None:
+        self._evalq_task = task
+        self._evalq_key = key
+        self._evalq_scorer = scorer
+        self._evalq_calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._evalq_task, name)
+
+    def process_results(self, doc: Any, results: Any, *args: Any, **kwargs: Any) -> Any:
+        task_name, doc_id, filter_key = self._evalq_key
+        call = self._evalq_calls
+        self._evalq_calls += 1
+        real = self._evalq_task.process_results
+        return self._evalq_scorer((task_name, doc_id, filter_key, call), lambda: real(doc, results, *args, **kwargs))
+
+
+@contextlib.contextmanager
+def scoring(scorer: Scorer) -> Iterator[None]:
+    """Every call lmms-eval's `evaluate` makes to a task's `process_results` goes through
+    `scorer` during the block. lmms-eval scores one document at a time in
+    `evaluator._process_document_results(item, task=..., filter_key=...)`, looked up in its
+    module when called: it is given the task wrapped for that document, so this works for
+    every task, whatever class or function scores it."""
+    import lmms_eval.evaluator as evaluator
+
+    original = evaluator._process_document_results
+
+    def process_document(item: Any, *, task: Any, filter_key: str, **kwargs: Any) -> Any:
+        doc_id, _, requests = item
+        name = str(requests[0].task_name) if requests else str(getattr(task.config, "task", ""))
+        return original(
+            item, task=_ScoredTask(task, (name, doc_id, filter_key), scorer), filter_key=filter_key, **kwargs
+        )
+
+    evaluator._process_document_results = process_document
+    try:
+        yield
+    finally:
+        evaluator._process_document_results = original

@@ -5,14 +5,15 @@
    (`sharding.plan_pieces`), writes the pieces into the job's record, publishes one message
    per piece to the pool's pieces stream, and acks the job's message.
 2. **Pieces.** Any worker of the pool takes a piece (workers fetch pieces before jobs),
-   runs lmms-eval on it in `record` mode, uploads the responses and the log under
-   `<job_id>/shards/<index>/`, marks the piece completed in the record, and acks. A piece
-   whose worker dies is redelivered alone; a completed piece is never run again, since its
-   state is in the record before its message is acked. The worker that completes the last
-   piece publishes the merge step.
-3. **Merge.** A worker downloads every piece's responses and runs lmms-eval on the whole
-   request in `replay` mode: lmms-eval computes every metric from the same responses an
-   unsharded run gets, so the results are the unsharded run's. The job completes as any job.
+   runs lmms-eval on it in `record` mode (which also scores its documents), uploads the
+   responses and scores and the log under `<job_id>/shards/<index>/`, marks the piece
+   completed in the record, and acks. A piece whose worker dies is redelivered alone; a
+   completed piece is never run again, since its state is in the record before its message
+   is acked. The worker that completes the last piece publishes the merge step.
+3. **Merge.** A worker downloads every piece's responses and scores and runs lmms-eval on
+   the whole request in `replay` mode: no model runs and no document is scored again;
+   lmms-eval aggregates the same per-document scores an unsharded run computes, so the
+   results are the unsharded run's. The job completes as any job.
 
 Every state change goes through `lifecycle`, on the job's one record.
 """

@@ -7,13 +7,16 @@ take part in sharded jobs too.
 
 - `plan`: counts each task's documents (lmms-eval builds the tasks, so groups,
   splits and `--limit` count as they will in the run) and writes `{task: count}` as JSON to PATH.
-- `record`: runs lmms-eval on one piece (its tasks, `--offset`, `--limit`)
-  and keeps every response the model gave, by (request type, task, document, index), in
-  PATH (one file per rank when accelerate runs several).
+- `record`: runs lmms-eval on one piece (its tasks, `--offset`, `--limit`) and keeps every
+  response the model gave, by (request type, task, document, index), and every score the
+  task's `process_results` gave, by (task, document, filter, call), in PATH (one file per
+  rank when accelerate runs several). A piece scores its own documents.
 - `replay`: runs lmms-eval on the whole request, answering every model request from the
-  pieces' responses (`PATH/<piece>/responses*.pkl`) instead of the model. lmms-eval computes
-  every metric, stderr, group and sample file, exactly as an unsharded run does: the
-  responses are the same, and so is everything computed from them.
+  pieces' responses (`PATH/<piece>/responses*.pkl`) instead of the model, and every
+  `process_results` call from the pieces' scores instead of the task: the merge scores no
+  document again, and a document with no recorded score ends the run with an error that
+  names it. lmms-eval still filters the responses, aggregates, computes stderr and groups
+  and writes the samples, with its own code, from exactly what an unsharded run has.
 
 The model never loads in `replay`: the class lmms-eval asks for is swapped for one that
 only replays (it keeps the real class's name and whether it is a chat model, which decides
@@ -33,9 +36,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .lmms_hooks import Key, patched_get_model, recording, replaying
+from .lmms_hooks import Key, ScoreKey, patched_get_model, recording, replaying, scoring
 
-__all__ = ["MODES", "RESPONSES_FILE", "SHARDED_MODULE", "load_responses", "main", "shard_flags"]
+__all__ = ["MODES", "RESPONSES_FILE", "SHARDED_MODULE", "Recorded", "load_responses", "main", "shard_flags"]
 
 # This module, as the worker launches it.
 SHARDED_MODULE = "evalq.worker.sharded_eval"
@@ -49,13 +52,18 @@ def shard_flags(mode: str, path: str | Path) -> list[str]:
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    """Responses are plain values (strings, numbers, tuples, lmms-eval's `GenerationResult`);
-    any other class is refused, so a planted file cannot run code."""
+    """Responses and scores are plain values (strings, numbers, tuples, lists, dicts, numpy
+    scalars and arrays, lmms-eval's `GenerationResult`); any other class is refused, so a
+    planted file cannot run code."""
 
     _ALLOWED = {
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        # A score may be an array: its data is rebuilt from bytes, never by a call it names.
+        ("numpy", "ndarray"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
         # What lmms-eval's own models return from generate_until: plain dataclasses of data.
         ("lmms_eval.api.instance", "GenerationResult"),
         ("lmms_eval.api.instance", "TokenCounts"),
@@ -64,15 +72,40 @@ class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"a response of type {module}.{name} is not replayed")
+        raise pickle.UnpicklingError(f"a recorded value of type {module}.{name} is not replayed")
 
 
-def load_responses(path: Path) -> dict[Key, list[Any]]:
-    with open(path, "rb") as handle:
-        loaded = _SafeUnpickler(handle).load()
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path} holds no responses")
-    return loaded
+class Recorded:
+    """What one piece (or one rank of it) recorded: the model's responses and the task's scores."""
+
+    def __init__(self) -> None:
+        self.responses: dict[Key, list[Any]] = defaultdict(list)
+        self.scores: dict[ScoreKey, Any] = {}
+
+    def dump(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as handle:
+            pickle.dump({"responses": dict(self.responses), "scores": self.scores}, handle, protocol=4)
+        tmp.replace(path)
+
+    def add(self, path: Path) -> None:
+        """Add a recorded file's contents, read with the allow-list unpickler."""
+        with open(path, "rb") as handle:
+            loaded = _SafeUnpickler(handle).load()
+        if not isinstance(loaded, dict) or not isinstance(loaded.get("responses"), dict):
+            # An evalq before scores were kept wrote the responses alone: its pieces cannot be merged.
+            raise ValueError(f"{path} holds no responses and scores (a piece recorded by an older evalq?)")
+        if not isinstance(loaded.get("scores"), dict):
+            raise ValueError(f"{path} holds no scores")
+        for key, values in loaded["responses"].items():
+            self.responses[key].extend(values)
+        self.scores.update(loaded["scores"])
+
+
+def load_responses(path: Path) -> Recorded:
+    recorded = Recorded()
+    recorded.add(path)
+    return recorded
 
 
 def _run_lmms_eval(argv: list[str]) -> None:
@@ -81,29 +114,42 @@ def _run_lmms_eval(argv: list[str]) -> None:
 
 
 def _record(responses_path: Path, argv: list[str]) -> int:
-    kept: dict[Key, list[Any]] = defaultdict(list)
+    kept = Recorded()
+
+    def keep(key: ScoreKey, score: Any) -> Any:
+        value = score()
+        kept.scores[key] = value
+        return value
+
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1:  # one file per rank: each holds the responses of its own documents
         rank = int(os.environ.get("RANK", "0") or 0)
         responses_path = responses_path.with_name(f"{responses_path.stem}.rank{rank}{responses_path.suffix}")
     try:
-        with recording(kept):
+        with recording(kept.responses), scoring(keep):
             _run_lmms_eval(argv)
     finally:
         # Written even when the run failed: the worker reads success from the results file.
-        tmp = responses_path.with_suffix(".tmp")
-        with open(tmp, "wb") as handle:
-            pickle.dump(dict(kept), handle, protocol=4)
-        tmp.replace(responses_path)
+        kept.dump(responses_path)
     return 0
 
 
 def _replay(responses_dir: Path, argv: list[str]) -> int:
-    answers: dict[Key, list[Any]] = {}
+    recorded = Recorded()
     for path in sorted(responses_dir.glob("*/responses*.pkl")):
-        for key, values in load_responses(path).items():
-            answers.setdefault(key, []).extend(values)
-    with patched_get_model(replaying(answers)):
+        recorded.add(path)
+    scores = recorded.scores
+
+    def recorded_score(key: ScoreKey, score: Any) -> Any:
+        if key not in scores:
+            task, doc_id, filter_key, call = key
+            raise RuntimeError(
+                f"no recorded score for task {task} document {doc_id} (filter {filter_key}, call {call}); "
+                "the merge never scores a document itself"
+            )
+        return scores[key]
+
+    with patched_get_model(replaying(recorded.responses)), scoring(recorded_score):
         _run_lmms_eval(argv)
     return 0
 
