@@ -367,7 +367,9 @@ class AsyncClient:
             with self._errors(what):
                 # The server has the subscription before the stream is read, so an event
                 # stored after the read below rings.
-                await self.nc.flush(math.ceil(self.timeout))
+                # Shielded: a flush cancelled before its reply arrives leaves the client's
+                # read loop stopped for good, and the whole connection with it.
+                await asyncio.shield(self.nc.flush(math.ceil(self.timeout)))
                 seq = 0 if history else (await jetstream.stream_info(api, stream)).state.last_seq
                 while True:
                     bell.clear()
