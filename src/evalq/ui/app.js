@@ -181,7 +181,8 @@ async function queuePage() {
         el("td", {}, info.request ? info.request.tasks.join(", ") : ""),
         el("td", {}, labelChips(info.labels)),
         el("td", {}, bar(p ? p.done : 0, p ? p.total : 0, p ? p.percent : 0),
-          el("div", { class: "bar-label" }, p ? `${p.phase} ${p.done}/${p.total}` : "starting", pieces ? " · " + pieces : "")),
+          el("div", { class: "bar-label" }, p ? `${p.phase} ${p.done}/${p.total}` : "starting", pieces ? " · " + pieces : ""),
+          info.stalled_since ? el("div", { class: "stalled", "data-stalled": info.stalled_since }, `stalled: no progress since ${info.stalled_since}`) : null),
         el("td", { class: "mono" }, info.worker || ""));
     });
     replace(parts.running, runningRows.length
@@ -276,7 +277,13 @@ async function queuePage() {
         }
         case "progress": {
           const info = state.running.get(id);
-          if (info) state.running.set(id, Object.assign({}, info, { progress: event.progress }));
+          if (info) state.running.set(id, Object.assign({}, info, { progress: event.progress, stalled_since: null }));
+          else refreshJob(id);
+          break;
+        }
+        case "stalled": {
+          const info = state.running.get(id);
+          if (info) state.running.set(id, Object.assign({}, info, { stalled_since: event.since }));
           else refreshJob(id);
           break;
         }
@@ -351,6 +358,7 @@ async function jobPage(given) {
       ["worker", info.worker || ""],
       ["attempts", String(info.attempts)],
     ];
+    if (info.stalled_since) fields.push(["stalled", el("span", { class: "stalled" }, `no progress since ${info.stalled_since}`)]);
     if (info.error) fields.push(["error", el("span", { class: "error" }, info.error)]);
     const rows = fields.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)));
     const cancel = allowCancel && !["completed", "failed", "cancelled"].includes(info.status)
@@ -449,6 +457,7 @@ async function jobPage(given) {
       case "queued": return `queued in ${event.pool}` + (event.position_in_queue ? ` at position ${event.position_in_queue}` : "");
       case "started": return `started on ${event.worker || "?"}` + (event.model_reused ? " (model reused)" : event.model_load_seconds ? ` (model loaded in ${event.model_load_seconds.toFixed(1)} s)` : "");
       case "progress": return `${event.progress.phase}: ${event.progress.done}/${event.progress.total}`;
+      case "stalled": return `stalled: no progress for ${event.seconds.toFixed(0)} s (since ${event.since})` + (event.action === "fail" ? "; its pool fails it" : "");
       case "requeued": return "requeued: " + event.reason;
       case "shard_started": return `piece ${event.shard} of ${event.shards} started on ${event.worker || "?"}`;
       case "shard_completed": return `piece ${event.shard} completed` + (event.seconds ? ` in ${event.seconds.toFixed(1)} s` : "");
