@@ -43,8 +43,11 @@ async def dashboard(settings: Settings, client: AsyncClient) -> AsyncIterator[Ca
     opened: list[httpx.AsyncClient] = []
 
     def open_app(**ui: Any) -> httpx.AsyncClient:
-        app = create_app(client, settings.with_(**ui).ui)
-        opened.append(httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://dashboard"))
+        chosen = settings.with_(**ui).ui
+        app = create_app(client, chosen)
+        # The app answers only its own names (webguard.py): the bind address with its port.
+        base = f"http://{chosen.ui_host}:{chosen.ui_port}"
+        opened.append(httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base))
         return opened[-1]
 
     yield open_app
@@ -153,7 +156,11 @@ async def test_cancel_is_refused_when_read_only_and_without_the_dashboards_heade
     allowed = dashboard(ui_allow_cancel=True)
     assert assert_json(await allowed.get(f"/api/jobs/{accepted.job_id}"))["allow_cancel"] is True
     # What a cross-site form can send: no header, or not the dashboard's value.
-    for headers in ({}, {"X-Evalq-Ui": "0"}, {"Content-Type": "application/x-www-form-urlencoded"}):
+    # A form's content type is refused before the header is looked at (415, webguard.py).
+    form = {"Content-Type": "application/x-www-form-urlencoded", "X-Evalq-Ui": "1"}
+    refused = assert_json(await allowed.post(cancel, headers=form), 415)
+    assert "application/json" in refused["detail"]
+    for headers in ({}, {"X-Evalq-Ui": "0"}):
         refused = assert_json(await allowed.post(cancel, headers=headers), 403)
         assert "X-Evalq-Ui" in refused["detail"]
     assert (await allowed.get(cancel)).status_code == 405
