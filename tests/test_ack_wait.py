@@ -23,7 +23,7 @@ from evalq.topology import LOWERING, Topology
 from .conftest import EVALQ, Workers, run_command, settings_env
 from .events import all_events, kinds
 from .jobs import FAKE, JOB
-from .test_auth import ACCOUNTS, PASSWORDS, as_user, server_env
+from .test_auth import PASSWORDS, accounts_server, as_user
 from .waiting import eventually
 
 pytestmark = pytest.mark.slow
@@ -142,13 +142,8 @@ async def test_a_worker_renews_for_the_lower_value_a_setup_in_flight_has_marked(
 @pytest.fixture
 def shipped_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
     """A nats-server with deploy/nats/accounts.conf as it is committed."""
-    (tmp_path / "accounts.conf").write_text(ACCOUNTS.read_text())
-    config = tmp_path / "auth.conf"
-    config.write_text('include "accounts.conf"\n')
-    server = EmbeddedServer(tmp_path / "store", config_file=config, env=server_env())
-    server.start()
-    yield server
-    server.stop()
+    with accounts_server(tmp_path) as server:
+        yield server
 
 
 async def test_with_the_shipped_permissions_setup_lowers_it_as_the_gateway_user(

@@ -10,6 +10,7 @@ choosing a reply subject that a gateway's or JetStream's answer would be written
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -75,13 +76,23 @@ def auth_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Embe
         )
         assert opened != text
         text = opened
-    (tmp_path / "accounts.conf").write_text(text)
+    with accounts_server(tmp_path, text) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def accounts_server(tmp_path: Path, text: str | None = None) -> Iterator[EmbeddedServer]:
+    """A nats-server that includes `text` (default: the shipped accounts file), its passwords
+    from its environment; stopped on leaving."""
+    (tmp_path / "accounts.conf").write_text(ACCOUNTS.read_text() if text is None else text)
     config = tmp_path / "auth.conf"
     config.write_text('include "accounts.conf"\n')
     server = EmbeddedServer(tmp_path / "store", config_file=config, env=server_env())
     server.start()
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def as_user(base: Settings, server: EmbeddedServer, user: str) -> Settings:

@@ -30,7 +30,7 @@ from evalq.worker.argv import scrubbed_env
 from evalq.worker.runner import EvalProcess
 
 from .conftest import Processes
-from .test_auth import ACCOUNTS, PASSWORDS, ROLE_SETTINGS, as_user, server_env
+from .test_auth import PASSWORDS, ROLE_SETTINGS, accounts_server, as_user
 from .waiting import eventually
 
 PASSWORD = PASSWORDS["worker"]
@@ -127,13 +127,8 @@ def _leaks(where: str, raw: str, environ_names: list[str] | None = None) -> list
 @pytest.fixture
 def auth_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
     """A nats-server with the shipped accounts file; passwords from its environment."""
-    (tmp_path / "accounts.conf").write_text(ACCOUNTS.read_text())
-    config = tmp_path / "auth.conf"
-    config.write_text('include "accounts.conf"\n')
-    server = EmbeddedServer(tmp_path / "store", config_file=config, env=server_env())
-    server.start()
-    yield server
-    server.stop()
+    with accounts_server(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture
