@@ -177,7 +177,12 @@ async def test_unknown_job_ids_answer_404(dashboard: Callable[..., httpx.AsyncCl
     web = dashboard(ui_allow_cancel=True)
     unknown = str(uuid.uuid4())
     for given in (unknown, unknown[:8], "not-hex!"):
-        for path in (f"/api/jobs/{given}", f"/api/jobs/{given}/samples", f"/api/jobs/{given}/files/results.json"):
+        for path in (
+            f"/api/jobs/{given}",
+            f"/api/jobs/{given}/samples",
+            f"/api/jobs/{given}/log",
+            f"/api/jobs/{given}/files/results.json",
+        ):
             assert "detail" in assert_json(await web.get(path), 404), path
         assert "detail" in assert_json(await web.get("/api/compare", params={"jobs": given}), 404), given
         assert "detail" in assert_json(await web.get("/api/stream", params={"job": given}), 404), given

@@ -365,6 +365,7 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
             lines = _int(request, "lines", 200, 1, 5000)
             artifact = await client.artifact(job_id, "eval.log")
             if artifact is None:
+                await client.get_job(job_id)  # no log yet, or no such job: the latter is 404
                 return _json({"lines": [], "size": 0})
             kept = bytearray()
             async for chunk in artifact.chunks():
