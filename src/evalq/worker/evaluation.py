@@ -153,7 +153,11 @@ class Evaluation:
         if job.timed_out.is_set():
             return await self.timeout_failure(job, job.info.job_id, log_path, exit_code)
         if job.stalled.is_set():
-            return await self.stall_failure(job, log_path, exit_code)
+            reason = (
+                f"stalled: its progress had not moved for {job.stall_after_s} s (since {job.moved_stamp}), "
+                "and its pool's policy fails a stalled job"
+            )
+            return await self.stopped_failure(reason, job.info.job_id, log_path, exit_code)
         if job.requeue.is_set():
             return None
         return await outcome_of(
@@ -175,23 +179,14 @@ class Evaluation:
         return Cancellation(reason="cancelled while running", latency_s=latency)
 
     async def timeout_failure(self, job: RunningJob, object_prefix: str, log_path: Path, exit_code: int) -> Failure:
+        reason = f"timeout: the evaluation ran longer than its limit of {job.limit_s} s and was stopped"
+        return await self.stopped_failure(reason, object_prefix, log_path, exit_code)
+
+    async def stopped_failure(self, reason: str, object_prefix: str, log_path: Path, exit_code: int) -> Failure:
+        """A failure for an evaluation the worker stopped: `reason`, with its log's tail, and the log kept."""
         log_tail = tail(log_path, self.settings.worker.log_tail_lines)
         await upload(self.settler.store, object_prefix, [(log_path, "eval.log")])
-        return Failure(
-            error=f"timeout: the evaluation ran longer than its limit of {job.limit_s} s and was stopped",
-            exit_code=exit_code,
-            log_tail=log_tail,
-        )
-
-    async def stall_failure(self, job: RunningJob, log_path: Path, exit_code: int) -> Failure:
-        log_tail = tail(log_path, self.settings.worker.log_tail_lines)
-        await upload(self.settler.store, job.info.job_id, [(log_path, "eval.log")])
-        return Failure(
-            error=f"stalled: its progress had not moved for {job.stall_after_s} s (since {job.moved_stamp}), "
-            "and its pool's policy fails a stalled job",
-            exit_code=exit_code,
-            log_tail=log_tail,
-        )
+        return Failure(error=reason, exit_code=exit_code, log_tail=log_tail)
 
     async def run(self, job: RunningJob, launch: Launch, announce: Callable[[], Awaitable[None]]) -> int | None:
         """Start one evaluation process and supervise it until it ends, is cancelled, runs out
