@@ -68,6 +68,14 @@ def dump(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def say_ready(json_: bool, obj: dict[str, Any], line: str, *, soft_wrap: bool = False) -> None:
+    """A service's ready signal: `obj` as JSON on stdout with `--json`, else `line` on stderr."""
+    if json_:
+        dump(obj)
+    else:
+        errors.print(shown(line), soft_wrap=soft_wrap)
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print `error: message` on stderr; the caller raises the returned exit."""
     errors.print(f"[red]error:[/red] {shown(message)}", highlight=False, soft_wrap=True)

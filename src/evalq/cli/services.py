@@ -18,7 +18,7 @@ from ..errors import EvalqError
 from ..extras import install_command, missing_modules
 from ..web import check_exposure
 from .app import JsonOpt, need_extras, run, settings
-from .output import console, dump, errors, fail, shown
+from .output import console, dump, errors, fail, say_ready, shown
 from .processes import on_signals, run_gateway, run_ui, run_up, run_worker
 
 __all__ = ["gateway", "server", "ui", "up", "worker"]
@@ -67,10 +67,7 @@ def gateway(ctx: typer.Context, json_: JsonOpt = False) -> None:
     prefix, urls = chosen.queue.prefix, chosen.connection.nats_url
 
     def ready() -> None:
-        if json_:
-            dump({"prefix": prefix, "nats_url": urls})
-        else:
-            errors.print(shown(f"gateway serving {prefix}.* on {', '.join(urls)}"))
+        say_ready(json_, {"prefix": prefix, "nats_url": urls}, f"gateway serving {prefix}.* on {', '.join(urls)}")
 
     run(run_gateway(chosen, ready=ready))
 
@@ -124,10 +121,7 @@ def worker(
     serving = chosen.worker.pool
 
     def ready(worker_id: str) -> None:
-        if json_:
-            dump({"worker_id": worker_id, "pool": serving})
-        else:
-            errors.print(shown(f"worker serving pool {serving}"))
+        say_ready(json_, {"worker_id": worker_id, "pool": serving}, f"worker serving pool {serving}")
 
     run(run_worker(chosen, ready=ready))
 
@@ -172,10 +166,8 @@ def up(
 
     def ready(url: str) -> None:
         # The web process is up before this: one object says everything a script needs.
-        if json_:
-            dump({"nats_url": url, **started, "lmms_eval_api": api_on and started["ui_url"] is not None})
-        else:
-            errors.print(shown(f"evalq up: {url} (gateway + worker); Ctrl-C stops"))
+        ready_obj = {"nats_url": url, **started, "lmms_eval_api": api_on and started["ui_url"] is not None}
+        say_ready(json_, ready_obj, f"evalq up: {url} (gateway + worker); Ctrl-C stops")
 
     run(run_up(chosen, port=port, ready=ready, web_ready=web_ready, web=ui and not lacking))
 
@@ -232,9 +224,6 @@ def ui(
     api = " (lmms-eval API on)" if api_on else ""
 
     def ready(url: str) -> None:
-        if json_:
-            dump({"url": url, "lmms_eval_api": api_on})
-        else:
-            errors.print(shown(f"evalq ui: {url}{api}; Ctrl-C stops"), soft_wrap=True)
+        say_ready(json_, {"url": url, "lmms_eval_api": api_on}, f"evalq ui: {url}{api}; Ctrl-C stops", soft_wrap=True)
 
     run(run_ui(chosen, ready=ready))
