@@ -292,6 +292,7 @@ async def test_setup_writes_the_policy_the_gateway_enforces(
         "url_prefixes": [],
         "stall_after_s": 1800,
         "stall_action": "report",
+        "cache": "read-write",
         "default_timeout_s": None,
         "max_timeout_s": 600,
     }

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ConnectError, EvalqError, RequestError, Timeout
+from .fields import ARG_KEY, ARG_TEXT
 from .publisher import AsyncClient
-from .schemas import ARG_KEY, ARG_TEXT
 from .text import escape_control
 
 __all__ = ["INDEX", "Checkpoint", "DirWatcher", "Failed", "Refused", "Scan", "Summary", "content_stamp", "step_of"]

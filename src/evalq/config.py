@@ -99,6 +99,13 @@ class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ] = 12.0
     events_max_age_days: Annotated[float, Meta(gt=0, description="how long events are kept")] = 30.0
     events_per_subject: Annotated[int, Meta(ge=1, description="events kept per job and event type")] = 1000
+    journal_max_age_days: Annotated[
+        float, Meta(gt=0, description="how long a completed job's response journal is kept for `evalq rescore`")
+    ] = 7.0
+    cache_max_age_days: Annotated[float, Meta(gt=0, description="how long a cached model response is kept")] = 30.0
+    cache_max_bytes: Annotated[
+        int, Meta(ge=-1, description="bytes the response cache may hold, oldest dropped first; -1: no limit")
+    ] = -1
     duplicate_window: Annotated[Seconds, _doc("seconds in which a re-sent message id is dropped")] = 300.0
     idempotency_ttl: Annotated[Seconds, _doc("seconds an Idempotency-Key is remembered")] = 24 * 3600.0
 
@@ -136,6 +143,12 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     resident_model: Annotated[
         bool, _doc("keep the last job's model loaded for the next job with the same model (single-GPU, warm)")
     ] = True
+    journal_flush_records: Annotated[
+        int, Meta(ge=1, description="records an evaluation buffers before it writes them to its journal")
+    ] = 256
+    journal_flush_seconds: Annotated[
+        Seconds, _doc("seconds an evaluation's journal records wait at most before they are written (and kept)")
+    ] = 5.0
     resident_idle: Annotated[
         Seconds | None, _doc("seconds an idle resident model is kept (default: until another model is needed)")
     ] = None

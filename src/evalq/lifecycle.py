@@ -250,7 +250,9 @@ def terminal_event(info: JobInfo, outcome: Outcome | None = None, *, worker: str
     common = _common(info, at=info.completed_at or info.created_at, attempt=info.attempts, worker=worker)
     if info.status == "completed":
         result = info.result or JobResult()
-        return Completed(**common, metrics=result.metrics, artifacts=result.artifacts, duration_s=result.duration_s)
+        return Completed(
+            **common, metrics=result.metrics, artifacts=result.artifacts, duration_s=result.duration_s, work=result.work
+        )
     if info.status == "failed":
         failure = outcome if isinstance(outcome, Failure) else Failure(error=info.error or "failed")
         return Failed(
@@ -268,11 +270,17 @@ def started_event(
     at: str,
     model_reused: bool | None = None,
     model_load_seconds: float | None = None,
+    resumed_responses: int = 0,
+    resumed_scores: int = 0,
+    loads_model: bool = True,
 ) -> Started:
     return Started(
         **_common(info, at=at, attempt=info.attempts, worker=worker),
         model_reused=model_reused,
         model_load_seconds=model_load_seconds,
+        resumed_responses=resumed_responses,
+        resumed_scores=resumed_scores,
+        loads_model=loads_model,
     )
 
 

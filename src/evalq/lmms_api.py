@@ -17,7 +17,8 @@ from urllib.parse import quote
 import msgspec
 
 from .errors import ConnectError, EvalqError, InvalidField, JobNotFound, RequestError, Timeout, WrongState
-from .schemas import JOB_ID, EvaluateRequest, JobInfo, decode, error_path, format_args
+from .fields import JOB_ID
+from .schemas import EvaluateRequest, JobInfo, decode, error_path, format_args
 from .webguard import artifact_response
 
 if TYPE_CHECKING:

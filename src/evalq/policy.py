@@ -58,7 +58,7 @@ from . import jetstream
 from .config import Settings
 from .errors import InvalidField
 from .renewal import confirm_lowering
-from .schemas import EvaluateRequest, format_args
+from .schemas import CacheMode, EvaluateRequest, format_args
 from .topology import Topology
 
 __all__ = [
@@ -70,6 +70,7 @@ __all__ = [
     "apply_setup",
     "check",
     "decode_policy",
+    "effective_cache",
     "effective_timeout",
     "is_location_key",
     "load_policy",
@@ -143,6 +144,13 @@ class PoolPolicy(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
         Literal["report", "fail"],
         _doc("what a stall does: `report` (the event and the mark), or `fail` (the job is stopped and fails)"),
     ] = "report"
+    cache: Annotated[
+        CacheMode,
+        _doc(
+            "the response cache for a request that does not say: `off`, `read`, `read-write` "
+            "(reuse and add answers), or `refresh` (compute all and add them)"
+        ),
+    ] = "read-write"
     default_timeout_s: Annotated[
         Seconds | None, _doc("seconds a job without its own `timeout` may run; none: no limit")
     ] = None
@@ -471,6 +479,14 @@ def missing_model(request: EvaluateRequest) -> str | None:
                     "was it deleted before the job ran?"
                 )
     return None
+
+
+def effective_cache(request: EvaluateRequest, policy: PoolPolicy) -> CacheMode:
+    """How the job uses the response cache: its own `cache`, else its pool's default; a
+    re-score neither reads nor writes it (it asks no model)."""
+    if request.rescore_of is not None:
+        return "off"
+    return request.cache if request.cache is not None else policy.cache
 
 
 def effective_timeout(request: EvaluateRequest, policy: PoolPolicy) -> int | None:

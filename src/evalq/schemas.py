@@ -15,13 +15,29 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 import msgspec
 from msgspec import Meta, Struct
 
+from .fields import (
+    ARG_KEY,
+    ARG_TEXT,
+    CONTROL,
+    ID_PREFIX,
+    JOB_ID_SEGMENT,
+    SECRET_KEY,
+    ArgDict,
+    ArgString,
+    BatchSize,
+    Device,
+    JobId,
+    Labels,
+    Limit,
+    Name,
+    OutputDir,
+    PoolName,
+)
+
 __all__ = [
-    "CONTROL",
-    "ID_PREFIX",
-    "JOB_ID",
-    "SECRET_KEY",
     "TERMINAL",
     "Announcement",
+    "CacheMode",
     "CancelReply",
     "Cancelled",
     "Completed",
@@ -54,6 +70,7 @@ __all__ = [
     "Stalled",
     "Started",
     "TasksReply",
+    "Work",
     "WorkItem",
     "WorkerInfo",
     "decode",
@@ -64,72 +81,7 @@ __all__ = [
     "now",
 ]
 
-# --- constrained scalars -------------------------------------------------------------
-
-# Patterns are anchored with `\A...\Z`, never `^...$`: msgspec searches with them, and `$`
-# also matches before a final newline, which would let `"default\n"` through.
-NAME_PATTERN = r"\A[A-Za-z0-9_.\-]+\Z"
-Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=NAME_PATTERN)]
-# Pools become stream names and subject tokens: no dots.
-PoolName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"\A[A-Za-z0-9_\-]+\Z")]
-# A job id is a lowercase UUID4, as the gateway assigns them; `JOB_ID.fullmatch` checks one.
-JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
-JobId = Annotated[str, Meta(pattern=rf"\A{JOB_ID.pattern}\Z")]
-# The start of a job id, as a short id is given (`evalq status 1a2b`).
-ID_PREFIX = re.compile(r"[0-9a-f\-]{1,36}")
-# lmms-eval splits `k=v,k=v` on `,` and `=`: either character inside a key or value
-# would silently change the arguments, so both are refused; so are control characters.
-# These two checks run in EvaluateRequest.__post_init__ rather than as `Meta(pattern=...)`:
-# msgspec (0.19-0.22) corrupts its heap when a union holds a pattern-constrained str beside
-# a dict of str values, and the process aborts later.
-JOB_ID_SEGMENT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-# Both are used with fullmatch, so a final newline is not let through.
-ARG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
-# Characters that act on a terminal or a page instead of showing: C0, DEL and C1 controls;
-# bidirectional overrides, embeddings, isolates and marks, which reorder what follows (a
-# label `\u202e...` prints backwards); the line and paragraph separators, which break a line
-# where no newline shows; and invisible ones (zero-width space, word joiner, byte-order
-# mark), which make two different texts look alike. The zero-width joiner and non-joiner
-# (U+200C, U+200D) stay allowed: scripts such as Persian and emoji sequences need them.
-_UNSHOWN = "\x00-\x1f\x7f-\x9f\u061c\u180e\u200b\u200e\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
-ARG_TEXT = re.compile(f"[^,={_UNSHOWN}]*")
-# None may be in a label, which is printed wherever events are; the CLI escapes them in
-# whatever it prints.
-CONTROL = re.compile(f"[{_UNSHOWN}]")
-# Keys that name a credential. A request is readable by every submitter (status, events,
-# the dashboard), so credentials belong in the worker's environment, never in a request.
-# Exact names, and suffixes such as `_api_key`; `eos_token` and the like are not secrets.
-SECRET_KEY = re.compile(
-    r"(?:token|hf_token|api_?key|access_token|auth_token|use_auth_token|api_token|bearer_token|password|passwd|"
-    r"secret|secret_key|client_secret|private_key|credentials?|aws_secret_access_key|aws_session_token"
-    r"|[a-z0-9_.\-]*_(?:api_?key|secret|password|access_token|auth_token|api_token|secret_key|private_key))",
-    re.IGNORECASE,
-)
-# lmms-eval reads an int in model_args/gen_kwargs back from text and hands it to the model,
-# where it may become a C integer or a float: bounded to the ints a float holds exactly.
-ArgInt = Annotated[int, Meta(ge=-(2**53), le=2**53)]
-ArgValue = Union[Annotated[str, Meta(max_length=4096)], bool, ArgInt, float]
-ArgDict = Annotated[dict[Annotated[str, Meta(min_length=1, max_length=128)], ArgValue], Meta(max_length=64)]
-ArgString = Annotated[str, Meta(max_length=16384)]
-BatchSize = Union[
-    Annotated[int, Meta(ge=1, le=65536)],
-    Annotated[str, Meta(pattern=r"\Aauto(:[1-9][0-9]{0,3})?\Z")],
-]
-Limit = Union[Annotated[int, Meta(ge=1, le=10**9)], Annotated[float, Meta(gt=0.0, le=1.0)]]
-Device = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\A[A-Za-z0-9_:]+(,[A-Za-z0-9_:]+)*\Z")]
-# A relative name kept under the worker's results root: no absolute path, no `..`.
-OutputDir = Annotated[
-    str,
-    Meta(
-        min_length=1,
-        max_length=256,
-        pattern=r"\A(?!/)(?!.*(?:\A|/)\.\.?(?:/|\Z))[A-Za-z0-9_.\-]+(?:/[A-Za-z0-9_.\-]+)*\Z",
-    ),
-]
-LabelKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=NAME_PATTERN)]
-LabelValue = Annotated[str, Meta(max_length=256)]
-Labels = Annotated[dict[LabelKey, LabelValue], Meta(max_length=32)]
-
+CacheMode = Literal["off", "read", "read-write", "refresh"]
 JobStatus = Literal["queued", "running", "cancelling", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
@@ -171,8 +123,20 @@ class EvaluateRequest(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     shards: Annotated[int, Meta(ge=1, le=256)] = 1
     # Load the model afresh for this job, even where the worker keeps the same one loaded.
     fresh_model: bool = False
+    # The response cache (DESIGN.md, "The response journal"): `off`; `read` reuses answers
+    # other jobs gave to the same request of the same model; `read-write` also adds this
+    # job's; `refresh` computes everything and writes it. None: the pool's default.
+    cache: CacheMode | None = None
+    # Seeds python, numpy, torch and few-shot sampling (lmms-eval's `--seed`). A request that
+    # names one may have its sampled answers cached; without one only deterministic ones are.
+    seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
+    # A re-score: score again, with today's task code, the responses that this completed job
+    # recorded; no model is loaded and nothing is asked of one.
+    rescore_of: JobId | None = None
 
     def __post_init__(self) -> None:
+        if self.rescore_of is not None and self.shards > 1:
+            raise ValueError("Expected shards of 1 for a re-score: it loads no model and runs whole - at `$.shards`")
         for field in ("model_args", "gen_kwargs"):
             _check_args(getattr(self, field), field)
         if self.output_dir is not None and any(JOB_ID_SEGMENT.fullmatch(part) for part in self.output_dir.split("/")):
@@ -231,6 +195,18 @@ def format_args(args: Mapping[str, object] | str | None) -> str:
     return ",".join(parts)
 
 
+class Work(_Wire, frozen=True, kw_only=True):
+    """An evaluation's work, by where each answer came from: model responses computed, resumed
+    from its own journal (an earlier attempt's), or reused from the cache; and document
+    scores computed, or reused (resumed, or a piece's scores in a merge)."""
+
+    responses_computed: int = 0
+    responses_resumed: int = 0
+    responses_reused: int = 0
+    scores_computed: int = 0
+    scores_reused: int = 0
+
+
 class JobRef(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The body of `status` and `cancel`."""
 
@@ -265,6 +241,7 @@ class Piece(_Wire, frozen=True, kw_only=True):
     completed_at: str | None = None
     seconds: float | None = None
     error: str | None = None
+    work: Work | None = None
 
 
 class PieceItem(_Wire, frozen=True, kw_only=True):
@@ -301,6 +278,8 @@ class JobResult(_Wire, frozen=True, kw_only=True):
     metrics: dict[str, dict[str, Any]] = {}
     artifacts: list[str] = []
     duration_s: float | None = None
+    # Where its answers came from (a sharded job's: its pieces' and its merge's, summed).
+    work: Work | None = None
 
 
 class JobInfo(_Wire, frozen=True, kw_only=True):
@@ -494,6 +473,11 @@ class Started(_EventBase, frozen=True, kw_only=True, tag="started"):
     # it was loaded for it (null where the model is built inside a fresh process).
     model_reused: bool | None = None
     model_load_seconds: float | None = None
+    # What this attempt takes from the job's journal (an earlier attempt's work), and
+    # whether it loads a model at all (a re-score does not).
+    resumed_responses: int = 0
+    resumed_scores: int = 0
+    loads_model: bool = True
 
 
 class ProgressEvent(_EventBase, frozen=True, kw_only=True, tag="progress"):
@@ -517,6 +501,7 @@ class Completed(_EventBase, frozen=True, kw_only=True, tag="completed"):
     metrics: dict[str, dict[str, Any]] = {}
     artifacts: list[str] = []
     duration_s: float | None = None
+    work: Work | None = None
 
 
 class Failed(_EventBase, frozen=True, kw_only=True, tag="failed"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .schemas import CONTROL
+from .fields import CONTROL
 
 __all__ = ["ANSI_ESCAPE", "escape_control", "strip_ansi"]
 

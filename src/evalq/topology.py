@@ -50,7 +50,14 @@ class Mismatch:
 
 # The settings `ensure` compares on objects that exist; names the server may fill in
 # itself (created, sealed, ...) are left out.
-_OWNED_STREAM_FIELDS = ("num_replicas", "max_msgs", "max_age", "max_msgs_per_subject", "duplicate_window")
+_OWNED_STREAM_FIELDS = (
+    "num_replicas",
+    "max_msgs",
+    "max_age",
+    "max_bytes",
+    "max_msgs_per_subject",
+    "duplicate_window",
+)
 _OWNED_CONSUMER_FIELDS = ("ack_wait", "max_deliver", "max_ack_pending")
 
 # A key of the work consumer's metadata, there while `evalq setup` lowers the pool's ack_wait:
@@ -76,6 +83,9 @@ class Topology:
     events_max_age: float = 30 * 86400.0
     events_per_subject: int = 1000
     idempotency_ttl: float = 86400.0
+    journal_max_age: float = 7 * 86400.0
+    cache_max_age: float = 30 * 86400.0
+    cache_max_bytes: int = -1
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
@@ -88,6 +98,9 @@ class Topology:
             events_max_age=settings.queue.events_max_age_days * 86400.0,
             events_per_subject=settings.queue.events_per_subject,
             idempotency_ttl=settings.queue.idempotency_ttl,
+            journal_max_age=settings.queue.journal_max_age_days * 86400.0,
+            cache_max_age=settings.queue.cache_max_age_days * 86400.0,
+            cache_max_bytes=settings.queue.cache_max_bytes,
         )
 
     # --- subjects -----------------------------------------------------------------
@@ -105,6 +118,15 @@ class Topology:
 
     def event_subject(self, job_id: str, kind: str) -> str:
         return f"{self.prefix}.events.{job_id}.{kind}"
+
+    def journal_subject(self, job_id: str, part: str) -> str:
+        """`<prefix>.journal.<job_id>.<part>`: one evaluation's response journal (`whole`, a
+        piece `p<index>`); `part` `>` names all of a job's."""
+        return f"{self.prefix}.journal.{job_id}.{part}"
+
+    def cache_subject(self, model: str) -> str:
+        """`<prefix>.cache.<model>`: the cached responses of one model identity (a hash)."""
+        return f"{self.prefix}.cache.{model}"
 
     def ack_wait_subject(self, pool: str) -> str:
         """`<prefix>.control.ack_wait.<pool>`: core NATS, `evalq setup` to the pool's workers."""
@@ -134,6 +156,14 @@ class Topology:
     @property
     def events_stream(self) -> str:
         return f"{self.stream_prefix}_EVENTS"
+
+    @property
+    def journal_stream(self) -> str:
+        return f"{self.stream_prefix}_JOURNAL"
+
+    @property
+    def cache_stream(self) -> str:
+        return f"{self.stream_prefix}_CACHE"
 
     @property
     def consumer(self) -> str:
@@ -215,6 +245,35 @@ class Topology:
             max_age=self.events_max_age,
             max_msgs_per_subject=self.events_per_subject,
             duplicate_window=min(self.duplicate_window, self.events_max_age),
+        )
+
+    def journal_stream_config(self) -> api.StreamConfig:
+        # A job's journal is purged when it fails or is cancelled; a completed job's is kept
+        # this long, for re-scoring.
+        return api.StreamConfig(
+            name=self.journal_stream,
+            description="evalq response journals: each evaluation's responses and scores",
+            subjects=[f"{self.prefix}.journal.>"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=self.replicas,
+            max_age=self.journal_max_age,
+            # A removal replaces a part's frames with one empty message (`Nats-Rollup: sub`):
+            # a worker may publish, never purge.
+            allow_rollup_hdrs=True,
+        )
+
+    def cache_stream_config(self) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=self.cache_stream,
+            description="evalq response cache: model responses by model identity",
+            subjects=[f"{self.prefix}.cache.>"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=self.replicas,
+            max_age=self.cache_max_age,
+            max_bytes=self.cache_max_bytes,
+            discard=api.DiscardPolicy.OLD,
         )
 
     # --- ensure -----------------------------------------------------------------------
@@ -304,6 +363,8 @@ class Topology:
 
     async def _ensure_once(self, js: JetStreamContext, pools: tuple[str, ...], update: bool) -> list[Mismatch]:
         found = await _put_stream(js, self.events_stream_config(), update)
+        found += await _put_stream(js, self.journal_stream_config(), update)
+        found += await _put_stream(js, self.cache_stream_config(), update)
         found += await _put_kv(
             js,
             api.KeyValueConfig(

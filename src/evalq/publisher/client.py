@@ -44,9 +44,8 @@ from ..errors import (
     Timeout,
     Unavailable,
 )
+from ..fields import ID_PREFIX, JOB_ID
 from ..schemas import (
-    ID_PREFIX,
-    JOB_ID,
     TERMINAL,
     Cancelled,
     CancelReply,

@@ -92,6 +92,8 @@ def lmms_eval_args(
     gen_kwargs = format_args(request.gen_kwargs)
     if gen_kwargs:
         argv.append(f"--gen_kwargs={gen_kwargs}")
+    if request.seed is not None:
+        argv.append(f"--seed={request.seed}")
     if request.log_samples or request.predict_only:
         argv.append("--log_samples")
     if request.predict_only:

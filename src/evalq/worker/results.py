@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from ..fields import JOB_ID_SEGMENT
 from ..lifecycle import Failure, Outcome, Success
-from ..schemas import JOB_ID_SEGMENT, JobResult
+from ..schemas import JobResult
 from ..text import strip_ansi
 
 __all__ = ["ResultFiles", "collect", "metrics_of", "outcome_of", "tail", "upload"]

@@ -19,9 +19,10 @@ import msgspec
 from nats.aio.msg import Msg
 
 from .. import lifecycle
+from ..fields import JOB_ID_SEGMENT
 from ..lifecycle import Applied, Cancellation, Failure, Outcome, Recorder, Refused
 from ..outage import outlast
-from ..schemas import JOB_ID_SEGMENT, JobInfo, WorkItem, decode, now
+from ..schemas import JobInfo, WorkItem, decode, now
 
 __all__ = ["Settler"]
 
