@@ -269,6 +269,7 @@ class Gateway:
             )
         job = decode(request.data, EvaluateRequest)
         await self._check_pool(job.pool)
+        await self._check_rescore(job)
         await self.registry.check(job)
         check_policy(job, await self.policies.get(job.pool))
 
@@ -435,6 +436,29 @@ class Gateway:
             "(a worker creates its pool when it starts)",
             path="$.pool",
         )
+
+    async def _check_rescore(self, job: EvaluateRequest) -> None:
+        """A re-score scores again what its source recorded: a source that is missing or has not
+        completed has nothing to score, and a task it did not run has no responses."""
+        source_id = job.rescore_of
+        if source_id is None:
+            return
+        found = await self.jobs.get(source_id)
+        if found is None:
+            raise JobNotFound(f"no job {source_id} to re-score", path="$.rescore_of")
+        source = found[0]
+        if source.status != "completed":
+            raise WrongState(
+                f"job {source_id} is {source.status}; only a completed job can be re-scored", path="$.rescore_of"
+            )
+        # A record read without its request (one that held a credential) cannot be compared.
+        ran = source.request.tasks if source.request is not None else job.tasks
+        for index, task in enumerate(job.tasks):
+            if task not in ran:
+                raise InvalidField(
+                    f"task {task!r} is not among the tasks job {source_id} ran ({', '.join(ran)})",
+                    path=f"$.tasks[{index}]",
+                )
 
     async def _job(self, request: Request) -> tuple[str, JobInfo]:
         ref = decode(request.data or b"{}", JobRef)
