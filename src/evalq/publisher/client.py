@@ -37,6 +37,7 @@ from ..errors import (
     AmbiguousJobId,
     ConnectError,
     EvalqError,
+    InvalidField,
     JobCancelled,
     JobFailed,
     JobNotFound,
@@ -442,6 +443,30 @@ class AsyncClient:
         accepted = await self.submit(**fields)
         return await self.wait_for_job(accepted.job_id, timeout=timeout)
 
+    async def rescore(
+        self,
+        job_id: str,
+        *,
+        tasks: list[str] | None = None,
+        labels: dict[str, str] | None = None,
+        pool: str | None = None,
+        idempotency_key: str | None = None,
+        **fields: Any,
+    ) -> JobAccepted:
+        """Score a completed job's recorded responses again, with the workers' task code as it is
+        now; no model is loaded. Returns the new job's JobAccepted.
+
+        The new request is the source's (model, model_args, limit, num_fewshot, gen_kwargs,
+        log_samples, predict_only, batch_size, device, output_dir, seed, labels, pool) with
+        `shards=1` and `rescore_of` the source's id; `tasks` picks some of the source's tasks,
+        `labels` and `pool` replace its own, and `fields` set any other request field. `job_id`
+        may be any unique start of the id. A task the source did not run raises InvalidField
+        before anything is sent; a source that has not completed is refused by the gateway (409).
+        """
+        source = await self.get_job(await self.resolve(job_id))
+        body = _rescore_body(source, tasks=tasks, labels=labels, pool=pool, fields=fields)
+        return await self.submit(body, idempotency_key=idempotency_key)
+
     # --- results -------------------------------------------------------------------------
 
     async def results(self, job_id: str, dest_dir: str | Path = ".") -> list[Path]:
@@ -494,6 +519,49 @@ class AsyncClient:
         with self._errors(f"the results bucket {bucket}"):
             info = await jetstream.object_info(self._api(), bucket, full)
         return None if info is None else Artifact(self, full, info)
+
+
+# What a re-score keeps of its source's request: what decides which documents were asked and
+# how, so that the new scores are of the same responses. Nothing about running a model
+# (num_gpus, fresh_model, cache, timeout) is kept: a re-score runs none.
+_RESCORE_KEEPS = (
+    "model model_args limit num_fewshot gen_kwargs log_samples predict_only batch_size device output_dir seed"
+)
+
+
+def _rescore_body(
+    source: JobInfo,
+    *,
+    tasks: list[str] | None,
+    labels: dict[str, str] | None,
+    pool: str | None,
+    fields: dict[str, Any],
+) -> dict[str, Any]:
+    """The request that re-scores `source`; refuses, before anything is sent, what cannot work."""
+    if "rescore_of" in fields:
+        raise TypeError("rescore() names the source itself: pass its id as job_id, not rescore_of")
+    request = source.request
+    if request is None:
+        raise InvalidField(
+            f"job {source.job_id}'s record holds no request (it was read without one), so there is nothing "
+            "to build a re-score from",
+            path="$.rescore_of",
+        )
+    chosen = list(request.tasks) if tasks is None else list(tasks)
+    for index, task in enumerate(chosen):
+        if task not in request.tasks:
+            raise InvalidField(
+                f"task {task!r} is not among the tasks job {source.job_id} ran ({', '.join(request.tasks)}); "
+                "a re-score scores only responses that were recorded",
+                path=f"$.tasks[{index}]",
+            )
+    kept = {name: getattr(request, name) for name in _RESCORE_KEEPS.split()}
+    body: dict[str, Any] = {name: value for name, value in kept.items() if value is not None}
+    body.update(tasks=chosen, labels=source.labels if labels is None else labels, pool=pool or source.pool, shards=1)
+    # The caller's fields go over the copy (a shards > 1 among them is the gateway's to refuse).
+    body.update(fields)
+    body["rescore_of"] = source.job_id
+    return body
 
 
 class Artifact:

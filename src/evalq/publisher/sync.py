@@ -162,6 +162,22 @@ class Client:
     ) -> JobInfo:
         return self._run(self._async.submit_and_wait(timeout=timeout, job_timeout=job_timeout, **fields))
 
+    def rescore(
+        self,
+        job_id: str,
+        *,
+        tasks: list[str] | None = None,
+        labels: dict[str, str] | None = None,
+        pool: str | None = None,
+        idempotency_key: str | None = None,
+        **fields: Any,
+    ) -> JobAccepted:
+        return self._run(
+            self._async.rescore(
+                job_id, tasks=tasks, labels=labels, pool=pool, idempotency_key=idempotency_key, **fields
+            )
+        )
+
     def results(self, job_id: str, dest_dir: str | Path = ".") -> list[Path]:
         return self._run(self._async.results(job_id, dest_dir))
 
