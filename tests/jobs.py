@@ -60,3 +60,18 @@ async def enqueue_unchecked(nc: Any, topology: Any, request: dict[str, Any]) -> 
     body = encode({"job_id": job_id, "request": request, "created_at": created})
     await js.publish(topology.work_subject("default", job_id), body, headers={"Nats-Msg-Id": job_id})
     return job_id
+
+
+async def mark_completed(nc: Any, topology: Any, job_id: str, work: Any = None) -> None:
+    """A job's record as its worker leaves it when it completes (metrics, and `work` when
+    given), written by hand: a test of what reads a completed job needs no worker."""
+    import msgspec
+
+    from evalq.jobstore import JobStore
+    from evalq.schemas import JobResult, now
+
+    jobs = JobStore(await nc.jetstream().key_value(topology.jobs_bucket))
+    result = JobResult(metrics={"evalq_demo": {"exact_match,none": 0.6}}, duration_s=1.0, work=work)
+    await jobs.transition(
+        job_id, lambda info: msgspec.structs.replace(info, status="completed", completed_at=now(), result=result)
+    )

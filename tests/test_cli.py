@@ -15,13 +15,14 @@ import pytest
 from evalq import AsyncClient
 from evalq.config import Settings
 from evalq.jobstore import JobStore
-from evalq.schemas import Requeued, encode, now
+from evalq.policy import load_policy
+from evalq.schemas import Completed, Requeued, Started, Work, encode, now
 from evalq.topology import Topology
 
 from .conftest import EVALQ, run_command, settings_env
 from .events import all_events
 from .fake_evaluator import HOSTILE
-from .jobs import FAKE, JOB
+from .jobs import FAKE, JOB, mark_completed
 
 
 async def evalq(settings: Settings, *args: str, timeout: float = 120, **env: str) -> tuple[int, str, str]:
@@ -182,6 +183,7 @@ async def test_labels_and_reasons_from_older_records_are_printed_escaped(
         "up",
         "ui",
         "submit",
+        "rescore",
         "status",
         "cancel",
         "watch",
@@ -223,6 +225,80 @@ async def test_setup_is_how_queue_settings_change(settings: Settings, nc: Any, t
     assert (await js.consumer_info(topology.work_stream("default"), topology.consumer)).config.ack_wait == 5.0
     code, out, _ = await evalq(settings, "setup", "--help")
     assert code == 0 and "--force" in out
+
+
+async def test_rescore_and_the_work_status_shows(
+    settings: Settings, client: AsyncClient, nc: Any, topology: Topology
+) -> None:
+    code, _, err = await evalq(settings, "rescore", "0b4c1a52-0d4e-4a3b-9d1e-2f1f9b7c6d5e")
+    assert code == 1 and "Traceback" not in err
+    assert err.startswith("error:") and "404" in err and "0b4c1a52-0d4e-4a3b-9d1e-2f1f9b7c6d5e" in err
+    code, _, err = await evalq(settings, "rescore", "fedcba98")
+    assert code == 1 and "Traceback" not in err and "no job id starts with fedcba98" in err
+
+    source = (await client.submit(**JOB, labels={"step": "300"})).job_id
+    code, _, err = await evalq(settings, "rescore", source)
+    assert code == 1 and "409" in err and "only a completed job" in err and "Traceback" not in err
+    work = Work(responses_computed=120, responses_resumed=380, scores_computed=120, scores_reused=380)
+    await mark_completed(nc, topology, source, work)
+    wide = {"COLUMNS": "400"}
+    code, out, err = await evalq(settings, "status", source, **wide)
+    assert code == 0, err
+    shown = "responses 120 computed, 380 resumed, 0 reused; scores 120 computed, 380 reused"
+    assert re.search(rf"\bwork +{shown}", out), out
+    assert "rescore of" not in out
+
+    code, out, err = await evalq(settings, "rescore", source[:8], "--json")
+    assert code == 0, err
+    accepted = json.loads(out)
+    info = await client.get_job(accepted["job_id"])
+    assert info.request is not None and info.request.rescore_of == source and info.labels == {"step": "300"}
+    code, out, err = await evalq(settings, "rescore", source, "--tasks", "evalq_demo,nope", **wide)
+    assert code == 1 and "$.tasks[1]" in err, err
+    code, out, err = await evalq(settings, "rescore", source, "--label", "scorer=v2", **wide)
+    assert code == 0, err
+    new = re.search(r"accepted (\S+) .*\(re-score of (\S+), stream seq", out)
+    assert new is not None and new.group(2) == source, out
+    code, out, err = await evalq(settings, "status", new.group(1), **wide)
+    assert code == 0 and re.search(rf"\brescore of +{source}", out) and "scorer=v2" in out, out
+
+
+async def test_watch_says_what_a_job_resumed_and_where_its_answers_came_from(
+    settings: Settings, client: AsyncClient, nc: Any, topology: Topology
+) -> None:
+    job = (await client.submit(**JOB)).job_id
+    await mark_completed(nc, topology, job)
+    work = Work(responses_resumed=20, scores_computed=20)
+    for event in (
+        Started(job_id=job, time=now(), attempt=1, worker="w1", loads_model=False, resumed_responses=20),
+        Completed(job_id=job, time=now(), attempt=1, worker="w1", duration_s=1.0, work=work),
+    ):
+        await nc.jetstream().publish(topology.event_subject(job, type(event).__struct_config__.tag), encode(event))
+    code, out, err = await evalq(settings, "watch", job, COLUMNS="400")
+    assert code == 0, err
+    assert "started  on w1 (attempt 1), no model loaded, resuming 20 responses and 0 scores" in out, out
+    assert "work: responses 0 computed, 20 resumed, 0 reused; scores 20 computed, 0 reused" in out, out
+
+
+async def test_submit_takes_a_cache_mode_and_a_seed(settings: Settings, client: AsyncClient) -> None:
+    code, _, err = await evalq(settings, "submit", "--model", "dummy", "--tasks", "evalq_demo", "--cache", "bogus")
+    assert code == 2 and "--cache" in err
+    code, out, err = await evalq(
+        settings, "submit", "--model", "dummy", "--tasks", "evalq_demo", "--cache", "refresh", "--seed", "7", "--json"
+    )
+    assert code == 0, err
+    info = await client.get_job(json.loads(out)["job_id"])
+    assert info.request is not None and (info.request.cache, info.request.seed) == ("refresh", 7)
+
+
+async def test_setup_sets_the_pools_cache_default(settings: Settings, nc: Any, topology: Topology) -> None:
+    code, out, err = await evalq(settings, "setup", "--cache", "off", "--json")
+    assert code == 0, err
+    (change,) = json.loads(out)
+    assert (change["setting"], change["was"]["cache"], change["now"]["cache"]) == ("policy", "read-write", "off")
+    assert (await load_policy(nc.jetstream(), topology, "default")).cache == "off"
+    code, _, err = await evalq(settings, "setup", "--cache", "sometimes")
+    assert code == 2 and "--cache" in err
 
 
 def free_port() -> int:

@@ -7,32 +7,21 @@ import asyncio
 import json
 from typing import Any
 
-import msgspec
 import pytest
 
 from evalq import AsyncClient, Client, errors
 from evalq.config import Settings
 from evalq.gateway import Gateway
-from evalq.jobstore import JobStore
-from evalq.schemas import JobResult, Work, encode, now
+from evalq.schemas import encode
 from evalq.topology import Topology
 
-from .jobs import JOB
+from .jobs import JOB, mark_completed
 
 UNKNOWN = "0b4c1a52-0d4e-4a3b-9d1e-2f1f9b7c6d5e"
 
 
 async def stream_messages(nc: Any, topology: Topology, pool: str = "default") -> int:
     return (await nc.jetstream().stream_info(topology.work_stream(pool))).state.messages
-
-
-async def complete(nc: Any, topology: Topology, job_id: str, work: Work | None = None) -> None:
-    """Mark a job completed as a worker would, with metrics and, when given, its work."""
-    jobs = JobStore(await nc.jetstream().key_value(topology.jobs_bucket))
-    result = JobResult(metrics={"evalq_demo": {"exact_match,none": 0.6}}, duration_s=1.0, work=work)
-    await jobs.transition(
-        job_id, lambda info: msgspec.structs.replace(info, status="completed", completed_at=now(), result=result)
-    )
 
 
 async def refused(nc: Any, topology: Topology, body: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +56,7 @@ async def test_a_rescore_of_a_job_not_completed_is_409_and_never_enqueued(
 
 async def test_a_rescore_names_only_tasks_its_source_ran(client: AsyncClient, nc: Any, topology: Topology) -> None:
     source = (await client.submit(**JOB)).job_id
-    await complete(nc, topology, source)
+    await mark_completed(nc, topology, source)
     error = await refused(nc, topology, {**JOB, "tasks": ["evalq_demo", "evalq_shard_demo"], "rescore_of": source})
     assert (error["code"], error["path"]) == (422, "$.tasks[1]")
     error = await refused(nc, topology, {**JOB, "rescore_of": source, "shards": 2})
@@ -95,7 +84,7 @@ async def test_rescore_copies_the_source_request(client: AsyncClient, nc: Any, t
         "timeout": 600,
     }
     source = (await client.submit(model="dummy", **fields)).job_id
-    await complete(nc, topology, source)
+    await mark_completed(nc, topology, source)
     accepted = await client.rescore(source[:8])  # a short id resolves as `status` resolves it
     info = await client.get_job(accepted.job_id)
     request = info.request
@@ -126,7 +115,7 @@ async def test_rescore_refuses_before_submitting(client: AsyncClient, nc: Any, t
     with pytest.raises(errors.WrongState) as queued:
         await client.rescore(source)
     assert queued.value.path == "$.rescore_of"
-    await complete(nc, topology, source)
+    await mark_completed(nc, topology, source)
     with pytest.raises(errors.InvalidField) as other:
         await client.rescore(source, tasks=["evalq_demo", "mmmu_val"])
     assert other.value.path == "$.tasks[1]" and "evalq_demo" in other.value.message
@@ -139,7 +128,7 @@ async def test_the_blocking_client_rescores_too(
     settings: Settings, client: AsyncClient, nc: Any, topology: Topology
 ) -> None:
     source = (await client.submit(**JOB)).job_id
-    await complete(nc, topology, source)
+    await mark_completed(nc, topology, source)
 
     def blocking() -> str:
         with Client(settings) as sync:

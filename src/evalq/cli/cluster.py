@@ -11,7 +11,7 @@ import typer
 from ..connection import connect
 from ..policy import PoolPolicy, SetupChange, apply_setup, revised
 from ..publisher import AsyncClient
-from ..schemas import Health
+from ..schemas import CacheMode, Health
 from .app import JsonOpt, client_command, run, settings
 from .output import console, dump, errors, print_rows, shown
 
@@ -70,6 +70,13 @@ def setup(
         Optional[str],
         typer.Option(help="Policy: what a stall does: `report` (an event and a mark) or `fail` (the job fails)."),
     ] = None,
+    cache: Annotated[
+        Optional[CacheMode],
+        typer.Option(
+            help="Policy: the response cache for requests that do not choose one: `off`, `read`, `read-write` "
+            "(reuse and add answers) or `refresh` (compute all and add them)."
+        ),
+    ] = None,
     reset_policy: Annotated[
         bool, typer.Option("--reset-policy", help="Policy: start from the default instead of the pool's current one.")
     ] = False,
@@ -101,6 +108,8 @@ def setup(
     Example: `evalq setup --ack-wait 30 --pool default --pool big`
 
     Example: `evalq setup --pool gpu --model-root /models --hub-prefix my-org --max-timeout 86400`
+
+    Example: `evalq setup --pool ci --cache off`
     """
     chosen = settings(ctx, ack_wait=ack_wait, replicas=replicas, queue_limit=queue_limit)
     pools = tuple(pool) or ("default",)
@@ -118,6 +127,8 @@ def setup(
         changes["url_prefixes"] = url_prefix
     if stall_action is not None:
         changes["stall_action"] = stall_action
+    if cache is not None:
+        changes["cache"] = cache
     for name, seconds in (
         ("default_timeout_s", default_timeout),
         ("max_timeout_s", max_timeout),

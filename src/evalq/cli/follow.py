@@ -30,7 +30,7 @@ from ..schemas import (
     Started,
 )
 from .app import EXIT_CANCELLED, EXIT_FAILED
-from .output import console, dump, errors, print_metrics, shown
+from .output import console, dump, errors, print_metrics, shown, work_line
 
 __all__ = ["follow", "job_events"]
 
@@ -91,7 +91,12 @@ async def _follow_pretty(client: AsyncClient, job_id: str) -> Event | None:
             if isinstance(event, Queued):
                 progress.console.print(shown(f"queued   {job_id} (pool {event.pool})"), highlight=False)
             elif isinstance(event, Started):
-                progress.console.print(shown(f"started  on {event.worker} (attempt {event.attempt})"), highlight=False)
+                line = f"started  on {event.worker} (attempt {event.attempt})"
+                if not event.loads_model:
+                    line += ", no model loaded"
+                if event.resumed_responses or event.resumed_scores:
+                    line += f", resuming {event.resumed_responses} responses and {event.resumed_scores} scores"
+                progress.console.print(shown(line), highlight=False)
             elif isinstance(event, Requeued):
                 progress.console.print(shown(f"requeued {event.reason}"), highlight=False)
             elif isinstance(event, Stalled):
@@ -116,4 +121,6 @@ async def _follow_pretty(client: AsyncClient, job_id: str) -> Event | None:
                     task = progress.tasks[task_id]
                     progress.update(task_id, completed=task.total)
                 progress.console.print(f"completed in {event.duration_s}s", highlight=False)
+                if event.work is not None:
+                    progress.console.print(f"work: {work_line(event.work)}", highlight=False)
     return final

@@ -1,4 +1,4 @@
-"""The commands about jobs: submit, status, cancel, watch, results, events, queue, jobs."""
+"""The commands about jobs: submit, rescore, status, cancel, watch, results, events, queue, jobs."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from rich.table import Table
 
 from ..errors import Unavailable
 from ..publisher import AsyncClient
-from ..schemas import JOBS_PAGE_MAX, JobSummary
+from ..schemas import JOBS_PAGE_MAX, CacheMode, JobAccepted, JobSummary
 from .app import JsonOpt, client_command, number, parse_pairs, run, settings
 from .follow import follow
 from .output import SHORT_ID, console, dump, errors, event_line, fail, print_job, print_rows, shown
 
-__all__ = ["cancel", "events", "jobs", "queue", "results", "status", "submit", "watch"]
+__all__ = ["cancel", "events", "jobs", "queue", "rescore", "results", "status", "submit", "watch"]
 
 # Rows `evalq queue` shows: the running jobs, then the head of each pool's queue.
 QUEUE_ROWS = 200
@@ -57,6 +57,17 @@ def submit(
     fresh_model: Annotated[
         bool, typer.Option("--fresh-model", help="Load the model afresh, even where a worker keeps it loaded.")
     ] = False,
+    cache: Annotated[
+        Optional[CacheMode],
+        typer.Option(
+            help="The response cache: `off`, `read` (reuse answers other jobs gave), `read-write` (reuse and add "
+            "this job's) or `refresh` (compute all and add them). Default: the pool's."
+        ),
+    ] = None,
+    seed: Annotated[
+        Optional[int],
+        typer.Option(min=0, help="lmms-eval's --seed; with one, sampled answers may be cached too."),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Submit an evaluation job; prints its id and queue position.
@@ -87,6 +98,8 @@ def submit(
         "gen_kwargs": gen_kwargs,
         "output_dir": output_dir,
         "timeout": job_timeout,
+        "cache": cache,
+        "seed": seed,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     chosen = settings(ctx)
@@ -94,18 +107,58 @@ def submit(
     async def main() -> int:
         async with AsyncClient(chosen) as client:
             accepted = await client.submit(body, idempotency_key=idempotency_key)
-            if json_:
-                dump(accepted)
-            else:
-                dup = " (duplicate)" if accepted.duplicate else ""
-                console.print(
-                    f"[green]accepted[/green] {shown(accepted.job_id)}{dup}  position {accepted.position_in_queue}  "
-                    f"(pool {shown(pool)}, stream seq {accepted.stream_seq})",
-                    highlight=False,
-                )
-            if not wait:
-                return 0
-            return await follow(client, accepted.job_id, json_, timeout)
+            return await _accepted(client, accepted, f"pool {pool}", json_=json_, wait=wait, timeout=timeout)
+
+    raise typer.Exit(run(main()))
+
+
+async def _accepted(
+    client: AsyncClient, accepted: JobAccepted, where: str, *, json_: bool, wait: bool, timeout: float | None
+) -> int:
+    """Say a job was accepted (one line, or its JSON); with `wait`, follow it to its end. The exit code."""
+    if json_:
+        dump(accepted)
+    else:
+        dup = " (duplicate)" if accepted.duplicate else ""
+        console.print(
+            f"[green]accepted[/green] {shown(accepted.job_id)}{dup}  position {accepted.position_in_queue}  "
+            f"({shown(where)}, stream seq {accepted.stream_seq})",
+            highlight=False,
+        )
+    if not wait:
+        return 0
+    return await follow(client, accepted.job_id, json_, timeout)
+
+
+def rescore(
+    ctx: typer.Context,
+    job_id: str,
+    tasks: Annotated[
+        Optional[str], typer.Option(help="Comma-separated: only these of the job's tasks (default: all of them).")
+    ] = None,
+    label: Annotated[
+        Optional[list[str]], typer.Option(help="k=v labels for the new job, instead of the job's own (repeatable).")
+    ] = None,
+    pool: Annotated[Optional[str], typer.Option(help="Worker pool (default: the job's).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the new job to its end, like `evalq watch`.")] = False,
+    timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Score a completed job's recorded responses again with the workers' task code as it is now; no
+    model is loaded. Submits a new job (same request, one piece) and prints its id. Any unique start
+    of the id will do.
+
+    Example: `evalq rescore 3f7bc3b2 --tasks evalq_demo --wait`
+    """
+    chosen = settings(ctx)
+    picked = [t for t in tasks.split(",") if t] if tasks is not None else None
+    labels = parse_pairs(label, "--label") or None
+
+    async def main() -> int:
+        async with AsyncClient(chosen) as client:
+            source = await client.resolve(job_id)
+            accepted = await client.rescore(source, tasks=picked, labels=labels, pool=pool)
+            return await _accepted(client, accepted, f"re-score of {source}", json_=json_, wait=wait, timeout=timeout)
 
     raise typer.Exit(run(main()))
 

@@ -30,6 +30,7 @@ from ..schemas import (
     ShardFailed,
     ShardStarted,
     Stalled,
+    Work,
 )
 from ..text import escape_control
 
@@ -45,6 +46,7 @@ __all__ = [
     "print_metrics",
     "print_rows",
     "shown",
+    "work_line",
 ]
 
 console = Console()
@@ -136,9 +138,11 @@ def print_job(info: JobInfo) -> None:
         ("labels", ", ".join(f"{k}={v}" for k, v in info.labels.items()) or None),
         ("model", info.request.model if info.request else None),
         ("tasks", ",".join(info.request.tasks) if info.request else None),
+        ("rescore of", info.request.rescore_of if info.request else None),
         ("progress", f"{info.progress.phase} {info.progress.done}/{info.progress.total}" if info.progress else None),
         ("stalled", f"no progress since {info.stalled_since}" if info.stalled_since else None),
         ("pieces", f"{info.shards_done}/{info.shards} done" if info.pieces else None),
+        ("work", work_line(info.result.work) if info.result and info.result.work else None),
         ("error", info.error),
     ]
     for key, value in rows:
@@ -163,6 +167,14 @@ def print_job(info: JobInfo) -> None:
         print_rows("pieces", ("piece", "tasks", "documents", "status", "attempts", "worker", "seconds"), pieces)
     if info.result and info.result.metrics:
         print_metrics(info.result.metrics)
+
+
+def work_line(work: Work) -> str:
+    """Where an evaluation's answers came from, as `evalq status` and `--wait` show it."""
+    return (
+        f"responses {work.responses_computed} computed, {work.responses_resumed} resumed, "
+        f"{work.responses_reused} reused; scores {work.scores_computed} computed, {work.scores_reused} reused"
+    )
 
 
 def event_line(event: Event) -> str:
