@@ -19,9 +19,11 @@ import pytest
 
 from evalq import AsyncClient
 from evalq.config import Settings
+from evalq.schemas import Work
+from evalq.topology import Topology
 from evalq.web import WebServer
 
-from .jobs import FAKE
+from .jobs import FAKE, mark_completed
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 try:
@@ -135,6 +137,24 @@ async def test_job_page_shows_metrics_when_it_completes(
     download = await download_info.value
     assert "exact_match" in Path(await download.path()).read_text()
     await page.screenshot(path=str(artifacts_dir(tmp_path) / "job.png"), full_page=True)
+
+
+async def test_job_page_shows_its_work_and_links_the_job_it_rescores(
+    web: str, browser: Browser, client: AsyncClient, nc: Any, topology: Topology
+) -> None:
+    source = (await client.submit(model="dummy", tasks=[TASK])).job_id
+    await mark_completed(nc, topology, source, Work(responses_computed=120, responses_resumed=380, scores_computed=500))
+    rescore = (await client.rescore(source)).job_id
+    page = await open_page(browser, f"{web}/jobs/{source}")
+    assert await page.locator("#job-work").text_content() == (
+        "responses 120 computed, 380 resumed, 0 reused; scores 500 computed, 0 reused"
+    )
+    assert await page.locator("#job-rescore-of").count() == 0
+    page = await open_page(browser, f"{web}/jobs/{rescore}")
+    link = page.locator("#job-rescore-of a.jobid")
+    assert await link.text_content() == source[:8]
+    assert await link.get_attribute("href") == f"/jobs/{source}"
+    assert await page.locator("#job-work").count() == 0  # not run yet
 
 
 def _tiny_png() -> str:

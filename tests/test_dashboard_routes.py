@@ -20,10 +20,11 @@ import pytest
 
 from evalq import AsyncClient
 from evalq.config import Settings
+from evalq.schemas import Work
 from evalq.topology import Topology
 from evalq.web import create_app
 
-from .jobs import JOB
+from .jobs import JOB, mark_completed
 
 # The policy the design promises for every page: only the process's own script and style,
 # images from it or data: URIs, no framing, no forms, no base.
@@ -116,6 +117,25 @@ async def test_a_label_with_markup_comes_back_as_json_text(web: httpx.AsyncClien
         assert answer.headers["cache-control"] == "no-store"
         # The label is a JSON string in a JSON document: nothing a browser would take for a page.
         assert json.dumps(XSS) in answer.text and "text/html" not in answer.headers["content-type"]
+
+
+async def test_a_job_carries_its_work_and_the_job_it_rescores(
+    web: httpx.AsyncClient, client: AsyncClient, nc: Any, topology: Topology
+) -> None:
+    source = (await client.submit(**JOB)).job_id
+    await mark_completed(nc, topology, source, Work(responses_computed=12, responses_reused=8, scores_computed=20))
+    rescore = (await client.rescore(source)).job_id
+    job = assert_json(await web.get(f"/api/jobs/{source}"))["job"]
+    assert job["result"]["work"] == {
+        "responses_computed": 12,
+        "responses_resumed": 0,
+        "responses_reused": 8,
+        "scores_computed": 20,
+        "scores_reused": 0,
+    }
+    assert job["request"]["rescore_of"] is None
+    job = assert_json(await web.get(f"/api/jobs/{rescore[:8]}"))["job"]
+    assert job["request"]["rescore_of"] == source and job["result"] is None
 
 
 async def test_artifacts_download_as_sandboxed_attachments(web: httpx.AsyncClient, nc: Any, topology: Topology) -> None:

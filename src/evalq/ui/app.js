@@ -52,6 +52,14 @@ function fmt(value) {
   return Math.abs(value) >= 1000 ? value.toFixed(1) : value.toFixed(4);
 }
 
+// Where an evaluation's answers came from: computed, taken from its own journal (an earlier
+// attempt's), or reused from the cache.
+function workText(w) {
+  const n = (key) => String(w[key] || 0);
+  return `responses ${n("responses_computed")} computed, ${n("responses_resumed")} resumed, ${n("responses_reused")} reused; ` +
+    `scores ${n("scores_computed")} computed, ${n("scores_reused")} reused`;
+}
+
 function labelChips(labels) {
   return Object.entries(labels || {}).map(([k, v]) => el("span", { class: "label" }, k + "=" + v));
 }
@@ -350,6 +358,7 @@ async function jobPage(given) {
       ["status", el("b", { class: "status-" + info.status, id: "job-status" }, info.status)],
       ["model", r.model || ""],
       ["tasks", (r.tasks || []).join(", ")],
+      r.rescore_of ? ["re-score of", el("span", { id: "job-rescore-of" }, jobLink(r.rescore_of))] : null,
       ["pool", info.pool],
       ["labels", labelChips(info.labels)],
       ["created", info.created_at || ""],
@@ -357,7 +366,9 @@ async function jobPage(given) {
       ["ended", info.completed_at || ""],
       ["worker", info.worker || ""],
       ["attempts", String(info.attempts)],
-    ];
+    ].filter(Boolean);
+    const work = info.result && info.result.work;
+    if (work) fields.push(["work", el("span", { id: "job-work" }, workText(work))]);
     if (info.stalled_since) fields.push(["stalled", el("span", { class: "stalled" }, `no progress since ${info.stalled_since}`)]);
     if (info.error) fields.push(["error", el("span", { class: "error" }, info.error)]);
     const rows = fields.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)));
@@ -452,10 +463,19 @@ async function jobPage(given) {
     replace(parts.samples, pager, cards);
   }
 
+  function startedText(event) {
+    const model = event.loads_model === false ? " (no model loaded)"
+      : event.model_reused ? " (model reused)"
+      : event.model_load_seconds ? ` (model loaded in ${event.model_load_seconds.toFixed(1)} s)` : "";
+    const resumed = event.resumed_responses || event.resumed_scores
+      ? `, resuming ${event.resumed_responses || 0} responses and ${event.resumed_scores || 0} scores` : "";
+    return `started on ${event.worker || "?"}` + model + resumed;
+  }
+
   function describe(event) {
     switch (event.type) {
       case "queued": return `queued in ${event.pool}` + (event.position_in_queue ? ` at position ${event.position_in_queue}` : "");
-      case "started": return `started on ${event.worker || "?"}` + (event.model_reused ? " (model reused)" : event.model_load_seconds ? ` (model loaded in ${event.model_load_seconds.toFixed(1)} s)` : "");
+      case "started": return startedText(event);
       case "progress": return `${event.progress.phase}: ${event.progress.done}/${event.progress.total}`;
       case "stalled": return `stalled: no progress for ${event.seconds.toFixed(0)} s (since ${event.since})` + (event.action === "fail" ? "; its pool fails it" : "");
       case "requeued": return "requeued: " + event.reason;
