@@ -32,7 +32,7 @@ from typing import Literal
 
 import msgspec
 
-from .schemas import JobInfo, Piece, PieceStatus, Progress
+from .schemas import JobInfo, Piece, PieceStatus, Progress, Work
 
 __all__ = [
     "PIECE_ALLOWED",
@@ -45,6 +45,7 @@ __all__ = [
     "piece_progress",
     "piece_start",
     "pieces_running",
+    "pieces_work",
     "plan",
     "plan_pieces",
 ]
@@ -176,12 +177,24 @@ def piece_progress(info: JobInfo, index: int, done: int) -> JobInfo | None:
     return _with_piece(info, index, msgspec.structs.replace(piece, done=max(piece.done, min(done, piece.docs))))
 
 
-def piece_finish(info: JobInfo, index: int, *, at: str, seconds: float) -> JobInfo | None:
+def piece_finish(info: JobInfo, index: int, *, at: str, seconds: float, work: Work | None = None) -> JobInfo | None:
     if "completed" not in piece_allowed(info, index, "piece_finish"):
         return None
     piece = info.pieces[index]
-    finished = msgspec.structs.replace(piece, status="completed", done=piece.docs, completed_at=at, seconds=seconds)
+    finished = msgspec.structs.replace(
+        piece, status="completed", done=piece.docs, completed_at=at, seconds=seconds, work=work
+    )
     return _with_piece(info, index, finished)
+
+
+def pieces_work(info: JobInfo) -> Work | None:
+    """A sharded job's work: its pieces', summed (the merge computes nothing: every score it
+    hands lmms-eval is a piece's); None when no piece reported any."""
+    works = [piece.work for piece in info.pieces if piece.work is not None]
+    if not works:
+        return None
+    fields = Work.__struct_fields__
+    return Work(**{name: sum(getattr(work, name) for work in works) for name in fields})
 
 
 def piece_fail(info: JobInfo, index: int, *, error: str, final: bool, at: str) -> JobInfo | None:

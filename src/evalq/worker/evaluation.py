@@ -21,14 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from nats.aio.msg import Msg
 
 from .. import lifecycle, sharding
 from ..config import Settings
 from ..jobstore import JobStore
-from ..lifecycle import Applied, Cancellation, Failure, Outcome, Recorder
-from ..schemas import TERMINAL, JobInfo, Progress, decode, now
+from ..lifecycle import Applied, Cancellation, Failure, Outcome, Recorder, Success
+from ..schemas import TERMINAL, CacheMode, JobInfo, Progress, decode, now
 from .argv import lmms_eval_args
+from .entry import ENTRY_MODULE
+from .identity import model_identity
+from .journal_stream import Journal, JournalRun, part_name
 from .launch import Launch, Launcher, Process
 from .results import outcome_of, tail, upload
 from .settle import Settler
@@ -68,6 +72,8 @@ class RunningJob:
     quiet: bool = False
     # What the resident model said for this job: (reused, load seconds); None: no resident.
     model: tuple[bool, float | None] | None = None
+    # How the job uses the response cache (its own `cache`, else its pool's default).
+    cache: CacheMode = "off"
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     requeue: asyncio.Event = field(default_factory=asyncio.Event)
     last_progress_at: float = 0.0
@@ -91,6 +97,7 @@ class Evaluation:
         recorder: Recorder,
         jobs: JobStore,
         settler: Settler,
+        journal: Journal,
         *,
         worker_id: str,
         include_dir: Path,
@@ -100,6 +107,7 @@ class Evaluation:
         self.recorder = recorder
         self.jobs = jobs
         self.settler = settler
+        self.journal = journal
         self.worker_id = worker_id
         self.include_dir = include_dir
 
@@ -114,16 +122,35 @@ class Evaluation:
             await self.settler.conclude(job.msg, info.job_id, Failure(error=output))
             return
         log_path = output / "eval.log"
+        journal = await self.journal_for(job, output, part_name(None))
+        if isinstance(journal, str):
+            await self.settler.conclude(job.msg, info.job_id, Failure(error=journal))
+            return
 
         async def announce() -> None:
             reused, load_s = job.model if job.model is not None else (None, None)
             event = lifecycle.started_event(
-                info, worker=self.worker_id, at=now(), model_reused=reused, model_load_seconds=load_s
+                info,
+                worker=self.worker_id,
+                at=now(),
+                model_reused=reused,
+                model_load_seconds=load_s,
+                resumed_responses=journal.resumed_responses if journal else 0,
+                resumed_scores=journal.resumed_scores if journal else 0,
+                loads_model=info.request is None or info.request.rescore_of is None,
             )
             await self.recorder.announce(event)
 
         args = lmms_eval_args(info.request, output_path=output, include_path=self.include_dir)
-        exit_code = await self.run(job, Launch(args=args, cwd=output, log_path=log_path), announce)
+        if journal is None:
+            launch = Launch(args=args, cwd=output, log_path=log_path)
+        else:
+            # A re-score loads no model: it runs where any evaluation without one runs.
+            rescore = info.request.rescore_of is not None
+            launch = Launch(
+                args=journal.flags() + args, cwd=output, log_path=log_path, module=ENTRY_MODULE, per_gpu=not rescore
+            )
+        exit_code = await self.run(job, launch, announce, journal)
         outcome = await self.outcome(
             job, exit_code, output, log_path, duration_s=round(time.monotonic() - begun, 3), started_at=launched_at
         )
@@ -131,7 +158,62 @@ class Evaluation:
             reason = f"worker {self.worker_id} is shutting down"
             await self.settler.requeue(job.msg, info.job_id, attempt=job.attempt, reason=reason)
             return
+        outcome = await self.settle_journal(job, journal, outcome, [part_name(None)])
         await self.settler.conclude(job.msg, info.job_id, outcome)
+
+    async def journal_for(self, job: RunningJob, output: Path, part: str) -> JournalRun | str | None:
+        """The evaluation's journal, prepared (what it resumes, what the cache holds); None
+        where none is kept (a configured evaluator, not lmms-eval); a reason where the job
+        cannot run (a re-score whose source has no journal)."""
+        request = job.info.request
+        assert request is not None
+        if self.settings.worker.evaluator:
+            return (
+                "a re-score needs lmms-eval (this worker runs a configured evaluator)" if request.rescore_of else None
+            )
+        worker = self.settings.worker
+        model = await asyncio.to_thread(model_identity, request, cwd=output)
+        run = JournalRun(
+            self.journal,
+            job_id=job.info.job_id,
+            part=part,
+            model=model,
+            directory=output / "journal",
+            cache=job.cache,
+            settings={
+                "flush_count": worker.journal_flush_records,
+                "flush_seconds": worker.journal_flush_seconds,
+                "seed": request.seed is not None,
+            },
+            rescore_of=request.rescore_of,
+            interval=min(1.0, worker.journal_flush_seconds),
+        )
+        try:
+            await run.prepare()
+        except FileNotFoundError as exc:
+            return str(exc)
+        except Exception as exc:  # NATS away or the journal unreadable: run without resuming
+            if request.rescore_of is not None:
+                return f"the journal of job {request.rescore_of} could not be read: {exc}"
+            log.warning("job %s: journal not read (%s); computing everything", job.info.job_id, exc)
+        return run
+
+    async def settle_journal(
+        self, job: RunningJob, journal: JournalRun | None, outcome: Outcome, parts: list[str]
+    ) -> Outcome:
+        """Keep a completed evaluation's journal (and cache its answers), with its work in the
+        result; remove a failed or cancelled job's."""
+        if journal is None:
+            return outcome
+        try:
+            if isinstance(outcome, Success):
+                await journal.completed()
+                work = journal.work()
+                return msgspec.structs.replace(outcome, result=msgspec.structs.replace(outcome.result, work=work))
+            await self.journal.remove(job.info.job_id, parts)
+        except Exception as exc:  # the outcome stands; the journal expires on its own
+            log.warning("job %s: journal not settled: %s", job.info.job_id, exc)
+        return outcome
 
     async def outcome(
         self,
@@ -188,11 +270,18 @@ class Evaluation:
         await upload(self.settler.store, object_prefix, [(log_path, "eval.log")])
         return Failure(error=reason, exit_code=exit_code, log_tail=log_tail)
 
-    async def run(self, job: RunningJob, launch: Launch, announce: Callable[[], Awaitable[None]]) -> int | None:
+    async def run(
+        self,
+        job: RunningJob,
+        launch: Launch,
+        announce: Callable[[], Awaitable[None]],
+        journal: JournalRun | None = None,
+    ) -> int | None:
         """Start one evaluation process and supervise it until it ends, is cancelled, runs out
         of time or is handed back (`job` says which); its exit code, or None when it could
         not start (`job.launch_error` says why)."""
         ended = asyncio.Event()
+        tailing: asyncio.Task[None] | None = None
         # Follow the record from here on: a launch may wait for the warm evaluator's imports.
         watcher = asyncio.create_task(self._watch_for_cancel(job, ended))
         waiting: asyncio.Task[int] | None = None
@@ -205,6 +294,8 @@ class Evaluation:
                 return None
             job.process = process
             waiting = asyncio.create_task(process.wait())
+            if journal is not None:
+                tailing = asyncio.create_task(journal.tail())
             stop_reasons = [asyncio.create_task(job.cancel.wait()), asyncio.create_task(job.requeue.wait())]
             if job.limit_s is not None:
                 stop_reasons.append(asyncio.create_task(self._time_limit(job)))
@@ -230,9 +321,18 @@ class Evaluation:
                 loading.cancel()
             if not waiting.done():
                 await process.terminate(self.settings.worker.cancel_grace)
-            return await waiting
+            code = await waiting
+            if journal is not None:
+                # What the process wrote last (a SIGTERM flushes it) is kept before it is settled.
+                with contextlib.suppress(Exception):
+                    await journal.publish_new()
+            return code
         finally:
             ended.set()
+            if tailing is not None:
+                tailing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await tailing
             job.announced = False
             if job.reports:
                 # Each report's requests are bounded by their own timeouts.

@@ -32,11 +32,12 @@ from ..config import Settings
 from ..events import EventPublisher
 from ..jobstore import JobStore
 from ..lifecycle import Applied, Cancellation, Failure, Recorder, Refused
-from ..policy import effective_timeout, load_policy, missing_model, recheck
+from ..policy import effective_cache, effective_timeout, load_policy, missing_model, recheck
 from ..registry import Registry, cannot_run
 from ..schemas import TERMINAL, JobInfo, WorkerInfo, WorkItem, decode, now
 from ..topology import Topology
 from .evaluation import Evaluation, RunningJob
+from .journal_stream import Journal
 from .keepalive import KeepAlive
 from .launch import Launcher
 from .registration import Registration
@@ -163,6 +164,7 @@ class Worker:
             self.recorder,
             self.jobs,
             self.settler,
+            Journal(self.nc, self.topology, timeout=self.settings.connection.request_timeout),
             worker_id=self.worker_id,
             include_dir=self.include_dir,
         )
@@ -392,7 +394,8 @@ class Worker:
                 msg, job_id, Failure(error=f"the policy of pool {self.pool!r} refuses it: {refused}")
             )
             return
-        missing = missing_model(info.request)
+        # A re-score loads no model: its checkpoint may be gone.
+        missing = missing_model(info.request) if info.request.rescore_of is None else None
         if missing is not None:
             await self.settler.conclude(msg, job_id, Failure(error=missing))
             return
@@ -426,6 +429,7 @@ class Worker:
             limit_s=limit_s,
             stall_after_s=policy.stall_after_s,
             stall_action=policy.stall_action,
+            cache=effective_cache(info.request, policy),
         )
         self.hold(job)
         await self.registration.show(job_id)

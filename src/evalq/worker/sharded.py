@@ -37,18 +37,19 @@ from .. import jetstream, lifecycle, sharding
 from ..config import Settings
 from ..lifecycle import Applied, Cancellation, Failure, Outcome, Recorder, Refused, Success
 from ..outage import outlast
-from ..policy import effective_timeout, load_policy
+from ..policy import effective_cache, effective_timeout, load_policy
 from ..registry import cannot_run
-from ..schemas import TERMINAL, JobInfo, Piece, PieceItem, decode, encode, now
+from ..schemas import TERMINAL, CacheMode, JobInfo, Piece, PieceItem, decode, encode, now
 from ..sharding import plan_pieces
 from ..topology import Topology
 from .argv import lmms_eval_args
+from .entry import ENTRY_MODULE, RESPONSES_FILE, shard_flags
 from .evaluation import Evaluation, RunningJob
+from .journal_stream import part_name
 from .launch import Launch
 from .registration import Registration
 from .results import collect, tail, upload
 from .settle import Settler
-from .sharded_eval import RESPONSES_FILE, SHARDED_MODULE, shard_flags
 
 __all__ = ["ShardedSteps", "piece_args"]
 
@@ -161,7 +162,7 @@ class ShardedSteps:
 
         include_dir = self.evaluation.include_dir
         args = shard_flags("plan", plan_file) + lmms_eval_args(request, output_path=output, include_path=include_dir)
-        launch = Launch(args=args, cwd=output, log_path=log_path, module=SHARDED_MODULE, per_gpu=False)
+        launch = Launch(args=args, cwd=output, log_path=log_path, module=ENTRY_MODULE, per_gpu=False)
         job.quiet = True
         code = await self.evaluation.run(job, launch, announce)
         if job.requeue.is_set() and not job.cancel.is_set():
@@ -257,8 +258,11 @@ class ShardedSteps:
             await msg.nak(delay=_RETRY_DELAY)
             return
         limit_s = None
+        cache: CacheMode = info.request.cache or "off"
         with contextlib.suppress(Exception):  # no policy read: the job's own timeout still applies
-            limit_s = effective_timeout(info.request, await load_policy(self.js, self.topology, self.pool))
+            policy = await load_policy(self.js, self.topology, self.pool)
+            limit_s = effective_timeout(info.request, policy)
+            cache = effective_cache(info.request, policy)
         if limit_s is None:
             limit_s = info.request.timeout
         started_at = now()
@@ -274,7 +278,7 @@ class ShardedSteps:
             return
         started = moved.after
         attempt = started.pieces[index].attempts
-        job = RunningJob(info=started, msg=msg, attempt=attempt, limit_s=limit_s, piece=index)
+        job = RunningJob(info=started, msg=msg, attempt=attempt, limit_s=limit_s, piece=index, cache=cache)
         self.hold(job)
         await self.registration.show(info.job_id)
         await self._run_piece(job)
@@ -297,11 +301,14 @@ class ShardedSteps:
             at = now()
             await self.recorder.announce(lifecycle.shard_started_event(info, index, worker=self.worker_id, at=at))
 
-        args = shard_flags("record", responses) + piece_args(
-            info, piece, output, include_dir=self.evaluation.include_dir
-        )
-        launch = Launch(args=args, cwd=output, log_path=log_path, module=SHARDED_MODULE)
-        code = await self.evaluation.run(job, launch, announce)
+        journal = await self.evaluation.journal_for(job, output, part_name(index))
+        if isinstance(journal, str):
+            await self._fail_piece(job.msg, info, index, attempt=job.attempt, error=journal)
+            return
+        args = (journal.flags() if journal is not None else []) + shard_flags("record", responses)
+        args += piece_args(info, piece, output, include_dir=self.evaluation.include_dir)
+        launch = Launch(args=args, cwd=output, log_path=log_path, module=ENTRY_MODULE)
+        code = await self.evaluation.run(job, launch, announce, journal)
         prefix = f"{info.job_id}/shards/{index}"
         await upload(self.settler.store, prefix, [(log_path, "eval.log")])
         if job.cancel.is_set():
@@ -335,6 +342,13 @@ class ShardedSteps:
         if failed is not None:
             await self._fail_piece(job.msg, info, index, attempt=job.attempt, error=failed)
             return
+        work = None
+        if journal is not None:
+            try:
+                await journal.completed()
+            except Exception as exc:  # the piece stands; a later attempt would compute it again
+                log.warning("job %s piece %d: journal not settled: %s", info.job_id, index, exc)
+            work = journal.work()
         seconds = round(time.monotonic() - begun, 3)
         at = now()
 
@@ -343,7 +357,7 @@ class ShardedSteps:
 
         moved = await self.recorder.record(
             info.job_id,
-            lambda record: sharding.piece_finish(record, index, at=at, seconds=seconds),
+            lambda record: sharding.piece_finish(record, index, at=at, seconds=seconds, work=work),
             event,
             patient=True,
         )
@@ -380,6 +394,7 @@ class ShardedSteps:
         # Its running pieces stop (their workers watch the record); those still queued are
         # dropped unrun by whichever worker takes them.
         await self.recorder.finish(info.job_id, Failure(error=reason), at=at, worker=self.worker_id)
+        await self._remove_journals(info)
         await self.settler.ack(msg)
 
     async def cancel_piece(self, job_id: str, index: int) -> None:
@@ -435,7 +450,7 @@ class ShardedSteps:
         args = shard_flags("replay", responses) + lmms_eval_args(
             info.request, output_path=output, include_path=include_dir
         )
-        launch = Launch(args=args, cwd=output, log_path=log_path, module=SHARDED_MODULE, per_gpu=False)
+        launch = Launch(args=args, cwd=output, log_path=log_path, module=ENTRY_MODULE, per_gpu=False)
         code = await self.evaluation.run(job, launch, announce)
         outcome = await self.evaluation.outcome(
             job, code, output, log_path, duration_s=_since(info.started_at, begun), started_at=launched_at, step="merge"
@@ -445,9 +460,20 @@ class ShardedSteps:
             return
         if isinstance(outcome, Success):
             logs = [f"{info.job_id}/shards/{piece.index}/eval.log" for piece in info.pieces]
-            result = msgspec.structs.replace(outcome.result, artifacts=[*outcome.result.artifacts, *logs])
+            artifacts = [*outcome.result.artifacts, *logs]
+            result = msgspec.structs.replace(outcome.result, artifacts=artifacts, work=sharding.pieces_work(info))
             outcome = Success(result=result)
+        else:
+            await self._remove_journals(info)
         await self.settler.conclude(msg, info.job_id, outcome)
+
+    async def _remove_journals(self, info: JobInfo) -> None:
+        """A sharded job that ends without results keeps no journal (a completed one's are kept
+        for re-scoring, as a whole job's)."""
+        try:
+            await self.evaluation.journal.remove(info.job_id, [part_name(piece.index) for piece in info.pieces])
+        except Exception as exc:  # they expire with the journal stream's max age
+            log.warning("job %s: journals not removed: %s", info.job_id, exc)
 
 
 def _since(started_at: str | None, fallback: float) -> float:
