@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from evalq import AsyncClient
-from evalq.worker.sharded_eval import RESPONSES_FILE, SHARDED_MODULE, load_responses, shard_flags
+from evalq.worker.entry import ENTRY_MODULE, RESPONSES_FILE, load_responses, shard_flags
 from evalq.worker.taskpaths import build_include_dir
 
 from .test_sharding import _assert_same_run
@@ -108,7 +108,7 @@ def test_recorded_scores_load_as_they_were_kept_and_a_planted_class_does_not(tmp
 def _shard_step(mode: str, path: Path, output: Path, include: Path) -> subprocess.CompletedProcess[str]:
     """One step of a sharded job, as the worker launches it, on evalq_demo's first 4 documents."""
     flags = ["--model=dummy", "--tasks=evalq_demo", "--limit=4", f"--output_path={output}", f"--include_path={include}"]
-    argv = [sys.executable, "-m", SHARDED_MODULE, *shard_flags(mode, path), *flags]
+    argv = [sys.executable, "-m", ENTRY_MODULE, *shard_flags(mode, path), *flags]
     return subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=output.parent, check=False)
 
 

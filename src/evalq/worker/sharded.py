@@ -43,12 +43,12 @@ from ..schemas import TERMINAL, JobInfo, Piece, PieceItem, decode, encode, now
 from ..sharding import plan_pieces
 from ..topology import Topology
 from .argv import lmms_eval_args
+from .entry import ENTRY_MODULE, RESPONSES_FILE, shard_flags
 from .evaluation import Evaluation, RunningJob
 from .launch import Launch
 from .registration import Registration
 from .results import collect, tail, upload
 from .settle import Settler
-from .sharded_eval import RESPONSES_FILE, SHARDED_MODULE, shard_flags
 
 __all__ = ["ShardedSteps", "piece_args"]
 
@@ -161,7 +161,7 @@ class ShardedSteps:
 
         include_dir = self.evaluation.include_dir
         args = shard_flags("plan", plan_file) + lmms_eval_args(request, output_path=output, include_path=include_dir)
-        launch = Launch(args=args, cwd=output, log_path=log_path, module=SHARDED_MODULE, per_gpu=False)
+        launch = Launch(args=args, cwd=output, log_path=log_path, module=ENTRY_MODULE, per_gpu=False)
         job.quiet = True
         code = await self.evaluation.run(job, launch, announce)
         if job.requeue.is_set() and not job.cancel.is_set():
@@ -300,7 +300,7 @@ class ShardedSteps:
         args = shard_flags("record", responses) + piece_args(
             info, piece, output, include_dir=self.evaluation.include_dir
         )
-        launch = Launch(args=args, cwd=output, log_path=log_path, module=SHARDED_MODULE)
+        launch = Launch(args=args, cwd=output, log_path=log_path, module=ENTRY_MODULE)
         code = await self.evaluation.run(job, launch, announce)
         prefix = f"{info.job_id}/shards/{index}"
         await upload(self.settler.store, prefix, [(log_path, "eval.log")])
@@ -435,7 +435,7 @@ class ShardedSteps:
         args = shard_flags("replay", responses) + lmms_eval_args(
             info.request, output_path=output, include_path=include_dir
         )
-        launch = Launch(args=args, cwd=output, log_path=log_path, module=SHARDED_MODULE, per_gpu=False)
+        launch = Launch(args=args, cwd=output, log_path=log_path, module=ENTRY_MODULE, per_gpu=False)
         code = await self.evaluation.run(job, launch, announce)
         outcome = await self.evaluation.outcome(
             job, code, output, log_path, duration_s=_since(info.started_at, begun), started_at=launched_at, step="merge"

@@ -1,9 +1,10 @@
-"""The three lmms-eval runs of a sharded job, each in its own evaluation process.
+"""The evaluation process's entry for every lmms-eval run evalq starts.
 
-Run as `python -m evalq.worker.sharded_eval --evalq_shard=MODE --evalq_shard_file=PATH
-<lmms-eval flags>` (forked from the warm evaluator, or started fresh, like any evaluation).
-A configured `evaluator` command is given the same two flags first, so a stand-in can
-take part in sharded jobs too.
+Run as `python -m evalq.worker.entry [--evalq_shard=MODE --evalq_shard_file=PATH] <lmms-eval
+flags>` (forked from the warm evaluator, run in the resident process, or started fresh).
+Without `--evalq_shard` it runs lmms-eval on the flags: a whole job. A sharded job runs
+three steps, each in its own evaluation process; a configured `evaluator` command is given
+the same two flags first, so a stand-in can take part in sharded jobs too.
 
 - `plan`: counts each task's documents (lmms-eval builds the tasks, so groups,
   splits and `--limit` count as they will in the run) and writes `{task: count}` as JSON to PATH.
@@ -38,10 +39,10 @@ from typing import Any
 
 from .lmms_hooks import Key, ScoreKey, patched_get_model, recording, replaying, scoring
 
-__all__ = ["MODES", "RESPONSES_FILE", "SHARDED_MODULE", "Recorded", "load_responses", "main", "shard_flags"]
+__all__ = ["ENTRY_MODULE", "MODES", "RESPONSES_FILE", "Recorded", "load_responses", "main", "shard_flags"]
 
 # This module, as the worker launches it.
-SHARDED_MODULE = "evalq.worker.sharded_eval"
+ENTRY_MODULE = "evalq.worker.entry"
 RESPONSES_FILE = "responses.pkl"
 MODES = ("plan", "record", "replay")
 
@@ -193,10 +194,15 @@ def _plan(out: Path, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m evalq.worker.sharded_eval", add_help=False)
-    parser.add_argument("--evalq_shard", choices=MODES, required=True)
-    parser.add_argument("--evalq_shard_file", type=Path, required=True)
+    parser = argparse.ArgumentParser(prog=f"python -m {ENTRY_MODULE}", add_help=False, allow_abbrev=False)
+    parser.add_argument("--evalq_shard", choices=MODES, default=None)
+    parser.add_argument("--evalq_shard_file", type=Path, default=None)
     options, theirs = parser.parse_known_args(args)
+    if options.evalq_shard is None:
+        _run_lmms_eval(theirs)
+        return 0
+    if options.evalq_shard_file is None:
+        parser.error("--evalq_shard needs --evalq_shard_file")
     path: Path = options.evalq_shard_file
     if options.evalq_shard == "plan":
         return _plan(path, theirs)
