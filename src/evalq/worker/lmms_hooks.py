@@ -6,7 +6,8 @@ call hands back, and nothing else of lmms-eval's run:
 
 - a resident process hands back the model an earlier job built (`resident_process.py`);
 - a sharded job's piece keeps every response the model gives (`recording`);
-- a sharded job's merge answers every request from the pieces' responses (`replaying`).
+- a sharded job's merge answers every request from the pieces' responses (`replaying`);
+- a journaled run wraps them once more (`journal_hooks.py`).
 
 It also changes what one call of lmms-eval's scoring hands back: a piece keeps every score
 `process_results` gives its documents, and the merge hands back those scores in place of
