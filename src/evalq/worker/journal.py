@@ -279,6 +279,7 @@ class JournalWriter:
         self._after_release: tuple[int, Callable[[], None]] | None = None
         # A run appending to an earlier run's journal first cuts off a frame torn by a kill:
         # frames appended after it would otherwise be read as its remainder.
+        directory.mkdir(parents=True, exist_ok=True)
         complete = _complete_length(self.path)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         if os.fstat(self._fd).st_size > complete:

@@ -83,6 +83,7 @@ class Journal:
                 self._by_occurrence[(tuple(key), n)] = (fp, answer)
         self._local = threading.local()
         self._files: FileDigests = {}
+        self._drawing = False
 
     # -- the model's answers ----------------------------------------------------------
 
@@ -186,6 +187,7 @@ class Journal:
         self.writer.count("responses_reused", reused)
         self.writer.due()
         done = total - len(todo)
+        self._drawing = total > 0
         self._progress(own_line(_PHASE, done, total))
         try:
             for start in range(0, len(todo), self.settings.chunk):
@@ -218,7 +220,7 @@ class Journal:
         return is_cacheable(reqtype, request, fp, seed=self.settings.seed)
 
     def _progress(self, line: str) -> None:
-        if self.rank == 0:  # as lmms-eval draws its bars on rank 0 only
+        if self.rank == 0 and self._drawing:  # as lmms-eval draws its bars on rank 0 only
             print(line, file=sys.stderr, flush=True)
 
     # -- the task's scores -------------------------------------------------------------
