@@ -96,6 +96,7 @@ def _env(run: Run, **extra: str) -> dict[str, str]:
 
 
 def _argv(run: Run, tasks: Path, *flags: str, module: str = ENTRY_MODULE, limit: int = DOCS) -> list[str]:
+    """The command line of a journaled run (or of plain lmms-eval); `flags` replace the defaults they name."""
     lmms_eval_flags = [
         "--model=dummy",
         f"--tasks={TASK}",
@@ -110,11 +111,12 @@ def _argv(run: Run, tasks: Path, *flags: str, module: str = ENTRY_MODULE, limit:
     return [sys.executable, "-m", module, *journal, *ours, *flags]
 
 
-def _evaluate(run: Run, tasks: Path, *flags: str, module: str = ENTRY_MODULE, limit: int = DOCS, **env: str) -> Run:
+def _evaluate(run: Run, tasks: Path, *flags: str, module: str = ENTRY_MODULE, limit: int = DOCS) -> Run:
+    """Run the evaluation to its end, its output in the run's log."""
     with open(run.root / "log.txt", "wb") as log:
         subprocess.run(
             _argv(run, tasks, *flags, module=module, limit=limit),
-            env=_env(run, **env),
+            env=_env(run),
             cwd=run.root,
             stdout=log,
             stderr=subprocess.STDOUT,
