@@ -5,10 +5,8 @@ lmms-eval those scores."""
 from __future__ import annotations
 
 import pickle
-import shutil
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,41 +14,11 @@ import numpy as np
 import pytest
 
 from evalq import AsyncClient
-from evalq.worker.sharded_eval import RESPONSES_FILE, SHARDED_MODULE, load_responses, shard_flags
+from evalq.worker.entry import ENTRY_MODULE, RESPONSES_FILE, load_responses, shard_flags
 from evalq.worker.taskpaths import build_include_dir
 
+from .scored_task import CALLS_VARIABLE, TASK, counting_task
 from .test_sharding import _assert_same_run
-
-TASK = "scored_demo"
-CALLS_VARIABLE = "SCORE_CALLS_FILE"
-
-# Every call of the task's process_results adds one line: the folder it ran in, which is the
-# piece's own folder (`<job>/shards/<index>`) or, for the merge and unsharded runs, the job's.
-_COUNTING = f'''
-
-import os as _os
-
-_scored = process_results
-
-
-def process_results(doc, results):
-    with open(_os.environ["{CALLS_VARIABLE}"], "a") as handle:
-        handle.write(_os.getcwd() + "\\n")
-    return _scored(doc, results)
-'''
-
-
-def counting_task(root: Path) -> Path:
-    """evalq_shard_demo (exact match and a macro-F1 over tuples) as a team's task folder whose
-    process_results counts its calls."""
-    source = Path(str(resources.files("evalq") / "tasks" / "evalq_shard_demo"))
-    folder = root / TASK
-    folder.mkdir(parents=True)
-    shutil.copyfile(source / "evalq_shard_demo.jsonl", folder / f"{TASK}.jsonl")
-    (folder / "utils.py").write_text((source / "utils.py").read_text() + _COUNTING)
-    template = (source / "evalq_shard_demo.yaml.in").read_text().replace("task: evalq_shard_demo", f"task: {TASK}")
-    (folder / f"{TASK}.yaml").write_text(template.replace("@DATA_FILE@", str(folder / f"{TASK}.jsonl")))
-    return root
 
 
 @pytest.mark.slow
@@ -108,7 +76,7 @@ def test_recorded_scores_load_as_they_were_kept_and_a_planted_class_does_not(tmp
 def _shard_step(mode: str, path: Path, output: Path, include: Path) -> subprocess.CompletedProcess[str]:
     """One step of a sharded job, as the worker launches it, on evalq_demo's first 4 documents."""
     flags = ["--model=dummy", "--tasks=evalq_demo", "--limit=4", f"--output_path={output}", f"--include_path={include}"]
-    argv = [sys.executable, "-m", SHARDED_MODULE, *shard_flags(mode, path), *flags]
+    argv = [sys.executable, "-m", ENTRY_MODULE, *shard_flags(mode, path), *flags]
     return subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=output.parent, check=False)
 
 

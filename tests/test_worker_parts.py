@@ -10,7 +10,7 @@ import pytest
 
 from evalq.schemas import EvaluateRequest, decode, encode
 from evalq.worker.argv import evaluator_command, lmms_eval_args, scrubbed_env
-from evalq.worker.progress import ProgressParser
+from evalq.worker.progress import OWN_MARK, ProgressParser, own_end, own_line
 from evalq.worker.results import collect, metrics_of, tail
 from evalq.worker.taskpaths import build_include_dir
 
@@ -125,6 +125,26 @@ def test_progress_from_tqdm_output() -> None:
     seen = list(parser.feed(b"0%|#####     | 10/20 [00:02<00:02]\n  0%|          | 0/4 [00:00<?, ?it/s]\n"))
     assert [(p.phase, p.done) for p in seen] == [("Model Responding", 10), ("running", 0)]
     assert list(parser.feed(b"2026-11-27 INFO | no bar here\n")) == []
+
+
+def test_evalqs_own_progress_line_hides_the_chunks_bars_until_its_end() -> None:
+    parser = ProgressParser()
+
+    def seen(text: str) -> list[tuple[str, int, int]]:
+        return [(p.phase, p.done, p.total) for p in parser.feed(text)]
+
+    assert seen("Building contexts: 100%|####| 40/40 [00:00<00:00]\n") == [("Building contexts", 40, 40)]
+    assert own_line("Model Responding", 320, 800).startswith(f"{OWN_MARK} Model Responding:  40%|")
+    assert seen(own_line("Model Responding", 320, 800) + "\n") == [("Model Responding", 320, 800)]
+    # The model's own bar for one chunk: ignored, however far it says it got.
+    chunk_bar = "\rModel Responding:  50%|#####     | 16/32 [00:01<00:01]\rModel Responding: 100%|####| 32/32\n"
+    assert seen(chunk_bar) == []
+    # A line drawn right after a bar that did not end its line still counts, in colour too.
+    assert seen(f"Model Responding: 100%|####| 32/32\x1b[0m{own_line('Model Responding', 352, 800)}\n") == [
+        ("Model Responding", 352, 800)
+    ]
+    assert seen(f"{own_line('Model Responding', 800, 800)}\n{own_end()}\n") == [("Model Responding", 800, 800)]
+    assert seen("Postprocessing:  25%|##        | 10/40 [00:00<00:01]\n") == [("Postprocessing", 10, 40)]
 
 
 def test_results_are_read_from_the_newest_file(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ tasks are packed whole into the pieces, largest first into the lightest piece.
 
 A piece of whole tasks has no offset, and as its limit the largest count among its tasks.
 lmms-eval applies one count to every task of a run (a fractional limit becomes the first
-task's share, see `worker/sharded_eval.py`), so each task's count is min(its documents,
+task's share, see `worker/entry.py`), so each task's count is min(its documents,
 that count), and this limit runs exactly the planned documents of each of the piece's
 tasks, where the request's fraction, applied to the piece's tasks alone, would not.
 

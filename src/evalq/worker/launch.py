@@ -22,9 +22,9 @@ from pathlib import Path
 from ..config import Settings
 from ..schemas import EvaluateRequest, Progress
 from .argv import evaluator_command, scrubbed_env
+from .entry import ENTRY_MODULE
 from .resident import Resident, ResidentJob, resident_key
 from .runner import EvalProcess
-from .sharded_eval import SHARDED_MODULE
 from .warm import WarmEvaluator, WarmProcess, ZygoteError
 
 __all__ = ["Launch", "Launcher", "Process"]
@@ -51,8 +51,9 @@ class Launch:
 
     @property
     def loads_model(self) -> bool:
-        """lmms-eval, or a sharded job's piece: the runs that build a model (a plan or a merge does not)."""
-        return self.module == "lmms_eval" or (self.module == SHARDED_MODULE and self.per_gpu)
+        """lmms-eval itself or through the entry (a whole job, a piece): the runs that build a model (a plan or a
+        merge does not)."""
+        return self.module == "lmms_eval" or (self.module == ENTRY_MODULE and self.per_gpu)
 
 
 class Launcher:

@@ -6,7 +6,8 @@ call hands back, and nothing else of lmms-eval's run:
 
 - a resident process hands back the model an earlier job built (`resident_process.py`);
 - a sharded job's piece keeps every response the model gives (`recording`);
-- a sharded job's merge answers every request from the pieces' responses (`replaying`).
+- a sharded job's merge answers every request from the pieces' responses (`replaying`);
+- a journaled run wraps them once more (`journal_hooks.py`).
 
 It also changes what one call of lmms-eval's scoring hands back: a piece keeps every score
 `process_results` gives its documents, and the merge hands back those scores in place of
@@ -25,7 +26,9 @@ from typing import Any
 __all__ = [
     "REQUEST_TYPES",
     "Key",
+    "ScoreCall",
     "ScoreKey",
+    "Scorer",
     "on_create",
     "patched_get_model",
     "recording",
@@ -42,8 +45,25 @@ Key = tuple[str, str, Any, int]
 # filter, call). Call 0 scores all the document's responses; with `repeats`, lmms-eval calls
 # it again once per response (calls 1 to repeats).
 ScoreKey = tuple[str, Any, str, int]
+
+
+class ScoreCall:
+    """One call of a task's `process_results`, not made yet: `results` is what it is given,
+    and calling this makes the call."""
+
+    def __init__(self, real: Callable[..., Any], doc: Any, results: Any, args: tuple[Any, ...], kwargs: Any) -> None:
+        self._real = real
+        self.doc = doc
+        self.results = results
+        self._args = args
+        self._kwargs = kwargs
+
+    def __call__(self) -> Any:
+        return self._real(self.doc, self.results, *self._args, **self._kwargs)
+
+
 # How a call is answered: given its key and the task's own call, its value.
-Scorer = Callable[[ScoreKey, Callable[[], Any]], Any]
+Scorer = Callable[[ScoreKey, ScoreCall], Any]
 
 
 def request_key(reqtype: str, request: Any) -> Key:
@@ -171,7 +191,7 @@ class _ScoredTask:
         call = self._evalq_calls
         self._evalq_calls += 1
         real = self._evalq_task.process_results
-        return self._evalq_scorer((task_name, doc_id, filter_key, call), lambda: real(doc, results, *args, **kwargs))
+        return self._evalq_scorer((task_name, doc_id, filter_key, call), ScoreCall(real, doc, results, args, kwargs))
 
 
 @contextlib.contextmanager

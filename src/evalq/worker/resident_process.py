@@ -3,7 +3,7 @@
 Spawned from the zygote (`python -m evalq.worker.resident_process --control-fd N`), with
 lmms-eval already imported and CUDA untouched. For each `ResidentRun` (see `resident.py`)
 it points its output at the job's pipe and runs the job's module as `python -m` would:
-lmms-eval, or a sharded job's `record` step. lmms-eval builds its model through
+lmms-eval, or evalq's entry (`entry.py`: a whole job or a piece). lmms-eval builds its model through
 `models.get_model(name).create_from_arg_string(args, config)`; that call is answered with
 the model built by an earlier job when the class, the arguments and the config are the
 same, and otherwise builds it (after dropping the old one) and keeps it. Two things of the
@@ -26,10 +26,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..children import exit_code, run_as_main
+from .entry import ENTRY_MODULE
+from .entry import main as entry_main
 from .lmms_hooks import patched_get_model
 from .resident import MAX_MESSAGE, Done, Loaded, ResidentRun, decode, encode
-from .sharded_eval import SHARDED_MODULE
-from .sharded_eval import main as sharded_main
 
 __all__ = ["main"]
 
@@ -96,9 +96,9 @@ def _keeping(kept: _Kept, control: socket.socket) -> Iterator[None]:
 def _run(module: str, argv: list[str]) -> int:
     """Run the module as `python -m` would; lmms-eval ends with `sys.exit`, which ends the
     job here, not the process."""
-    if module == SHARDED_MODULE:
+    if module == ENTRY_MODULE:
         try:
-            return sharded_main(argv)
+            return entry_main(argv)
         except SystemExit as done:
             return exit_code(done)
     return run_as_main(module, argv)

@@ -1,9 +1,11 @@
-"""The three lmms-eval runs of a sharded job, each in its own evaluation process.
+"""The evaluation process's entry for every lmms-eval run evalq starts.
 
-Run as `python -m evalq.worker.sharded_eval --evalq_shard=MODE --evalq_shard_file=PATH
-<lmms-eval flags>` (forked from the warm evaluator, or started fresh, like any evaluation).
-A configured `evaluator` command is given the same two flags first, so a stand-in can
-take part in sharded jobs too.
+Run as `python -m evalq.worker.entry [--evalq_shard=MODE --evalq_shard_file=PATH]
+[--evalq_journal=DIR [--evalq_rescore]] <lmms-eval flags>` (forked from the warm evaluator,
+run in the resident process, or started fresh). Without `--evalq_shard` it runs lmms-eval on
+the flags: a whole job. A sharded job runs three steps, each in its own evaluation process;
+a configured `evaluator` command is given the same two flags first, so a stand-in can take
+part in sharded jobs too.
 
 - `plan`: counts each task's documents (lmms-eval builds the tasks, so groups,
   splits and `--limit` count as they will in the run) and writes `{task: count}` as JSON to PATH.
@@ -18,6 +20,12 @@ take part in sharded jobs too.
   names it. lmms-eval still filters the responses, aggregates, computes stderr and groups
   and writes the samples, with its own code, from exactly what an unsharded run has.
 
+`--evalq_journal=DIR` journals a whole job or a piece (`record`): each response and each
+score is written to DIR as the run goes, and those the job's earlier journal or the
+response cache holds are taken back instead of computed (`journal_hooks.py`; the files are
+`journal.py`'s). `--evalq_rescore` with it loads no model: every request is answered from
+the journal's responses and every document scored again with the task's code of today.
+
 The model never loads in `replay`: the class lmms-eval asks for is swapped for one that
 only replays (it keeps the real class's name and whether it is a chat model, which decides
 how tasks build their prompts). A response that is missing ends the run with an error.
@@ -27,6 +35,7 @@ How the model class is swapped or watched is `lmms_hooks.py`; this module runs t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -36,12 +45,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .journal import safe_load
+from .journal_hooks import journaling
 from .lmms_hooks import Key, ScoreKey, patched_get_model, recording, replaying, scoring
 
-__all__ = ["MODES", "RESPONSES_FILE", "SHARDED_MODULE", "Recorded", "load_responses", "main", "shard_flags"]
+__all__ = ["ENTRY_MODULE", "MODES", "RESPONSES_FILE", "Recorded", "load_responses", "main", "shard_flags"]
 
 # This module, as the worker launches it.
-SHARDED_MODULE = "evalq.worker.sharded_eval"
+ENTRY_MODULE = "evalq.worker.entry"
 RESPONSES_FILE = "responses.pkl"
 MODES = ("plan", "record", "replay")
 
@@ -49,30 +60,6 @@ MODES = ("plan", "record", "replay")
 def shard_flags(mode: str, path: str | Path) -> list[str]:
     """The two flags that make an evaluation one step of a sharded job."""
     return [f"--evalq_shard={mode}", f"--evalq_shard_file={path}"]
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Responses and scores are plain values (strings, numbers, tuples, lists, dicts, numpy
-    scalars and arrays, lmms-eval's `GenerationResult`); any other class is refused, so a
-    planted file cannot run code."""
-
-    _ALLOWED = {
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        # A score may be an array: its data is rebuilt from bytes, never by a call it names.
-        ("numpy", "ndarray"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        # What lmms-eval's own models return from generate_until: plain dataclasses of data.
-        ("lmms_eval.api.instance", "GenerationResult"),
-        ("lmms_eval.api.instance", "TokenCounts"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"a recorded value of type {module}.{name} is not replayed")
 
 
 class Recorded:
@@ -89,9 +76,8 @@ class Recorded:
         tmp.replace(path)
 
     def add(self, path: Path) -> None:
-        """Add a recorded file's contents, read with the allow-list unpickler."""
-        with open(path, "rb") as handle:
-            loaded = _SafeUnpickler(handle).load()
+        """Add a recorded file's contents, read with the journal's allow-list unpickler."""
+        loaded = safe_load(path)
         if not isinstance(loaded, dict) or not isinstance(loaded.get("responses"), dict):
             # An evalq before scores were kept wrote the responses alone: its pieces cannot be merged.
             raise ValueError(f"{path} holds no responses and scores (a piece recorded by an older evalq?)")
@@ -113,7 +99,13 @@ def _run_lmms_eval(argv: list[str]) -> None:
     runpy.run_module("lmms_eval", run_name="__main__", alter_sys=True)
 
 
-def _record(responses_path: Path, argv: list[str]) -> int:
+def _whole(journal_dir: Path, argv: list[str], *, rescore: bool) -> int:
+    with journaling(journal_dir, rescore=rescore) as journal, journal.responses(), journal.scores():
+        _run_lmms_eval(argv)
+    return 0
+
+
+def _record(responses_path: Path, argv: list[str], journal_dir: Path | None = None) -> int:
     kept = Recorded()
 
     def keep(key: ScoreKey, score: Any) -> Any:
@@ -126,7 +118,16 @@ def _record(responses_path: Path, argv: list[str]) -> int:
         rank = int(os.environ.get("RANK", "0") or 0)
         responses_path = responses_path.with_name(f"{responses_path.stem}.rank{rank}{responses_path.suffix}")
     try:
-        with recording(kept.responses), scoring(keep):
+        with contextlib.ExitStack() as stack:
+            journal = stack.enter_context(journaling(journal_dir)) if journal_dir is not None else None
+            # The piece keeps every answer and score, journaled or taken back from the
+            # journal: its hooks wrap the journal's (the hook entered last is asked first).
+            if journal is not None:
+                stack.enter_context(journal.responses())
+            stack.enter_context(recording(kept.responses))
+            stack.enter_context(scoring(keep))
+            if journal is not None:
+                stack.enter_context(journal.scores())
             _run_lmms_eval(argv)
     finally:
         # Written even when the run failed: the worker reads success from the results file.
@@ -193,15 +194,29 @@ def _plan(out: Path, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m evalq.worker.sharded_eval", add_help=False)
-    parser.add_argument("--evalq_shard", choices=MODES, required=True)
-    parser.add_argument("--evalq_shard_file", type=Path, required=True)
+    parser = argparse.ArgumentParser(prog=f"python -m {ENTRY_MODULE}", add_help=False, allow_abbrev=False)
+    parser.add_argument("--evalq_shard", choices=MODES, default=None)
+    parser.add_argument("--evalq_shard_file", type=Path, default=None)
+    parser.add_argument("--evalq_journal", type=Path, default=None)
+    parser.add_argument("--evalq_rescore", action="store_true")
     options, theirs = parser.parse_known_args(args)
+    journal: Path | None = options.evalq_journal
+    if options.evalq_rescore and (journal is None or options.evalq_shard is not None):
+        parser.error("--evalq_rescore goes with --evalq_journal, on a whole job")
+    if journal is not None and options.evalq_shard not in (None, "record"):
+        parser.error("--evalq_journal goes with a whole job or a piece (record)")
+    if options.evalq_shard is None:
+        if journal is not None:
+            return _whole(journal, theirs, rescore=options.evalq_rescore)
+        _run_lmms_eval(theirs)
+        return 0
+    if options.evalq_shard_file is None:
+        parser.error("--evalq_shard needs --evalq_shard_file")
     path: Path = options.evalq_shard_file
     if options.evalq_shard == "plan":
         return _plan(path, theirs)
     if options.evalq_shard == "record":
-        return _record(path, theirs)
+        return _record(path, theirs, journal)
     return _replay(path, theirs)
 
 
