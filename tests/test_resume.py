@@ -80,7 +80,13 @@ async def test_a_killed_worker_and_a_restarted_server_lose_at_most_one_flush_win
     calls = tmp_path / "calls.txt"
     calls.touch()
     tasks = str(slow_task(tmp_path / "tasks"))
-    env = {CALLS_VARIABLE: str(calls), SLEEP_VARIABLE: "0.1", "EVALQ_TASK_PATHS": tasks}
+    env = {
+        CALLS_VARIABLE: str(calls),
+        SLEEP_VARIABLE: "0.1",
+        "EVALQ_TASK_PATHS": tasks,
+        "EVALQ_JOURNAL_FLUSH_RECORDS": str(FLUSH["journal_flush_records"]),
+        "EVALQ_JOURNAL_FLUSH_SECONDS": str(FLUSH["journal_flush_seconds"]),
+    }
     gateway_nc = await connect(settings)
     await Topology.from_settings(settings).ensure(gateway_nc.jetstream())
     gateway = await Gateway(gateway_nc, settings).start()
@@ -180,7 +186,7 @@ async def test_a_checkpoint_overwritten_in_place_reuses_no_answer(
         "model": "huggingface",
         "tasks": ["evalq_demo"],
         "limit": 6,
-        "model_args": {"pretrained": str(folder), "device_map": "cpu"},
+        "model_args": {"pretrained": str(folder), "trust_remote_code": True, "device_map": "cpu"},
         "device": "cpu",
         "cache": "read-write",
     }
@@ -207,7 +213,7 @@ async def test_a_rescore_applies_todays_scoring_with_no_model(
         "model": "huggingface",
         "tasks": [TASK],
         "limit": 12,
-        "model_args": {"pretrained": str(folder), "device_map": "cpu"},
+        "model_args": {"pretrained": str(folder), "trust_remote_code": True, "device_map": "cpu"},
         "device": "cpu",
     }
     source = await client.submit_and_wait(**job, timeout=300)
