@@ -234,3 +234,7 @@ async def test_a_rescore_applies_todays_scoring_with_no_model(
     started = [e for e in await all_events(client, rescored.job_id) if isinstance(e, Started)]
     assert started and started[0].loads_model is False
     assert rescored.request is not None and rescored.request.rescore_of == source.job_id
+    # A re-score of a re-score reads the responses of the job that ran the model.
+    again = await client.submit_and_wait(**job, rescore_of=rescored.job_id, timeout=300)
+    assert _work(again).responses_resumed == 12 and again.result is not None
+    assert again.result.metrics == rescored.result.metrics

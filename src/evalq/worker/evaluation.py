@@ -42,6 +42,9 @@ __all__ = ["Evaluation", "RunningJob"]
 
 log = logging.getLogger("evalq.worker")
 
+# Re-scores of re-scores are followed this far back to the job that ran a model.
+_MAX_RESCORE_CHAIN = 32
+
 
 @dataclass
 class RunningJob:
@@ -173,6 +176,7 @@ class Evaluation:
             )
         worker = self.settings.worker
         model = await asyncio.to_thread(model_identity, request, cwd=output)
+        origin = await self._origin(request.rescore_of) if request.rescore_of is not None else None
         run = JournalRun(
             self.journal,
             job_id=job.info.job_id,
@@ -185,7 +189,7 @@ class Evaluation:
                 "flush_seconds": worker.journal_flush_seconds,
                 "seed": request.seed is not None,
             },
-            rescore_of=request.rescore_of,
+            rescore_of=origin,
             interval=min(1.0, worker.journal_flush_seconds),
         )
         try:
@@ -197,6 +201,17 @@ class Evaluation:
                 return f"the journal of job {request.rescore_of} could not be read: {exc}"
             log.warning("job %s: journal not read (%s); computing everything", job.info.job_id, exc)
         return run
+
+    async def _origin(self, source: str) -> str:
+        """The job whose journal holds the responses a re-score of `source` reads: `source`,
+        or, where it is itself a re-score (its journal holds scores only), its own source."""
+        for _ in range(_MAX_RESCORE_CHAIN):
+            found = await self.jobs.get(source)
+            request = found[0].request if found is not None else None
+            if request is None or request.rescore_of is None:
+                return source
+            source = request.rescore_of
+        return source
 
     async def settle_journal(
         self, job: RunningJob, journal: JournalRun | None, outcome: Outcome, parts: list[str]

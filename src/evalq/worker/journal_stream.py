@@ -171,6 +171,9 @@ class JournalRun:
         self.resumed_scores = 0
         # The cache's (fingerprint, occurrence) pairs already held: not added again.
         self._in_cache: set[tuple[Any, Any]] = set()
+        # The part's cacheable answers (earlier attempts' and this one's, as published): what
+        # a completed evaluation adds to the cache, without reading its journal back.
+        self._cacheable: list[Any] = []
         self._lock = asyncio.Lock()
 
     def flags(self) -> list[str]:
@@ -200,6 +203,7 @@ class JournalRun:
             records = []
         if records:
             kept = records[1:]
+            self._cacheable = [record for record in kept if _is_cacheable(record)]
             _dump(self.directory / "resume.pkl", resume_from(kept))
             self.resumed_responses = sum(1 for record in kept if record[0] == "response")
             self.resumed_scores = sum(1 for record in kept if record[0] == "score")
@@ -218,6 +222,7 @@ class JournalRun:
                 frames, offset = await asyncio.to_thread(read_frames, path, self.offsets.get(path, 0))
                 for records in frames:
                     await self.journal.append(self.job_id, self.part, records)
+                    self._cacheable += [record for record in records if _is_cacheable(record)]
                 self.offsets[path] = offset
 
     async def tail(self) -> None:
@@ -247,13 +252,8 @@ class JournalRun:
         (this attempt's and earlier ones') to the cache."""
         await self.publish_new()
         if self.cache in ("read-write", "refresh"):
-            records = await self.journal.read(self.job_id, self.part)
-            new = [
-                r
-                for r in records
-                if _is_cacheable(r) and (self.cache == "refresh" or (r[2], r[3]) not in self._in_cache)
-            ]
-            await self.journal.add_to_cache(self.model, new)
+            held = set() if self.cache == "refresh" else self._in_cache
+            await self.journal.add_to_cache(self.model, [r for r in self._cacheable if (r[2], r[3]) not in held])
 
 
 def _dump(path: Path, value: Any) -> None:
