@@ -346,6 +346,30 @@ def test_the_filesystem_type_is_read_from_the_mount_table() -> None:
     assert filesystem_type("/anything", "") is None
 
 
+async def test_the_trainer_callback_labels_each_job_with_its_save_time(
+    settings: Settings, client: AsyncClient, allowed: Path, nc: Any, topology: Topology
+) -> None:
+    from types import SimpleNamespace
+
+    pytest.importorskip("transformers")
+    from evalq.integrations import EvalqCallback
+
+    callback = EvalqCallback(tasks=["evalq_demo"], model="dummy", settings=settings, run="r1", submit_retry_s=5.0)
+    args = SimpleNamespace(output_dir=str(allowed), run_name="r1")
+    state = SimpleNamespace(global_step=4, is_world_process_zero=True)
+    before = time.time()
+    await asyncio.to_thread(callback.on_save, args, state, None)
+    after = time.time()
+    await asyncio.to_thread(callback.on_train_end, args, state, None)
+
+    (item,) = callback.submitted
+    assert item.accepted is not None, item.error
+    info = await client.get_job(item.accepted.job_id)
+    at = dt.datetime.fromisoformat(info.labels["saved_at"]).timestamp()
+    assert info.labels["saved_at"].endswith("Z") and before - 0.001 <= at <= after
+    assert {k: v for k, v in info.labels.items() if k != "saved_at"} == {"step": "4", "run": "r1"}
+
+
 async def test_a_checkpoint_deleted_before_its_job_runs_fails_it_clearly(
     settings: Settings, client: AsyncClient, allowed: Path, worker_factory: Any, tmp_path: Path
 ) -> None:
