@@ -485,3 +485,5 @@ async def test_watch_dir_refuses_a_bad_regex_in_one_line(settings: Settings, all
 async def test_training_run_commands_have_help_with_an_example(settings: Settings, command: str) -> None:
     code, out, _ = await run_command([*EVALQ, command, "--help"], settings_env(settings), timeout=60)
     assert code == 0 and "Example" in out and "--json" in out
+    if command == "watch-dir":
+        assert "--settle" in out and "--events" in out and "--poll" in out
