@@ -67,6 +67,7 @@ class FolderEvents:
         self._observer: Any = None
 
     def start(self) -> None:
+        """Watch the folder and all below it; ConfigError, saying why, where events cannot be had."""
         try:
             from watchdog import events as kinds
             from watchdog.observers import Observer
@@ -93,17 +94,20 @@ class FolderEvents:
             kinds.DirMovedEvent,
             kinds.FileClosedEvent,
         ]
-        observer = Observer()
+        observer = None
         try:
+            observer = Observer()
             observer.schedule(Handler(), self.directory, recursive=True, event_filter=wanted)
             observer.start()
         except OSError as exc:
             # The kernel's limits on watches and instances land here, with their own words.
+            if observer is not None:
+                observer.stop()  # the reading thread it started on creation
             raise ConfigError(f"filesystem events are unavailable: {exc.strerror or exc}") from None
         self._observer = observer
 
     def _touch(self, event: Any) -> None:
-        """On the observer's thread: note the checkpoint folder(s) the event touched."""
+        """On the observer's thread: note the subfolder(s) the event touched."""
         at = time.monotonic()
         names = set()
         for raw in (event.src_path, getattr(event, "dest_path", "")):
