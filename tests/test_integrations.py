@@ -99,7 +99,8 @@ async def test_callback_evaluates_each_checkpoint_and_logs_at_its_step(
     assert item.accepted is not None
     info = await client.get_job(item.accepted.job_id)
     assert info.status == "completed"
-    assert info.labels == {"step": "4", "run": "tiny"}
+    assert info.labels == {"step": "4", "run": "tiny", "saved_at": info.labels.get("saved_at")}
+    assert info.labels["saved_at"] <= info.created_at  # saved, then submitted: both RFC 3339 UTC, in ms
     checkpoint = tmp_path / "out" / "checkpoint-4"
     assert info.request is not None and info.request.model_args == {"score": 0.5, "pretrained": str(checkpoint)}
     assert (checkpoint / "model.safetensors").is_file()

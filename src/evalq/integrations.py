@@ -6,8 +6,8 @@
     callback.attach(trainer)          # or Trainer(..., callbacks=[callback])
     trainer.train()
 
-`on_save` hands the checkpoint to a background thread, which submits it (labels `step` and
-`run`, model_args `pretrained=<checkpoint>`); training goes on at once. With
+`on_save` hands the checkpoint to a background thread, which submits it (labels `step`, `run`
+and `saved_at`, model_args `pretrained=<checkpoint>`); training goes on at once. With
 `wait_on_train_end=True`, `on_train_end` waits for the evaluations and, when the callback
 is attached to the trainer, logs their metrics through the trainer's own loggers
 (TensorBoard, W&B, MLflow, ...) at each checkpoint's step.
@@ -27,7 +27,7 @@ from typing import Any
 from .config import Settings
 from .errors import BadRequest, EvalqError, InvalidField, JobCancelled, JobFailed, TooLarge
 from .publisher import Client
-from .schemas import JobAccepted
+from .schemas import JobAccepted, now
 
 try:
     from transformers import TrainerCallback
@@ -45,6 +45,8 @@ class _Submitted:
     step: int
     path: str
     shard: int
+    # When on_save ran, the checkpoint just written: where a job's turnaround is measured from.
+    saved_at: str
     accepted: JobAccepted | None = None
     error: str | None = None
 
@@ -120,7 +122,7 @@ class EvalqCallback(TrainerCallback):  # type: ignore[misc]
 
     def _submit(self, item: _Submitted) -> None:
         tasks = self.tasks[item.shard :: self.shards]
-        labels = {**self.labels, "step": str(item.step), "run": self._run_name}
+        labels = {**self.labels, "step": str(item.step), "run": self._run_name, "saved_at": item.saved_at}
         if self.shards > 1:
             labels["shard"] = f"{item.shard + 1}/{self.shards}"
         request = {
@@ -165,10 +167,11 @@ class EvalqCallback(TrainerCallback):  # type: ignore[misc]
             return
         if not hasattr(self, "_run_name"):
             self.on_train_begin(args, state, control)
+        saved_at = now()
         path = os.path.abspath(os.path.join(args.output_dir, f"checkpoint-{step}"))
         self._ensure_thread()
         for shard in range(self.shards):
-            item = _Submitted(step=step, path=path, shard=shard)
+            item = _Submitted(step=step, path=path, shard=shard, saved_at=saved_at)
             self.submitted.append(item)
             self._pending.put(item)
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .. import checkpoints, tracking
-from ..errors import EvalqError
+from ..errors import ConfigError, EvalqError
 from ..publisher import AsyncClient
 from .app import JsonOpt, number, parse_pairs, run, settings
 from .output import console, dump, errors, fail, shown
@@ -117,8 +117,24 @@ def watch_dir(
     marker: Annotated[
         Optional[str], typer.Option(help="Complete when this file exists (default: every weight shard present).")
     ] = None,
-    interval: Annotated[float, typer.Option(help="Seconds between scans.")] = 30.0,
-    once: Annotated[bool, typer.Option("--once", help="Scan twice, --interval apart, submit, and exit.")] = False,
+    interval: Annotated[
+        float, typer.Option(help="Seconds between rescans: the safety net beside filesystem events, or the polling.")
+    ] = 30.0,
+    settle: Annotated[
+        float, typer.Option(help="Seconds a checkpoint's files must stay unchanged before it is submitted.")
+    ] = 1.0,
+    events: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--events/--poll",
+            help="Learn of new checkpoints from filesystem events, or by rescanning only "
+            "(default: events, unless they cannot be had or the folder is on a network filesystem).",
+            show_default=False,
+        ),
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="Scan, wait --settle seconds, scan again, submit, and exit.")
+    ] = False,
     state: Annotated[
         Optional[Path], typer.Option(help="What was submitted (default $EVALQ_HOME/watch-dir/<folder hash>.json).")
     ] = None,
@@ -126,11 +142,19 @@ def watch_dir(
 ) -> None:
     """Submit one evaluation per new checkpoint folder, once it is complete and no longer changing.
 
-    A restart submits nothing twice: each submission's Idempotency-Key comes from the folder's
-    path and content, and the state file records it.
+    Filesystem events show a new checkpoint at once; it is submitted when its files have not
+    changed for --settle seconds, with the label `saved_at` (its newest file's time). A rescan
+    every --interval seconds finds what events missed; with --poll (or where events cannot be
+    had) the rescans alone find checkpoints. A restart submits nothing twice: each
+    submission's Idempotency-Key comes from the folder's path and content, and the state file
+    records it.
 
-    Example: `evalq watch-dir out/ --pattern 'checkpoint-*' --tasks mmmu_val --limit 100 --label run=exp1`
+    Example: `evalq watch-dir out/ --pattern 'checkpoint-*' --tasks mmmu_val --limit 100 --label run=exp1 --settle 2`
+
+    Example, where other machines write checkpoints: `evalq watch-dir /nfs/exp1 --tasks mmmu_val --poll --interval 5`
     """
+    if not interval > 0:
+        raise fail(f"--interval must be more than 0 seconds, got {interval}", 2)
     request: dict[str, Any] = {"model": model, "tasks": [t for t in tasks.split(",") if t], "pool": pool}
     request["labels"] = parse_pairs(label, "--label")
     optional = {"model_args": model_args, "limit": number(limit), "batch_size": number(batch_size), "device": device}
@@ -147,6 +171,9 @@ def watch_dir(
                 highlight=False,
             )
 
+    def started(line: str) -> None:
+        errors.print(shown(line), highlight=False, soft_wrap=True)  # one line in a log, however long
+
     async def main() -> None:
         async with AsyncClient(chosen) as client:
             try:
@@ -159,6 +186,8 @@ def watch_dir(
                     step_label=step_label,
                     marker=marker,
                     state_file=state,
+                    settle=settle,
+                    events=events,
                 )
                 watcher.candidates()
             except EvalqError as exc:
@@ -167,7 +196,9 @@ def watch_dir(
             remove = on_signals(stop.set)
             try:
                 # A refused folder is logged (escaped) by the watcher, which goes on.
-                await watcher.run(interval, stop, show, passes=2 if once else None)
+                await watcher.run(interval, stop, show, passes=2 if once else None, on_start=started)
+            except ConfigError as exc:  # --events where they cannot be had
+                raise fail(str(exc), 2) from None
             finally:
                 remove()
 
