@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from evalq.schemas import EvaluateRequest
+from evalq.worker.resident import resident_key, weights_key
 from evalq.worker.weight_swap import SwapState, apart_from_weights, read_checkpoint
 
 
@@ -27,6 +29,19 @@ def test_model_args_apart_from_the_weights_folder() -> None:
     assert apart_from_weights("pretrained=") is None
     assert apart_from_weights("pretrained=/a,flag") is None
     assert apart_from_weights("") is None
+
+
+def test_jobs_for_two_checkpoints_of_one_model_share_a_weights_key_and_nothing_else_does() -> None:
+    def request(**model_args: object) -> EvaluateRequest:
+        return EvaluateRequest(model="huggingface", tasks=["t"], model_args=model_args, device="cpu")
+
+    one = request(pretrained="/ck/1", device_map="cpu")
+    two = request(pretrained="/ck/2", device_map="cpu")
+    assert resident_key(one) != resident_key(two)
+    assert weights_key(one) == weights_key(two) is not None
+    assert weights_key(one) != weights_key(request(pretrained="/ck/2", device_map="auto"))
+    assert weights_key(one) != weights_key(request(model_path="/ck/2", device_map="cpu"))
+    assert weights_key(request(device_map="cpu")) is None
 
 
 # --- small modules ---------------------------------------------------------------------
@@ -144,7 +159,32 @@ def test_tied_weights_need_one_tensor_and_the_base_prefix_is_mapped_once_for_all
     # And a model loaded from such a checkpoint takes no swap.
     both_names = _weights(0, tied=True) | {"head.weight": _weights(0, tied=True)["inner.embed.weight"]}
     _net, state = _loaded(_save(tmp_path / "d", both_names), tied=True)
-    assert state.refusal == "head.weight and inner.embed.weight are one tensor in the model, two in the checkpoint"
+    assert state.refusal == (
+        "the loaded model takes no weights: head.weight and inner.embed.weight are one tensor in the model, "
+        "two in the checkpoint"
+    )
+
+
+def test_a_full_models_checkpoint_goes_into_its_base_model_with_the_prefix_removed(tmp_path: Path) -> None:
+    import torch
+
+    def full(seed: int) -> dict[str, Any]:
+        return {k: v for k, v in _weights(seed).items() if k.startswith("inner.")}
+
+    first = _save(tmp_path / "a", full(0))
+    second = _save(tmp_path / "b", full(1))
+    base = _module().inner
+    base.base_model_prefix = "inner"
+    with torch.no_grad():
+        base.load_state_dict({k.removeprefix("inner."): v for k, v in full(0).items()})
+    net = _Net(base, first)
+    state = SwapState(net, first)
+    assert state.swap(second) is None
+    assert torch.equal(base.embed.weight, full(1)["inner.embed.weight"])
+    # A name the prefix cannot be removed from matches nothing.
+    with_head = SwapState(net, _save(tmp_path / "c", {**full(1), "head.weight": torch.zeros(10, 4)}))
+    with_head.verify()
+    assert with_head.refusal == "the loaded model takes no weights: extra tensor head.weight, not in the model"
 
 
 @pytest.mark.parametrize(
@@ -203,14 +243,14 @@ def test_a_model_that_its_loader_changed_never_takes_a_swap(tmp_path: Path) -> N
     state = SwapState(net, first)
     assert state.pending
     note = state.swap(second)  # compared with its checkpoint first, when not yet
-    assert note is not None and "head.weight differs from its checkpoint" in note, note
+    assert note is not None and "its head.weight differs from its checkpoint's" in note, note
 
 
 def test_a_module_with_a_tensor_the_checkpoint_lacks_is_refused(tmp_path: Path) -> None:
     # Saved without a persistent buffer: a load would leave it as initialised, a swap cannot know.
     first = _save(tmp_path / "a", _weights(0, drop="inner.scale"))
     _net, state = _loaded(first)
-    assert state.refusal == "missing tensor inner.scale"
+    assert state.refusal == "the loaded model takes no weights: missing tensor inner.scale"
 
 
 def test_a_sharded_checkpoint_is_read_through_its_index(tmp_path: Path) -> None:

@@ -225,8 +225,8 @@ def read_checkpoint(location: str) -> Checkpoint | str:
         )
     except _Refused as refused:
         return str(refused)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"cannot read the checkpoint {location}: {exc}"
+    except Exception as exc:  # whatever a folder holds, a job that reads it goes on
+        return f"cannot read the checkpoint {location}: {exc!r}"
 
 
 def _differences(loaded: Checkpoint, new: Checkpoint) -> None:
@@ -292,7 +292,9 @@ def _plan(module: Any, checkpoint: Checkpoint) -> Copies:
     # base model's prefix added or removed.
     mappings: list[Callable[[str], str]] = [str]
     if prefix:
-        mappings += [f"{prefix}.{{}}".format, lambda n: n.removeprefix(f"{prefix}.")]
+        head = f"{prefix}."
+        # A name without the prefix maps to none of the module's when it is removed.
+        mappings += [(head + "{}").format, lambda n: n[len(head) :] if n.startswith(head) else f"\0{n}"]
     mapping = next((m for m in mappings if all(m(n) in state for n in names)), None)
     if mapping is None:
         extra = next(n for n in names if n not in state)
@@ -411,10 +413,10 @@ class SwapState:
             with torch.no_grad():
                 for name, target, stored in _read(self.checkpoint.folder, copies):
                     if not _same_bits(target, stored.to(device=target.device, dtype=target.dtype)):
-                        raise _Refused(f"the loaded model's {name} differs from its checkpoint's (changed on loading)")
+                        raise _Refused(f"its {name} differs from its checkpoint's (changed on loading)")
             self.verified = True
         except _Refused as refused:
-            self.refusal = str(refused)
+            self.refusal = f"the loaded model takes no weights: {refused}"
         except Exception as exc:
             self.refusal = f"the loaded model could not be compared with its checkpoint: {exc!r}"
         finally:
