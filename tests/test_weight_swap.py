@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from evalq.schemas import EvaluateRequest
+from evalq.worker import weight_swap
 from evalq.worker.resident import resident_key, weights_key
-from evalq.worker.weight_swap import SwapState, apart_from_weights, read_checkpoint
+from evalq.worker.weight_swap import SwapFailed, SwapState, apart_from_weights, read_checkpoint
 
 
 def test_model_args_apart_from_the_weights_folder() -> None:
@@ -244,6 +245,42 @@ def test_a_model_that_its_loader_changed_never_takes_a_swap(tmp_path: Path) -> N
     assert state.pending
     note = state.swap(second)  # compared with its checkpoint first, when not yet
     assert note is not None and "its head.weight differs from its checkpoint's" in note, note
+
+
+def test_the_loaded_checkpoint_deleted_during_the_job_is_still_compared_and_the_swap_made(tmp_path: Path) -> None:
+    import torch
+
+    first = _save(tmp_path / "a", _weights(0))
+    second = _save(tmp_path / "b", _weights(1))
+    module = _module()
+    with torch.no_grad():
+        module.load_state_dict(_weights(0))
+    net = _Net(module, first)
+    state = SwapState(net, first)
+    shutil.rmtree(first)  # as a trainer keeping its last checkpoints does
+    state.verify()
+    assert state.refusal is None
+    assert state.swap(second) is None
+
+
+def test_a_weights_file_replaced_between_its_check_and_its_copy_fails_the_swap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import save_file
+
+    first = _save(tmp_path / "a", _weights(0))
+    second = _save(tmp_path / "b", _weights(1))
+    _net, state = _loaded(first)
+    real = weight_swap.read_checkpoint
+
+    def read_then_replace(location: str) -> Any:
+        checkpoint = real(location)
+        save_file({k: v.half() for k, v in _weights(2).items()}, Path(location) / "model.safetensors")
+        return checkpoint
+
+    monkeypatch.setattr(weight_swap, "read_checkpoint", read_then_replace)
+    with pytest.raises(SwapFailed, match="changed while it was read"):
+        state.swap(second)
 
 
 def test_a_module_with_a_tensor_the_checkpoint_lacks_is_refused(tmp_path: Path) -> None:

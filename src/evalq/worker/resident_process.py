@@ -48,6 +48,8 @@ class _Kept:
 
     def drop(self) -> None:
         model = self.model
+        if self.weights is not None:
+            self.weights.release()
         self.key, self.model, self.weights = None, None, None
         if model is not None:
             # lmms-eval's own clean() deletes the model's modules: their memory goes even if

@@ -272,8 +272,8 @@ def _module(lm: Any) -> Any:
     raise _Refused("the model keeps no torch module to take weights")
 
 
-# (checkpoint name, the tensor it is copied into), grouped by file.
-Copies = dict[str, list[tuple[str, Any]]]
+# (checkpoint name, its header's description, the tensor it is copied into), by file.
+Copies = dict[str, list[tuple[str, Tensor, Any]]]
 
 
 def _plan(module: Any, checkpoint: Checkpoint) -> Copies:
@@ -310,7 +310,7 @@ def _plan(module: Any, checkpoint: Checkpoint) -> Copies:
         if (storage := _storage(target)) in covered:
             raise _Refused(f"{covered[storage]} and {name} are one tensor in the model, two in the checkpoint")
         covered[storage] = name
-        copies.setdefault(info.file, []).append((name, target))
+        copies.setdefault(info.file, []).append((name, info, target))
     mapped = {mapping(n) for n in names}
     for name, tensor in state.items():
         if name not in mapped and _storage(tensor) not in covered:
@@ -338,14 +338,21 @@ def _same_bits(a: Any, b: Any) -> bool:
     return bool(torch.equal(a, b))
 
 
-def _read(folder: Path, copies: Copies) -> Iterator[tuple[str, Any, Any]]:
-    """(name, the module's tensor, the checkpoint's) for every copy, one tensor at a time."""
+def _read(folder: Path, copies: Copies, held: dict[str, int] | None = None) -> Iterator[tuple[str, Any, Any]]:
+    """(name, the module's tensor, the checkpoint's) for every copy, one tensor at a time;
+    a file in `held` is read through that open descriptor."""
     from safetensors import safe_open
 
     for file, entries in copies.items():
-        with safe_open(os.fspath(folder / file), framework="pt", device="cpu") as handle:
-            for name, target in entries:
-                yield name, target, handle.get_tensor(name)
+        path = f"/proc/self/fd/{held[file]}" if held and file in held else os.fspath(folder / file)
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            for name, info, target in entries:
+                stored = handle.get_tensor(name)
+                if tuple(stored.shape) != info.shape or str(stored.dtype) != f"torch.{info.dtype}":
+                    # The file changed since its header was read: a copy_ would cast or
+                    # broadcast where a load would not.
+                    raise OSError(f"{file} changed while it was read (tensor {name})")
+                yield name, target, stored
 
 
 def _rename(lm: Any, module: Any, old: str, new: str) -> None:
@@ -392,8 +399,25 @@ class SwapState:
             self.refusal = "the loaded checkpoint's weights were not safetensors"
         else:
             self.checkpoint = read
+        # The weight files stay open until the module is compared with them: a training run
+        # may delete the folder (keeping its last few checkpoints) while the job runs.
+        self._held: dict[str, int] = {}
+        if self.checkpoint is not None and self.checkpoint.tensors is not None:
+            try:
+                for file in sorted({t.file for t in self.checkpoint.tensors.values()}):
+                    self._held[file] = os.open(self.checkpoint.folder / file, os.O_RDONLY)
+            except OSError as exc:
+                self.release()
+                self.refusal = f"the loaded checkpoint: cannot open its weights: {exc}"
         with contextlib.suppress(Exception):
             self.training = bool(_module(lm).training)
+
+    def release(self) -> None:
+        """Close the weight files it holds open."""
+        for fd in self._held.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._held = {}
 
     @property
     def pending(self) -> bool:
@@ -411,7 +435,7 @@ class SwapState:
             module = _module(self.lm)
             copies = _plan(module, self.checkpoint)
             with torch.no_grad():
-                for name, target, stored in _read(self.checkpoint.folder, copies):
+                for name, target, stored in _read(self.checkpoint.folder, copies, self._held):
                     if not _same_bits(target, stored.to(device=target.device, dtype=target.dtype)):
                         raise _Refused(f"its {name} differs from its checkpoint's (changed on loading)")
             self.verified = True
@@ -420,6 +444,7 @@ class SwapState:
         except Exception as exc:
             self.refusal = f"the loaded model could not be compared with its checkpoint: {exc!r}"
         finally:
+            self.release()
             if torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
 
