@@ -19,8 +19,10 @@ weights differs, and checks that before it copies anything (`SwapState.swap`):
 - the module holds nothing a plain copy cannot give: no quantization, no adapters, no
   tensor left on the meta device; and after its full load it was found, tensor by tensor
   and bit for bit, equal to its own checkpoint cast to each tensor's dtype
-  (`SwapState.verify`). A loader that changes weights as it loads them (merges an adapter,
-  converts or scales them) fails that check, and its model never takes a swap.
+  (`SwapState.verify`, run between jobs through the weight files held open since the load,
+  so that a folder deleted meanwhile still counts). A loader that changes weights as it
+  loads them (merges an adapter, converts or scales them) fails that check, and its model
+  never takes a swap.
 
 A swap copies each tensor with `copy_` under `no_grad`, on the tensor's own device, with the
 one cast a load makes; then the strings that recorded the old path (the config's
