@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -34,12 +35,25 @@ def _tiny_job(model_dir: Path, **extra: Any) -> dict[str, Any]:
         "tasks": ["evalq_demo"],
         "model_args": {"pretrained": str(model_dir), "trust_remote_code": True, "device_map": "cpu"},
         "device": "cpu",
+        # Every job asks its model: the pool's default would answer a repeated request from
+        # the response cache, and the comparisons below would compare a job with itself.
+        "cache": "off",
         **extra,
     }
 
 
 async def _started(client: AsyncClient, job_id: str) -> Started:
     return next(e for e in await all_events(client, job_id) if isinstance(e, Started))
+
+
+def _resaved(source: Path, target: Path, change: Any) -> Path:
+    """A copy of the checkpoint at `source` whose tensors are `change(tensors)`."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    tensors = change(load_file(target / "model.safetensors"))
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return target
 
 
 def _samples(files: list[Path]) -> list[dict[str, Any]]:
@@ -139,3 +153,69 @@ async def test_a_killed_worker_leaves_no_resident_process(
         timeout=20,
         what=lambda: f"the worker's children to end (left behind: {[p.pid for p in tree if not _gone(p.pid)]})",
     )
+
+
+async def test_another_checkpoint_of_the_held_model_takes_the_weights_in_place_with_a_fresh_loads_results(
+    client: AsyncClient, worker_factory: Any, tmp_path: Path, nc: Any, topology: Topology
+) -> None:
+    first = build_tiny_model(tmp_path / "step-1", seed=0)
+    second = build_tiny_model(tmp_path / "step-2", seed=1)
+    await store_policy(nc, topology, "default", PoolPolicy(model_roots=[str(tmp_path)]), timeout=10)
+    handle = await worker_factory()
+
+    a = await client.submit_and_wait(**_tiny_job(first, limit=8), timeout=300)
+    assert a.status == "completed", a.error
+    assert handle.worker.resident is not None
+    pid = handle.worker.resident.pid
+    b = await client.submit_and_wait(**_tiny_job(second, limit=8), timeout=300)
+    assert b.status == "completed", b.error
+    assert handle.worker.resident is not None and handle.worker.resident.pid == pid
+    fresh = await client.submit_and_wait(**_tiny_job(second, limit=8, fresh_model=True), timeout=300)
+    assert fresh.status == "completed", fresh.error
+
+    started = [await _started(client, info.job_id) for info in (a, b, fresh)]
+    assert [s.weights_swapped for s in started] == [False, True, False]
+    assert [s.model_reused for s in started] == [False, False, False]
+    assert [s.model_note for s in started] == [None, None, None]
+    assert all(s.model_load_seconds is not None for s in started)
+    # The swapped model answers as a fresh load of the same checkpoint does, bit for bit.
+    assert b.result is not None and fresh.result is not None
+    assert b.result.metrics == fresh.result.metrics
+    files = {
+        name: await client.results(info.job_id, tmp_path / name) for name, info in (("a", a), ("b", b), ("f", fresh))
+    }
+    assert _samples(files["b"]) == _samples(files["f"])
+    # ... and not as the first checkpoint did: the test could tell a swap that copied nothing.
+    assert _samples(files["a"]) != _samples(files["b"])
+    log = next(p for p in files["b"] if p.name == "eval.log").read_text()
+    assert "[evalq resident] weights swapped in" in log
+
+
+async def test_a_checkpoint_that_differs_in_more_than_its_weights_is_loaded_afresh_and_says_why(
+    client: AsyncClient, worker_factory: Any, tmp_path: Path, nc: Any, topology: Topology
+) -> None:
+    first = build_tiny_model(tmp_path / "step-1", seed=0)
+    half = _resaved(first, tmp_path / "half", lambda tensors: {k: v.half() for k, v in tensors.items()})
+    wider = build_tiny_model(tmp_path / "wider", seed=1, hidden=64)
+    gone = "model.layers.0.mlp.up_proj.weight"
+    missing = _resaved(wider, tmp_path / "missing", lambda tensors: {k: v for k, v in tensors.items() if k != gone})
+    await store_policy(nc, topology, "default", PoolPolicy(model_roots=[str(tmp_path)]), timeout=10)
+    handle = await worker_factory()
+
+    notes: list[str | None] = []
+    pids: set[int | None] = set()
+    for folder in (first, half, wider, missing):
+        info = await client.submit_and_wait(**_tiny_job(folder, limit=2), timeout=300)
+        assert info.status == "completed", info.error
+        started = await _started(client, info.job_id)
+        assert started.weights_swapped is False and started.model_reused is False
+        assert started.model_load_seconds is not None
+        notes.append(started.model_note)
+        assert handle.worker.resident is not None
+        pids.add(handle.worker.resident.pid)
+    assert notes[0] is None
+    assert notes[1] is not None and notes[1].startswith("dtype of ")
+    assert notes[1].endswith(" is float16, loaded float32")
+    assert notes[2] is not None and notes[2].startswith("config.json differs in ") and "hidden_size" in notes[2]
+    assert notes[3] == f"missing tensor {gone}"
+    assert len(pids) == 1, "each checkpoint of the model ran in the one resident process"

@@ -473,6 +473,11 @@ class Started(_EventBase, frozen=True, kw_only=True, tag="started"):
     # it was loaded for it (null where the model is built inside a fresh process).
     model_reused: bool | None = None
     model_load_seconds: float | None = None
+    # Whether the resident model took this job's checkpoint's weights in place (another
+    # checkpoint of the model it held; `model_load_seconds` is then the swap's), and why a
+    # swap that was considered was not made (the model was loaded afresh).
+    weights_swapped: bool | None = None
+    model_note: str | None = None
     # What this attempt takes from the job's journal (an earlier attempt's work), and
     # whether it loads a model at all (a re-score does not).
     resumed_responses: int = 0

@@ -34,6 +34,7 @@ from .entry import ENTRY_MODULE
 from .identity import model_identity
 from .journal_stream import Journal, JournalRun, part_name
 from .launch import Launch, Launcher, Process
+from .resident import Loaded
 from .results import outcome_of, tail, upload
 from .settle import Settler
 from .warm import ZygoteError
@@ -73,8 +74,8 @@ class RunningJob:
     # A sharded job's plan and merge steps report no progress: the job's progress counts
     # the documents its pieces answered.
     quiet: bool = False
-    # What the resident model said for this job: (reused, load seconds); None: no resident.
-    model: tuple[bool, float | None] | None = None
+    # What the resident model said for this job; None: no resident.
+    model: Loaded | None = None
     # How the job uses the response cache (its own `cache`, else its pool's default).
     cache: CacheMode = "off"
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
@@ -131,13 +132,15 @@ class Evaluation:
             return
 
         async def announce() -> None:
-            reused, load_s = job.model if job.model is not None else (None, None)
+            got = job.model
             event = lifecycle.started_event(
                 info,
                 worker=self.worker_id,
                 at=now(),
-                model_reused=reused,
-                model_load_seconds=load_s,
+                model_reused=None if got is None else got.reused,
+                model_load_seconds=None if got is None else got.seconds,
+                weights_swapped=None if got is None else got.swapped,
+                model_note=None if got is None else got.note,
                 resumed_responses=journal.resumed_responses if journal else 0,
                 resumed_scores=journal.resumed_scores if journal else 0,
                 loads_model=info.request is None or info.request.rescore_of is None,
@@ -324,7 +327,7 @@ class Evaluation:
                 # Started: with its model, or ended before it had one (a model that cannot load).
                 got = loading.result() if loading.done() else None
                 if got is not None:
-                    job.model = (got.reused, got.seconds)
+                    job.model = got
                 # Announced after the launch, so a follower that sees it can act on the process.
                 await announce()
                 job.announced = True

@@ -23,7 +23,7 @@ from ..config import Settings
 from ..schemas import EvaluateRequest, Progress
 from .argv import evaluator_command, scrubbed_env
 from .entry import ENTRY_MODULE
-from .resident import Resident, ResidentJob, resident_key
+from .resident import Resident, ResidentJob, resident_key, weights_key
 from .runner import EvalProcess
 from .warm import WarmEvaluator, WarmProcess, ZygoteError
 
@@ -120,7 +120,11 @@ class Launcher:
             and request.num_gpus <= 1
         )
         current = self.resident
-        if current is not None and (not fits or current.key != key or request.fresh_model or not current.alive):
+        # Another checkpoint of the held model may take the loaded model's place, weights
+        # swapped; the resident process decides, and loads afresh where it cannot.
+        near = weights_key(request)
+        same = current is not None and (current.key == key or (near is not None and current.near == near))
+        if current is not None and (not fits or not same or request.fresh_model or not current.alive):
             self.resident = None
             await current.close()
         if not fits or self.warm is None:
@@ -133,6 +137,9 @@ class Launcher:
                 log.warning("resident model process unavailable (%s); the job runs on its own", exc)
                 return None
             self.resident = resident
+        elif self.resident.key != key:
+            log.info("resident model: another checkpoint of the same model; its weights may be swapped in")
+        self.resident.key, self.resident.near = key, near
         return self.resident
 
     async def release_idle_model(self) -> None:

@@ -8,6 +8,11 @@ is answered with the model already built, when the job asks for it with the same
 arguments (`resident_process.py`). Everything else of the run is lmms-eval's own, seeds
 included, so the results are those of a fresh run.
 
+A job whose model differs only in its weights folder (another checkpoint of the same model,
+`weights_key`) goes to the resident process too, which takes the new weights into the loaded
+model where that gives what a fresh load would, and loads it afresh otherwise
+(`weight_swap.py`).
+
 The worker keeps at most one. A job for another model (or with `fresh_model`), a job that
 fails, a cancel or a time limit, and an idle bound (`resident_idle`) end it: the process
 exits, and its memory with it. A worker killed with `-9` takes it along (the zygote dies
@@ -35,8 +40,9 @@ import msgspec
 from ..schemas import EvaluateRequest, Progress, format_args
 from .runner import GroupLeader, pump_output
 from .warm import WarmEvaluator
+from .weight_swap import apart_from_weights
 
-__all__ = ["Done", "Loaded", "Resident", "ResidentJob", "ResidentRun", "resident_key"]
+__all__ = ["Done", "Loaded", "Resident", "ResidentJob", "ResidentRun", "resident_key", "weights_key"]
 
 log = logging.getLogger("evalq.worker")
 
@@ -53,8 +59,14 @@ class ResidentRun(msgspec.Struct, frozen=True, kw_only=True, tag="run"):
 
 
 class Loaded(msgspec.Struct, frozen=True, kw_only=True, tag="loaded"):
+    """How the job got its model: kept as it was (`reused`), the loaded model with the new
+    checkpoint's weights copied in (`swapped`), or built; `seconds` until it was ready (a
+    swap's or a load's); `note`: why a swap that was considered was not made."""
+
     reused: bool
     seconds: float | None = None
+    swapped: bool = False
+    note: str | None = None
 
 
 class Done(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
@@ -83,6 +95,18 @@ def resident_key(request: EvaluateRequest) -> tuple[str, ...]:
     return (request.model, format_args(request.model_args), request.device or "", batch, str(request.num_gpus))
 
 
+def weights_key(request: EvaluateRequest) -> tuple[str, ...] | None:
+    """`resident_key` without the folder of the model's weights: jobs with equal keys ask for
+    checkpoints of one model, and the resident process may swap one's weights for another's.
+    None where the request names no weights folder."""
+    apart = apart_from_weights(format_args(request.model_args))
+    if apart is None:
+        return None
+    key, _folder, rest = apart
+    model, _args, *setup = resident_key(request)
+    return (model, key, ",".join(rest), *setup)
+
+
 def _exited(pid: int, *, reaped: bool = False) -> bool:
     """Gone (`reaped`), or at least a zombie: its memory is freed either way, and the zygote
     reaps it as soon as it ends."""
@@ -97,7 +121,10 @@ class Resident:
     """The worker's handle on one resident process."""
 
     def __init__(self, key: tuple[str, ...], zygote: WarmEvaluator, *, cwd: Path, log_path: Path) -> None:
+        # The key of the model it holds, or is about to load or take the weights of, and that
+        # key without the weights folder (`weights_key`).
         self.key = key
+        self.near: tuple[str, ...] | None = None
         self.zygote = zygote
         self.cwd = cwd
         self.log_path = log_path

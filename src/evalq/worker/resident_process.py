@@ -6,9 +6,12 @@ it points its output at the job's pipe and runs the job's module as `python -m` 
 lmms-eval, or evalq's entry (`entry.py`: a whole job or a piece). lmms-eval builds its model through
 `models.get_model(name).create_from_arg_string(args, config)`; that call is answered with
 the model built by an earlier job when the class, the arguments and the config are the
-same, and otherwise builds it (after dropping the old one) and keeps it. Two things of the
-kept model are reset for every job: its `task_dict`, and its `clean()`, which lmms-eval
-calls at the end of a run and which would delete the model's modules.
+same. When they differ only in the weights folder, the kept model takes the new
+checkpoint's weights in place where that gives what a fresh load would (`weight_swap.py`;
+the comparison with its own checkpoint that this needs is made between jobs). Otherwise it
+builds the model (after dropping the old one) and keeps it. Two things of the kept model
+are reset for every job: its `task_dict`, and its `clean()`, which lmms-eval calls at the
+end of a run and which would delete the model's modules.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .entry import ENTRY_MODULE
 from .entry import main as entry_main
 from .lmms_hooks import patched_get_model
 from .resident import MAX_MESSAGE, Done, Loaded, ResidentRun, decode, encode
+from .weight_swap import SwapFailed, SwapState, apart_from_weights
 
 __all__ = ["main"]
 
@@ -38,13 +42,51 @@ class _Kept:
     def __init__(self) -> None:
         self.key: tuple[str, ...] | None = None
         self.model: Any = None
+        # What the kept model offers another checkpoint of its model (None: it names no
+        # weights folder).
+        self.weights: SwapState | None = None
 
     def drop(self) -> None:
-        self.key, self.model = None, None
+        model = self.model
+        if self.weights is not None:
+            self.weights.release()
+        self.key, self.model, self.weights = None, None, None
+        if model is not None:
+            # lmms-eval's own clean() deletes the model's modules: their memory goes even if
+            # something of the last run still holds the model.
+            with contextlib.suppress(Exception):
+                type(model).clean(model)
+        del model
         gc.collect()
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
+
+    def swap_for(self, key: tuple[str, ...]) -> tuple[str, str] | None:
+        """(weights folder, why it is not swapped in: empty when it may be) for a job that
+        asks for another checkpoint of the kept model; None where the job asks for another
+        model, or the kept one is the same."""
+        if self.model is None or self.key is None or self.key == key:
+            return None
+        wanted, held = apart_from_weights(key[2]), apart_from_weights(self.key[2])
+        if wanted is None or held is None or (self.key[:2], self.key[3:]) != (key[:2], key[3:]):
+            return None
+        if (wanted[0], wanted[2]) != (held[0], held[2]):
+            return None
+        if self.weights is None:
+            return wanted[1], "the loaded model names no weights folder"
+        return wanted[1], self.weights.refusal or ""
+
+    def check(self) -> None:
+        """Compare the kept model with its checkpoint, while no job waits on it."""
+        if self.weights is not None and self.weights.pending:
+            begun = time.monotonic()
+            self.weights.verify()
+            outcome = self.weights.refusal or "equal: it may take another checkpoint's weights"
+            print(
+                f"[evalq resident] model checked against its checkpoint in {time.monotonic() - begun:.2f} s: {outcome}",
+                flush=True,
+            )
 
 
 def _cuda_memory() -> str:
@@ -61,6 +103,33 @@ def _light_clean() -> None:
         torch.cuda.empty_cache()
 
 
+def _swap_or_load(kept: _Kept, key: tuple[str, ...], cls: Any, arg_string: str, additional_config: Any) -> Loaded:
+    """Give the kept model the weights the job asks for where it can take them in place;
+    else drop it, and build and keep the job's."""
+    begun = time.monotonic()
+    note = None
+    candidate = kept.swap_for(key)
+    if candidate is not None:
+        folder, note = candidate
+        if not note and kept.weights is not None:
+            try:
+                note = kept.weights.swap(folder)
+            except SwapFailed as failed:
+                note = str(failed)
+            if note is None:
+                kept.key = key
+                return Loaded(reused=False, swapped=True, seconds=round(time.monotonic() - begun, 3))
+    kept.drop()
+    begun = time.monotonic()
+    kept.model = cls.create_from_arg_string(arg_string, additional_config)
+    kept.key = key
+    seconds = round(time.monotonic() - begun, 3)
+    apart = apart_from_weights(arg_string)
+    if apart is not None:
+        kept.weights = SwapState(kept.model, apart[1])
+    return Loaded(reused=False, seconds=seconds, note=note or None)
+
+
 @contextlib.contextmanager
 def _keeping(kept: _Kept, control: socket.socket) -> Iterator[None]:
     def build(cls: Any) -> type:
@@ -74,16 +143,17 @@ def _keeping(kept: _Kept, control: socket.socket) -> Iterator[None]:
             if kept.key == key and kept.model is not None:
                 message = Loaded(reused=True)
             else:
-                kept.drop()
-                begun = time.monotonic()
-                kept.model = cls.create_from_arg_string(arg_string, additional_config)
-                kept.key = key
-                message = Loaded(reused=False, seconds=round(time.monotonic() - begun, 3))
+                message = _swap_or_load(kept, key, cls, arg_string, additional_config)
             model = kept.model
             model.task_dict = {}
             model.clean = _light_clean  # lmms-eval's own clean() deletes the model's modules
-            how = "reused" if message.reused else f"loaded in {message.seconds} s"
-            print(f"[evalq resident] model {how}; {_cuda_memory()}", flush=True)
+            if message.reused:
+                how = "model reused"
+            elif message.swapped:
+                how = f"weights swapped in {message.seconds} s"
+            else:
+                how = f"model loaded in {message.seconds} s" + (f" (full load: {message.note})" if message.note else "")
+            print(f"[evalq resident] {how}; {_cuda_memory()}", flush=True)
             control.send(encode(message))
             return model
 
@@ -145,6 +215,10 @@ def serve(control: socket.socket) -> int:
         control.send(encode(Done(code=code, crashed=crashed)))
         if crashed:
             return 1  # what raised may have left the model in any state
+        if code == 0:
+            # Between jobs: the check a swap needs costs a read of the weights, paid while no
+            # job waits (after a failure the worker ends this process instead).
+            kept.check()
 
 
 def main(argv: list[str] | None = None) -> int:
