@@ -94,6 +94,14 @@ async def _follow_pretty(client: AsyncClient, job_id: str) -> Event | None:
                 line = f"started  on {event.worker} (attempt {event.attempt})"
                 if not event.loads_model:
                     line += ", no model loaded"
+                elif event.weights_swapped:
+                    line += f", weights swapped in {event.model_load_seconds} s"
+                elif event.model_reused:
+                    line += ", model reused"
+                elif event.model_load_seconds is not None:
+                    line += f", model loaded in {event.model_load_seconds} s"
+                if event.model_note:
+                    line += f" ({event.model_note})"
                 if event.resumed_responses or event.resumed_scores:
                     line += f", resuming {event.resumed_responses} responses and {event.resumed_scores} scores"
                 progress.console.print(shown(line), highlight=False)

@@ -465,8 +465,10 @@ async function jobPage(given) {
 
   function startedText(event) {
     const model = event.loads_model === false ? " (no model loaded)"
+      : event.weights_swapped ? ` (weights swapped in ${(event.model_load_seconds || 0).toFixed(2)} s)`
       : event.model_reused ? " (model reused)"
-      : event.model_load_seconds ? ` (model loaded in ${event.model_load_seconds.toFixed(1)} s)` : "";
+      : event.model_load_seconds ? ` (model loaded in ${event.model_load_seconds.toFixed(1)} s`
+        + (event.model_note ? `: ${event.model_note}` : "") + ")" : "";
     const resumed = event.resumed_responses || event.resumed_scores
       ? `, resuming ${event.resumed_responses || 0} responses and ${event.resumed_scores || 0} scores` : "";
     return `started on ${event.worker || "?"}` + model + resumed;
