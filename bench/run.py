@@ -837,7 +837,7 @@ class Bench:
                 ]
                 points = await page.locator("svg.chart circle.point").count()
                 await browser.close()
-        [
+        lines = [
             title,
             "",
             "evalq gateway and the web process on one embedded nats-server; headless chromium (Debian's) driven by",
@@ -852,6 +852,7 @@ class Bench:
             "The queue page renders from the queue's one reply (no request per job) and draws a page of rows;",
             "the trends page reads the completed jobs in one request to the web process.",
         ]
+        self.sections.append("\n".join(lines))
 
     async def history(self) -> None:
         """Section 8: a filtered page of `<prefix>.jobs` with a deep history in the jobs bucket."""
