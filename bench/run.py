@@ -101,6 +101,18 @@ Each piece now records its documents' scores with its responses and the merge ha
 instead of scoring: the merge took 1.16 s and the job 12.4 s, 3.27x (82% efficiency). What is left is
 fixed: about 0.1 s to plan and 1.1 s to merge, and a small piece's own start (section 11's fast task,
 where sharding costs about 2 s and gains nothing).
+
+**Response journal.** Every evaluation now journals its model responses and its documents' scores in
+JetStream (a frame every 256 records or 5 s), a redelivered job resumes from it, and a response cache
+serves the same request to the same model across jobs. In section 12 a worker killed with SIGKILL halfway
+through a job's scoring lost only what it scored in its last 3.6 s (39 of 100 scores; a kill may lose a
+flush window plus the worker's 1 s between reads of the journal file); the replacement asked the model
+nothing and took 0.47x the uninterrupted run's time. A repeated request took 0.05x the first's time. On
+section 11's fast task, sharding's fixed cost stayed within this machine's noise of what it was before
+the journal (1.7 s on 2 workers and 2.2 s on 4, against 1.65 s and 1.98 s). Section 11 warms each worker
+with the measured job's own model: a job with another model than the last restarts the worker's
+resident model process, which made each piece of the judge-like task about 0.7 s longer when measured
+side by side.
 """
 
 
