@@ -197,8 +197,9 @@ def format_args(args: Mapping[str, object] | str | None) -> str:
 
 class Work(_Wire, frozen=True, kw_only=True):
     """An evaluation's work, by where each answer came from: model responses computed, resumed
-    from its own journal (an earlier attempt's), or reused from the cache; and document
-    scores computed, or reused (resumed, or a piece's scores in a merge)."""
+    from its own journal (an earlier attempt's, or a re-score's source), or reused from the
+    cache; and document scores computed, or reused from its journal. A sharded job's is its
+    pieces', summed (its merge computes nothing)."""
 
     responses_computed: int = 0
     responses_resumed: int = 0
