@@ -50,6 +50,7 @@ from .schemas import (
     ShardStarted,
     Stalled,
     Started,
+    Tracked,
     WorkerInfo,
 )
 from .topology import Topology
@@ -99,6 +100,7 @@ __all__ = [
     "Timeout",
     "TooLarge",
     "Topology",
+    "Tracked",
     "Unavailable",
     "WorkerInfo",
     "WrongState",

@@ -70,6 +70,7 @@ __all__ = [
     "Stalled",
     "Started",
     "TasksReply",
+    "Tracked",
     "Work",
     "WorkItem",
     "WorkerInfo",
@@ -537,6 +538,12 @@ class ShardFailed(_EventBase, frozen=True, kw_only=True, tag="shard_failed"):
     error: str
 
 
+class Tracked(_EventBase, frozen=True, kw_only=True, tag="tracked"):
+    # `evalq track` has the job's metrics in these trackers (`tensorboard`, `mlflow`, `wandb`);
+    # its `time` is when they held them, the end of the checkpoint's turnaround.
+    trackers: list[str] = []
+
+
 Event = Union[
     Queued,
     Started,
@@ -549,6 +556,7 @@ Event = Union[
     Completed,
     Failed,
     Cancelled,
+    Tracked,
 ]
 TERMINAL_EVENTS: tuple[type, ...] = (Completed, Failed, Cancelled)
 
