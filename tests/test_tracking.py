@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,10 +17,11 @@ import pytest
 
 from evalq import AsyncClient
 from evalq.config import Settings
-from evalq.schemas import Completed, decode_event, encode, now
+from evalq.schemas import Completed, Tracked, decode_event, encode, now
 from evalq.topology import Topology
 
 from .conftest import EVALQ, run_command, settings_env
+from .events import all_events, kinds
 from .jobs import FAKE
 from .waiting import eventually
 
@@ -139,6 +142,14 @@ async def test_track_logs_to_each_tracker_at_the_labelled_step(
 
     jobs = {config["evalq_job_id"] for config, rows in wandb_records(tmp_path / "wb") if rows}
     assert jobs == {first, second}
+
+    # Each logged job has its `tracked` event, after its `completed` one; the unplaced one has none.
+    for job_id in (first, second):
+        events = await all_events(client, job_id)
+        assert kinds(events)[-2:] == ["completed", "tracked"]
+        assert isinstance(events[-1], Tracked) and events[-1].trackers == ["tensorboard", "mlflow", "wandb"]
+        assert events[-1].labels["step"] == events[-2].labels["step"] and events[-1].time >= events[-2].time
+    assert "tracked" not in kinds(await all_events(client, unplaced))
 
 
 async def test_track_restart_and_a_crash_before_the_ack_leave_no_gap_and_no_duplicate(
@@ -295,3 +306,96 @@ async def test_track_without_a_queue_says_so_in_one_line(settings: Settings, tmp
     code, _, err = await run_command(argv, track_env(settings), timeout=60)
     assert code == 1 and f"the events stream {settings.queue.prefix.upper()}_EVENTS does not exist" in err
     assert "Traceback" not in err
+
+
+def tensorboard_holds(root: Path, job_id: str, tag: str = TAG, run: str = "r1") -> bool:
+    """Whether the job's event file is in place with `tag` in it, read by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    folder = root / "tb" / run
+    for path in folder.glob(f"*.evalq-{job_id}") if folder.exists() else []:
+        if any(value.tag == tag for event in EventFileLoader(str(path)).Load() for value in event.summary.value):
+            return True
+    return False
+
+
+async def test_a_completed_job_is_in_tensorboard_within_a_second(
+    settings: Settings, topology: Topology, tmp_path: Path, nc: Any
+) -> None:
+    from evalq.events import EventPublisher
+    from evalq.tracking import TensorBoardTracker, Tracking, TrackOptions
+
+    publisher = EventPublisher(nc, topology, timeout=10.0)
+    latencies = []
+    async with Tracking(settings, [TensorBoardTracker(tmp_path / "tb")], TrackOptions()) as tracking:
+        running = asyncio.create_task(tracking.run())
+        for index in range(7):
+            # Each event comes at another point of the tracker's one-second long poll.
+            await asyncio.sleep(0.37 * index % 1.0)
+            job_id = str(uuid.uuid4())
+            metrics = {"evalq_demo": {"exact_match": index / 10}}
+            labels = {"run": "r1", "step": str(index * 100)}
+            event = Completed(job_id=job_id, time=now(), attempt=1, worker="w1", labels=labels, metrics=metrics)
+            begun = time.monotonic()
+            await publisher.publish(event)  # as the worker does: to the job's subject, with its message id
+            await eventually(lambda job=job_id: tensorboard_holds(tmp_path, job), timeout=30, interval=0.002)
+            latencies.append(round(time.monotonic() - begun, 3))
+        tracking.stop()
+        await asyncio.wait_for(running, 10)
+    print(f"completed -> TensorBoard, seconds: {latencies}, median {statistics.median(latencies)}")
+    assert statistics.median(latencies) < 1.0, latencies
+    assert sorted(tensorboard_points(tmp_path)) == [(index * 100, round(index / 10, 6)) for index in range(7)]
+
+
+async def test_the_tracked_event_is_published_once_across_a_redelivery(
+    settings: Settings, topology: Topology, tmp_path: Path, nc: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nats.js import api
+
+    from evalq.tracking import TensorBoardTracker, Tracking, TrackOptions
+
+    js = nc.jetstream()
+    # The tracker's consumer, made beforehand with a short ack wait so the redelivery comes soon.
+    durable = f"{topology.prefix}-track-tracker"
+    await js.add_consumer(
+        topology.events_stream,
+        api.ConsumerConfig(
+            durable_name=durable,
+            filter_subject=topology.events_filter(kind="completed"),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=1.0,
+            max_ack_pending=1,
+        ),
+    )
+    job_id = str(uuid.uuid4())
+    labels = {"run": "r1", "step": "10"}
+    event = Completed(job_id=job_id, time=now(), attempt=1, labels=labels, metrics={"evalq_demo": {"exact_match": 0.5}})
+    await js.publish(topology.event_subject(job_id, "completed"), encode(event))
+
+    # The tracker logs the job and publishes its record, then dies before the ack.
+    handle = Tracking._handle
+
+    async def killed_before_the_ack(self: Tracking, data: bytes, msg: Any) -> Any:
+        await handle(self, data, msg)
+        raise RuntimeError("killed before the ack")
+
+    monkeypatch.setattr(Tracking, "_handle", killed_before_the_ack)
+    async with Tracking(settings, [TensorBoardTracker(tmp_path / "tb")], TrackOptions()) as tracking:
+        with pytest.raises(RuntimeError, match="killed before the ack"):
+            await asyncio.wait_for(tracking.run(), 30)
+    monkeypatch.setattr(Tracking, "_handle", handle)
+
+    outcomes: list[Any] = []
+    async with Tracking(settings, [TensorBoardTracker(tmp_path / "tb")], TrackOptions(max_jobs=1)) as tracking:
+        await asyncio.wait_for(tracking.run(outcomes.append), 30)
+    assert [(o.job_id, o.trackers) for o in outcomes] == [(job_id, {"tensorboard": "present"})]
+    consumer = await js.consumer_info(topology.events_stream, durable)
+    # One message, delivered twice, acknowledged.
+    assert consumer.delivered.consumer_seq == 2 and (consumer.num_pending, consumer.num_ack_pending) == (0, 0)
+
+    subject = topology.event_subject(job_id, "tracked")
+    info = await js.stream_info(topology.events_stream, subjects_filter=subject)
+    assert (info.state.subjects or {}).get(subject) == 1
+    stored = decode_event((await js.get_last_msg(topology.events_stream, subject)).data)
+    assert isinstance(stored, Tracked)
+    assert (stored.trackers, stored.attempt, stored.labels, stored.worker) == (["tensorboard"], 1, labels, None)

@@ -9,6 +9,11 @@ in its own store), so a crash between writing and acknowledging never logs a job
 The step comes from a label (`step` by default) and the run from another (`run`); the
 other labels and the job id go along as tags (TensorBoard: a text summary).
 
+Once the trackers hold a job, a `tracked` event says so (`<prefix>.events.<job_id>.tracked`),
+before the ack: the end of the checkpoint's turnaround (`turnaround.py`). A job is in the
+trackers within milliseconds of its `completed` event: the pull waits on the server and
+returns as the event is stored, and each tracker writes one job at once, nothing batched.
+
 A job that a tracker can never log (a step out of every tracker's range, a metric name the
 tracker refuses) is reported as skipped, with its reason, and acknowledged: retried, it
 would hold back every job after it. A tracker that is away (I/O, a server restarting) is
@@ -37,11 +42,12 @@ from nats.aio.client import Client as NatsClient
 from nats.js import api
 from nats.js.errors import NotFoundError
 
+from . import jetstream
 from .config import Settings
 from .connection import connect
 from .errors import ConfigError, EvalqError, MissingExtra, Unavailable
 from .extras import install_command
-from .schemas import Completed, decode_event
+from .schemas import Completed, Tracked, decode_event, encode, now
 from .text import escape_control
 from .topology import Topology
 
@@ -309,6 +315,9 @@ class WandbTracker:
         except ImportError:
             raise _missing("wandb") from None
         self._wandb = wandb
+        # W&B's service process starts here, not in the first job's session: a third of a
+        # second off that job's time to its metrics.
+        wandb.setup()
         self.dir = Path(directory)
         self.project = project
         self.mode = mode
@@ -553,7 +562,32 @@ class Tracking:
                         with contextlib.suppress(Exception):
                             await msg.in_progress()
             outcome.trackers[tracker.name] = "skipped" if wrote is None else "logged" if wrote else "present"
+        await self._record(event, outcome)
         return self._skip(outcome, "; ".join(reasons)) if reasons else outcome
+
+    async def _record(self, event: Completed, outcome: Outcome) -> None:
+        """Publish the job's `tracked` event: when its metrics were in the trackers that hold them.
+
+        Before the ack, so a crash in between loses no record; the redelivery publishes the
+        same message id, which the stream keeps once (within its duplicate window). The id
+        holds this tracker's name: two trackers each record their own.
+        """
+        held = [name for name, state in outcome.trackers.items() if state != "skipped"]
+        if not held or self._nc is None:
+            return
+        tracked = Tracked(job_id=event.job_id, time=now(), attempt=event.attempt, labels=event.labels, trackers=held)
+        write = jetstream.Write(
+            self.topology.event_subject(event.job_id, "tracked"),
+            encode(tracked),
+            {"Nats-Msg-Id": f"{event.job_id}.tracked.{self.options.name}"},
+            stream=self.topology.events_stream,
+        )
+        try:
+            await jetstream.publish(self._nc, write, timeout=self.settings.connection.request_timeout)
+        except (nats.errors.Error, TimeoutError) as exc:
+            # The metrics are in the trackers: a missing record costs only the turnaround's
+            # last part, so the job is acknowledged all the same.
+            log.warning("job %s is logged, but its tracked event was not published: %s", event.job_id, exc)
 
     def _skip(self, outcome: Outcome, reason: str) -> Outcome:
         outcome.skipped = escape_control(reason)
