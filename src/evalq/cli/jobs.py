@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import msgspec
 import typer
 from rich.table import Table
 
 from ..errors import Unavailable
 from ..publisher import AsyncClient
 from ..schemas import JOBS_PAGE_MAX, CacheMode, JobAccepted, JobSummary
+from ..turnaround import read_turnaround, turnaround_line
 from .app import JsonOpt, client_command, number, parse_pairs, run, settings
 from .follow import follow
 from .output import SHORT_ID, console, dump, errors, event_line, fail, print_job, print_rows, shown
@@ -166,15 +168,28 @@ def rescore(
 def status(ctx: typer.Context, job_id: str, json_: JsonOpt = False) -> None:
     """Show one job's record (live queue position while queued). Any unique start of the id will do.
 
+    A job with a `saved_at` label (a checkpoint's) also shows its turnaround: from the save
+    to its metrics in the trackers, and where that time went.
+
     Example: `evalq status 3f7bc3b2 --json`
     """
 
     async def main(client: AsyncClient) -> None:
         info = await client.get_job(await client.resolve(job_id))
+        # Computed here from the record and the job's events; the record holds none of it.
+        spent = await read_turnaround(
+            client.nc, client.topology, info, domain=client.settings.connection.js_domain, timeout=client.timeout
+        )
         if json_:
-            dump(info)
+            dump({**msgspec.to_builtins(info), "turnaround": spent})
             return
         print_job(info)
+        if spent is not None:
+            table = Table(show_header=False, box=None)
+            table.add_column(style="bold")
+            table.add_column()
+            table.add_row("turnaround", shown(turnaround_line(spent)))
+            console.print(table)
 
     client_command(main)(ctx)
 
