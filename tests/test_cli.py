@@ -16,9 +16,10 @@ from evalq import AsyncClient
 from evalq.config import Settings
 from evalq.jobstore import JobStore
 from evalq.policy import load_policy
-from evalq.schemas import Completed, Requeued, Started, Tracked, Work, encode, now
+from evalq.schemas import Completed, Requeued, Started, Work, encode, now
 from evalq.topology import Topology
 
+from .checkpoint_job import LOGGED, LOGGED_AT, NOT_LOGGED, SAVED_AT, checkpoint_job
 from .conftest import EVALQ, run_command, settings_env
 from .events import all_events
 from .fake_evaluator import HOSTILE
@@ -346,31 +347,12 @@ async def test_a_service_says_it_is_ready_in_one_json_object(
 async def test_status_shows_a_checkpoints_turnaround(
     settings: Settings, client: AsyncClient, nc: Any, topology: Topology
 ) -> None:
-    saved_at = "2026-11-27T11:50:00.000Z"
-    labels = {"step": "300", "saved_at": saved_at}
-    job = (await client.submit(**JOB, labels=labels)).job_id
-    # The record and events of a job that waited for its worker, loaded its model and was logged.
-    jobs = JobStore(await nc.jetstream().key_value(topology.jobs_bucket))
-    times = {
-        "created_at": "2026-11-27T11:50:40.000Z",
-        "started_at": "2026-11-27T11:50:42.000Z",
-        "completed_at": "2026-11-27T11:50:52.000Z",
-    }
-    await jobs.transition(
-        job, lambda info: msgspec.structs.replace(info, status="completed", attempts=1, worker="w1", **times)
-    )
-    for event in (
-        Started(job_id=job, time="2026-11-27T11:50:43.500Z", attempt=1, worker="w1", model_load_seconds=1.5),
-        Completed(job_id=job, time=times["completed_at"], attempt=1, worker="w1", labels=labels),
-        Tracked(job_id=job, time="2026-11-27T11:50:52.300Z", attempt=1, labels=labels, trackers=["tensorboard"]),
-    ):
-        await nc.jetstream().publish(topology.event_subject(job, type(event).__struct_config__.tag), encode(event))
-
+    job = await checkpoint_job(client, nc, topology)
     code, out, err = await evalq(settings, "status", job, "--json")
     assert code == 0, err
     assert json.loads(out)["turnaround"] == {
-        "saved_at": saved_at,
-        "logged_at": "2026-11-27T11:50:52.300Z",
+        "saved_at": SAVED_AT,
+        "logged_at": LOGGED_AT,
         "total": 52.3,
         "detection": 40.0,
         "queue": 2.0,
@@ -380,8 +362,12 @@ async def test_status_shows_a_checkpoints_turnaround(
     }
     code, out, err = await evalq(settings, "status", job[:8], COLUMNS="400")
     assert code == 0, err
-    line = "52.3 s: detection 40.0, queue 2.0, load 1.5, evaluation 8.5, logging 0.3"
-    assert re.search(rf"\bturnaround +{re.escape(line)}", out), out
+    assert re.search(rf"\bturnaround +{re.escape(LOGGED)}", out), out
+
+    # Not logged yet: the total runs to the completion.
+    pending = await checkpoint_job(client, nc, topology, logged=False)
+    code, out, err = await evalq(settings, "status", pending, COLUMNS="400")
+    assert code == 0 and re.search(rf"\bturnaround +{re.escape(NOT_LOGGED)}", out), out
 
     # A job with no save time has none.
     other = (await client.submit(**JOB, labels={"step": "400"})).job_id

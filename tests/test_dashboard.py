@@ -19,10 +19,11 @@ import pytest
 
 from evalq import AsyncClient
 from evalq.config import Settings
-from evalq.schemas import Work
+from evalq.schemas import Work, encode
 from evalq.topology import Topology
 from evalq.web import WebServer
 
+from .checkpoint_job import LOGGED, NOT_LOGGED, checkpoint_job, track
 from .jobs import FAKE, mark_completed
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -155,6 +156,28 @@ async def test_job_page_shows_its_work_and_links_the_job_it_rescores(
     assert await link.text_content() == source[:8]
     assert await link.get_attribute("href") == f"/jobs/{source}"
     assert await page.locator("#job-work").count() == 0  # not run yet
+
+
+async def test_job_page_shows_a_checkpoints_turnaround_and_its_logging_live(
+    web: str, browser: Browser, client: AsyncClient, nc: Any, topology: Topology, tmp_path: Path
+) -> None:
+    job = await checkpoint_job(client, nc, topology, logged=False)
+    page = await open_page(browser, f"{web}/jobs/{job}")
+    assert await page.locator("#job-turnaround").text_content() == NOT_LOGGED
+    await page.wait_for_selector("#live.on", timeout=10_000)
+    # `evalq track` logs it: the page shows it through its event stream, with no reload.
+    await nc.jetstream().publish(topology.event_subject(job, "tracked"), encode(track(job)))
+    tracked = page.locator("#timeline li[data-type='tracked']")
+    await tracked.wait_for(timeout=10_000)
+    assert "logged to tensorboard" in (await tracked.text_content() or "")
+    await page.wait_for_function(
+        "line => document.querySelector('#job-turnaround').textContent === line", arg=LOGGED, timeout=10_000
+    )
+    await page.screenshot(path=str(artifacts_dir(tmp_path) / "turnaround.png"), full_page=True)
+    # A job with no save time has no such row.
+    other = (await client.submit(model="dummy", tasks=[TASK])).job_id
+    page = await open_page(browser, f"{web}/jobs/{other}")
+    assert await page.locator("#job-turnaround").count() == 0
 
 
 def _tiny_png() -> str:

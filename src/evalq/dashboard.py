@@ -35,6 +35,7 @@ from . import jetstream
 from .errors import AmbiguousJobId, EvalqError, JobNotFound, RequestError, WrongState
 from .schemas import TERMINAL, JobInfo, JobSummary, encode
 from .text import strip_ansi
+from .turnaround import read_turnaround
 from .webguard import artifact_response
 
 if TYPE_CHECKING:
@@ -355,9 +356,15 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
     async def job(request: Request) -> Response:
         try:
             info = await client.get_job(await resolve(request.path_params["job_id"]))
+            # A checkpoint's turnaround, from the record and two of its stored events: computed
+            # for each answer, since the page asks again after each event of the job.
+            spent = await read_turnaround(
+                client.nc, client.topology, info, domain=client.settings.connection.js_domain, timeout=client.timeout
+            )
         except EvalqError as exc:
             return refusal(exc)
-        return _json({"job": info, "allow_cancel": ui.ui_allow_cancel and info.status not in TERMINAL})
+        allow_cancel = ui.ui_allow_cancel and info.status not in TERMINAL
+        return _json({"job": info, "turnaround": spent, "allow_cancel": allow_cancel})
 
     async def log_tail(request: Request) -> Response:
         try:

@@ -60,6 +60,17 @@ function workText(w) {
     `scores ${n("scores_computed")} computed, ${n("scores_reused")} reused`;
 }
 
+// A checkpoint's turnaround as `evalq status` writes it: "52.4 s: detection 42.3, queue 0.1, ...".
+function turnaroundText(t) {
+  const parts = [["detection", t.detection], ["queue", t.queue], ["load", t.load], ["evaluation", t.evaluation], ["logging", t.logging]]
+    .filter(([, seconds]) => seconds !== null && seconds !== undefined)
+    .map(([name, seconds]) => `${name} ${seconds.toFixed(1)}`).join(", ");
+  const head = t.total === null || t.total === undefined ? "not completed yet"
+    : t.logging === null || t.logging === undefined ? `${t.total.toFixed(1)} s to completion, not logged yet`
+    : `${t.total.toFixed(1)} s`;
+  return parts ? `${head}: ${parts}` : head;
+}
+
 function labelChips(labels) {
   return Object.entries(labels || {}).map(([k, v]) => el("span", { class: "label" }, k + "=" + v));
 }
@@ -350,6 +361,7 @@ async function jobPage(given) {
   const phases = new Map();
   let info = reply.job;
   let allowCancel = reply.allow_cancel;
+  let turnaround = reply.turnaround;
 
   function drawHead() {
     const r = info.request || {};
@@ -369,6 +381,7 @@ async function jobPage(given) {
     ].filter(Boolean);
     const work = info.result && info.result.work;
     if (work) fields.push(["work", el("span", { id: "job-work" }, workText(work))]);
+    if (turnaround) fields.push(["turnaround", el("span", { id: "job-turnaround", title: "from the checkpoint's save (" + turnaround.saved_at + ") to its metrics in the trackers" }, turnaroundText(turnaround))]);
     if (info.stalled_since) fields.push(["stalled", el("span", { class: "stalled" }, `no progress since ${info.stalled_since}`)]);
     if (info.error) fields.push(["error", el("span", { class: "error" }, info.error)]);
     const rows = fields.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)));
@@ -487,6 +500,7 @@ async function jobPage(given) {
       case "completed": return "completed" + (event.duration_s ? ` in ${event.duration_s.toFixed(1)} s` : "");
       case "failed": return "failed: " + event.error;
       case "cancelled": return "cancelled: " + event.reason;
+      case "tracked": return "logged to " + (event.trackers || []).join(", ");
       default: return event.type;
     }
   }
@@ -496,6 +510,7 @@ async function jobPage(given) {
     try {
       const again = await api("/api/jobs/" + encodeURIComponent(id));
       info = again.job;
+      turnaround = again.turnaround;
       allowCancel = again.allow_cancel;
     } catch (error) { return; }
     drawHead(); drawPhases(); drawResult();
