@@ -3,8 +3,7 @@
 A job submitted for a checkpoint (`evalq watch-dir`, `EvalqCallback`) carries the label
 `saved_at`, the checkpoint's save time. The job's record and its events hold the rest:
 
-    saved_at ─detection─> created_at ─queue─> started_at ─load─┬─evaluation─> completed_at ─logging─> tracked
-                                                              (model ready)
+    saved_at ─detection─> created_at ─queue─> started_at ─load, evaluation─> completed_at ─logging─> tracked
 
 - `detection`: saved_at to created_at (the watcher's settle window, the submission);
 - `queue`: created_at to the start of the last attempt (earlier attempts included);
@@ -14,7 +13,7 @@ A job submitted for a checkpoint (`evalq watch-dir`, `EvalqCallback`) carries th
 - `logging`: completed_at to the first `tracked` event (`evalq track`).
 
 Nothing is written for it: it is computed where it is shown (`evalq status`, the dashboard's
-job page) from the record and three stored events, read by subject.
+job page) from the record and two stored events (the last `started`, the first `tracked`).
 """
 
 from __future__ import annotations
