@@ -310,6 +310,10 @@ class JobInfo(_Wire, frozen=True, kw_only=True):
     shards: int = 1
     shards_done: int = 0
     pieces: list[Piece] = []
+    # Who submitted it, as nats-server stated it (never the request): the requester's
+    # account, and its user where the import shares it. `default` and None without one.
+    team: str = "default"
+    user: str | None = None
 
 
 class CancelReply(_Wire, frozen=True, kw_only=True):

@@ -68,6 +68,7 @@ from ..schemas import (
 from ..topology import Topology
 from .checks import PoolNames, SubmitChecks
 from .history import History, summarize
+from .identity import of_request
 from .positions import Positions
 
 __all__ = ["Gateway"]
@@ -270,6 +271,8 @@ class Gateway:
 
     async def submit(self, request: Request) -> JobAccepted:
         job = await self.checks.request(request.data)
+        # From the server's header only: the request has no field that could name a team.
+        requester = of_request(request)
 
         job_id, duplicate = str(uuid.uuid4()), False
         key = (request.headers or {}).get("Idempotency-Key")
@@ -297,7 +300,9 @@ class Gateway:
                 work.subject, work.payload, {"Nats-Msg-Id": f"{job_id}.{created}"}, stream=work.stream
             )
             ack = await jetstream.publish(self.nc, again, timeout=self.settings.connection.request_timeout)
-        info = lifecycle.enqueue(job_id, job, created_at=created, stream_seq=ack.seq)
+        info = lifecycle.enqueue(
+            job_id, job, created_at=created, stream_seq=ack.seq, team=requester.team, user=requester.user
+        )
 
         # The event and the record go out together and the position read overlaps their
         # acknowledgements: one round trip for the three, and no task each. A worker that
