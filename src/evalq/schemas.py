@@ -410,6 +410,7 @@ class JobsQuery(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
     metrics: Annotated[list[MetricRef], Meta(max_length=64)] = []
     limit: Annotated[int, Meta(ge=1, le=JOBS_PAGE_MAX)] = 100
     cursor: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    team: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
 
     def __post_init__(self) -> None:
         for index, ref in enumerate(self.metrics):
@@ -439,6 +440,7 @@ class JobSummary(_Wire, frozen=True, kw_only=True):
     # Only those the query asked for (`JobsQuery.metrics`).
     metrics: dict[str, dict[str, Any]] = {}
     error: str | None = None
+    team: str = "default"
 
 
 class JobsPage(_Wire, frozen=True, kw_only=True):
