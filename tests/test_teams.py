@@ -180,7 +180,9 @@ async def test_each_team_account_records_its_own_team(tmp_path: Path, settings: 
             await gateway_nc.close()
 
 
-async def test_without_accounts_every_job_is_team_default(nc: Any, client: AsyncClient, topology: Topology) -> None:
+async def test_without_accounts_every_job_is_team_default(
+    nc: Any, settings: Settings, client: AsyncClient, topology: Topology
+) -> None:
     accepted = await client.submit(**JOB)
     info = await client.get_job(accepted.job_id)
     assert (info.team, info.user) == ("default", None)
@@ -188,6 +190,15 @@ async def test_without_accounts_every_job_is_team_default(nc: Any, client: Async
     forged = await raw_submit(nc, topology.subject("submit"), JOB, FORGED)
     info = await client.get_job(forged.job_id)
     assert (info.team, info.user) == ("default", None)
+    # Nor can a client pass for a request carried across an import: the server refuses a
+    # reply subject under `_R_.` from any client, and the gateway never sees the request.
+    violations = Violations()
+    own = await connect(settings, error_cb=violations.on_error)
+    try:
+        await own.publish(topology.subject("submit"), encode(JOB), reply="_R_.made.up", headers=FORGED)
+        assert "publish with reply of" in await violations.wait()
+    finally:
+        await own.close()
     page = await eventually(
         lambda: client.jobs(team="default"), until=lambda p: len(p.jobs) == 2, what="both jobs", timeout=10
     )

@@ -5,9 +5,10 @@ A request that crosses a service import into the gateway's account carries a
 account (`acc`) always, and its user (`user`) when the import has `share = true`. The server
 removes any such header the client sent before writing its own. Inside one account it
 writes nothing, and a client's header passes as sent; so the header is read only on a
-request the server routed through an import, which it marks with a reply subject of its
-own (`_R_.…`). Any other request is the `default` team, whatever headers it carries
-(docs/DESIGN.md, "Permissions").
+request the server carried across an import. Such a request has a reply subject the server
+made, under `_R_.`, and no client can give one: the server refuses a client's publish whose
+reply begins `_R_.` (a reserved reply). Any other request is the `default` team, whatever
+headers it carries (docs/DESIGN.md, "Permissions").
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ __all__ = ["DEFAULT_TEAM", "IMPORT_REPLY", "REQUEST_INFO", "Requester", "of_requ
 log = logging.getLogger("evalq.gateway")
 
 REQUEST_INFO = "Nats-Request-Info"
-# The reply subject nats-server gives a request it carries across a service import.
+# The reply subjects nats-server gives the requests it carries across a service import,
+# and refuses from clients.
 IMPORT_REPLY = "_R_."
 DEFAULT_TEAM = "default"
 
