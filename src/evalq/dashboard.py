@@ -455,7 +455,7 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
                 labels[key] = value
             limit = _int(request, "limit", 5000, 1, HISTORY_MAX)
             filters: dict[str, Any] = {"labels": labels}
-            for field in ("status", "pool"):
+            for field in ("status", "pool", "team"):
                 if params.get(field):
                     filters[field] = params[field]
             found = []

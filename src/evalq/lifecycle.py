@@ -149,8 +149,16 @@ def outcome_status(outcome: Outcome) -> JobStatus:
 # --- the changes, as pure functions ----------------------------------------------------
 
 
-def enqueue(job_id: str, request: EvaluateRequest, *, created_at: str, stream_seq: int | None) -> JobInfo:
-    """The first record of a job."""
+def enqueue(
+    job_id: str,
+    request: EvaluateRequest,
+    *,
+    created_at: str,
+    stream_seq: int | None,
+    team: str = "default",
+    user: str | None = None,
+) -> JobInfo:
+    """The first record of a job; `team` and `user` are whom the server says sent it."""
     return JobInfo(
         job_id=job_id,
         status="queued",
@@ -160,6 +168,8 @@ def enqueue(job_id: str, request: EvaluateRequest, *, created_at: str, stream_se
         labels=request.labels,
         pool=request.pool,
         shards=request.shards,
+        team=team,
+        user=user,
     )
 
 

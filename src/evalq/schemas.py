@@ -311,6 +311,10 @@ class JobInfo(_Wire, frozen=True, kw_only=True):
     shards: int = 1
     shards_done: int = 0
     pieces: list[Piece] = []
+    # Who submitted it, as nats-server stated it (never the request): the requester's
+    # account, and its user where the import shares it. `default` and None without one.
+    team: str = "default"
+    user: str | None = None
 
 
 class CancelReply(_Wire, frozen=True, kw_only=True):
@@ -407,6 +411,7 @@ class JobsQuery(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
     metrics: Annotated[list[MetricRef], Meta(max_length=64)] = []
     limit: Annotated[int, Meta(ge=1, le=JOBS_PAGE_MAX)] = 100
     cursor: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    team: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
 
     def __post_init__(self) -> None:
         for index, ref in enumerate(self.metrics):
@@ -436,6 +441,7 @@ class JobSummary(_Wire, frozen=True, kw_only=True):
     # Only those the query asked for (`JobsQuery.metrics`).
     metrics: dict[str, dict[str, Any]] = {}
     error: str | None = None
+    team: str = "default"
 
 
 class JobsPage(_Wire, frozen=True, kw_only=True):

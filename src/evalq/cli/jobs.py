@@ -401,6 +401,9 @@ def jobs(
         Optional[list[str]], typer.Option(help="Only jobs in this status (repeat for any of several).")
     ] = None,
     pool: Annotated[Optional[str], typer.Option(help="Only jobs of this pool.")] = None,
+    team: Annotated[
+        Optional[str], typer.Option(help="Only jobs this team submitted (its NATS account; `default` without one).")
+    ] = None,
     since: Annotated[Optional[str], typer.Option(help="Created at or after: RFC 3339, or an age (2h, 7d).")] = None,
     until: Annotated[Optional[str], typer.Option(help="Created before: RFC 3339, or an age.")] = None,
     metric: Annotated[
@@ -425,6 +428,7 @@ def jobs(
     filters: dict[str, Any] = {
         "status": status or None,
         "pool": pool,
+        "team": team,
         "labels": parse_pairs(label, "--label") or None,
         "created_after": _when(since, "--since"),
         "created_before": _when(until, "--until"),
@@ -447,16 +451,25 @@ def jobs(
             return
         if csv_:
             out = csv.writer(sys.stdout)
-            out.writerow(["job_id", "status", "pool", "created_at", "completed_at", "duration_s", "labels", *chosen])
+            header = ["job_id", "status", "pool", "team", "created_at", "completed_at", "duration_s", "labels"]
+            out.writerow([*header, *chosen])
             for job in found:
                 labels = ";".join(f"{k}={v}" for k, v in job.labels.items())
-                cells = [job.job_id, job.status, job.pool, job.created_at, job.completed_at or "", job.duration_s]
+                cells = [
+                    job.job_id,
+                    job.status,
+                    job.pool,
+                    job.team,
+                    job.created_at,
+                    job.completed_at or "",
+                    job.duration_s,
+                ]
                 out.writerow(
                     [*(_cell(c) for c in cells), labels, *(_cell(_metric_value(job.metrics, m)) for m in chosen)]
                 )
             return
         table = Table(title=f"{len(found)} jobs" + ("" if cursor is None or len(found) < limit else " (more: --limit)"))
-        for column in ("job", "status", "pool", "created", "duration", "labels"):
+        for column in ("job", "status", "pool", "team", "created", "duration", "labels"):
             table.add_column(column, no_wrap=column in ("job", "created"))
         for ref in chosen:
             table.add_column(shown(ref), justify="right")
@@ -468,6 +481,7 @@ def jobs(
                 job.job_id[:SHORT_ID],
                 job.status,
                 job.pool,
+                job.team,
                 job.created_at.replace("T", " ")[:19],
                 duration,
                 " ".join(f"{k}={v}" for k, v in job.labels.items()),

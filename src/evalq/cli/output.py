@@ -129,6 +129,8 @@ def print_job(info: JobInfo) -> None:
         ("job", info.job_id),
         ("status", info.status),
         ("pool", info.pool),
+        ("team", info.team),
+        ("user", info.user),
         ("position", info.position_in_queue),
         ("attempts", info.attempts),
         ("worker", info.worker),

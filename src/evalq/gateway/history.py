@@ -71,6 +71,7 @@ class _Record(msgspec.Struct):
     pool: str = "default"
     shards: int = 1
     shards_done: int = 0
+    team: str = "default"
 
 
 _record = msgspec.json.Decoder(_Record)
@@ -101,6 +102,7 @@ def summarize(data: bytes) -> JobSummary:
         duration_s=r.result.duration_s if r.result else None,
         metrics=r.result.metrics if r.result else {},
         error=error,
+        team=r.team,
     )
 
 
@@ -160,7 +162,7 @@ class _Entry:
 
 class JobIndex:
     """Job summaries by id, one list sorted by (created_at, job_id), a sorted list of ids for
-    prefixes, and the set of ids per status, pool and label for selective filters."""
+    prefixes, and the set of ids per status, pool, team and label for selective filters."""
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
@@ -168,6 +170,7 @@ class JobIndex:
         self._ids: list[str] = []
         self._by_status: dict[str, set[str]] = {}
         self._by_pool: dict[str, set[str]] = {}
+        self._by_team: dict[str, set[str]] = {}
         self._by_label: dict[tuple[str, str], set[str]] = {}
 
     def __len__(self) -> int:
@@ -215,6 +218,7 @@ class JobIndex:
         s = entry.summary
         self._by_status.setdefault(s.status, set()).add(s.job_id)
         self._by_pool.setdefault(s.pool, set()).add(s.job_id)
+        self._by_team.setdefault(s.team, set()).add(s.job_id)
         for pair in s.labels.items():
             self._by_label.setdefault(pair, set()).add(s.job_id)
 
@@ -225,6 +229,7 @@ class JobIndex:
         s = entry.summary
         _discard(self._by_status, s.status, s.job_id)
         _discard(self._by_pool, s.pool, s.job_id)
+        _discard(self._by_team, s.team, s.job_id)
         for pair in s.labels.items():
             _discard(self._by_label, pair, s.job_id)
 
@@ -263,6 +268,7 @@ class JobIndex:
             return (
                 (not statuses or s.status in statuses)
                 and (query.pool is None or s.pool == query.pool)
+                and (query.team is None or s.team == query.team)
                 and all(s.labels.get(k) == v for k, v in labels)
                 and (query.id_prefix is None or s.job_id.startswith(query.id_prefix))
             )
@@ -280,7 +286,7 @@ class JobIndex:
                 yield entry
 
     def _candidates(self, query: JobsQuery) -> set[str] | None:
-        """The ids every set-shaped filter allows (status, pool, labels, prefix); None if none is given.
+        """The ids every set-shaped filter allows (status, pool, team, labels, prefix); None if none is given.
 
         Each filter is a union of sets (several statuses) or one set; the intersection starts
         from the smallest, so it costs about that filter's size, in C.
@@ -290,6 +296,8 @@ class JobIndex:
             groups.append([self._by_status.get(s, _NONE) for s in set(query.status)])
         if query.pool is not None:
             groups.append([self._by_pool.get(query.pool, _NONE)])
+        if query.team is not None:
+            groups.append([self._by_team.get(query.team, _NONE)])
         groups.extend([self._by_label.get(pair, _NONE)] for pair in query.labels.items())
         if query.id_prefix is not None:
             groups.append([set(self._with_prefix(query.id_prefix))])

@@ -37,7 +37,6 @@ from ..errors import (
     InvalidField,
     JobNotFound,
     RequestError,
-    TooLarge,
     Unavailable,
     WrongState,
 )
@@ -45,7 +44,6 @@ from ..events import EventPublisher
 from ..jobstore import JobStore
 from ..lifecycle import Applied, Recorder, Refused
 from ..policy import Policies
-from ..policy import check as check_policy
 from ..registry import Registry
 from ..schemas import (
     CancelReply,
@@ -68,7 +66,9 @@ from ..schemas import (
     now,
 )
 from ..topology import Topology
+from .checks import PoolNames, SubmitChecks
 from .history import History, summarize
+from .identity import of_request
 from .positions import Positions
 
 __all__ = ["Gateway"]
@@ -157,7 +157,6 @@ class Gateway:
         self._service: Service | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.gateway.gateway_concurrency)
-        self._pools: set[str] = set()
         self.in_flight = 0
         self.peak_in_flight = 0  # how many requests were being served at once, at most
 
@@ -175,7 +174,15 @@ class Gateway:
         self.policies = Policies(await self.js.key_value(self.topology.pools_bucket))
         # Loads in the background past a second: a long history must not hold up serving.
         self.history = await History(self.jobs.kv, nc=self.nc).start(wait=1.0)
-        self._pools = set(await self.topology.pools(self.js))
+        self.pools = PoolNames(self.topology, self.js)
+        await self.pools.load()
+        self.checks = SubmitChecks(
+            max_bytes=self.settings.gateway.max_request_bytes,
+            pools=self.pools,
+            jobs=self.jobs,
+            registry=self.registry,
+            policies=self.policies,
+        )
         group = self.topology.service_name
         self._service = await add_service(
             self.nc,
@@ -263,15 +270,9 @@ class Gateway:
     # --- endpoints -------------------------------------------------------------------------
 
     async def submit(self, request: Request) -> JobAccepted:
-        if len(request.data) > self.settings.gateway.max_request_bytes:
-            raise TooLarge(
-                f"request body is {len(request.data)} bytes; the limit is {self.settings.gateway.max_request_bytes}"
-            )
-        job = decode(request.data, EvaluateRequest)
-        await self._check_pool(job.pool)
-        await self._check_rescore(job)
-        await self.registry.check(job)
-        check_policy(job, await self.policies.get(job.pool))
+        job = await self.checks.request(request.data)
+        # From the server's header only: the request has no field that could name a team.
+        requester = of_request(request)
 
         job_id, duplicate = str(uuid.uuid4()), False
         key = (request.headers or {}).get("Idempotency-Key")
@@ -299,7 +300,9 @@ class Gateway:
                 work.subject, work.payload, {"Nats-Msg-Id": f"{job_id}.{created}"}, stream=work.stream
             )
             ack = await jetstream.publish(self.nc, again, timeout=self.settings.connection.request_timeout)
-        info = lifecycle.enqueue(job_id, job, created_at=created, stream_seq=ack.seq)
+        info = lifecycle.enqueue(
+            job_id, job, created_at=created, stream_seq=ack.seq, team=requester.team, user=requester.user
+        )
 
         # The event and the record go out together and the position read overlaps their
         # acknowledgements: one round trip for the three, and no task each. A worker that
@@ -423,43 +426,6 @@ class Gateway:
             message=f"Duplicate of an earlier submission; the job is {info.status}",
         )
 
-    async def _check_pool(self, pool: str) -> None:
-        if pool in self._pools:
-            return
-        if await self.topology.has_pool(self.js, pool):
-            self._pools.add(pool)
-            return
-        known = await self.topology.pools(self.js)
-        self._pools = set(known)
-        raise InvalidField(
-            f"unknown pool {pool!r}; known pools: {', '.join(known) or 'none'} "
-            "(a worker creates its pool when it starts)",
-            path="$.pool",
-        )
-
-    async def _check_rescore(self, job: EvaluateRequest) -> None:
-        """A re-score scores again what its source recorded: a source that is missing or has not
-        completed has nothing to score, and a task it did not run has no responses."""
-        source_id = job.rescore_of
-        if source_id is None:
-            return
-        found = await self.jobs.get(source_id)
-        if found is None:
-            raise JobNotFound(f"no job {source_id} to re-score", path="$.rescore_of")
-        source = found[0]
-        if source.status != "completed":
-            raise WrongState(
-                f"job {source_id} is {source.status}; only a completed job can be re-scored", path="$.rescore_of"
-            )
-        # A record read without its request (one that held a credential) cannot be compared.
-        ran = source.request.tasks if source.request is not None else job.tasks
-        for index, task in enumerate(job.tasks):
-            if task not in ran:
-                raise InvalidField(
-                    f"task {task!r} is not among the tasks job {source_id} ran ({', '.join(ran)})",
-                    path=f"$.tasks[{index}]",
-                )
-
     async def _job(self, request: Request) -> tuple[str, JobInfo]:
         ref = decode(request.data or b"{}", JobRef)
         found = await self.jobs.get(ref.job_id)
@@ -544,12 +510,8 @@ class Gateway:
                     with contextlib.suppress(NotFoundError):  # taken meanwhile: its worker drops it
                         await self.js.delete_msg(stream, found.seq)
 
-    async def _known_pools(self) -> list[str]:
-        self._pools |= set(await self.topology.pools(self.js))
-        return sorted(self._pools)
-
     async def queue(self, request: Request) -> QueueStatus:
-        pools = await self._known_pools()
+        pools = await self.pools.known()
         # Counted from the history's index: no consumer is made for a count.
         counts = self.history.counts(("completed", "failed", "cancelled"))
         snapshots, ids, workers = await asyncio.gather(
@@ -587,7 +549,7 @@ class Gateway:
         return ids
 
     async def health(self, request: Request) -> Health:
-        pools = await self._known_pools()
+        pools = await self.pools.known()
         snapshots, workers = await asyncio.gather(
             asyncio.gather(*(self.positions.snapshot(p) for p in pools)), self.registry.workers()
         )

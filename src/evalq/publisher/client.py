@@ -288,10 +288,11 @@ class AsyncClient:
         metrics: list[str] | None = None,
         limit: int = 100,
         cursor: str | None = None,
+        team: str | None = None,
     ) -> JobsPage:
         """One page of the job history, newest first; pass its `next_cursor` for the next.
 
-        Filters all must hold: `status` (one or several), `pool`, every `labels` pair,
+        Filters all must hold: `status` (one or several), `pool`, `team`, every `labels` pair,
         `created_after` (inclusive) and `created_before` (exclusive), RFC 3339 strings or
         zoned datetimes. `metrics` (`task/metric`, `task/*`, `*`) picks the metrics each
         summary carries. At most 1,000 jobs a page.
@@ -307,6 +308,7 @@ class AsyncClient:
             "id_prefix": id_prefix,
             "metrics": metrics,
             "cursor": cursor,
+            "team": team,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
         return await self._ask("jobs", JobsPage, encode(body))

@@ -133,6 +133,7 @@ class Client:
         metrics: list[str] | None = None,
         limit: int = 100,
         cursor: str | None = None,
+        team: str | None = None,
     ) -> JobsPage:
         return self._run(
             self._async.jobs(
@@ -145,6 +146,7 @@ class Client:
                 metrics=metrics,
                 limit=limit,
                 cursor=cursor,
+                team=team,
             )
         )
 

@@ -372,6 +372,7 @@ async function jobPage(given) {
       ["tasks", (r.tasks || []).join(", ")],
       r.rescore_of ? ["re-score of", el("span", { id: "job-rescore-of" }, jobLink(r.rescore_of))] : null,
       ["pool", info.pool],
+      ["team", el("span", { id: "job-team" }, info.user ? `${info.team || "default"} (${info.user})` : (info.team || "default"))],
       ["labels", labelChips(info.labels)],
       ["created", info.created_at || ""],
       ["started", info.started_at || ""],
