@@ -23,6 +23,17 @@ TIMES = {
 }
 LOGGED_AT = "2026-11-27T11:50:52.300Z"
 # What `evalq status` and the job page show for it, once logged and before.
+# The turnaround of `checkpoint_job`'s job, as `evalq status --json` and the dashboard give it.
+TURNAROUND = {
+    "saved_at": SAVED_AT,
+    "logged_at": LOGGED_AT,
+    "total": 52.3,
+    "detection": 40.0,
+    "queue": 2.0,
+    "load": 1.5,
+    "evaluation": 8.5,
+    "logging": 0.3,
+}
 LOGGED = "52.3 s: detection 40.0, queue 2.0, load 1.5, evaluation 8.5, logging 0.3"
 NOT_LOGGED = "52.0 s to completion, not logged yet: detection 40.0, queue 2.0, load 1.5, evaluation 8.5"
 
