@@ -176,6 +176,13 @@ async def test_each_team_account_records_its_own_team(tmp_path: Path, settings: 
                 )
                 assert {j.job_id for j in page.jobs} == {jobs["TEAM_B"], forged.job_id}
                 assert [j.job_id for j in (await b.jobs(team="TEAM_A")).jobs] == [jobs["TEAM_A"]]
+                # An Idempotency-Key is the team's own: the same key from two teams makes two
+                # jobs, and neither team is told of the other's (no 409 naming it).
+                first = await a.submit(**JOB, idempotency_key="nightly-42")
+                other = await b.submit(**{**JOB, "limit": 5}, idempotency_key="nightly-42")
+                assert first.job_id != other.job_id and not other.duplicate
+                again = await a.submit(**JOB, idempotency_key="nightly-42")
+                assert again.job_id == first.job_id and again.duplicate
         finally:
             await gateway_nc.close()
 

@@ -106,6 +106,16 @@ def request_fingerprint(job: EvaluateRequest) -> str:
     return hashlib.sha256(_canonical.encode(job)).hexdigest()
 
 
+def key_digest(key: str, team: str) -> str:
+    """The idempotency bucket's key for an Idempotency-Key: each team's keys are its own, so
+    two teams that pick the same key get two jobs, and neither learns of the other's. The
+    `default` team's digest is the key's alone, as it was before teams."""
+    if not key or len(key) > _KEY_MAX:
+        raise BadRequest(f"Idempotency-Key must be 1 to {_KEY_MAX} characters", path="$")
+    scoped = key if team == "default" else f"{team}\0{key}"
+    return hashlib.sha256(scoped.encode()).hexdigest()
+
+
 def read_claim(value: bytes) -> KeyClaim:
     """An entry's value: a KeyClaim, or an older gateway's plain job id."""
     if value.startswith(b"{"):
@@ -277,7 +287,7 @@ class Gateway:
         job_id, duplicate = str(uuid.uuid4()), False
         key = (request.headers or {}).get("Idempotency-Key")
         if key is not None:
-            claimed, existing = await self._claim(key, job, job_id)
+            claimed, existing = await self._claim(key_digest(key, requester.team), job, job_id)
             if existing is not None:
                 return await self._accepted(existing, duplicate=True)
             # Another id with no record: the first attempt with this key died before recording
@@ -324,7 +334,9 @@ class Gateway:
         if full and not record_exists and not ack.duplicate and not duplicate:
             # The store filled between the job's writes: take back what landed, so that a 503
             # means the job does not exist (a retry with the key makes it anew).
-            await self._take_back(job, job_id, ack.seq, event_outcome, record_outcome, key)
+            await self._take_back(
+                job, job_id, ack.seq, event_outcome, record_outcome, key and key_digest(key, requester.team)
+            )
             raise full[0]
         for outcome in (event_outcome, None if record_exists else record_outcome, position):
             if isinstance(outcome, BaseException):
@@ -355,7 +367,7 @@ class Gateway:
         seq: int,
         event: jetstream.PubAck | BaseException,
         record: jetstream.PubAck | BaseException,
-        key: str | None,
+        claimed: str | None,
     ) -> None:
         """Undo a submission that could not be finished, best effort. The message deletes free
         room first; the key goes last, so that its retry makes the job anew rather than
@@ -367,24 +379,22 @@ class Gateway:
             steps.append(("queued event", lambda: self.js.delete_msg(self.topology.events_stream, event.seq)))
         if isinstance(record, jetstream.PubAck):
             steps.append(("record", lambda: self.jobs.kv.delete(job_id)))
-        if key:
-            steps.append(("key", lambda: self.idempotency.delete(hashlib.sha256(key.encode()).hexdigest())))
+        if claimed:  # the Idempotency-Key's digest in the idempotency bucket
+            steps.append(("key", lambda: self.idempotency.delete(claimed)))
         for what, step in steps:
             try:
                 await step()
             except Exception as exc:
                 log.warning("job %s: could not take back its %s after the store filled: %s", job_id, what, exc)
 
-    async def _claim(self, key: str, job: EvaluateRequest, job_id: str) -> tuple[str, JobInfo | None]:
-        """Tie an Idempotency-Key to this request under `job_id`, or find the job it names.
+    async def _claim(self, digest: str, job: EvaluateRequest, job_id: str) -> tuple[str, JobInfo | None]:
+        """Tie an Idempotency-Key (its `key_digest`) to this request under `job_id`, or find
+        the job it names.
 
         Returns the job id to enqueue under and the job's record, if it has one. A key that
         was used for a different request is refused (409): answering with that job would
         silently drop this one.
         """
-        if not key or len(key) > _KEY_MAX:
-            raise BadRequest(f"Idempotency-Key must be 1 to {_KEY_MAX} characters", path="$")
-        digest = hashlib.sha256(key.encode()).hexdigest()
         fingerprint = request_fingerprint(job)
         try:
             await jetstream.create_key(
