@@ -20,7 +20,7 @@ import pytest
 from evalq import AsyncClient
 from evalq.config import Settings
 from evalq.connection import connect
-from evalq.errors import InvalidField
+from evalq.errors import InvalidField, JobNotFound
 from evalq.gateway import Gateway
 from evalq.gateway.history import JobIndex, summarize
 from evalq.gateway.identity import REQUEST_INFO, Requester, requester
@@ -132,7 +132,8 @@ async def test_the_shipped_accounts_record_team_submitters_and_user_submitter(
                     timeout=10,
                 )
                 assert {j.team for j in page.jobs} == {"SUBMITTERS"}
-                assert (await client.jobs(team="default")).jobs == []
+                # A team's history is its own, whatever team the query names.
+                assert {j.job_id for j in (await client.jobs(team="default")).jobs} == {j.job_id for j in page.jobs}
                 # The two jobs and the refused body; none from inside EVALQ.
                 assert len(seen) == 3
                 assert all(json.loads(msg.headers[REQUEST_INFO])["acc"] == "SUBMITTERS" for msg in seen)
@@ -160,9 +161,18 @@ async def test_each_team_account_records_its_own_team(tmp_path: Path, settings: 
                     "SUBMITTERS": (await s.submit(**JOB)).job_id,
                 }
                 expected = {"TEAM_A": "alice", "TEAM_B": "team_b", "SUBMITTERS": "submitter"}
+                clients = {"TEAM_A": a, "TEAM_B": b, "SUBMITTERS": s}
                 for team, job_id in jobs.items():
-                    info = await s.get_job(job_id)
+                    info = await clients[team].get_job(job_id)
                     assert (info.team, info.user) == (team, expected[team])
+                    # Another team's job is no job at all to the gateway: not shown, not cancelled.
+                    for other, client in clients.items():
+                        if other != team:
+                            with pytest.raises(JobNotFound):
+                                await client.get_job(job_id)
+                            with pytest.raises(JobNotFound):
+                                await client.cancel_job(job_id)
+                    assert (await clients[team].get_job(job_id)).status == "queued"
                 # TEAM_B claiming TEAM_A's name in the header stays TEAM_B.
                 b_nc = await connect(team_b)
                 try:
@@ -170,12 +180,15 @@ async def test_each_team_account_records_its_own_team(tmp_path: Path, settings: 
                     forged = await raw_submit(b_nc, "evalq.submit", JOB, claimed)
                 finally:
                     await b_nc.close()
-                assert (await a.get_job(forged.job_id)).team == "TEAM_B"
+                assert (await b.get_job(forged.job_id)).team == "TEAM_B"
+                with pytest.raises(JobNotFound):
+                    await a.get_job(forged.job_id)
+                # A team's history is its own jobs, whatever team the query names.
                 page = await eventually(
-                    lambda: a.jobs(team="TEAM_B"), until=lambda p: len(p.jobs) == 2, what="TEAM_B's jobs", timeout=10
+                    lambda: b.jobs(), until=lambda p: len(p.jobs) == 2, what="TEAM_B's jobs", timeout=10
                 )
                 assert {j.job_id for j in page.jobs} == {jobs["TEAM_B"], forged.job_id}
-                assert [j.job_id for j in (await b.jobs(team="TEAM_A")).jobs] == [jobs["TEAM_A"]]
+                assert [j.job_id for j in (await a.jobs(team="TEAM_B")).jobs] == [jobs["TEAM_A"]]
                 # An Idempotency-Key is the team's own: the same key from two teams makes two
                 # jobs, and neither team is told of the other's (no 409 naming it).
                 first = await a.submit(**JOB, idempotency_key="nightly-42")
@@ -220,9 +233,13 @@ def test_the_header_is_read_only_on_a_request_that_crossed_an_import() -> None:
     # An import without `share` states the account only.
     assert requester({REQUEST_INFO: '{"acc":"TEAM_A","rtt":5}'}, across) == Requester(team="TEAM_A")
     anonymous = Requester()
-    assert anonymous.team == "default" and anonymous.user is None
-    assert requester(shared, "_INBOX.abc.def") == anonymous  # sent inside the account
-    assert requester(shared, None) == anonymous
+    assert anonymous.team == "default" and anonymous.user is None and not anonymous.admin
+    # Sent inside the queue's own account: an operator's request, which sees every team.
+    own = Requester(admin=True)
+    assert requester(shared, "_INBOX.abc.def") == own
+    assert requester(shared, None) == own
+    assert own.may_see("TEAM_A") and Requester(team="TEAM_A").may_see("TEAM_A")
+    assert not Requester(team="TEAM_B").may_see("TEAM_A") and not anonymous.may_see("TEAM_A")
     assert requester(None, across) == anonymous
     for unreadable in ("not json", '{"acc": 5}', '{"user": "alice"}', "[]"):
         assert requester({REQUEST_INFO: unreadable}, across) == anonymous

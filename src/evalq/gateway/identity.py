@@ -8,7 +8,8 @@ writes nothing, and a client's header passes as sent; so the header is read only
 request the server carried across an import. Such a request has a reply subject the server
 made, under `_R_.`, and no client can give one: the server refuses a client's publish whose
 reply begins `_R_.` (a reserved reply). Any other request is the `default` team, whatever
-headers it carries (docs/DESIGN.md, "Permissions").
+headers it carries, and comes from the queue's own account: an admin, who sees every
+team's jobs (docs/DESIGN.md, "Permissions").
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 import msgspec
 from nats.micro.request import Request
 
-__all__ = ["DEFAULT_TEAM", "IMPORT_REPLY", "REQUEST_INFO", "Requester", "of_request", "requester"]
+__all__ = ["DEFAULT_TEAM", "IMPORT_REPLY", "OWN_ACCOUNT", "REQUEST_INFO", "Requester", "of_request", "requester"]
 
 log = logging.getLogger("evalq.gateway")
 
@@ -33,9 +34,18 @@ DEFAULT_TEAM = "default"
 class Requester(msgspec.Struct, frozen=True, kw_only=True):
     team: str = DEFAULT_TEAM
     user: str | None = None
+    # A request from the queue's own account (it crossed no import): an operator's, or any
+    # request where there are no accounts (`evalq up`). It sees and may cancel every job.
+    admin: bool = False
+
+    def may_see(self, team: str) -> bool:
+        """Whether this requester may see, follow and cancel a job of `team`."""
+        return self.admin or team == self.team
 
 
+# An import's request whose header cannot be read: a team of its own, never an admin.
 ANONYMOUS = Requester()
+OWN_ACCOUNT = Requester(admin=True)
 
 
 class _RequestInfo(msgspec.Struct):
@@ -50,7 +60,7 @@ _info = msgspec.json.Decoder(_RequestInfo)
 def requester(headers: Mapping[str, str] | None, reply: str | None) -> Requester:
     """The team and user of a request with these headers and this reply subject."""
     if not reply or not reply.startswith(IMPORT_REPLY):
-        return ANONYMOUS
+        return OWN_ACCOUNT
     text = (headers or {}).get(REQUEST_INFO)
     if not text:
         return ANONYMOUS

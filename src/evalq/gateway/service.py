@@ -439,7 +439,8 @@ class Gateway:
     async def _job(self, request: Request) -> tuple[str, JobInfo]:
         ref = decode(request.data or b"{}", JobRef)
         found = await self.jobs.get(ref.job_id)
-        if found is None:
+        # Another team's job is answered as no job at all: its existence is not theirs to learn.
+        if found is None or not of_request(request).may_see(found[0].team):
             raise JobNotFound(f"no job {ref.job_id}", path="$.job_id")
         return ref.job_id, found[0]
 
@@ -574,6 +575,10 @@ class Gateway:
 
     async def list_jobs(self, request: Request) -> JobsPage:
         query = decode(request.data or b"{}", JobsQuery)
+        asker = of_request(request)
+        if not asker.admin:
+            # A team's history is its own jobs, whatever team the query names.
+            query = msgspec.structs.replace(query, team=asker.team)
         # Room for the reply's headers under the server's payload limit.
         return self.history.page(query, max_bytes=self.nc.max_payload - 4096)
 
