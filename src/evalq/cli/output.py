@@ -30,6 +30,8 @@ from ..schemas import (
     ShardFailed,
     ShardStarted,
     Stalled,
+    Started,
+    Tracked,
     Work,
 )
 from ..text import escape_control
@@ -199,5 +201,9 @@ def event_line(event: Event) -> str:
         detail = f"piece {event.shard + 1} in {event.seconds}s"
     elif isinstance(event, ShardFailed):
         detail = f"piece {event.shard + 1}: {event.error}"
+    elif isinstance(event, Tracked):
+        detail = "in " + (", ".join(event.trackers) or "no tracker")
+    elif isinstance(event, Started):
+        detail = "no model loaded" if not event.loads_model else ("weights swapped" if event.weights_swapped else "")
     labels = " ".join(f"{k}={v}" for k, v in event.labels.items())
     return f"{event.time} {event.job_id} {kind:<9} {event.worker or '-'} {detail} {labels}".rstrip()
