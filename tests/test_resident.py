@@ -19,6 +19,7 @@ from evalq.config import Settings
 from evalq.policy import store_policy
 from evalq.schemas import Started
 from evalq.topology import Topology
+from evalq.worker.weight_swap import SwapState
 
 from .conftest import Processes
 from .events import all_events, follow
@@ -219,3 +220,111 @@ async def test_a_checkpoint_that_differs_in_more_than_its_weights_is_loaded_afre
     assert notes[2] is not None and notes[2].startswith("config.json differs in ") and "hidden_size" in notes[2]
     assert notes[3] == f"missing tensor {gone}"
     assert len(pids) == 1, "each checkpoint of the model ran in the one resident process"
+
+
+def _rewrite_weights_in_place(folder: Path, source: Path) -> None:
+    """`folder`'s model.safetensors written again with `source`'s bytes, in the same file (the
+    same inode), every other file of the folder kept."""
+    data = (source / "model.safetensors").read_bytes()
+    with open(folder / "model.safetensors", "r+b") as handle:
+        handle.write(data)
+        handle.truncate()
+
+
+async def test_a_checkpoint_folder_written_again_in_place_is_not_the_model_it_held(
+    client: AsyncClient, worker_factory: Any, tmp_path: Path, nc: Any, topology: Topology
+) -> None:
+    folder = build_tiny_model(tmp_path / "latest", seed=0)
+    seed_0 = build_tiny_model(tmp_path / "seed-0", seed=0)
+    await store_policy(nc, topology, "default", PoolPolicy(model_roots=[str(tmp_path)]), timeout=10)
+    handle = await worker_factory()
+
+    async def job(**extra: Any) -> Any:
+        info = await client.submit_and_wait(**_tiny_job(folder, limit=8, **extra), timeout=300)
+        assert info.status == "completed", info.error
+        return info, await _started(client, info.job_id), await client.results(info.job_id, tmp_path / info.job_id)
+
+    a, a_started, a_files = await job()
+    assert a_started.model_reused is False
+    pid = handle.worker.resident.pid if handle.worker.resident else None
+
+    # The folder removed and saved again with other weights (a trainer saving to `latest/`).
+    shutil.rmtree(folder)
+    build_tiny_model(folder, seed=1)
+    b, b_started, b_files = await job()
+    assert b_started.model_reused is False
+    assert b_started.weights_swapped is True and b_started.model_note is None
+    assert handle.worker.resident is not None and handle.worker.resident.pid == pid
+    # The unchanged folder, next: the model now held is its own.
+    c, c_started, c_files = await job()
+    assert c_started.model_reused is True
+    fresh, _, fresh_files = await job(fresh_model=True)
+    assert b.result is not None and c.result is not None and fresh.result is not None and a.result is not None
+    assert b.result.metrics == c.result.metrics == fresh.result.metrics
+    assert _samples(b_files) == _samples(c_files) == _samples(fresh_files)
+    assert _samples(a_files) != _samples(b_files), "the two checkpoints answer alike: the test tells nothing"
+
+    # Only the weights file written again, in place: the first checkpoint's weights are back.
+    _rewrite_weights_in_place(folder, seed_0)
+    d, d_started, d_files = await job()
+    assert d_started.model_reused is False
+    assert d_started.weights_swapped is True and d_started.model_note is None
+    e, e_started, e_files = await job()
+    assert e_started.model_reused is True
+    fresh_d, _, fresh_d_files = await job(fresh_model=True)
+    assert d.result is not None and e.result is not None and fresh_d.result is not None
+    assert d.result.metrics == e.result.metrics == fresh_d.result.metrics == a.result.metrics
+    assert _samples(d_files) == _samples(e_files) == _samples(fresh_d_files) == _samples(a_files)
+
+
+class _Wrapper:
+    def __init__(self, module: Any, location: str) -> None:
+        self.model = module
+        self.pretrained = location
+
+
+def _linear_checkpoint(folder: Path, seed: int) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    tensors = {k: v.detach().clone() for k, v in torch.nn.Linear(4, 3).state_dict().items()}
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text('{"hidden": 4}')
+    save_file(tensors, folder / "model.safetensors")
+    return tensors
+
+
+def _loaded_linear(folder: Path) -> tuple[Any, SwapState]:
+    import torch
+
+    module = torch.nn.Linear(4, 3).eval()
+    with torch.no_grad():
+        module.load_state_dict(_linear_checkpoint(folder, 0))
+    return module, SwapState(_Wrapper(module, str(folder)), str(folder))
+
+
+def test_the_loaded_checkpoints_own_folder_written_again_takes_the_swap_compared_with_what_was_loaded(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    module, state = _loaded_linear(tmp_path / "latest")
+    state.verify()
+    assert state.refusal is None
+    new = _linear_checkpoint(tmp_path / "latest", 1)
+    assert state.swap(str(tmp_path / "latest")) is None
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in new.items())
+    # Its config written again with another content: compared with the loaded one's record.
+    (tmp_path / "latest" / "config.json").write_text('{"hidden": 5}')
+    assert state.swap(str(tmp_path / "latest")) == "config.json differs in hidden"
+
+
+def test_weights_written_again_in_place_before_the_check_refuse_swaps_with_the_reason(tmp_path: Path) -> None:
+    _module, state = _loaded_linear(tmp_path / "latest")
+    _linear_checkpoint(tmp_path / "other", 1)
+    time.sleep(0.01)  # a later modification time, whatever the file system's resolution
+    _rewrite_weights_in_place(tmp_path / "latest", tmp_path / "other")
+    state.verify()
+    reason = "model.safetensors of its checkpoint was written again before it was compared"
+    assert state.refusal == f"the loaded model takes no weights: {reason}"

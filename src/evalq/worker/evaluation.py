@@ -154,7 +154,12 @@ class Evaluation:
             # A re-score loads no model: it runs where any evaluation without one runs.
             rescore = info.request.rescore_of is not None
             launch = Launch(
-                args=journal.flags() + args, cwd=output, log_path=log_path, module=ENTRY_MODULE, per_gpu=not rescore
+                args=journal.flags() + args,
+                cwd=output,
+                log_path=log_path,
+                module=ENTRY_MODULE,
+                per_gpu=not rescore,
+                identity=journal.model,
             )
         exit_code = await self.run(job, launch, announce, journal)
         outcome = await self.outcome(

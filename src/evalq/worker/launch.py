@@ -48,6 +48,9 @@ class Launch:
     # Runs once per GPU under accelerate when the job asks for several (a plan or a merge
     # loads no model and runs as one process).
     per_gpu: bool = True
+    # The model's identity (`identity.model_identity`), where the worker computed it: a
+    # resident model is reused only for the same one.
+    identity: str | None = None
 
     @property
     def loads_model(self) -> bool:
@@ -88,7 +91,12 @@ class Launcher:
             resident = await self._resident_for(request)
             if resident is not None:
                 process = await resident.run(
-                    launch.module, launch.args, cwd=launch.cwd, log_path=launch.log_path, on_progress=on_progress
+                    launch.module,
+                    launch.args,
+                    cwd=launch.cwd,
+                    log_path=launch.log_path,
+                    on_progress=on_progress,
+                    identity=launch.identity,
                 )
                 log.info("%s: resident pid %s: %s", job, process.pid, " ".join(launch.args))
                 return process

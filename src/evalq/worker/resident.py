@@ -5,13 +5,16 @@ a resident process pays them once. It is forked from the zygote (which never tou
 with the `Spawn` request, so it is CUDA-safe, and then lives on beside it: each job the
 worker gives it runs lmms-eval in that process, and lmms-eval's request for the model class
 is answered with the model already built, when the job asks for it with the same
-arguments (`resident_process.py`). Everything else of the run is lmms-eval's own, seeds
-included, so the results are those of a fresh run.
+arguments and the files they name hold what they held when it was loaded (the job's model
+identity, which the worker computes for the response cache: a checkpoint folder written
+again in place is another checkpoint under the same name) (`resident_process.py`).
+Everything else of the run is lmms-eval's own, seeds included, so the results are those of
+a fresh run.
 
 A job whose model differs only in its weights folder (another checkpoint of the same model,
 `weights_key`) goes to the resident process too, which takes the new weights into the loaded
 model where that gives what a fresh load would, and loads it afresh otherwise
-(`weight_swap.py`).
+(`weight_swap.py`); so does a job whose folder is the loaded one's, rewritten since.
 
 The worker keeps at most one. A job for another model (or with `fresh_model`), a job that
 fails, a cancel or a time limit, and an idle bound (`resident_idle`) end it: the process
@@ -56,12 +59,17 @@ class ResidentRun(msgspec.Struct, frozen=True, kw_only=True, tag="run"):
     module: str
     argv: list[str]
     cwd: str
+    # The job's model identity (`identity.model_identity`: the content of the files its
+    # arguments name): the kept model is reused only for the identity it holds. None: not
+    # known, and the arguments alone decide.
+    identity: str | None = None
 
 
 class Loaded(msgspec.Struct, frozen=True, kw_only=True, tag="loaded"):
     """How the job got its model: kept as it was (`reused`), the loaded model with the new
-    checkpoint's weights copied in (`swapped`), or built; `seconds` until it was ready (a
-    swap's or a load's); `note`: why a swap that was considered was not made."""
+    checkpoint's weights copied in (`swapped`: another folder's, or the same folder's
+    rewritten since), or built; `seconds` until it was ready (a swap's or a load's); `note`:
+    why a swap that was considered was not made."""
 
     reused: bool
     seconds: float | None = None
@@ -164,12 +172,19 @@ class Resident:
         self._busy.release()
 
     async def run(
-        self, module: str, argv: list[str], *, cwd: Path, log_path: Path, on_progress: Callable[[Progress], None]
+        self,
+        module: str,
+        argv: list[str],
+        *,
+        cwd: Path,
+        log_path: Path,
+        on_progress: Callable[[Progress], None],
+        identity: str | None = None,
     ) -> ResidentJob:
         job = ResidentJob(self, log_path=log_path, on_progress=on_progress)
         await self._busy.acquire()
         try:
-            await job.begin(ResidentRun(module=module, argv=argv, cwd=os.fspath(cwd)))
+            await job.begin(ResidentRun(module=module, argv=argv, cwd=os.fspath(cwd), identity=identity))
         except BaseException:
             self._busy.release()
             raise

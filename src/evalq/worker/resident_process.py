@@ -6,9 +6,13 @@ it points its output at the job's pipe and runs the job's module as `python -m` 
 lmms-eval, or evalq's entry (`entry.py`: a whole job or a piece). lmms-eval builds its model through
 `models.get_model(name).create_from_arg_string(args, config)`; that call is answered with
 the model built by an earlier job when the class, the arguments and the config are the
-same. When they differ only in the weights folder, the kept model takes the new
-checkpoint's weights in place where that gives what a fresh load would (`weight_swap.py`;
-the comparison with its own checkpoint that this needs is made between jobs). Otherwise it
+same, and so is the model's identity (the content of the files the arguments name; a run
+that brings none is matched by its arguments alone). When they differ only in the weights
+folder, or not at all but the identity does (the folder was written again in place), the
+kept model takes the new checkpoint's weights in place where that gives what a fresh load
+would (`weight_swap.py`: the folder is compared with what the loaded checkpoint held when
+it was loaded; the comparison with its own checkpoint that this needs is made between
+jobs). Otherwise it
 builds the model (after dropping the old one) and keeps it. Two things of the kept model
 are reset for every job: its `task_dict`, and its `clean()`, which lmms-eval calls at the
 end of a run and which would delete the model's modules.
@@ -41,6 +45,9 @@ __all__ = ["main"]
 class _Kept:
     def __init__(self) -> None:
         self.key: tuple[str, ...] | None = None
+        # The identity of the model it holds, as the job that loaded it (or swapped its
+        # weights in) gave it; None: not known.
+        self.identity: str | None = None
         self.model: Any = None
         # What the kept model offers another checkpoint of its model (None: it names no
         # weights folder).
@@ -50,7 +57,7 @@ class _Kept:
         model = self.model
         if self.weights is not None:
             self.weights.release()
-        self.key, self.model, self.weights = None, None, None
+        self.key, self.identity, self.model, self.weights = None, None, None, None
         if model is not None:
             # lmms-eval's own clean() deletes the model's modules: their memory goes even if
             # something of the last run still holds the model.
@@ -62,11 +69,18 @@ class _Kept:
         if torch is not None and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
 
+    def holds(self, key: tuple[str, ...], identity: str | None) -> bool:
+        """The kept model is the one the job asks for: the same arguments, and the same
+        identity where both are known."""
+        if self.model is None or self.key != key:
+            return False
+        return identity is None or self.identity is None or identity == self.identity
+
     def swap_for(self, key: tuple[str, ...]) -> tuple[str, str] | None:
         """(weights folder, why it is not swapped in: empty when it may be) for a job that
-        asks for another checkpoint of the kept model; None where the job asks for another
-        model, or the kept one is the same."""
-        if self.model is None or self.key is None or self.key == key:
+        asks for another checkpoint of the kept model (another folder, or its own folder
+        written again); None where the job asks for another model."""
+        if self.model is None or self.key is None:
             return None
         wanted, held = apart_from_weights(key[2]), apart_from_weights(self.key[2])
         if wanted is None or held is None or (self.key[:2], self.key[3:]) != (key[:2], key[3:]):
@@ -103,11 +117,14 @@ def _light_clean() -> None:
         torch.cuda.empty_cache()
 
 
-def _swap_or_load(kept: _Kept, key: tuple[str, ...], cls: Any, arg_string: str, additional_config: Any) -> Loaded:
+def _swap_or_load(
+    kept: _Kept, key: tuple[str, ...], identity: str | None, cls: Any, arg_string: str, additional_config: Any
+) -> Loaded:
     """Give the kept model the weights the job asks for where it can take them in place;
     else drop it, and build and keep the job's."""
     begun = time.monotonic()
     note = None
+    rewritten = kept.model is not None and kept.key == key
     candidate = kept.swap_for(key)
     if candidate is not None:
         folder, note = candidate
@@ -117,12 +134,16 @@ def _swap_or_load(kept: _Kept, key: tuple[str, ...], cls: Any, arg_string: str, 
             except SwapFailed as failed:
                 note = str(failed)
             if note is None:
-                kept.key = key
+                kept.key, kept.identity = key, identity
                 return Loaded(reused=False, swapped=True, seconds=round(time.monotonic() - begun, 3))
+        if rewritten:
+            note = f"the checkpoint at {folder} changed since it was loaded: {note}"
+    elif rewritten:
+        note = "the files its arguments name changed since it was loaded"
     kept.drop()
     begun = time.monotonic()
     kept.model = cls.create_from_arg_string(arg_string, additional_config)
-    kept.key = key
+    kept.key, kept.identity = key, identity
     seconds = round(time.monotonic() - begun, 3)
     apart = apart_from_weights(arg_string)
     if apart is not None:
@@ -131,7 +152,7 @@ def _swap_or_load(kept: _Kept, key: tuple[str, ...], cls: Any, arg_string: str, 
 
 
 @contextlib.contextmanager
-def _keeping(kept: _Kept, control: socket.socket) -> Iterator[None]:
+def _keeping(kept: _Kept, control: socket.socket, identity: str | None) -> Iterator[None]:
     def build(cls: Any) -> type:
         def create_from_arg_string(klass: type, arg_string: str, additional_config: Any = None) -> Any:
             key = (
@@ -140,10 +161,10 @@ def _keeping(kept: _Kept, control: socket.socket) -> Iterator[None]:
                 arg_string,
                 json.dumps(additional_config, sort_keys=True, default=str),
             )
-            if kept.key == key and kept.model is not None:
+            if kept.holds(key, identity):
                 message = Loaded(reused=True)
             else:
-                message = _swap_or_load(kept, key, cls, arg_string, additional_config)
+                message = _swap_or_load(kept, key, identity, cls, arg_string, additional_config)
             model = kept.model
             model.task_dict = {}
             model.clean = _light_clean  # lmms-eval's own clean() deletes the model's modules
@@ -198,7 +219,7 @@ def serve(control: socket.socket) -> int:
         code, crashed = 1, False
         try:
             os.chdir(request.cwd)
-            with _keeping(kept, control):
+            with _keeping(kept, control, request.identity):
                 code = _run(request.module, request.argv)
         except BaseException:
             traceback.print_exc()

@@ -307,7 +307,8 @@ class ShardedSteps:
             return
         args = (journal.flags() if journal is not None else []) + shard_flags("record", responses)
         args += piece_args(info, piece, output, include_dir=self.evaluation.include_dir)
-        launch = Launch(args=args, cwd=output, log_path=log_path, module=ENTRY_MODULE)
+        identity = journal.model if journal is not None else None
+        launch = Launch(args=args, cwd=output, log_path=log_path, module=ENTRY_MODULE, identity=identity)
         code = await self.evaluation.run(job, launch, announce, journal)
         prefix = f"{info.job_id}/shards/{index}"
         await upload(self.settler.store, prefix, [(log_path, "eval.log")])

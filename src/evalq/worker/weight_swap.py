@@ -20,9 +20,13 @@ weights differs, and checks that before it copies anything (`SwapState.swap`):
   tensor left on the meta device; and after its full load it was found, tensor by tensor
   and bit for bit, equal to its own checkpoint cast to each tensor's dtype
   (`SwapState.verify`, run between jobs through the weight files held open since the load,
-  so that a folder deleted meanwhile still counts). A loader that changes weights as it
-  loads them (merges an adapter, converts or scales them) fails that check, and its model
-  never takes a swap.
+  so that a folder deleted meanwhile still counts; a file written again in place meanwhile
+  refuses). A loader that changes weights as it loads them (merges an adapter, converts or
+  scales them) fails that check, and its model never takes a swap.
+
+The new checkpoint may be in the loaded one's own folder, written again since the load (a
+trainer that saves to `latest/`): the comparisons are with the loaded checkpoint as it was
+recorded when it was loaded (`Checkpoint`), not with the folder as it is now.
 
 A swap copies each tensor with `copy_` under `no_grad`, on the tensor's own device, with the
 one cast a load makes; then the strings that recorded the old path (the config's
@@ -378,6 +382,11 @@ def _rename(lm: Any, module: Any, old: str, new: str) -> None:
             todo += [getattr(module, "config", None), getattr(module, "generation_config", None)]
 
 
+def _stamp(fd: int) -> tuple[int, int]:
+    stat = os.fstat(fd)
+    return stat.st_size, stat.st_mtime_ns
+
+
 def _is_module(value: Any) -> bool:
     return isinstance(value, _torch().nn.Module)
 
@@ -403,11 +412,15 @@ class SwapState:
             self.checkpoint = read
         # The weight files stay open until the module is compared with them: a training run
         # may delete the folder (keeping its last few checkpoints) while the job runs.
+        # A file written again in place (not replaced) changes under its descriptor too: its
+        # size and modification time as opened tell.
         self._held: dict[str, int] = {}
+        self._stamps: dict[str, tuple[int, int]] = {}
         if self.checkpoint is not None and self.checkpoint.tensors is not None:
             try:
                 for file in sorted({t.file for t in self.checkpoint.tensors.values()}):
                     self._held[file] = os.open(self.checkpoint.folder / file, os.O_RDONLY)
+                    self._stamps[file] = _stamp(self._held[file])
             except OSError as exc:
                 self.release()
                 self.refusal = f"the loaded checkpoint: cannot open its weights: {exc}"
@@ -436,6 +449,9 @@ class SwapState:
         try:
             module = _module(self.lm)
             copies = _plan(module, self.checkpoint)
+            for file, fd in self._held.items():
+                if _stamp(fd) != self._stamps[file]:
+                    raise _Refused(f"{file} of its checkpoint was written again before it was compared")
             with torch.no_grad():
                 for name, target, stored in _read(self.checkpoint.folder, copies, self._held):
                     if not _same_bits(target, stored.to(device=target.device, dtype=target.dtype)):
