@@ -2,6 +2,7 @@
 
     python bench/run.py            # full sizes; writes bench/RESULTS.md
     python bench/run.py --quick    # small sizes, to check the harness (CI runs this)
+    python bench/run.py --only turnaround --baseline DIR   # section 13, beside an older checkout in DIR
 
 Everything runs on 127.0.0.1. The anchor is lmms-eval's server (`lmms_eval.entrypoints`)
 started from the same virtual environment. Only ratios measured in this run are
