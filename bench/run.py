@@ -952,9 +952,9 @@ class Bench:
             "reused for the same model identity (class, arguments, weights, lmms-eval version) and the same request "
             "fingerprint, and this request's answers do not sample, so each may be reused. The time left is the "
             "job's fixed cost and the scoring, which is computed again (the cache holds answers, not scores). "
-            f"The third, with {DEMO_TASK} added, asked the model {asked[2]} times: its requests name their task and "
-            f"document, so {SHARD_DEMO}'s are the same requests as before whatever task comes with them, and only "
-            f"{DEMO_TASK}'s are new.",
+            f"The third, with {DEMO_TASK} added, asked the model {asked[2]} times: a request is keyed by its own "
+            f"content (its prompt, images and generation arguments), so {SHARD_DEMO}'s are the same requests as "
+            f"before whatever task comes with them, and only {DEMO_TASK}'s are new.",
         ]
         self.sections.append("\n".join(lines))
 
