@@ -61,6 +61,7 @@ __all__ = [
     "Resume",
     "SafeUnpickler",
     "cache_from",
+    "is_cacheable_record",
     "journal_paths",
     "load_cache",
     "load_resume",
@@ -167,15 +168,20 @@ def resume_from(records: Iterable[Record]) -> dict[str, dict[Any, Any]]:
     return {"responses": responses, "scores": scores}
 
 
+def is_cacheable_record(record: Record) -> bool:
+    """Whether a journal record is a response the cache may hold: marked cacheable, with a
+    fingerprint to find it by."""
+    return record[0] == "response" and bool(record[5]) and record[2] is not None
+
+
 def cache_from(records: Iterable[Record]) -> dict[tuple[str, int], Any]:
     """The contents of `cache.pkl` from journal records: the cacheable responses, by
     (fingerprint, occurrence)."""
     cache: dict[tuple[str, int], Any] = {}
     for record in records:
-        if record[0] == "response":
-            _, _key, fp, n, answer, cacheable = record
-            if cacheable and fp is not None:
-                cache[(fp, n)] = answer
+        if is_cacheable_record(record):
+            _, _key, fp, n, answer, _cacheable = record
+            cache[(fp, n)] = answer
     return cache
 
 

@@ -33,7 +33,16 @@ from nats.aio.client import Client
 from .. import jetstream
 from ..schemas import CacheMode, Work
 from ..topology import Topology
-from .journal import cache_from, read_frames, resume_from, safe_loads
+from .journal import (
+    CACHE_FILE,
+    RESUME_FILE,
+    SETTINGS_FILE,
+    cache_from,
+    is_cacheable_record,
+    read_frames,
+    resume_from,
+    safe_loads,
+)
 
 __all__ = ["WHOLE", "Journal", "JournalRun", "part_name"]
 
@@ -119,6 +128,10 @@ class Journal:
 def _frames_of(records: list[Any]) -> Iterable[bytes]:
     """The records as frames under the message size: a record too large for one is skipped
     (logged): the journal then lacks it, and a resume computes it again."""
+    whole = encode_frame(records)
+    if len(whole) <= _MAX_FRAME:  # an evaluation's frame as it wrote it: no record is sized alone
+        yield whole
+        return
     batch: list[Any] = []
     size = 0
     for record in records:
@@ -133,10 +146,6 @@ def _frames_of(records: list[Any]) -> Iterable[bytes]:
         size += one
     if batch:
         yield encode_frame(batch)
-
-
-def _is_cacheable(record: Any) -> bool:
-    return isinstance(record, tuple) and len(record) == 6 and record[0] == "response" and bool(record[5])
 
 
 class JournalRun:
@@ -184,13 +193,13 @@ class JournalRun:
         """Write what the evaluation starts from: its earlier attempts' records, the cache's
         answers for its model, and its settings. Raises `EvalqError`-free OSError/NATS errors."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        (self.directory / "settings.json").write_text(json.dumps(self.settings))
+        (self.directory / SETTINGS_FILE).write_text(json.dumps(self.settings))
         if self.rescore_of is not None:
             records = await self.journal.read(self.rescore_of, ">")
             responses = [record for record in records if record and record[0] == "response"]
             if not responses:
                 raise FileNotFoundError(f"job {self.rescore_of} has no recorded responses (its journal expired?)")
-            _dump(self.directory / "resume.pkl", resume_from(responses))
+            _dump(self.directory / RESUME_FILE, resume_from(responses))
             self.resumed_responses = len(responses)
             await self.journal.append(self.job_id, self.part, [(_META, self.model)])
             return
@@ -203,17 +212,18 @@ class JournalRun:
             records = []
         if records:
             kept = records[1:]
-            self._cacheable = [record for record in kept if _is_cacheable(record)]
-            _dump(self.directory / "resume.pkl", resume_from(kept))
+            self._cacheable = [record for record in kept if is_cacheable_record(record)]
+            _dump(self.directory / RESUME_FILE, resume_from(kept))
             self.resumed_responses = sum(1 for record in kept if record[0] == "response")
             self.resumed_scores = sum(1 for record in kept if record[0] == "score")
         else:
             await self.journal.append(self.job_id, self.part, [(_META, self.model)])
         if self.cache in ("read", "read-write"):
             cached = await self.journal.cached(self.model)
-            self._in_cache = {(record[2], record[3]) for record in cached if _is_cacheable(record)}
-            if cached:
-                _dump(self.directory / "cache.pkl", cache_from(cached))
+            answers = cache_from(cached)
+            self._in_cache = set(answers)
+            if answers:
+                _dump(self.directory / CACHE_FILE, answers)
 
     async def publish_new(self) -> None:
         """Publish the frames the evaluation has written since the last call."""
@@ -222,7 +232,7 @@ class JournalRun:
                 frames, offset = await asyncio.to_thread(read_frames, path, self.offsets.get(path, 0))
                 for records in frames:
                     await self.journal.append(self.job_id, self.part, records)
-                    self._cacheable += [record for record in records if _is_cacheable(record)]
+                    self._cacheable += [record for record in records if is_cacheable_record(record)]
                 self.offsets[path] = offset
 
     async def tail(self) -> None:
