@@ -234,43 +234,46 @@ class Topology:
             max_ack_pending=10_000,
         )
 
-    def events_stream_config(self) -> api.StreamConfig:
+    def _kept_stream(self, name: str, description: str, subjects: str, **limits: Any) -> api.StreamConfig:
+        """A stream that keeps what it is sent until its limits drop it (file storage, the
+        queue's replicas): events, journals and the cache differ only in their limits."""
         return api.StreamConfig(
-            name=self.events_stream,
-            description="evalq job status events",
-            subjects=[f"{self.prefix}.events.>"],
+            name=name,
+            description=description,
+            subjects=[subjects],
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
             num_replicas=self.replicas,
+            **limits,
+        )
+
+    def events_stream_config(self) -> api.StreamConfig:
+        return self._kept_stream(
+            self.events_stream,
+            "evalq job status events",
+            f"{self.prefix}.events.>",
             max_age=self.events_max_age,
             max_msgs_per_subject=self.events_per_subject,
             duplicate_window=min(self.duplicate_window, self.events_max_age),
         )
 
     def journal_stream_config(self) -> api.StreamConfig:
-        # A job's journal is purged when it fails or is cancelled; a completed job's is kept
-        # this long, for re-scoring.
-        return api.StreamConfig(
-            name=self.journal_stream,
-            description="evalq response journals: each evaluation's responses and scores",
-            subjects=[f"{self.prefix}.journal.>"],
-            retention=api.RetentionPolicy.LIMITS,
-            storage=api.StorageType.FILE,
-            num_replicas=self.replicas,
+        # A failed or cancelled job's journal is removed; a completed job's is kept this long,
+        # for re-scoring. A removal replaces a part's frames with one empty message
+        # (`Nats-Rollup: sub`): a worker may publish, never purge.
+        return self._kept_stream(
+            self.journal_stream,
+            "evalq response journals: each evaluation's responses and scores",
+            f"{self.prefix}.journal.>",
             max_age=self.journal_max_age,
-            # A removal replaces a part's frames with one empty message (`Nats-Rollup: sub`):
-            # a worker may publish, never purge.
             allow_rollup_hdrs=True,
         )
 
     def cache_stream_config(self) -> api.StreamConfig:
-        return api.StreamConfig(
-            name=self.cache_stream,
-            description="evalq response cache: model responses by model identity",
-            subjects=[f"{self.prefix}.cache.>"],
-            retention=api.RetentionPolicy.LIMITS,
-            storage=api.StorageType.FILE,
-            num_replicas=self.replicas,
+        return self._kept_stream(
+            self.cache_stream,
+            "evalq response cache: model responses by model identity",
+            f"{self.prefix}.cache.>",
             max_age=self.cache_max_age,
             max_bytes=self.cache_max_bytes,
             discard=api.DiscardPolicy.OLD,
