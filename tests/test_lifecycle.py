@@ -20,6 +20,7 @@ PROGRESS = Progress(phase="eval", done=1, total=2, percent=50.0)
 
 # The contract, written out independently of the module: (state, transition) -> next states.
 EXPECTED: dict[tuple[str, str], set[str]] = {
+    ("queued", "admit"): {"queued"},
     ("queued", "start"): {"running"},
     ("running", "start"): {"running"},
     ("running", "progress"): {"running"},
@@ -45,6 +46,8 @@ def record(status: str) -> JobInfo:
 
 def apply(info: JobInfo, transition: str, outcome: Outcome = OUTCOMES[0]) -> JobInfo | None:
     match transition:
+        case "admit":
+            return lifecycle.admit(info, at=AT)
         case "start":
             return lifecycle.start(info, attempt=2, worker="w1", at=AT)
         case "progress":
@@ -71,6 +74,12 @@ def test_every_pair_is_allowed_or_refused_as_the_table_says(state: str, transiti
     for after in results:
         assert after is not None
         assert after.status in expected
+
+
+def test_a_job_is_admitted_once() -> None:
+    admitted = lifecycle.admit(record("queued"), at=AT)
+    assert admitted is not None and admitted.admitted_at == AT and admitted.status == "queued"
+    assert lifecycle.admit(admitted, at=AT) is None, "a second dispatcher must lose"
 
 
 def test_the_table_names_only_known_states_and_transitions() -> None:

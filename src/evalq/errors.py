@@ -16,6 +16,7 @@
     │   ├── WrongState          409: the job is in a state that does not allow this
     │   ├── TooLarge            413: the body is over the gateway's size limit
     │   ├── InvalidField        422: a field is missing, unknown or out of range; no worker offers it
+    │   ├── QuotaExceeded       429: the team's quota of queued jobs in the pool is used up; names it
     │   └── Unavailable         503: the queue is full, JetStream did not answer, no gateway
     │                           answers, or the queue's JetStream objects are missing
     ├── AmbiguousJobId          a short job id that starts more than one job's id; lists them
@@ -47,6 +48,7 @@ __all__ = [
     "JobFailed",
     "JobNotFound",
     "MissingExtra",
+    "QuotaExceeded",
     "RequestError",
     "ServerNotFound",
     "StoreLocked",
@@ -136,12 +138,16 @@ class InvalidField(RequestError):
     code = 422
 
 
+class QuotaExceeded(RequestError):
+    code = 429
+
+
 class Unavailable(RequestError):
     code = 503
 
 
 _BY_CODE: dict[int, type[RequestError]] = {
-    cls.code: cls for cls in (BadRequest, JobNotFound, WrongState, TooLarge, InvalidField, Unavailable)
+    cls.code: cls for cls in (BadRequest, JobNotFound, WrongState, TooLarge, InvalidField, QuotaExceeded, Unavailable)
 }
 
 

@@ -8,7 +8,8 @@ the annotated types built from them, each defined once.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Union
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Union
 
 from msgspec import Meta
 
@@ -20,6 +21,7 @@ __all__ = [
     "JOB_ID",
     "JOB_ID_SEGMENT",
     "NAME_PATTERN",
+    "PRIORITIES",
     "SECRET_KEY",
     "ArgDict",
     "ArgString",
@@ -31,6 +33,9 @@ __all__ = [
     "Name",
     "OutputDir",
     "PoolName",
+    "Priority",
+    "check_args",
+    "format_args",
 ]
 
 # Patterns are anchored with `\A...\Z`, never `^...$`: msgspec searches with them, and `$`
@@ -96,3 +101,52 @@ OutputDir = Annotated[
 LabelKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=NAME_PATTERN)]
 LabelValue = Annotated[str, Meta(max_length=256)]
 Labels = Annotated[dict[LabelKey, LabelValue], Meta(max_length=32)]
+
+# The levels of a job's priority, lowest first (DESIGN.md, "Scheduling").
+PRIORITIES: tuple[str, ...] = ("low", "normal", "high", "urgent")
+Priority = Literal["low", "normal", "high", "urgent"]
+
+
+def check_args(args: dict[str, Any] | str | None, field: str) -> None:
+    """Refuse what lmms-eval's `k=v,k=v` parser would misread; the message carries the path."""
+    if args is None:
+        return
+    if isinstance(args, str):
+        pairs = [item.partition("=") for item in args.split(",")] if args else []
+        for index, (key, eq, value) in enumerate(pairs):
+            if not eq or not ARG_KEY.fullmatch(key) or not ARG_TEXT.fullmatch(value):
+                raise ValueError(
+                    f"Expected `k=v,k=v` with no `,` or `=` inside a key or value, got item {index} "
+                    f"{key + eq + value!r} - at `$.{field}`"
+                )
+            _refuse_secret(key, value, field)
+        return
+    for key, value in args.items():
+        if not ARG_KEY.fullmatch(key):
+            raise ValueError(f"Invalid key {key!r}: expected a name matching {ARG_KEY.pattern!r} - at `$.{field}`")
+        if isinstance(value, str) and not ARG_TEXT.fullmatch(value):
+            raise ValueError(f"Expected a value with no `,`, `=` or control character - at `$.{field}.{key}`")
+        _refuse_secret(key, value, field)
+
+
+def _refuse_secret(key: str, value: object, field: str) -> None:
+    # A flag such as `use_auth_token=True` says to use the worker's own token: no secret.
+    if SECRET_KEY.fullmatch(key) and not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
+        raise ValueError(
+            f"Expected no credential in a request: {key!r} would be readable by every submitter; "
+            f"set it in the worker's environment (e.g. HF_TOKEN) instead - at `$.{field}.{key}`"
+        )
+
+
+def format_args(args: Mapping[str, object] | str | None) -> str:
+    """`model_args`/`gen_kwargs` as lmms-eval reads them, `k=v,k=v` (values were validated to
+    hold no `,` or `=`): what a worker passes, and what the pool policy checks."""
+    if args is None:
+        return ""
+    if isinstance(args, str):
+        return args
+    parts = []
+    for key, value in args.items():
+        text = str(value) if not isinstance(value, bool) else ("True" if value else "False")
+        parts.append(f"{key}={text}")
+    return ",".join(parts)

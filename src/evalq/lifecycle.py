@@ -3,7 +3,7 @@ function that records a change. This is where a job's terminal state is written.
 
 ::
 
-    enqueue ──> queued ──start──> running ──finish──> completed | failed | cancelled
+    enqueue ──> queued ──admit──> queued ──start──> running ──finish──> completed | failed | cancelled
                   │  ^              │  │ ^
                   │  └──requeue─────┘  │ └─ start (redelivered), progress
                   │                    └──request_cancel──> cancelling ──finish──> cancelled
@@ -69,6 +69,7 @@ __all__ = [
     "Refused",
     "Success",
     "Transition",
+    "admit",
     "allowed",
     "enqueue",
     "finish",
@@ -92,12 +93,14 @@ __all__ = [
 
 log = logging.getLogger("evalq.lifecycle")
 
-Transition = Literal["start", "progress", "stall", "request_cancel", "finish", "requeue"]
+Transition = Literal["admit", "start", "progress", "stall", "request_cancel", "finish", "requeue"]
 STATES: tuple[JobStatus, ...] = ("queued", "running", "cancelling", "completed", "failed", "cancelled")
-TRANSITIONS: tuple[Transition, ...] = ("start", "progress", "stall", "request_cancel", "finish", "requeue")
+TRANSITIONS: tuple[Transition, ...] = ("admit", "start", "progress", "stall", "request_cancel", "finish", "requeue")
 
 # (state, transition) -> the states it may lead to. A pair that is absent is refused.
 ALLOWED: dict[tuple[JobStatus, Transition], frozenset[JobStatus]] = {
+    # The scheduler lets it into its pool's work stream (gateway/dispatcher.py).
+    ("queued", "admit"): frozenset({"queued"}),
     ("queued", "start"): frozenset({"running"}),
     # A redelivery: the worker that held it stopped answering.
     ("running", "start"): frozenset({"running"}),
@@ -171,6 +174,13 @@ def enqueue(
         team=team,
         user=user,
     )
+
+
+def admit(info: JobInfo, *, at: str) -> JobInfo | None:
+    """Let it into the work stream; refused once admitted (another dispatcher was first)."""
+    if not allowed(info.status, "admit") or info.admitted_at is not None:
+        return None
+    return msgspec.structs.replace(info, admitted_at=at)
 
 
 def start(info: JobInfo, *, attempt: int, worker: str, at: str) -> JobInfo | None:

@@ -58,6 +58,7 @@ from . import jetstream
 from .config import Settings
 from .errors import InvalidField
 from .renewal import confirm_lowering
+from .scheduling import Scheduling
 from .schemas import CacheMode, EvaluateRequest, format_args
 from .topology import Topology
 
@@ -157,6 +158,9 @@ class PoolPolicy(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     max_timeout_s: Annotated[
         Seconds | None, _doc("the largest `timeout` a request may ask for, and the limit of every job; none: no limit")
     ] = None
+    scheduling: Annotated[
+        Scheduling, _doc("teams' shares, quotas and priority caps, priority aging and the use half-life")
+    ] = Scheduling()
 
     def __post_init__(self) -> None:
         default, most = self.default_timeout_s, self.max_timeout_s

@@ -121,6 +121,8 @@ class Registry(Follower):
     def __init__(self, kv: KeyValue, *, nc: Client | None = None, retry: float = 1.0) -> None:
         super().__init__(kv, nc=nc, retry=retry)
         self._view = _View()
+        # Set on every change the watch brings, for the dispatcher to wake on.
+        self.changed = asyncio.Event()
 
     @classmethod
     async def read(cls, kv: KeyValue) -> list[WorkerInfo]:
@@ -140,6 +142,7 @@ class Registry(Follower):
                 self.loaded.set()
             else:
                 view.apply(entry)
+                self.changed.set()
 
     async def workers(self, *, wait: float = 5.0) -> list[WorkerInfo]:
         """Every live worker, ready or not, by worker id."""

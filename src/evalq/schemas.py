@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 import msgspec
 from msgspec import Meta, Struct
 
 from .fields import (
-    ARG_KEY,
-    ARG_TEXT,
     CONTROL,
     ID_PREFIX,
     JOB_ID_SEGMENT,
-    SECRET_KEY,
     ArgDict,
     ArgString,
     BatchSize,
@@ -32,6 +28,9 @@ from .fields import (
     Name,
     OutputDir,
     PoolName,
+    Priority,
+    check_args,
+    format_args,
 )
 
 __all__ = [
@@ -63,6 +62,7 @@ __all__ = [
     "ProgressEvent",
     "QueueStatus",
     "Queued",
+    "QueuedRow",
     "Requeued",
     "ShardCompleted",
     "ShardFailed",
@@ -70,6 +70,8 @@ __all__ = [
     "Stalled",
     "Started",
     "TasksReply",
+    "TeamUse",
+    "TeamsReply",
     "Tracked",
     "Work",
     "WorkItem",
@@ -134,12 +136,15 @@ class EvaluateRequest(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # A re-score: score again, with today's task code, the responses that this completed job
     # recorded; no model is loaded and nothing is asked of one.
     rescore_of: JobId | None = None
+    # Which jobs of the pool run first (DESIGN.md, "Scheduling"); the pool's policy caps it
+    # per team.
+    priority: Priority = "normal"
 
     def __post_init__(self) -> None:
         if self.rescore_of is not None and self.shards > 1:
             raise ValueError("Expected shards of 1 for a re-score: it loads no model and runs whole - at `$.shards`")
         for field in ("model_args", "gen_kwargs"):
-            _check_args(getattr(self, field), field)
+            check_args(getattr(self, field), field)
         if self.output_dir is not None and any(JOB_ID_SEGMENT.fullmatch(part) for part in self.output_dir.split("/")):
             # A job's folder is `<output_dir>/<job_id>`: a segment shaped like a job id could
             # put this job's folder inside another job's, and its results in place of theirs.
@@ -149,51 +154,6 @@ class EvaluateRequest(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=Tr
                 # Labels are echoed in every event: a control character would forge lines or
                 # send escapes to the terminal of whoever follows them.
                 raise ValueError(f"Expected a label with no control character - at `$.labels.{key}`")
-
-
-def _check_args(args: dict[str, Any] | str | None, field: str) -> None:
-    """Refuse what lmms-eval's `k=v,k=v` parser would misread; the message carries the path."""
-    if args is None:
-        return
-    if isinstance(args, str):
-        pairs = [item.partition("=") for item in args.split(",")] if args else []
-        for index, (key, eq, value) in enumerate(pairs):
-            if not eq or not ARG_KEY.fullmatch(key) or not ARG_TEXT.fullmatch(value):
-                raise ValueError(
-                    f"Expected `k=v,k=v` with no `,` or `=` inside a key or value, got item {index} "
-                    f"{key + eq + value!r} - at `$.{field}`"
-                )
-            _refuse_secret(key, value, field)
-        return
-    for key, value in args.items():
-        if not ARG_KEY.fullmatch(key):
-            raise ValueError(f"Invalid key {key!r}: expected a name matching {ARG_KEY.pattern!r} - at `$.{field}`")
-        if isinstance(value, str) and not ARG_TEXT.fullmatch(value):
-            raise ValueError(f"Expected a value with no `,`, `=` or control character - at `$.{field}.{key}`")
-        _refuse_secret(key, value, field)
-
-
-def _refuse_secret(key: str, value: object, field: str) -> None:
-    # A flag such as `use_auth_token=True` says to use the worker's own token: no secret.
-    if SECRET_KEY.fullmatch(key) and not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
-        raise ValueError(
-            f"Expected no credential in a request: {key!r} would be readable by every submitter; "
-            f"set it in the worker's environment (e.g. HF_TOKEN) instead - at `$.{field}.{key}`"
-        )
-
-
-def format_args(args: Mapping[str, object] | str | None) -> str:
-    """`model_args`/`gen_kwargs` as lmms-eval reads them, `k=v,k=v` (values were validated to
-    hold no `,` or `=`): what a worker passes, and what the pool policy checks."""
-    if args is None:
-        return ""
-    if isinstance(args, str):
-        return args
-    parts = []
-    for key, value in args.items():
-        text = str(value) if not isinstance(value, bool) else ("True" if value else "False")
-        parts.append(f"{key}={text}")
-    return ",".join(parts)
 
 
 class Work(_Wire, frozen=True, kw_only=True):
@@ -265,6 +225,7 @@ class JobAccepted(_Wire, frozen=True, kw_only=True):
     stream_seq: int
     duplicate: bool = False
     message: str = "Job queued"
+    waiting: str | None = None
 
 
 class Progress(_Wire, frozen=True, kw_only=True):
@@ -315,6 +276,10 @@ class JobInfo(_Wire, frozen=True, kw_only=True):
     # account, and its user where the import shares it. `default` and None without one.
     team: str = "default"
     user: str | None = None
+    # When the scheduler let it into the work stream (None while it waits for its turn).
+    admitted_at: str | None = None
+    # Why a queued job waits (`status` only): behind higher priority, fair share, a quota.
+    waiting: str | None = None
 
 
 class CancelReply(_Wire, frozen=True, kw_only=True):
@@ -377,6 +342,8 @@ class QueueStatus(_Wire, frozen=True, kw_only=True):
     failed_jobs: int
     cancelled_jobs: int
     workers: list[WorkerInfo]
+    # Each pool's waiting jobs in the order they will start (the first 1,000).
+    queue: dict[str, list[QueuedRow]] = {}
 
 
 class Health(_Wire, frozen=True, kw_only=True):
@@ -442,6 +409,45 @@ class JobSummary(_Wire, frozen=True, kw_only=True):
     metrics: dict[str, dict[str, Any]] = {}
     error: str | None = None
     team: str = "default"
+    priority: str = "normal"
+    num_gpus: int = 1
+    # GPU-seconds a finished job used (its pieces' for a sharded job).
+    gpu_s: float | None = None
+    admitted_at: str | None = None
+    # Its record's sequence in the jobs bucket while it waits: the order of submission.
+    stream_seq: int | None = None
+    # A sharded job's pieces waiting for a worker, and running.
+    pieces_waiting: int = 0
+    pieces_running: int = 0
+
+
+class QueuedRow(_Wire, frozen=True, kw_only=True):
+    """One waiting job in the queue's order. Another team's job is anonymous: no id, no team."""
+
+    position: int
+    job_id: str | None = None
+    team: str | None = None
+    priority: str = "normal"
+    waiting: str | None = None
+
+
+class TeamUse(_Wire, frozen=True, kw_only=True):
+    """One team in one pool, as `teams` answers: its use of the pool and its limits."""
+
+    team: str
+    pool: str
+    share: float
+    # GPU-seconds, each decayed by its age with the pool's half-life, running jobs included.
+    use_gpu_s: float
+    running_gpus: int
+    queued: int
+    max_running_gpus: int | None = None
+    max_queued: int | None = None
+    max_priority: str = "urgent"
+
+
+class TeamsReply(_Wire, frozen=True, kw_only=True):
+    teams: list[TeamUse]
 
 
 class JobsPage(_Wire, frozen=True, kw_only=True):
@@ -589,6 +595,7 @@ _decoders: dict[Any, msgspec.json.Decoder[Any]] = {
         Health,
         TasksReply,
         ModelsReply,
+        TeamsReply,
     )
 }
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from nats.js import JetStreamContext
 
-from ..errors import InvalidField, JobNotFound, TooLarge, WrongState
+from ..errors import InvalidField, JobNotFound, QuotaExceeded, TooLarge, WrongState
 from ..jobstore import JobStore
 from ..policy import Policies
 from ..policy import check as check_policy
 from ..registry import Registry
+from ..scheduling import rank
 from ..schemas import EvaluateRequest, decode
 from ..topology import Topology
 
@@ -69,6 +70,20 @@ class SubmitChecks:
         await self.registry.check(job)
         check_policy(job, await self.policies.get(job.pool))
         return job
+
+    async def team_limits(self, job: EvaluateRequest, team: str, queued: int) -> None:
+        """The team's priority cap and its quota of queued jobs in the request's pool."""
+        pool = job.pool
+        limits = (await self.policies.get(pool)).scheduling.team(team)
+        if rank(job.priority) > rank(limits.max_priority):
+            raise InvalidField(
+                f"team {team!r} may ask for priority up to {limits.max_priority!r} in pool {pool!r}", path="$.priority"
+            )
+        if limits.max_queued is not None and queued >= limits.max_queued:
+            raise QuotaExceeded(
+                f"quota max_queued: team {team!r} has {queued} jobs queued in pool {pool!r}, "
+                f"its quota is {limits.max_queued}; retry when some have started"
+            )
 
     async def rescore(self, job: EvaluateRequest) -> None:
         """A re-score scores again what its source recorded: a source that is missing or has not

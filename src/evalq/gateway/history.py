@@ -10,8 +10,10 @@ cursor, or sorts the smallest matching set first when a filter is selective
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -26,7 +28,7 @@ from nats.js.kv import KeyValue
 
 from ..errors import InvalidField, Unavailable
 from ..follow import Follower
-from ..schemas import JobsPage, JobsQuery, JobSummary, Progress, encode
+from ..schemas import TERMINAL, JobsPage, JobsQuery, JobSummary, Progress, encode
 
 __all__ = ["History", "JobIndex", "select_metrics"]
 
@@ -48,6 +50,13 @@ Key = tuple[int, str]  # (created_at in microseconds since the epoch, job_id)
 class _Request(msgspec.Struct):
     model: str | None = None
     tasks: list[str] = []
+    priority: str = "normal"
+    num_gpus: int = 1
+
+
+class _Piece(msgspec.Struct):
+    status: str = "queued"
+    seconds: float | None = None
 
 
 class _Result(msgspec.Struct):
@@ -72,9 +81,12 @@ class _Record(msgspec.Struct):
     shards: int = 1
     shards_done: int = 0
     team: str = "default"
+    admitted_at: str | None = None
+    pieces: list[_Piece] = []
 
 
 _record = msgspec.json.Decoder(_Record)
+_LIVE = ("queued", "running", "cancelling")
 _STATUSES = frozenset({"queued", "running", "cancelling", "completed", "failed", "cancelled"})
 
 
@@ -84,6 +96,13 @@ def summarize(data: bytes) -> JobSummary:
     if r.status not in _STATUSES:
         raise msgspec.ValidationError(f"unknown status {r.status!r}")
     error = r.error if r.error is None or len(r.error) <= _ERROR_CHARS else r.error[:_ERROR_CHARS] + "…"
+    gpus = r.request.num_gpus if r.request else 1
+    gpu_s = None
+    if r.status in TERMINAL and r.started_at:
+        if r.pieces:
+            gpu_s = sum(p.seconds or 0.0 for p in r.pieces)
+        elif r.completed_at:
+            gpu_s = max(0.0, (micros(r.completed_at) - micros(r.started_at)) / 1e6) * gpus
     return JobSummary(
         job_id=r.job_id,
         status=r.status,  # type: ignore[arg-type]
@@ -103,6 +122,12 @@ def summarize(data: bytes) -> JobSummary:
         metrics=r.result.metrics if r.result else {},
         error=error,
         team=r.team,
+        priority=r.request.priority if r.request else "normal",
+        num_gpus=gpus,
+        gpu_s=gpu_s,
+        admitted_at=r.admitted_at,
+        pieces_waiting=sum(1 for p in r.pieces if p.status == "queued"),
+        pieces_running=sum(1 for p in r.pieces if p.status == "running"),
     )
 
 
@@ -172,6 +197,8 @@ class JobIndex:
         self._by_pool: dict[str, set[str]] = {}
         self._by_team: dict[str, set[str]] = {}
         self._by_label: dict[tuple[str, str], set[str]] = {}
+        self._spent: dict[str, dict[str, JobSummary]] = {}  # pool -> finished jobs with GPU use
+        self.version = 0  # counts changes, so a plan made from the index knows it is stale
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -184,11 +211,23 @@ class JobIndex:
         entry = self._entries.get(job_id)
         return entry.summary if entry else None
 
+    def scheduled(self, pool: str) -> list[JobSummary]:
+        """What the scheduler weighs in `pool`: its queued and running jobs, and its finished
+        ones that used the pool (their use decays; `scheduling.PoolView`)."""
+        ids = self._by_pool.get(pool, set())
+        found = [self._entries[i].summary for s in _LIVE for i in self._by_status.get(s, ()) if i in ids]
+        found.extend(s for s in self._spent.get(pool, {}).values())
+        return found
+
     # --- changes --------------------------------------------------------------------------
 
     def put(self, summary: JobSummary, revision: int) -> None:
         """Keep `summary` unless a later revision of the job is kept already."""
         job_id = summary.job_id
+        if summary.status == "queued" and summary.admitted_at is None:
+            # Nothing rewrites a record between its create and its admission: this revision
+            # is its create's, the order in which the jobs were submitted.
+            summary = msgspec.structs.replace(summary, stream_seq=revision)
         old = self._entries.get(job_id)
         if old is not None:
             if old.revision >= revision:
@@ -199,6 +238,7 @@ class JobIndex:
         entry = _Entry((micros(summary.created_at), job_id), revision, summary)
         self._entries[job_id] = entry
         self._link(entry)
+        self.version += 1
 
     def remove(self, job_id: str, revision: int) -> None:
         old = self._entries.get(job_id)
@@ -206,6 +246,7 @@ class JobIndex:
             return
         self._unlink(old)
         del self._entries[job_id]
+        self.version += 1
         at = bisect_left(self._ids, job_id)
         if at < len(self._ids) and self._ids[at] == job_id:
             del self._ids[at]
@@ -221,6 +262,8 @@ class JobIndex:
         self._by_team.setdefault(s.team, set()).add(s.job_id)
         for pair in s.labels.items():
             self._by_label.setdefault(pair, set()).add(s.job_id)
+        if s.gpu_s:
+            self._spent.setdefault(s.pool, {})[s.job_id] = s
 
     def _unlink(self, entry: _Entry) -> None:
         at = bisect_left(self._order, entry.key)
@@ -232,6 +275,7 @@ class JobIndex:
         _discard(self._by_team, s.team, s.job_id)
         for pair in s.labels.items():
             _discard(self._by_label, pair, s.job_id)
+        self._spent.get(s.pool, {}).pop(s.job_id, None)
 
     # --- queries --------------------------------------------------------------------------
 
@@ -344,10 +388,23 @@ class History(Follower):
         self.read = 0  # records read by the load under way
         self.pending: int | None = None  # records it has still to read, as last reported
         self.load_seconds: float | None = None
+        # Set on every change the watch brings, for the dispatcher to wake on.
+        self.changed = asyncio.Event()
+        self._reached = asyncio.Event()
+        self.revision = 0  # the last bucket revision the watch brought
 
     def note(self, summary: JobSummary, revision: int) -> None:
         """A record this gateway wrote: shown at once, before the watch brings it back."""
         self.index.put(summary, revision)
+        self.changed.set()
+
+    async def caught_up(self, revision: int, timeout: float) -> None:
+        """Wait until the watch has brought the bucket up to `revision` (bounded)."""
+        deadline = time.monotonic() + timeout
+        while self.revision < revision and time.monotonic() < deadline:
+            self._reached.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reached.wait(), max(0.0, deadline - time.monotonic()))
 
     def page(self, query: JobsQuery, *, max_bytes: int) -> JobsPage:
         return self._loaded().page(query, max_bytes=max_bytes)
@@ -378,6 +435,9 @@ class History(Follower):
             if target is fresh and not self.loaded.is_set():
                 self.read += 1
                 self.pending = entry.delta
+            self.revision = max(self.revision, entry.revision or 0)
+            self._reached.set()
+            self.changed.set()
             if entry.operation in ("DEL", "PURGE") or not entry.value:
                 target.remove(entry.key, entry.revision or 0)
                 continue

@@ -45,6 +45,7 @@ from ..jobstore import JobStore
 from ..lifecycle import Applied, Recorder, Refused
 from ..policy import Policies
 from ..registry import Registry
+from ..scheduling import team_uses
 from ..schemas import (
     CancelReply,
     EvaluateRequest,
@@ -57,9 +58,10 @@ from ..schemas import (
     JobsQuery,
     ModelsReply,
     PieceItem,
+    QueuedRow,
     QueueStatus,
     TasksReply,
-    WorkItem,
+    TeamsReply,
     decode,
     encode,
     error_path,
@@ -67,9 +69,9 @@ from ..schemas import (
 )
 from ..topology import Topology
 from .checks import PoolNames, SubmitChecks
+from .dispatcher import Dispatcher
 from .history import History, summarize
 from .identity import of_request
-from .positions import Positions
 
 __all__ = ["Gateway"]
 
@@ -162,7 +164,6 @@ class Gateway:
         domain = settings.connection.js_domain
         self.js = nc.jetstream(timeout=settings.connection.request_timeout, domain=domain)
         self.pipeline = jetstream.Pipeline(nc)
-        self.positions = Positions(nc, self.topology, timeout=settings.connection.request_timeout, domain=domain)
         self.events = EventPublisher(nc, self.topology, timeout=settings.connection.request_timeout, domain=domain)
         self._service: Service | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -186,6 +187,17 @@ class Gateway:
         self.history = await History(self.jobs.kv, nc=self.nc).start(wait=1.0)
         self.pools = PoolNames(self.topology, self.js)
         await self.pools.load()
+        self.dispatcher = await Dispatcher(
+            self.nc,
+            self.topology,
+            history=self.history,
+            registry=self.registry,
+            policies=self.policies,
+            recorder=self.recorder,
+            pools=self.pools.known,
+            js=self.js,
+            timeout=self.settings.connection.request_timeout,
+        ).start()
         self.checks = SubmitChecks(
             max_bytes=self.settings.gateway.max_request_bytes,
             pools=self.pools,
@@ -210,6 +222,7 @@ class Gateway:
             "tasks": self.tasks,
             "models": self.models,
             "jobs": self.list_jobs,
+            "teams": self.teams,
         }
         for name, handler in endpoints.items():
             await self._service.add_endpoint(
@@ -226,6 +239,8 @@ class Gateway:
             self._service = None
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.settings.connection.request_timeout)
+        if getattr(self, "dispatcher", None) is not None:
+            await self.dispatcher.stop()
         for follower in (getattr(self, "history", None), getattr(self, "registry", None)):
             if follower is not None:
                 await follower.stop()
@@ -295,86 +310,67 @@ class Gateway:
             # keeps it to one message.
             job_id, duplicate = claimed, claimed != job_id
 
-        created = now()
-        work = jetstream.Write(
-            self.topology.work_subject(job.pool, job_id),
-            encode(WorkItem(job_id=job_id, request=job, created_at=created)),
-            {"Nats-Msg-Id": job_id},
-            stream=self.topology.work_stream(job.pool),
-        )
-        ack = await jetstream.publish(self.nc, work, timeout=self.settings.connection.request_timeout)
-        if ack.duplicate and not await self._stored(work.subject, job.pool):
-            # Its id is in the stream's duplicate window, but its message was taken back
-            # (a full store): store it again under a new id.
-            again = jetstream.Write(
-                work.subject, work.payload, {"Nats-Msg-Id": f"{job_id}.{created}"}, stream=work.stream
+        plan = await self.dispatcher.plan(job.pool)
+        if len(plan.jobs) >= self.topology.queue_limit:
+            raise Unavailable(
+                f"the queue is full: pool {job.pool!r} holds {len(plan.jobs)} waiting jobs (queue_limit); retry later"
             )
-            ack = await jetstream.publish(self.nc, again, timeout=self.settings.connection.request_timeout)
+        await self.checks.team_limits(job, requester.team, sum(1 for j in plan.jobs if j.team == requester.team))
+        created = now()
         info = lifecycle.enqueue(
-            job_id, job, created_at=created, stream_seq=ack.seq, team=requester.team, user=requester.user
+            job_id, job, created_at=created, stream_seq=None, team=requester.team, user=requester.user
         )
-
-        # The event and the record go out together and the position read overlaps their
-        # acknowledgements: one round trip for the three, and no task each. A worker that
-        # takes the job makes sure `queued` is in the events stream before it publishes
-        # `started` (Recorder.ensure_queued_event), so the order of events holds.
+        # The record is the queue: the dispatcher admits the job into the work stream in the
+        # scheduler's order. The `queued` event and the create-only record go out together
+        # (one round trip); a worker that takes the job makes sure `queued` is in the events
+        # stream before it publishes `started` (Recorder.ensure_queued_event).
         sent = [
             await self.pipeline.send(self.events.write(lifecycle.queued_event(info))),
             await self.pipeline.send(jetstream.key_create(self.topology.jobs_bucket, job_id, encode(info))),
         ]
-        position: int | BaseException
-        try:
-            position = await self.positions.position(job.pool, ack.seq)
-        except Exception as exc:
-            position = exc
         event_outcome, record_outcome = await self.pipeline.wait(sent, timeout=self.settings.connection.request_timeout)
         # A record that exists was written by an earlier attempt under the same Idempotency-Key.
         record_exists = isinstance(record_outcome, KeyWrongLastSequenceError)
         full = [o for o in (event_outcome, record_outcome) if isinstance(o, APIError) and o.err_code in _FULL]
-        if full and not record_exists and not ack.duplicate and not duplicate:
+        if full and not record_exists and not duplicate:
             # The store filled between the job's writes: take back what landed, so that a 503
             # means the job does not exist (a retry with the key makes it anew).
-            await self._take_back(
-                job, job_id, ack.seq, event_outcome, record_outcome, key and key_digest(key, requester.team)
-            )
+            await self._take_back(job_id, event_outcome, record_outcome, key and key_digest(key, requester.team))
             raise full[0]
-        for outcome in (event_outcome, None if record_exists else record_outcome, position):
+        for outcome in (event_outcome, None if record_exists else record_outcome):
             if isinstance(outcome, BaseException):
                 raise outcome
-        if isinstance(record_outcome, jetstream.PubAck):
-            self.history.note(summarize(encode(info)), record_outcome.seq)
-        assert isinstance(position, int)
+        if record_exists:
+            found = await self.jobs.get(job_id)
+            if found is not None:
+                return await self._accepted(found[0], duplicate=True)
+        assert isinstance(record_outcome, jetstream.PubAck)
+        seq = record_outcome.seq
+        self.history.note(summarize(encode(info)), seq)
+        # Every record written before this one is in the index once the watch reaches it.
+        await self.history.caught_up(seq - 1, timeout=self.settings.connection.request_timeout)
+        self.history.changed.set()
+        plan = await self.dispatcher.plan(job.pool)
         return JobAccepted(
             job_id=job_id,
             status="queued",
-            position_in_queue=position,
-            stream_seq=ack.seq,
-            duplicate=duplicate or bool(ack.duplicate),
+            position_in_queue=plan.position(job_id),
+            stream_seq=seq,
+            duplicate=duplicate,
             message="Job queued (duplicate of an earlier submission)" if duplicate else "Job queued",
+            waiting=plan.why.get(job_id),
         )
-
-    async def _stored(self, subject: str, pool: str) -> bool:
-        try:
-            await self.js.get_last_msg(self.topology.work_stream(pool), subject)
-        except NotFoundError:
-            return False
-        return True
 
     async def _take_back(
         self,
-        job: EvaluateRequest,
         job_id: str,
-        seq: int,
         event: jetstream.PubAck | BaseException,
         record: jetstream.PubAck | BaseException,
         claimed: str | None,
     ) -> None:
-        """Undo a submission that could not be finished, best effort. The message deletes free
-        room first; the key goes last, so that its retry makes the job anew rather than
-        finding an id whose message is gone."""
-        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
-            ("work message", lambda: self.js.delete_msg(self.topology.work_stream(job.pool), seq))
-        ]
+        """Undo a submission that could not be finished, best effort. The key goes last, so
+        that its retry makes the job anew rather than finding an id with no record."""
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         if isinstance(event, jetstream.PubAck):
             steps.append(("queued event", lambda: self.js.delete_msg(self.topology.events_stream, event.seq)))
         if isinstance(record, jetstream.PubAck):
@@ -424,9 +420,7 @@ class Gateway:
         return claim.job_id, existing
 
     async def _accepted(self, info: JobInfo, *, duplicate: bool) -> JobAccepted:
-        position = None
-        if info.status == "queued" and info.stream_seq is not None:
-            position = await self.positions.position(info.pool, info.stream_seq)
+        position, why = await self._place(info)
         return JobAccepted(
             job_id=info.job_id,
             status=info.status,
@@ -434,7 +428,19 @@ class Gateway:
             stream_seq=info.stream_seq or 0,
             duplicate=duplicate,
             message=f"Duplicate of an earlier submission; the job is {info.status}",
+            waiting=why,
         )
+
+    async def _place(self, info: JobInfo) -> tuple[int | None, str | None]:
+        """A queued job's position in its pool's plan, and why it waits."""
+        if info.status != "queued":
+            return None, None
+        plan = await self.dispatcher.plan(info.pool)
+        position = plan.position(info.job_id)
+        if position is None:  # not in this gateway's index yet
+            plan = await self.dispatcher.plan(info.pool, fresh=True)
+            position = plan.position(info.job_id)
+        return position, plan.why.get(info.job_id)
 
     async def _job(self, request: Request) -> tuple[str, JobInfo]:
         ref = decode(request.data or b"{}", JobRef)
@@ -446,9 +452,9 @@ class Gateway:
 
     async def status(self, request: Request) -> JobInfo:
         _, info = await self._job(request)
-        if info.status == "queued" and info.stream_seq is not None:
-            position = await self.positions.position(info.pool, info.stream_seq)
-            info = msgspec.structs.replace(info, position_in_queue=position)
+        if info.status == "queued":
+            position, why = await self._place(info)
+            info = msgspec.structs.replace(info, position_in_queue=position, waiting=why)
         return info
 
     async def cancel(self, request: Request) -> CancelReply:
@@ -470,10 +476,12 @@ class Gateway:
             raise WrongState(f"job {job_id} is {status}; only queued or running jobs can be cancelled", path="$.job_id")
         before, after = moved.before, moved.after
         if after.status == "cancelled":
-            if before.stream_seq is not None:
+            if before.admitted_at is not None:
+                stream = self.topology.work_stream(before.pool)
                 try:
-                    # Deleting it from the stream is what takes it out of every position.
-                    await self.js.delete_msg(self.topology.work_stream(before.pool), before.stream_seq)
+                    stored = await self.js.get_last_msg(stream, self.topology.work_subject(before.pool, job_id))
+                    assert stored.seq is not None
+                    await self.js.delete_msg(stream, stored.seq)
                 except NotFoundError:
                     pass  # a worker already took it; it will see the record and skip it
                 except Exception as exc:
@@ -523,55 +531,67 @@ class Gateway:
 
     async def queue(self, request: Request) -> QueueStatus:
         pools = await self.pools.known()
+        asker = of_request(request)
         # Counted from the history's index: no consumer is made for a count.
         counts = self.history.counts(("completed", "failed", "cancelled"))
-        snapshots, ids, workers = await asyncio.gather(
-            asyncio.gather(*(self.positions.snapshot(p) for p in pools)),
-            asyncio.gather(*(self._queued_ids(p) for p in pools)),
-            self.registry.workers(),
+        plans, workers = await asyncio.gather(
+            asyncio.gather(*(self.dispatcher.plan(p) for p in pools)), self.registry.workers()
         )
         running = sorted({w.current_job for w in workers if w.current_job})
-        queued = {pool: [j for j in pool_ids if j not in running] for pool, pool_ids in zip(pools, ids, strict=True)}
+        queued: dict[str, list[str]] = {}
+        rows: dict[str, list[QueuedRow]] = {}
+        for pool, plan in zip(pools, plans, strict=True):
+            # Another team's job is a row with its position only: its id is not theirs to learn.
+            shown = [(i, j) for i, j in enumerate(plan.jobs[:1000]) if j.job_id not in running]
+            queued[pool] = [j.job_id for _, j in shown if asker.may_see(j.team)]
+            rows[pool] = [
+                QueuedRow(
+                    position=i,
+                    job_id=j.job_id if asker.may_see(j.team) else None,
+                    team=j.team if asker.may_see(j.team) else None,
+                    priority=j.priority,
+                    waiting=plan.why.get(j.job_id),
+                )
+                for i, j in shown
+            ]
+        if not asker.admin:
+            running = [j for j in running if (s := self.history.index.get(j)) is not None and asker.may_see(s.team)]
         return QueueStatus(
-            queue_size=sum(s.queued for s in snapshots),
+            queue_size=sum(len(p.jobs) for p in plans),
             queued_jobs=queued,
             running_jobs=running,
             completed_jobs=counts["completed"],
             failed_jobs=counts["failed"],
             cancelled_jobs=counts["cancelled"],
             workers=workers,
+            queue=rows,
         )
-
-    async def _queued_ids(self, pool: str, limit: int = 1000) -> list[str]:
-        """Job ids in run order (the first `limit`), read from the stream itself."""
-        api = jetstream.Api.of(
-            self.nc, domain=self.settings.connection.js_domain, timeout=self.settings.connection.request_timeout
-        )
-        stream = self.topology.work_stream(pool)
-        head = f"{self.topology.prefix}.work.{pool}."
-        ids: list[str] = []
-        seq = 1
-        while len(ids) < limit:
-            stored = await jetstream.msg_get_next(api, stream, seq, f"{head}>")
-            if stored is None:
-                break
-            ids.append(stored.subject[len(head) :])
-            seq = stored.seq + 1
-        return ids
 
     async def health(self, request: Request) -> Health:
         pools = await self.pools.known()
-        snapshots, workers = await asyncio.gather(
-            asyncio.gather(*(self.positions.snapshot(p) for p in pools)), self.registry.workers()
+        plans, workers = await asyncio.gather(
+            asyncio.gather(*(self.dispatcher.plan(p) for p in pools)), self.registry.workers()
         )
         return Health(
             status="healthy" if self.nc.is_connected else "degraded",
             timestamp=now(),
             version=__version__,
             pools=pools,
-            queue_size=sum(s.queued for s in snapshots),
+            queue_size=sum(len(p.jobs) for p in plans),
             workers=workers,
         )
+
+    async def teams(self, request: Request) -> TeamsReply:
+        """Each team's use of each pool, its share and its limits; a team sees its own rows."""
+        pools = await self.pools.known()
+        asker = of_request(request)
+        plans = await asyncio.gather(*(self.dispatcher.plan(p) for p in pools))
+        policies = await asyncio.gather(*(self.policies.get(p) for p in pools))
+        rows = team_uses(
+            {pool: plan.view for pool, plan in zip(pools, plans, strict=True)},
+            {pool: policy.scheduling for pool, policy in zip(pools, policies, strict=True)},
+        )
+        return TeamsReply(teams=[row for row in rows if asker.may_see(row.team)])
 
     async def list_jobs(self, request: Request) -> JobsPage:
         query = decode(request.data or b"{}", JobsQuery)

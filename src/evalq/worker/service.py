@@ -281,11 +281,15 @@ class Worker:
                     await self.registration.show(None)  # no longer advertise the job
 
     async def _fetch(self) -> tuple[list[Msg], bool]:
-        """The next message: a piece of a started sharded job first, else a new job."""
+        """The next message: an admitted job first, else a piece of a started sharded job.
+
+        The gateway's dispatcher admits a job only when a worker is free for it, or when it
+        outranks the sharded job whose pieces a worker runs: taking jobs first is how those
+        pieces yield to it between pieces (docs/DESIGN.md, "Scheduling")."""
         with contextlib.suppress(TimeoutError, NatsTimeout):
-            return await self.pieces.fetch(1, timeout=0.1), True
-        # Short, so that pieces queued meanwhile wait at most this long for an idle worker.
-        return await self.sub.fetch(1, timeout=0.5), False
+            return await self.sub.fetch(1, timeout=0.1), False
+        # Short, so that a job admitted meanwhile waits at most this long for an idle worker.
+        return await self.pieces.fetch(1, timeout=0.4), True
 
     async def _hand_on(self, msg: Msg, info: JobInfo, unable: str, *, deliveries: int) -> None:
         """A job this worker cannot run: back to the queue while a live worker of the pool can

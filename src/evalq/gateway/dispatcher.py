@@ -1,0 +1,220 @@
+"""The dispatcher: each pool's waiting jobs let into its work stream in the scheduler's order.
+
+A submitted job is a `queued` record in the jobs bucket. The dispatcher, inside the gateway,
+follows the same history index the gateway keeps for `jobs` and the workers bucket, and
+whenever either changes (and every `tick` seconds, for aging) it asks `scheduling` which
+jobs go next, marks each `admitted` with a compare-and-set (`lifecycle.admit`: of two
+gateways, one wins each job) and only then publishes its work message. The work stream so
+holds only jobs that a free worker should take now, and a worker's plain fetch takes the
+scheduler's choice. Positions and the reason a job waits come from the same `Plan`.
+
+A gateway that died between the mark and the publish leaves a job admitted with no message:
+every `tick` the admitted jobs older than `repair_after` are looked up in the work stream
+by subject, and one not there is published again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from .. import jetstream, lifecycle
+from ..lifecycle import Applied, Recorder
+from ..policy import Policies
+from ..registry import Registry
+from ..scheduling import PoolView, admissions, order
+from ..schemas import JobSummary, WorkItem, encode, now
+from ..topology import Topology
+from .history import History
+
+__all__ = ["Dispatcher", "Plan"]
+
+log = logging.getLogger("evalq.gateway")
+
+
+@dataclass
+class Plan:
+    """One pool's queue as the scheduler sees it at `at`: admitted jobs first (the work
+    stream's order), then the waiting ones in the order they will be admitted."""
+
+    at: float
+    version: int
+    jobs: list[JobSummary] = field(default_factory=list)
+    why: dict[str, str | None] = field(default_factory=dict)
+    view: PoolView = field(default_factory=PoolView)
+
+    def position(self, job_id: str) -> int | None:
+        for index, job in enumerate(self.jobs):
+            if job.job_id == job_id:
+                return index
+        return None
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        nc: Client,
+        topology: Topology,
+        *,
+        history: History,
+        registry: Registry,
+        policies: Policies,
+        recorder: Recorder,
+        pools: Callable[[], Awaitable[list[str]]],
+        js: JetStreamContext,
+        timeout: float,
+        tick: float = 1.0,
+        repair_after: float = 10.0,
+    ) -> None:
+        self.nc = nc
+        self.topology = topology
+        self.history = history
+        self.registry = registry
+        self.policies = policies
+        self.recorder = recorder
+        self.pools = pools
+        self.js = js
+        self.timeout = timeout
+        self.tick = tick
+        self.repair_after = repair_after
+        self._plans: dict[str, Plan] = {}
+        # Admitted by this gateway, not yet seen admitted in the index.
+        self._mine: dict[str, float] = {}
+        self._checked: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.admitted = 0  # jobs this dispatcher admitted (tests, benchmarks)
+        self.last_pass_s = 0.0
+
+    async def start(self) -> Dispatcher:
+        self._task = asyncio.create_task(self._run(), name="dispatcher")
+        return self
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._task, 5)
+
+    async def _run(self) -> None:
+        await self.history.loaded.wait()
+        while not self._stopping:
+            self.history.changed.clear()
+            self.registry.changed.clear()
+            try:
+                for pool in await self.pools():
+                    await self.dispatch(pool)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # an outage: the next change or tick tries again
+                log.warning("dispatcher: %s", exc)
+            waits = [asyncio.ensure_future(e.wait()) for e in (self.history.changed, self.registry.changed)]
+            try:
+                await asyncio.wait(waits, timeout=self.tick, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+
+    # --- the plan ---------------------------------------------------------------------
+
+    async def plan(self, pool: str, *, fresh: bool = False) -> Plan:
+        """The pool's plan, made again when the index changed since (or when `fresh`)."""
+        version = self.history.index.version
+        cached = self._plans.get(pool)
+        if cached is not None and cached.version == version and not fresh and time.monotonic() - cached.at < self.tick:
+            return cached
+        policy = (await self.policies.get(pool)).scheduling
+        now_us = int(time.time() * 1_000_000)
+        view = PoolView.of(self.history.index.scheduled(pool), now_us=now_us, half_life_s=policy.half_life_s)
+        # Admitted here a moment ago: the watch has not brought the mark back yet.
+        for job_id in list(self._mine):
+            seen = self.history.index.get(job_id)
+            if seen is None or seen.status != "queued" or seen.admitted_at:
+                del self._mine[job_id]
+        still = [j for j in view.waiting if j.job_id in self._mine]
+        if still:
+            view.waiting = [j for j in view.waiting if j.job_id not in self._mine]
+            view.admitted.extend(still)
+            for job in still:
+                view.running_gpus[job.team] += job.num_gpus
+        ordered = order(view, policy, now_us)
+        admitted = sorted(view.admitted, key=lambda j: (j.admitted_at or "", j.job_id))
+        plan = Plan(
+            at=time.monotonic(),
+            version=version,
+            jobs=admitted + [job for job, _ in ordered],
+            why={job.job_id: why for job, why in ordered},
+            view=view,
+        )
+        self._plans[pool] = plan
+        return plan
+
+    # --- admitting ----------------------------------------------------------------------
+
+    async def dispatch(self, pool: str) -> None:
+        started = time.perf_counter()
+        plan = await self.plan(pool, fresh=True)
+        policy = (await self.policies.get(pool)).scheduling
+        # Listed or not: a worker takes jobs before it has listed its models and tasks.
+        workers = [w for w in await self.registry.workers() if w.pool == pool]
+        idle = sum(1 for w in workers if not w.current_job)
+        busy_with = Counter(w.current_job for w in workers if w.current_job)
+        waiting = [(job, plan.why.get(job.job_id)) for job in plan.jobs if not job.admitted_at]
+        waiting = [(job, why) for job, why in waiting if job.job_id not in self._mine]
+        taken, held = admissions(plan.view, waiting, policy, idle_workers=idle, busy_with=busy_with)
+        for job_id, why in held.items():
+            plan.why[job_id] = why
+        for job in taken:
+            await self._admit(pool, job)
+        await self._repair(pool, plan.view.admitted)
+        self.last_pass_s = time.perf_counter() - started
+
+    async def _admit(self, pool: str, job: JobSummary) -> None:
+        moved = await self.recorder.record(job.job_id, lambda info: lifecycle.admit(info, at=now()))
+        if not isinstance(moved, Applied):
+            return  # another gateway admitted it, or it was cancelled meanwhile
+        self._mine[job.job_id] = time.monotonic()
+        await self._publish(pool, moved.after.job_id)
+        self.admitted += 1
+
+    async def _publish(self, pool: str, job_id: str) -> None:
+        found = await self.recorder.jobs.get(job_id)
+        request = found[0].request if found is not None else None
+        if found is None or request is None:
+            return  # no record, or one that fails today's rules: a worker could not run it either
+        write = jetstream.Write(
+            self.topology.work_subject(pool, job_id),
+            encode(WorkItem(job_id=job_id, request=request, created_at=found[0].created_at)),
+            {"Nats-Msg-Id": job_id},
+            stream=self.topology.work_stream(pool),
+        )
+        await jetstream.publish(self.nc, write, timeout=self.timeout)
+
+    async def _repair(self, pool: str, admitted: list[JobSummary]) -> None:
+        """Publish again the message of an admitted job whose admitting gateway died first."""
+        clock = time.monotonic()
+        for job in admitted:
+            seen = self._checked.setdefault(job.job_id, clock)
+            if clock - seen < self.repair_after:
+                continue
+            self._checked[job.job_id] = clock
+            try:
+                await self.js.get_last_msg(
+                    self.topology.work_stream(pool), self.topology.work_subject(pool, job.job_id)
+                )
+            except NotFoundError:
+                log.warning("job %s was admitted but its work message is missing; publishing it again", job.job_id)
+                await self._publish(pool, job.job_id)
+        live = {j.job_id for j in admitted}
+        for job_id in [j for j in self._checked if j not in live]:
+            del self._checked[job_id]
