@@ -62,6 +62,7 @@ from ..schemas import (
     ModelsReply,
     QueueStatus,
     TasksReply,
+    TeamsReply,
     decode,
     decode_event,
     encode,
@@ -273,6 +274,11 @@ class AsyncClient:
 
     async def list_models(self) -> list[str]:
         return (await self._ask("models", ModelsReply)).models
+
+    async def teams(self) -> TeamsReply:
+        """Each team's use of each pool (decayed GPU-seconds), its share and its limits; a
+        team's member sees only its own rows."""
+        return await self._ask("teams", TeamsReply, b"{}")
 
     # --- history -----------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from ..schemas import (
     JobsPage,
     JobSummary,
     QueueStatus,
+    TeamsReply,
 )
 from .client import AsyncClient
 
@@ -120,6 +121,9 @@ class Client:
 
     def list_models(self) -> list[str]:
         return self._run(self._async.list_models())
+
+    def teams(self) -> TeamsReply:
+        return self._run(self._async.teams())
 
     def jobs(
         self,
