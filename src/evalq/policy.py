@@ -552,11 +552,24 @@ class Policies:
         return policy
 
 
+def _merged(base: dict[str, Any], changes: Mapping[str, object]) -> dict[str, Any]:
+    """`base` with `changes` over it; a mapping over a mapping is merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        deeper = isinstance(value, Mapping) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if deeper else value  # type: ignore[arg-type]
+    return out
+
+
 def revised(base: PoolPolicy, **changes: object) -> PoolPolicy:
-    """`base` with `changes`, validated (ValueError with the field's path if not a policy)."""
-    fields = {**msgspec.to_builtins(base), **changes}
+    """`base` with `changes`, validated (ValueError with the field's path if not a policy).
+    `scheduling` and each of its `teams` are merged field by field (a new team starts from
+    `TeamPolicy()`); a team given as None is removed (it then gets `default_team`)."""
+    fields = _merged(msgspec.to_builtins(base), changes)
     if "model_roots" in changes:
         fields["model_roots"] = [normal_path(root) if root.startswith("/") else root for root in fields["model_roots"]]
+    teams = fields["scheduling"]["teams"]
+    fields["scheduling"]["teams"] = {name: team for name, team in teams.items() if team is not None}
     return msgspec.convert(fields, PoolPolicy)
 
 
@@ -594,10 +607,11 @@ async def apply_setup(
     The queue's objects are created where missing and given these settings where they differ
     (`Topology.apply`). A lower ack_wait is applied only once the pools' workers running a job
     have confirmed it (`renewal.confirm_lowering`: `renewal.Unconfirmed` otherwise, and nothing
-    is changed; `force` applies it anyway). With `policy` (fields of `PoolPolicy` to set) or `reset_policy`, each
-    pool's policy becomes its current one (or the default, with `reset_policy`) with `policy`
-    over it, and is written when it differs. With `dry_run`, nothing is written. A policy that
-    is not valid raises `ValueError` or `msgspec.ValidationError` before anything is touched.
+    is changed; `force` applies it anyway). With `policy` (fields of `PoolPolicy` to set) or
+    `reset_policy`, each pool's policy becomes its current one (or the default, with
+    `reset_policy`) with `policy` merged over it (`revised`), and is written when it differs.
+    With `dry_run`, nothing is written. A policy that is not valid raises `ValueError` or
+    `msgspec.ValidationError` before anything is touched.
     """
     changes = dict(policy or {})
     revised(PoolPolicy(), **changes)

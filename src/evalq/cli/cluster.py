@@ -1,4 +1,4 @@
-"""The commands about the queue itself: setup, health, workers, tasks, models."""
+"""The commands about the queue itself: setup, health, workers, teams, tasks, models."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import msgspec
 import typer
 
 from ..connection import connect
+from ..fields import Priority
 from ..policy import PoolPolicy, SetupChange, apply_setup, revised
 from ..publisher import AsyncClient
-from ..schemas import CacheMode, Health
+from ..schemas import CacheMode, Health, TeamUse
 from .app import JsonOpt, client_command, run, settings
 from .output import console, dump, errors, print_rows, shown
 
-__all__ = ["health", "models", "setup", "tasks", "version_skew", "workers"]
+__all__ = ["health", "models", "setup", "tasks", "teams", "version_skew", "workers"]
 
 
 def setup(
@@ -77,6 +78,42 @@ def setup(
             "(reuse and add answers) or `refresh` (compute all and add them)."
         ),
     ] = None,
+    team: Annotated[
+        list[str],
+        typer.Option(
+            help="Scheduling: the team (a NATS account; `default` is the team of requests without accounts) "
+            "the --share, --max-* options set (repeat it to set several alike). `*` sets the policy of "
+            "every team not listed."
+        ),
+    ] = [],  # noqa: B006
+    share: Annotated[
+        Optional[float], typer.Option(help="Scheduling: the --team's weight in fair share (default 1).")
+    ] = None,
+    max_running_gpus: Annotated[
+        Optional[int], typer.Option(help="Scheduling: GPUs the --team's running jobs may hold at once (0: no limit).")
+    ] = None,
+    max_queued: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Scheduling: jobs the --team may have queued; one more is refused (429). "
+            "0: none may be submitted; -1: no limit."
+        ),
+    ] = None,
+    max_priority: Annotated[
+        Optional[Priority], typer.Option(help="Scheduling: the highest priority the --team may ask for.")
+    ] = None,
+    remove_team: Annotated[
+        list[str],
+        typer.Option(help="Scheduling: forget a team's settings; it then gets those of `*` (repeat it)."),
+    ] = [],  # noqa: B006
+    aging: Annotated[
+        Optional[float],
+        typer.Option(help="Scheduling: seconds a queued job waits for each level its priority rises (up to high)."),
+    ] = None,
+    half_life: Annotated[
+        Optional[float],
+        typer.Option(help="Scheduling: the half-life, in seconds, of a team's past GPU use in fair share."),
+    ] = None,
     reset_policy: Annotated[
         bool, typer.Option("--reset-policy", help="Policy: start from the default instead of the pool's current one.")
     ] = False,
@@ -110,6 +147,14 @@ def setup(
     Example: `evalq setup --pool gpu --model-root /models --hub-prefix my-org --max-timeout 86400`
 
     Example: `evalq setup --pool ci --cache off`
+
+    The scheduling options set a pool's fair share between teams: the team options apply to each
+    `--team` given, and a team's options not given keep its current values (a team first named
+    starts from share 1, no limits, up to `urgent`).
+
+    Example: `evalq setup --pool gpu --team vision --share 2 --max-running-gpus 8 --max-queued 100`
+
+    Example: `evalq setup --pool gpu --team '*' --max-priority high --aging 900 --half-life 7200`
     """
     chosen = settings(ctx, ack_wait=ack_wait, replicas=replicas, queue_limit=queue_limit)
     pools = tuple(pool) or ("default",)
@@ -136,6 +181,9 @@ def setup(
     ):
         if seconds is not None:
             changes[name] = seconds or None
+    scheduling = _scheduling(team, share, max_running_gpus, max_queued, max_priority, remove_team, aging, half_life)
+    if scheduling:
+        changes["scheduling"] = scheduling
     try:
         # Checked before connecting, so a bad value is a usage error and changes nothing.
         revised(PoolPolicy(), **changes)
@@ -161,13 +209,62 @@ def setup(
             line = f"{change.object}: {change.setting} {verb} from {change.was!r} to {change.now!r}"
             console.print(shown(line), highlight=False, soft_wrap=True)
             continue
-        # A policy is shown field by field: only what differs.
-        for field, now in change.now.items():
-            if change.was[field] != now:
-                line = f"{change.object}: policy {field} {verb} from {change.was[field]!r} to {now!r}"
-                console.print(shown(line), highlight=False, soft_wrap=True)
+        # A policy is shown field by field (`scheduling.teams.a.share`): only what differs.
+        for field, was, now in _differences(change.was, change.now):
+            line = f"{change.object}: policy {field} {verb} from {was!r} to {now!r}"
+            console.print(shown(line), highlight=False, soft_wrap=True)
     if not done:
         console.print(shown(f"queue {chosen.queue.prefix!r} is as configured (pools: {', '.join(pools)})"))
+
+
+def _scheduling(
+    teams: list[str],
+    share: float | None,
+    max_running_gpus: int | None,
+    max_queued: int | None,
+    max_priority: str | None,
+    remove: list[str],
+    aging: float | None,
+    half_life: float | None,
+) -> dict[str, Any]:
+    """The scheduling options as the changes `apply_setup` merges into each pool's `scheduling`."""
+    team: dict[str, Any] = {}
+    if share is not None:
+        team["share"] = share
+    if max_running_gpus is not None:
+        team["max_running_gpus"] = max_running_gpus or None
+    if max_queued is not None:
+        if max_queued < -1:
+            raise typer.BadParameter("expected a count, 0 (none) or -1 (no limit)", param_hint="--max-queued")
+        team["max_queued"] = None if max_queued == -1 else max_queued
+    if max_priority is not None:
+        team["max_priority"] = max_priority
+    if team and not teams:
+        raise typer.BadParameter("--share and the --max-* options set a team's settings: name it", param_hint="--team")
+    if "*" in remove or set(remove) & set(teams):
+        raise typer.BadParameter("a team to remove is `*`, or is also set", param_hint="--remove-team")
+    changes: dict[str, Any] = {}
+    named: dict[str, dict[str, Any] | None] = {name: dict(team) for name in teams if name != "*"}
+    named.update(dict.fromkeys(remove))
+    if named:
+        changes["teams"] = named
+    if "*" in teams and team:
+        changes["default_team"] = team
+    if aging is not None:
+        changes["aging_s"] = aging
+    if half_life is not None:
+        changes["half_life_s"] = half_life
+    return changes
+
+
+def _differences(was: Any, now: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted field, was, now) for each field that differs, nested mappings walked."""
+    if not (isinstance(was, dict) and isinstance(now, dict)):
+        return [] if was == now else [(path, was, now)]
+    found: list[tuple[str, Any, Any]] = []
+    for key in {**was, **now}:
+        found += _differences(was.get(key), now.get(key), f"{path}.{key}" if path else str(key))
+    return found
 
 
 def workers(ctx: typer.Context, json_: JsonOpt = False) -> None:
@@ -272,3 +369,44 @@ def models(ctx: typer.Context, json_: JsonOpt = False) -> None:
         dump({"models": names}) if json_ else console.print("\n".join(shown(n) for n in names), highlight=False)
 
     client_command(main)(ctx)
+
+
+def teams(
+    ctx: typer.Context,
+    pool: Annotated[list[str], typer.Option(help="Only these pools (repeat it); default: every pool.")] = [],  # noqa: B006
+    json_: JsonOpt = False,
+) -> None:
+    """List each team's use of each pool and its limits: share, GPU-seconds used (recent use counts
+    more: each job's are halved every half-life), GPUs running and queued jobs against the team's
+    quotas, and the highest priority it may ask for. A team's member sees only its own rows.
+
+    Example: `evalq teams --pool gpu`
+
+    Example: `evalq teams --json | jq '.teams[] | select(.queued > 0)'`
+    """
+
+    async def main(client: AsyncClient) -> None:
+        reply = await client.teams()
+        rows = [row for row in reply.teams if not pool or row.pool in pool]
+        if json_:
+            dump({"teams": rows})
+            return
+        columns = ("pool", "team", "share", "use GPU-s", "running GPUs", "queued", "max priority")
+        print_rows(f"{len(rows)} teams", columns, [_team_row(row) for row in rows])
+
+    client_command(main)(ctx)
+
+
+def _team_row(row: TeamUse) -> tuple[str, ...]:
+    def of(used: int, most: int | None) -> str:
+        return f"{used} / {'-' if most is None else most}"
+
+    return (
+        row.pool,
+        row.team,
+        f"{row.share:g}",
+        f"{row.use_gpu_s:,.0f}",
+        of(row.running_gpus, row.max_running_gpus),
+        of(row.queued, row.max_queued),
+        row.max_priority,
+    )
