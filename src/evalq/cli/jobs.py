@@ -14,12 +14,24 @@ import typer
 from rich.table import Table
 
 from ..errors import Unavailable
+from ..fields import Priority
 from ..publisher import AsyncClient
-from ..schemas import JOBS_PAGE_MAX, CacheMode, JobAccepted, JobSummary
+from ..schemas import JOBS_PAGE_MAX, CacheMode, JobAccepted, JobSummary, QueuedRow
 from ..turnaround import read_turnaround, turnaround_line
 from .app import JsonOpt, client_command, number, parse_pairs, run, settings
 from .follow import follow
-from .output import SHORT_ID, console, dump, errors, event_line, fail, print_job, print_rows, shown
+from .output import (
+    SHORT_ID,
+    console,
+    dump,
+    errors,
+    event_line,
+    fail,
+    print_job,
+    print_rows,
+    shown,
+    waiting_reason,
+)
 
 __all__ = ["cancel", "events", "jobs", "queue", "rescore", "results", "status", "submit", "watch"]
 
@@ -70,13 +82,22 @@ def submit(
         Optional[int],
         typer.Option(min=0, help="lmms-eval's --seed; with one, sampled answers may be cached too."),
     ] = None,
+    priority: Annotated[
+        Optional[Priority],
+        typer.Option(
+            help="Its place in the pool's queue: a higher level starts first; a waiting job rises a level every "
+            "aging period (up to high). A team may be capped below urgent (`evalq teams`). Default: normal."
+        ),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Submit an evaluation job; prints its id and queue position.
+    """Submit an evaluation job; prints its id, queue position and why it waits.
 
     Example: `evalq submit --model dummy --tasks evalq_demo --limit 8 --label epoch=3 --wait`
 
     Sharded: `evalq submit --model dummy --tasks evalq_demo,evalq_shard_demo --shards 5 --wait`
+
+    Example: `evalq submit --model dummy --tasks evalq_demo --priority high`
     """
     body: dict[str, Any] = {
         "model": model,
@@ -102,6 +123,7 @@ def submit(
         "timeout": job_timeout,
         "cache": cache,
         "seed": seed,
+        "priority": priority,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     chosen = settings(ctx)
@@ -122,9 +144,10 @@ async def _accepted(
         dump(accepted)
     else:
         dup = " (duplicate)" if accepted.duplicate else ""
+        why = f"; waits: {accepted.waiting}" if accepted.waiting else ""
         console.print(
             f"[green]accepted[/green] {shown(accepted.job_id)}{dup}  position {accepted.position_in_queue}  "
-            f"({shown(where)}, stream seq {accepted.stream_seq})",
+            f"({shown(where)}, stream seq {accepted.stream_seq}{shown(why)})",
             highlight=False,
         )
     if not wait:
@@ -289,9 +312,11 @@ def events(
 
 
 def queue(ctx: typer.Context, json_: JsonOpt = False) -> None:
-    """Show queued and running jobs per pool, with positions, labels, attempts and progress.
+    """Show running jobs, then each pool's queued jobs in the order they will start: position,
+    team, priority, why each waits, labels, attempts and progress. Another team's job shows
+    only its place, priority and reason.
 
-    Example: `evalq queue --json`
+    Example: `evalq queue --json | jq '.queue.default[] | select(.waiting != null)'`
     """
 
     async def main(client: AsyncClient) -> None:
@@ -299,25 +324,31 @@ def queue(ctx: typer.Context, json_: JsonOpt = False) -> None:
         if json_:
             dump(state)
             return
-        # The queue gives the order (a queued job's position is its place in its pool's list);
-        # one page of the job history gives the details of every job it holds.
-        order = [(job, None) for job in state.running_jobs] + [
-            (job, position) for waiting in state.queued_jobs.values() for position, job in enumerate(waiting)
-        ]
+        # The queue gives the order (`queue`: each pool's rows as the scheduler will start them;
+        # a gateway without it gives ids only); one page of the job history gives the details.
+        rows = state.queue or {
+            pool: [QueuedRow(position=i, job_id=job) for i, job in enumerate(ids)]
+            for pool, ids in state.queued_jobs.items()
+        }
+        order: list[tuple[str, QueuedRow | None]] = [(job, None) for job in state.running_jobs]
+        order += [(row.job_id or "", row) for waiting in rows.values() for row in waiting]
         order = order[:QUEUE_ROWS]
         details: dict[str, JobSummary] = {}
-        if order:
+        if any(job for job, _ in order):
             try:
                 page = await client.jobs(status=ACTIVE, limit=JOBS_PAGE_MAX)
             except Unavailable as exc:  # a gateway still loading its history: the order alone
                 errors.print(f"[yellow]warning:[/yellow] {shown(exc)}", highlight=False, soft_wrap=True)
             else:
                 details = {job.job_id: job for job in page.jobs}
-        pools = {job: pool for pool, waiting in state.queued_jobs.items() for job in waiting}
-        rows = [_queue_row(job, position, details.get(job), pools.get(job, "")) for job, position in order]
-        columns = ("pool", "position", "job", "status", "labels", "attempts", "worker", "progress", "pieces")
+        pools = {id(row): pool for pool, waiting in rows.items() for row in waiting}
+        table = [_queue_row(job, row, details.get(job), pools.get(id(row), "")) for job, row in order]
+        columns = (
+            "pool", "position", "job", "team", "priority", "status", "waiting",
+            "labels", "attempts", "worker", "progress", "pieces",
+        )  # fmt: skip
         title = f"queue: {state.queue_size} waiting, {len(state.running_jobs)} running"
-        print_rows(title, columns, rows, no_wrap=("job",))
+        print_rows(title, columns, table, no_wrap=("job",))
         console.print(
             f"completed {state.completed_jobs}  failed {state.failed_jobs}  cancelled {state.cancelled_jobs}  "
             f"workers {len(state.workers)}",
@@ -327,26 +358,31 @@ def queue(ctx: typer.Context, json_: JsonOpt = False) -> None:
     client_command(main)(ctx)
 
 
-def _queue_row(job_id: str, position: int | None, job: JobSummary | None, pool: str) -> tuple[str, ...]:
-    """A row of `evalq queue`; a job missing from the page (past its first 1,000) shows what the queue knows."""
+def _queue_row(job_id: str, row: QueuedRow | None, job: JobSummary | None, pool: str) -> tuple[str, ...]:
+    """A row of `evalq queue`: a running job (no `row`) or a queued one. Another team's job has
+    no id; one missing from the page (past its first 1,000) shows what the queue knows."""
+    # A job the page shows running has left the queue since the queue was read.
+    still = row is not None and (job is None or job.status == "queued")
+    queued = (str(row.position), waiting_reason(row.waiting)) if row is not None and still else ("", "")
     if job is None:
-        queued = position is not None
         return (
             pool,
-            str(position) if queued else "",
-            job_id[:SHORT_ID],
-            "queued" if queued else "running",
-            "",
-            "",
-            "",
-            "",
-            "",
+            queued[0],
+            job_id[:SHORT_ID] if job_id else "(another team)",
+            "" if row is None else row.team or "",
+            "" if row is None else row.priority,
+            "queued" if row is not None else "running",
+            queued[1],
+            *("",) * 5,
         )
     return (
         job.pool,
-        "" if position is None or job.status != "queued" else str(position),
+        queued[0],
         job.job_id[:SHORT_ID],
+        job.team,
+        job.priority,
         job.status,
+        queued[1],
         " ".join(f"{k}={v}" for k, v in job.labels.items()),
         str(job.attempts),
         job.worker or "",

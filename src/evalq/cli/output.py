@@ -48,6 +48,7 @@ __all__ = [
     "print_metrics",
     "print_rows",
     "shown",
+    "waiting_reason",
     "work_line",
 ]
 
@@ -134,6 +135,7 @@ def print_job(info: JobInfo) -> None:
         ("team", info.team),
         ("user", info.user),
         ("position", info.position_in_queue),
+        ("waiting", waiting_reason(info.waiting) if info.status == "queued" else None),
         ("attempts", info.attempts),
         ("worker", info.worker),
         ("created", info.created_at),
@@ -171,6 +173,11 @@ def print_job(info: JobInfo) -> None:
         print_rows("pieces", ("piece", "tasks", "documents", "status", "attempts", "worker", "seconds"), pieces)
     if info.result and info.result.metrics:
         print_metrics(info.result.metrics)
+
+
+def waiting_reason(why: str | None) -> str:
+    """Why a queued job waits, as `status` and `queue` show it: the first has only a worker to wait for."""
+    return why or "for a free worker"
 
 
 def work_line(work: Work) -> str:
