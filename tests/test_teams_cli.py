@@ -166,3 +166,10 @@ async def test_setup_keeps_what_it_is_not_given(settings: Settings, nc: Any, top
         code, _, err = await evalq(settings, "setup", *bad)
         assert code == 2, (bad, err)
     assert (await load_policy(js, topology, "default")).scheduling == scheduling
+
+
+async def test_teams_has_help_with_an_example(settings: Settings) -> None:
+    code, out, _ = await evalq(settings, "teams", "--help")
+    assert code == 0 and "Example" in out and "--pool" in out
+    code, out, _ = await evalq(settings, "setup", "--help", **WIDE)
+    assert code == 0 and "--max-queued" in out and "-1: no limit" in out and "--team '*'" in out
