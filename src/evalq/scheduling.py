@@ -159,6 +159,7 @@ def order(view: PoolView, scheduling: Scheduling, now_us: int) -> list[tuple[Job
     for job in sorted(view.waiting, key=_key):
         by_level[level(job, now_us, scheduling.aging_s)][job.team].append(job)
     use = dict(view.use)
+    admitted = list(view.admitted)  # in the work stream already: ahead of every waiting job
     placed: list[tuple[JobSummary, str | None]] = []
     for lvl in sorted(by_level, reverse=True):
         queues = by_level[lvl]
@@ -169,7 +170,7 @@ def order(view: PoolView, scheduling: Scheduling, now_us: int) -> list[tuple[Job
             _, _, team = heapq.heappop(heap)
             job = queues[team][heads[team]]
             heads[team] += 1
-            placed.append((job, _why(job, placed, lvl, now_us, scheduling)))
+            placed.append((job, _why(job, admitted + [j for j, _ in placed], lvl, now_us, scheduling)))
             use[team] = use.get(team, 0.0) + view.mean_cost * job.num_gpus
             if heads[team] < len(queues[team]):
                 nxt = queues[team][heads[team]]
@@ -177,14 +178,12 @@ def order(view: PoolView, scheduling: Scheduling, now_us: int) -> list[tuple[Job
     return placed
 
 
-def _why(
-    job: JobSummary, ahead: list[tuple[JobSummary, str | None]], lvl: int, now_us: int, scheduling: Scheduling
-) -> str | None:
+def _why(job: JobSummary, ahead: list[JobSummary], lvl: int, now_us: int, scheduling: Scheduling) -> str | None:
     if not ahead:
         return None
-    if any(level(other, now_us, scheduling.aging_s) > lvl for other, _ in ahead):
+    if any(level(other, now_us, scheduling.aging_s) > lvl for other in ahead):
         return "behind higher priority"
-    if any(other.team != job.team and _key(other) > _key(job) for other, _ in ahead):
+    if any(other.team != job.team and _key(other) > _key(job) for other in ahead):
         return "fair share: other teams have used less of the pool"
     return "behind earlier jobs"
 

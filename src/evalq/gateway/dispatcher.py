@@ -32,7 +32,7 @@ from ..lifecycle import Applied, Recorder
 from ..policy import Policies
 from ..registry import Registry
 from ..scheduling import PoolView, admissions, order
-from ..schemas import JobSummary, WorkItem, encode, now
+from ..schemas import TERMINAL, JobSummary, WorkItem, encode, now
 from ..topology import Topology
 from .history import History
 
@@ -167,8 +167,11 @@ class Dispatcher:
         policy = (await self.policies.get(pool)).scheduling
         # Listed or not: a worker takes jobs before it has listed its models and tasks.
         workers = [w for w in await self.registry.workers() if w.pool == pool]
-        idle = sum(1 for w in workers if not w.current_job)
-        busy_with = Counter(w.current_job for w in workers if w.current_job)
+        # A worker whose job's record is terminal is settling it: free for the next one, which
+        # it fetches as soon as it has acked (the registry says so only a round trip later).
+        busy = [w.current_job for w in workers if w.current_job and not self._ended(w.current_job)]
+        idle = len(workers) - len(busy)
+        busy_with = Counter(busy)
         waiting = [(job, plan.why.get(job.job_id)) for job in plan.jobs if not job.admitted_at]
         waiting = [(job, why) for job, why in waiting if job.job_id not in self._mine]
         taken, held = admissions(plan.view, waiting, policy, idle_workers=idle, busy_with=busy_with)
@@ -178,6 +181,10 @@ class Dispatcher:
             await self._admit(pool, job)
         await self._repair(pool, plan.view.admitted)
         self.last_pass_s = time.perf_counter() - started
+
+    def _ended(self, job_id: str) -> bool:
+        seen = self.history.index.get(job_id)
+        return seen is not None and seen.status in TERMINAL
 
     async def _admit(self, pool: str, job: JobSummary) -> None:
         moved = await self.recorder.record(job.job_id, lambda info: lifecycle.admit(info, at=now()))
