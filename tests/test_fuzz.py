@@ -77,7 +77,7 @@ class GatewayThread:
         return code, json.loads(reply.data)
 
     async def stored(self) -> int:
-        info = await self.nc.jetstream().stream_info(self.topology.work_stream("default"))
+        info = await self.nc.jetstream().stream_info(f"KV_{self.topology.jobs_bucket}")  # a record per job
         return int(info.state.messages)
 
     def close(self) -> None:

@@ -59,7 +59,7 @@ async def test_output_dir_naming_another_job_is_refused(client: AsyncClient, top
         with pytest.raises(InvalidField) as refused:
             await client.submit(**JOB, output_dir=output_dir)
         assert refused.value.path == "$.output_dir"
-    stored = (await nc.jetstream().stream_info(topology.work_stream("default"))).state.messages
+    stored = (await nc.jetstream().stream_info(f"KV_{topology.jobs_bucket}")).state.messages  # a record per job
     assert stored == 1, "a refused job was enqueued"
 
 

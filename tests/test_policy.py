@@ -27,6 +27,7 @@ from evalq.policy import (
     recheck,
     revised,
 )
+from evalq.scheduling import Scheduling
 from evalq.schemas import EvaluateRequest, format_args
 from evalq.topology import Topology
 from evalq.worker.argv import lmms_eval_args
@@ -274,7 +275,8 @@ def test_recheck_treats_a_name_that_exists_beside_the_job_as_a_local_path(tmp_pa
 
 
 async def stored(nc: Any, topology: Topology, pool: str = "default") -> int:
-    return (await nc.jetstream().stream_info(topology.work_stream(pool))).state.messages
+    """Jobs enqueued: each has its record in the jobs bucket (the queue)."""
+    return (await nc.jetstream().stream_info(f"KV_{topology.jobs_bucket}")).state.messages
 
 
 async def test_setup_writes_the_policy_the_gateway_enforces(
@@ -295,6 +297,7 @@ async def test_setup_writes_the_policy_the_gateway_enforces(
         "cache": "read-write",
         "default_timeout_s": None,
         "max_timeout_s": 600,
+        "scheduling": msgspec.to_builtins(Scheduling()),
     }
     assert json.loads(out) == [
         {"object": "pool default", "setting": "policy", "was": msgspec.to_builtins(PoolPolicy()), "now": written}

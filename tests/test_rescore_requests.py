@@ -21,7 +21,8 @@ UNKNOWN = "0b4c1a52-0d4e-4a3b-9d1e-2f1f9b7c6d5e"
 
 
 async def stream_messages(nc: Any, topology: Topology, pool: str = "default") -> int:
-    return (await nc.jetstream().stream_info(topology.work_stream(pool))).state.messages
+    """Jobs enqueued: each has its record in the jobs bucket (the queue)."""
+    return (await nc.jetstream().stream_info(f"KV_{topology.jobs_bucket}")).state.messages
 
 
 async def refused(nc: Any, topology: Topology, body: dict[str, Any]) -> dict[str, Any]:

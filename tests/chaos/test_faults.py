@@ -38,7 +38,8 @@ async def stream_count(settings: Settings, pool: str = "default") -> int:
     nc = await connect(settings)
     try:
         topology = Topology.from_settings(settings)
-        return (await nc.jetstream().stream_info(topology.work_stream(pool))).state.messages
+        # Each enqueued job is a record in the jobs bucket (the queue).
+        return (await nc.jetstream().stream_info(f"KV_{topology.jobs_bucket}")).state.messages
     finally:
         await nc.close()
 
@@ -144,7 +145,7 @@ async def test_gateway_killed_under_load(settings: Settings, nc: Any, topology: 
 
         await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(total))), 150)
     assert first.wait(10) == -signal.SIGKILL
-    stored = (await nc.jetstream().stream_info(topology.work_stream("default"))).state.messages
+    stored = (await nc.jetstream().stream_info(f"KV_{topology.jobs_bucket}")).state.messages
     ids = set(accepted.values())
     figure(
         "gateway kill -9 under load",
@@ -274,7 +275,7 @@ async def test_store_full_gives_an_error_never_a_false_accept(tmp_path: Path, se
                     if refused >= 5:
                         break
             stored = (
-                await nc.jetstream().stream_info(Topology.from_settings(small).work_stream("default"))
+                await nc.jetstream().stream_info(f"KV_{Topology.from_settings(small).jobs_bucket}")
             ).state.messages
         await nc.close()
     finally:
