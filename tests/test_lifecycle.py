@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,6 +32,8 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("running", "finish"): {"completed", "failed", "cancelled"},
     ("cancelling", "finish"): {"completed", "failed", "cancelled"},
     ("running", "requeue"): {"queued"},
+    ("running", "request_preempt"): {"running"},
+    ("running", "preempt"): {"queued"},
 }
 OUTCOMES: list[Outcome] = [
     Success(result=JobResult(metrics={"t": {"acc": 1.0}})),
@@ -48,6 +51,10 @@ def apply(info: JobInfo, transition: str, outcome: Outcome = OUTCOMES[0]) -> Job
     match transition:
         case "admit":
             return lifecycle.admit(info, at=AT)
+        case "request_preempt":
+            return lifecycle.request_preempt(info, at=AT)
+        case "preempt":
+            return lifecycle.preempt(info)
         case "start":
             return lifecycle.start(info, attempt=2, worker="w1", at=AT)
         case "progress":
@@ -80,6 +87,21 @@ def test_a_job_is_admitted_once() -> None:
     admitted = lifecycle.admit(record("queued"), at=AT)
     assert admitted is not None and admitted.admitted_at == AT and admitted.status == "queued"
     assert lifecycle.admit(admitted, at=AT) is None, "a second dispatcher must lose"
+
+
+def test_a_preempted_job_waits_again_for_its_turn() -> None:
+    running = lifecycle.admit(record("queued"), at=AT)
+    assert running is not None
+    running = lifecycle.start(running, attempt=1, worker="w1", at=AT)
+    assert running is not None
+    asked = lifecycle.request_preempt(running, at=AT)
+    assert asked is not None and asked.status == "running" and asked.preempt_requested_at == AT
+    assert lifecycle.request_preempt(asked, at=AT) is None, "asked once"
+    back = lifecycle.preempt(asked)
+    assert back is not None and back.status == "queued" and back.preemptions == 1
+    assert back.admitted_at is None and back.preempt_requested_at is None and back.worker is None
+    sharded = msgspec.structs.replace(running, shards=4)
+    assert lifecycle.request_preempt(sharded, at=AT) is None, "a sharded job yields between pieces"
 
 
 def test_the_table_names_only_known_states_and_transitions() -> None:

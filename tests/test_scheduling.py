@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from evalq.scheduling import PoolView, Scheduling, TeamPolicy, admissions, level, order, team_uses
+from evalq.scheduling import PoolView, Scheduling, TeamPolicy, admissions, level, order, team_uses, victims
 from evalq.schemas import JobSummary
 
 NOW = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.UTC)
@@ -135,3 +135,24 @@ def test_team_uses_list_each_team_with_its_limits() -> None:
     by_team = {r.team: r for r in rows}
     assert set(by_team) == {"a", "b", "c"}
     assert by_team["a"].queued == 1 and by_team["b"].running_gpus == 1 and by_team["c"].max_queued == 3
+
+
+def test_a_waiting_high_job_picks_the_latest_started_low_job_to_preempt() -> None:
+    old_low = job("a", "low", status="running", started_at=at(60))
+    new_low = job("a", "low", status="running", started_at=at(5))
+    normal = job("a", "normal", status="running", started_at=at(1))
+    sharded = job("a", "low", status="running", started_at=at(2), shards=4, pieces_running=1)
+    pool = view([old_low, new_low, normal, sharded])
+    assert victims(pool, [job("b", "high")], asked=0) == [new_low]
+    assert victims(pool, [job("b", "urgent"), job("b", "high")], asked=0) == [new_low, old_low]
+    assert victims(pool, [job("b", "high")], asked=1) == [], "one preemption under way already serves it"
+    assert victims(pool, [job("b", "normal")], asked=0) == [], "only high and urgent jobs preempt"
+    # A whole low job's worker does not count as free: it is preempted, not yielded.
+    taken, _ = admissions(
+        pool,
+        order(view([job("b", "high")]), Scheduling(), NOW_US),
+        Scheduling(),
+        idle_workers=0,
+        busy_with={new_low.job_id: 1},
+    )
+    assert taken == []

@@ -75,10 +75,12 @@ __all__ = [
     "finish",
     "outcome_status",
     "pieces_running",  # sharding's, read here by the gateway
+    "preempt",
     "progress",
     "progress_event",
     "queued_event",
     "request_cancel",
+    "request_preempt",
     "requeue",
     "requeued_event",
     "shard_completed_event",
@@ -93,9 +95,21 @@ __all__ = [
 
 log = logging.getLogger("evalq.lifecycle")
 
-Transition = Literal["admit", "start", "progress", "stall", "request_cancel", "finish", "requeue"]
+Transition = Literal[
+    "admit", "start", "progress", "stall", "request_cancel", "finish", "requeue", "request_preempt", "preempt"
+]
 STATES: tuple[JobStatus, ...] = ("queued", "running", "cancelling", "completed", "failed", "cancelled")
-TRANSITIONS: tuple[Transition, ...] = ("admit", "start", "progress", "stall", "request_cancel", "finish", "requeue")
+TRANSITIONS: tuple[Transition, ...] = (
+    "admit",
+    "start",
+    "progress",
+    "stall",
+    "request_cancel",
+    "finish",
+    "requeue",
+    "request_preempt",
+    "preempt",
+)
 
 # (state, transition) -> the states it may lead to. A pair that is absent is refused.
 ALLOWED: dict[tuple[JobStatus, Transition], frozenset[JobStatus]] = {
@@ -115,6 +129,10 @@ ALLOWED: dict[tuple[JobStatus, Transition], frozenset[JobStatus]] = {
     # An evaluation that ended on its own before the cancel reached it keeps its outcome.
     ("cancelling", "finish"): frozenset({"completed", "failed", "cancelled"}),
     ("running", "requeue"): frozenset({"queued"}),
+    # A waiting job of higher priority needs its worker (gateway/dispatcher.py): marked once,
+    # then its worker stops it at once and hands it back to wait for its turn again.
+    ("running", "request_preempt"): frozenset({"running"}),
+    ("running", "preempt"): frozenset({"queued"}),
 }
 
 
@@ -236,6 +254,29 @@ def finish(info: JobInfo, outcome: Outcome, *, at: str) -> JobInfo | None:
         case Cancellation(reason=reason):
             return msgspec.structs.replace(info, status=status, completed_at=at, result=None, error=reason or None)
     return None  # pragma: no cover - the match is exhaustive
+
+
+def request_preempt(info: JobInfo, *, at: str) -> JobInfo | None:
+    """Ask its worker to give it up; refused once asked, and for a sharded job (its pieces
+    yield between pieces instead)."""
+    if not allowed(info.status, "request_preempt") or info.preempt_requested_at is not None or info.shards > 1:
+        return None
+    return msgspec.structs.replace(info, preempt_requested_at=at)
+
+
+def preempt(info: JobInfo) -> JobInfo | None:
+    """Back to waiting for the scheduler (no longer admitted); its journal keeps its work."""
+    if not allowed(info.status, "preempt"):
+        return None
+    return msgspec.structs.replace(
+        info,
+        status="queued",
+        worker=None,
+        progress=None,
+        admitted_at=None,
+        preempt_requested_at=None,
+        preemptions=info.preemptions + 1,
+    )
 
 
 def requeue(info: JobInfo) -> JobInfo | None:

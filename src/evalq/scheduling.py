@@ -14,6 +14,8 @@ module puts first. Positions and the reason a job waits come from the same order
   `max_running_gpus`: its next job waits, and a later team's goes first.
 - **Yielding.** A worker running a piece of a sharded job of lower priority counts as free
   for a job of higher priority: the worker takes the job before the piece's next sibling.
+- **Preemption.** A high or urgent job that no worker is free for takes the worker of a
+  running low job (`victims`): stopped, handed back, resumed later from its journal.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ __all__ = [
     "order",
     "rank",
     "team_uses",
+    "victims",
 ]
 
 DEFAULT_TEAM = "default"
@@ -65,6 +68,9 @@ class Scheduling(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     default_team: TeamPolicy = TeamPolicy()
     aging_s: Annotated[float, Meta(gt=0, le=30 * 86400)] = 600.0
     half_life_s: Annotated[float, Meta(gt=0, le=365 * 86400)] = 3600.0
+    # A waiting high or urgent job with no free worker stops a running low one (not sharded),
+    # which its journal resumes later.
+    preempt: bool = True
 
     def team(self, name: str) -> TeamPolicy:
         return self.teams.get(name, self.default_team)
@@ -203,7 +209,8 @@ def admissions(
     as many admitted jobs as there are workers free for them, less the pieces of sharded jobs
     of equal or higher priority that are waiting for a worker, so it stays shallow.
     """
-    by_id = {job.job_id: job for job in view.running}
+    # Only a sharded job's workers yield: between pieces (a whole job is preempted instead).
+    by_id = {job.job_id: job for job in view.running if job.shards > 1}
     running_gpus = dict(view.running_gpus)
     taken: list[JobSummary] = []
     held: dict[str, str] = {}
@@ -224,6 +231,16 @@ def admissions(
         taken.append(job)
         running_gpus[job.team] = running_gpus.get(job.team, 0) + job.num_gpus
     return taken, held
+
+
+def victims(view: PoolView, waiting: list[JobSummary], asked: int) -> list[JobSummary]:
+    """The running low jobs (not sharded) to preempt for the high and urgent jobs in
+    `waiting` that got no worker, less the `asked` preemptions still under way; the latest
+    started first, the least work to set aside."""
+    need = sum(1 for job in waiting if rank(job.priority) >= _HIGH) - asked
+    low = [j for j in view.running if j.status == "running" and j.shards == 1 and rank(j.priority) == 0]
+    low.sort(key=lambda j: _micros(j.started_at) or 0, reverse=True)
+    return low[: max(0, need)]
 
 
 def team_uses(

@@ -276,8 +276,11 @@ class JobInfo(_Wire, frozen=True, kw_only=True):
     # account, and its user where the import shares it. `default` and None without one.
     team: str = "default"
     user: str | None = None
-    # When the scheduler let it into the work stream (None while it waits for its turn).
+    # When the scheduler let it into the work stream (None while it waits for its turn);
+    # when a higher priority asked for its worker, and how many times it gave it up.
     admitted_at: str | None = None
+    preempt_requested_at: str | None = None
+    preemptions: int = 0
     # Why a queued job waits (`status` only): behind higher priority, fair share, a quota.
     waiting: str | None = None
 

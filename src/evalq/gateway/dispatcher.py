@@ -31,7 +31,7 @@ from .. import jetstream, lifecycle
 from ..lifecycle import Applied, Recorder
 from ..policy import Policies
 from ..registry import Registry
-from ..scheduling import PoolView, admissions, order
+from ..scheduling import PoolView, admissions, order, victims
 from ..schemas import TERMINAL, JobSummary, WorkItem, encode, now
 from ..topology import Topology
 from .history import History
@@ -90,6 +90,7 @@ class Dispatcher:
         # Admitted by this gateway, not yet seen admitted in the index.
         self._mine: dict[str, float] = {}
         self._checked: dict[str, float] = {}
+        self._preempting: dict[str, float] = {}  # low jobs asked to give up their worker
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.admitted = 0  # jobs this dispatcher admitted (tests, benchmarks)
@@ -179,8 +180,25 @@ class Dispatcher:
             plan.why[job_id] = why
         for job in taken:
             await self._admit(pool, job)
+        if policy.preempt:
+            chosen = {j.job_id for j in taken} | set(held)
+            left = [job for job, _ in waiting if job.job_id not in chosen]
+            await self._preempt(plan.view, left)
         await self._repair(pool, plan.view.admitted)
         self.last_pass_s = time.perf_counter() - started
+
+    async def _preempt(self, view: PoolView, waiting: list[JobSummary]) -> None:
+        """Ask the workers of running low jobs to give them up for waiting high ones."""
+        running = {j.job_id for j in view.running}
+        for job_id in [j for j in self._preempting if j not in running]:
+            del self._preempting[job_id]
+        candidates = [j for j in view.running if j.job_id not in self._preempting]
+        shown = PoolView(running=candidates)
+        for victim in victims(shown, waiting, asked=len(self._preempting)):
+            moved = await self.recorder.record(victim.job_id, lambda info: lifecycle.request_preempt(info, at=now()))
+            self._preempting[victim.job_id] = time.monotonic()
+            if isinstance(moved, Applied):
+                log.info("job %s (low) preempted for a job of higher priority", victim.job_id)
 
     def _ended(self, job_id: str) -> bool:
         seen = self.history.index.get(job_id)
@@ -202,7 +220,8 @@ class Dispatcher:
         write = jetstream.Write(
             self.topology.work_subject(pool, job_id),
             encode(WorkItem(job_id=job_id, request=request, created_at=found[0].created_at)),
-            {"Nats-Msg-Id": job_id},
+            # A job admitted again after a preemption is a new message, not a duplicate.
+            {"Nats-Msg-Id": job_id if not found[0].preemptions else f"{job_id}.{found[0].preemptions}"},
             stream=self.topology.work_stream(pool),
         )
         await jetstream.publish(self.nc, write, timeout=self.timeout)

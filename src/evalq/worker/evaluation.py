@@ -80,6 +80,8 @@ class RunningJob:
     cache: CacheMode = "off"
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     requeue: asyncio.Event = field(default_factory=asyncio.Event)
+    # Handed back because a job of higher priority needs this worker (not a shutdown).
+    preempted: bool = False
     last_progress_at: float = 0.0
     last_phase: str = ""
     # The last (phase, done) seen: progress has moved when it changes.
@@ -165,6 +167,9 @@ class Evaluation:
         outcome = await self.outcome(
             job, exit_code, output, log_path, duration_s=round(time.monotonic() - begun, 3), started_at=launched_at
         )
+        if outcome is None and job.preempted:
+            await self.settler.preempt(job.msg, info.job_id, attempt=job.attempt)
+            return
         if outcome is None:
             reason = f"worker {self.worker_id} is shutting down"
             await self.settler.requeue(job.msg, info.job_id, attempt=job.attempt, reason=reason)
@@ -401,6 +406,11 @@ class Evaluation:
                     if record.status == "cancelling" or (job.piece is not None and record.status in TERMINAL):
                         job.cancel_requested_at = asyncio.get_running_loop().time()
                         job.cancel.set()
+                        return
+                    if record.preempt_requested_at is not None and job.piece is None:
+                        # Stopped as a shutdown stops it (its journal flushed), then handed back.
+                        job.preempted = True
+                        job.requeue.set()
                         return
             except asyncio.CancelledError:
                 raise

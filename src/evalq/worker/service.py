@@ -368,7 +368,8 @@ class Worker:
         if info.status == "cancelling":
             await self.settler.conclude(msg, job_id, Cancellation(reason="cancelled before it started"))
             return
-        if attempt > self.settings.worker.max_attempts:
+        # A start that a higher priority preempted was not a failed try.
+        if attempt - info.preemptions > self.settings.worker.max_attempts:
             reason = (
                 f"gave up after {attempt - 1} attempts (max_attempts={self.settings.worker.max_attempts}); "
                 f"the last worker was {info.worker or 'unknown'}"

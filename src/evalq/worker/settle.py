@@ -81,6 +81,23 @@ class Settler:
             return
         await msg.nak()
 
+    async def preempt(self, msg: Msg, job_id: str, *, attempt: int) -> None:
+        """Give the job back to the scheduler: waiting again (not admitted), a `requeued`
+        event, and the message acked; the dispatcher admits it anew when its turn comes, and
+        its journal resumes it."""
+
+        def event(applied: Applied) -> lifecycle.Event:
+            reason = "preempted: a job of higher priority needed this worker"
+            return lifecycle.requeued_event(
+                applied.after, attempt=attempt, worker=self.worker_id, reason=reason, at=now()
+            )
+
+        moved = await self.recorder.record(job_id, lifecycle.preempt, event, patient=True)
+        if isinstance(moved, Refused) and moved.current is not None and moved.current.status == "cancelling":
+            await self.conclude(msg, job_id, Cancellation(reason="cancelled while being preempted"))
+            return
+        await self.ack(msg)
+
     async def refuse_unreadable(self, msg: Msg, exc: Exception) -> None:
         """A message this worker cannot read (written before a rule it now enforces, or by
         hand): its job, if it has a record, fails with the reason; the message is dropped."""
