@@ -33,7 +33,7 @@ from evalq.embedded import EmbeddedServer
 from evalq.errors import ConnectError
 from evalq.gateway import Gateway
 from evalq.jobstore import JobStore
-from evalq.schemas import Completed, Event, encode
+from evalq.schemas import Completed, Event, WorkerInfo, encode
 from evalq.topology import Topology
 from evalq.worker import Worker
 
@@ -402,8 +402,19 @@ async def test_submitter_cannot_pull_delete_forge_or_rewrite(deployment: dict[st
     gateway_nc = await connect(as_user(base, server, "gateway"))
     await topology.ensure_pool(gateway_nc.jetstream(), "held")
     submitter = as_user(base, server, "submitter")
+    # A listed worker of the pool that never fetches: the job is admitted into the work
+    # stream, and stays there.
+    worker_nc = await connect(as_user(base, server, "worker"))
+    idle = WorkerInfo(worker_id="w-held", host="h", pid=1, pool="held", ttl=120.0)
+    await (await worker_nc.jetstream().key_value(topology.workers_bucket)).put(idle.worker_id, encode(idle))
+    await worker_nc.close()
     async with AsyncClient(submitter) as client:
         job = (await client.submit(**JOB, pool="held")).job_id
+
+        async def admitted() -> int:
+            return (await gateway_nc.jetstream().stream_info(topology.work_stream("held"))).state.messages
+
+        await eventually(admitted, until=lambda n: n == 1, what="the job admitted to the work stream", timeout=10)
         violations = Violations()
         nc = await connect(submitter, error_cb=violations.on_error)
         js = nc.jetstream(timeout=2)
