@@ -274,6 +274,7 @@ def preempt(info: JobInfo) -> JobInfo | None:
         worker=None,
         progress=None,
         admitted_at=None,
+        stream_seq=None,  # its message is gone: it waits as a record again
         preempt_requested_at=None,
         preemptions=info.preemptions + 1,
     )

@@ -82,6 +82,7 @@ class _Record(msgspec.Struct):
     shards_done: int = 0
     team: str = "default"
     admitted_at: str | None = None
+    stream_seq: int | None = None
     pieces: list[_Piece] = []
 
 
@@ -125,7 +126,9 @@ def summarize(data: bytes) -> JobSummary:
         priority=r.request.priority if r.request else "normal",
         num_gpus=gpus,
         gpu_s=gpu_s,
-        admitted_at=r.admitted_at,
+        # A record that names its work message's sequence (written by a worker from the
+        # message, or by a gateway before the scheduler) has its message in the work stream.
+        admitted_at=r.admitted_at or (r.created_at if r.stream_seq is not None else None),
         pieces_waiting=sum(1 for p in r.pieces if p.status == "queued"),
         pieces_running=sum(1 for p in r.pieces if p.status == "running"),
     )
