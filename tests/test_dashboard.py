@@ -25,6 +25,8 @@ from evalq.web import WebServer
 
 from .checkpoint_job import LOGGED, NOT_LOGGED, checkpoint_job, track
 from .jobs import FAKE, mark_completed
+from .test_dashboard_routes import queued_of_team
+from .waiting import eventually
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 try:
@@ -305,3 +307,79 @@ async def test_a_form_on_another_site_queues_nothing(settings: Settings, browser
         assert reply.request.headers["content-type"] == "text/plain"  # what the browser sent
         assert reply.status == 403, await reply.text()
         assert (await client.queue()).queue_size == 0
+
+
+async def test_queue_page_shows_the_schedulers_order_and_filters_by_team(
+    web: str, browser: Browser, client: AsyncClient, nc: Any, topology: Topology, tmp_path: Path
+) -> None:
+    normal = (await client.submit(model="dummy", tasks=[TASK])).job_id
+    low = (await client.submit(model="dummy", tasks=[TASK], priority="low")).job_id
+    other = await queued_of_team(nc, topology, "alpha", "high", preemptions=2)
+    await eventually(client.queue, timeout=10, until=lambda q: len(q.queue.get("default", [])) == 3, what="3 rows")
+    page = await open_page(browser, web + "/")
+    await page.wait_for_selector("#live.on", timeout=10_000)
+    cells = "rows => rows.map(r => [...r.cells].slice(0, 6).map(c => c.textContent))"
+    rows = page.locator("#queued-table tbody tr")
+    assert await rows.evaluate_all(cells) == [
+        ["0", other[:8], "default", "alpha", "high", "for a free worker"],
+        ["1", normal[:8], "default", "default", "normal", "behind higher priority"],
+        ["2", low[:8], "default", "default", "low", "behind higher priority"],
+    ]
+    # A job submitted now shows at once, and goes to the head once the page takes the order again.
+    urgent = (await client.submit(model="dummy", tasks=[TASK], priority="urgent")).job_id
+    await page.wait_for_function(
+        "id => { const r = document.querySelector('#queued-table tbody tr');"
+        " return r && r.dataset.job === id && r.cells[0].textContent === '0' && r.cells[4].textContent === 'urgent'; }",
+        arg=urgent,
+        timeout=10_000,
+    )
+    assert await rows.evaluate_all("rows => rows.map(r => r.dataset.job)") == [urgent, other, normal, low]
+    teams = page.locator("#teams-table tbody tr")
+    await page.wait_for_function(
+        "() => document.querySelector(\"#teams-table tr[data-team='default'] td:nth-child(6)\")?.textContent === '3'",
+        timeout=10_000,
+    )
+    assert await teams.evaluate_all("rows => rows.map(r => [...r.cells].map(c => c.textContent))") == [
+        ["default", "alpha", "1", "0.0", "0", "1", "urgent"],
+        ["default", "default", "1", "0.0", "0", "3", "urgent"],
+    ]
+    await page.screenshot(path=str(artifacts_dir(tmp_path) / "queue-order.png"), full_page=True)
+    # The team filter: only that team's rows, here and in the teams card, kept in the URL.
+    await page.select_option("#team-filter", "alpha")
+    await page.wait_for_function("() => document.querySelectorAll('#queued-table tbody tr').length === 1")
+    assert await rows.evaluate_all("rows => rows.map(r => r.dataset.job)") == [other]
+    assert await teams.evaluate_all("rows => rows.map(r => r.dataset.team)") == ["alpha"]
+    assert page.url == f"{web}/?team=alpha"
+    again = await open_page(browser, f"{web}/?team=default")
+    assert await again.locator("#team-filter").input_value() == "default"
+    mine = again.locator("#queued-table tbody tr")
+    assert await mine.evaluate_all("rows => rows.map(r => r.dataset.job)") == [urgent, normal, low]
+    # The job page: its priority, why it waits, and how often a higher priority took its worker.
+    job = await open_page(browser, f"{web}/jobs/{low}")
+    assert await job.locator("#job-priority").text_content() == "low"
+    assert await job.locator("#job-waiting").text_content() == "behind higher priority"
+    assert await job.locator("#job-preemptions").count() == 0
+    job = await open_page(browser, f"{web}/jobs/{other}")
+    assert await job.locator("#job-priority").text_content() == "high"
+    assert await job.locator("#job-preemptions").text_content() == "2 times: a higher priority took its worker"
+
+
+async def test_trends_page_filters_by_team(
+    web: str, browser: Browser, client: AsyncClient, nc: Any, topology: Topology
+) -> None:
+    mine = (await client.submit(model="dummy", tasks=[TASK], labels={"step": "1"})).job_id
+    theirs = await queued_of_team(nc, topology, "alpha", labels={"step": "2"})
+    for job_id in (mine, theirs):
+        await mark_completed(nc, topology, job_id)
+    base = f"{web}/trends?x=step&group=&metric=evalq_demo/exact_match,none"
+    points = "cs => cs.map(c => c.dataset.job)"
+    page = await open_page(browser, base)
+    assert sorted(await page.locator("svg.chart circle.point").evaluate_all(points)) == sorted([mine, theirs])
+    page = await open_page(browser, base + "&team=alpha")
+    assert await page.locator("svg.chart circle.point").evaluate_all(points) == [theirs]
+    assert await page.locator("#trend-team").input_value() == "alpha"
+    await page.fill("#trend-team", "default")
+    await page.press("#trend-team", "Enter")
+    await page.wait_for_url("**team=default**")
+    await page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+    assert await page.locator("svg.chart circle.point").evaluate_all(points) == [mine]

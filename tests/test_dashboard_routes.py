@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from evalq import AsyncClient
@@ -26,6 +27,7 @@ from evalq.web import create_app
 
 from .checkpoint_job import TURNAROUND, checkpoint_job
 from .jobs import JOB, mark_completed
+from .waiting import eventually
 
 # The policy the design promises for every page: only the process's own script and style,
 # images from it or data: URIs, no framing, no forms, no base.
@@ -218,3 +220,71 @@ async def test_a_checkpoints_job_carries_its_turnaround(
     assert answer["turnaround"] == TURNAROUND
     other = (await client.submit(**JOB)).job_id
     assert assert_json(await web.get(f"/api/jobs/{other}"))["turnaround"] is None
+
+
+async def queued_of_team(nc: Any, topology: Topology, team: str, priority: str = "normal", **extra: Any) -> str:
+    """A waiting job of another team, as the gateway leaves it: its record in the jobs bucket
+    (where there are no accounts every submission is team `default`). Returns its id."""
+    from evalq.schemas import now
+
+    job_id = str(uuid.uuid4())
+    record = {
+        "job_id": job_id,
+        "status": "queued",
+        "created_at": now(),
+        "request": {**JOB, "priority": priority},
+        "pool": "default",
+        "team": team,
+        **extra,
+    }
+    await (await nc.jetstream().key_value(topology.jobs_bucket)).create(job_id, json.dumps(record).encode())
+    return job_id
+
+
+async def test_the_queue_comes_in_the_schedulers_order_and_teams_with_their_use(
+    web: httpx.AsyncClient, client: AsyncClient, nc: Any, topology: Topology
+) -> None:
+    normal = (await client.submit(**JOB)).job_id
+    low = (await client.submit(**JOB, priority="low")).job_id
+    urgent = (await client.submit(**JOB, priority="urgent")).job_id
+    other = await queued_of_team(nc, topology, "alpha", "high")
+
+    async def rows() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = assert_json(await web.get("/api/queue"))["queue"]["queue"].get("default", [])
+        return found
+
+    found = await eventually(
+        rows, timeout=10, until=lambda r: len(r) == 4, what="the four waiting jobs in the queue's rows"
+    )
+    # No worker: nothing is admitted, and the rows are the scheduler's order, priority first.
+    assert [(r["position"], r["job_id"], r["team"], r["priority"]) for r in found] == [
+        (0, urgent, "default", "urgent"),
+        (1, other, "alpha", "high"),
+        (2, normal, "default", "normal"),
+        (3, low, "default", "low"),
+    ]
+    assert found[0]["waiting"] is None  # the first waits only for a worker
+    assert [r["waiting"] for r in found[1:]] == ["behind higher priority"] * 3
+    assert found == msgspec.to_builtins((await client.queue()).queue["default"])
+
+    teams = assert_json(await web.get("/api/teams"))["teams"]
+    by_team = {(t["pool"], t["team"]): t for t in teams}
+    assert set(by_team) == {("default", "default"), ("default", "alpha")}
+    assert by_team["default", "default"]["queued"] == 3 and by_team["default", "alpha"]["queued"] == 1
+    assert by_team["default", "alpha"] == {
+        "team": "alpha",
+        "pool": "default",
+        "share": 1.0,
+        "use_gpu_s": 0.0,
+        "running_gpus": 0,
+        "queued": 1,
+        "max_running_gpus": None,
+        "max_queued": None,
+        "max_priority": "urgent",
+    }
+    # The history route filters by team, and its summaries say each job's team and priority.
+    listed = assert_json(await web.get("/api/jobs", params={"team": "alpha"}))["jobs"]
+    assert [(j["job_id"], j["team"], j["priority"]) for j in listed] == [(other, "alpha", "high")]
+    job = assert_json(await web.get(f"/api/jobs/{low}"))["job"]
+    assert job["request"]["priority"] == "low" and job["waiting"] == "behind higher priority"
+    assert job["preemptions"] == 0

@@ -264,6 +264,8 @@ def _summary(info: JobInfo | JobSummary) -> dict[str, Any]:
             "model": info.model,
             "tasks": info.tasks,
             "metrics": info.metrics,
+            "team": info.team,
+            "priority": info.priority,
         }
     request = info.request
     return {
@@ -276,6 +278,8 @@ def _summary(info: JobInfo | JobSummary) -> dict[str, Any]:
         "model": request.model if request else None,
         "tasks": request.tasks if request else [],
         "metrics": info.result.metrics if info.result else {},
+        "team": info.team,
+        "priority": request.priority if request else "normal",
     }
 
 
@@ -352,6 +356,12 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
                 "allow_cancel": ui.ui_allow_cancel,
             }
         )
+
+    async def teams(request: Request) -> Response:
+        try:
+            return _json(await client.teams())
+        except EvalqError as exc:
+            return refusal(exc)
 
     async def job(request: Request) -> Response:
         try:
@@ -522,6 +532,7 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
         PageRoute("/compare", page, methods=["GET"]),
         Route("/ui/{name}", asset, methods=["GET"]),
         Route("/api/queue", queue, methods=["GET"]),
+        Route("/api/teams", teams, methods=["GET"]),
         Route("/api/jobs", jobs_list, methods=["GET"]),
         Route("/api/compare", compare, methods=["GET"]),
         Route("/api/stream", stream, methods=["GET"]),

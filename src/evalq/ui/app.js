@@ -139,36 +139,51 @@ function live(url, handlers) {
 
 async function queuePage() {
   document.title = "evalq · queue";
-  const state = { queued: new Map(), running: new Map(), workers: new Map(), counts: {}, shown: QUEUED_PAGE };
+  const params = new URLSearchParams(location.search);
+  const state = { queued: new Map(), running: new Map(), workers: new Map(), counts: {}, shown: QUEUED_PAGE, teams: null, team: params.get("team") || "" };
   const parts = {
     stats: el("div", { class: "stats", id: "stats" }),
+    filter: el("div", { class: "controls", id: "queue-controls" }),
     pools: el("div", { id: "pools" }),
     running: el("div", { id: "running" }),
     queued: el("div", { id: "queued" }),
+    teams: el("div", { id: "teams" }),
     workers: el("div", { id: "workers" }),
   };
   replace(
     main,
     el("h1", {}, "Queue"),
     parts.stats,
+    parts.filter,
     el("section", { class: "card" }, el("h2", {}, "Running"), parts.running),
     el("section", { class: "card" }, el("h2", {}, "Queued"), parts.queued),
+    el("section", { class: "card" }, el("h2", {}, "Teams"), parts.teams),
     el("div", { class: "grid2" },
       el("section", { class: "card" }, el("h2", {}, "Workers"), parts.workers),
       el("section", { class: "card" }, el("h2", {}, "Pools"), parts.pools)),
   );
 
   async function load() {
-    const reply = await api("/api/queue");
+    const [reply, teams] = await Promise.all([api("/api/queue"), api("/api/teams").catch(() => null)]);
     const q = reply.queue;
+    const before = state.queued;
     state.queued = new Map();
-    for (const [pool, ids] of Object.entries(q.queued_jobs)) {
-      for (const id of ids) state.queued.set(id, { job_id: id, pool, labels: null });
+    // The scheduler's order (`queue`: each pool's rows as they will start; another team's job
+    // is a row with no id); a gateway from before it gives only the ids, in arrival order.
+    const rows = q.queue && Object.keys(q.queue).length ? q.queue
+      : Object.fromEntries(Object.entries(q.queued_jobs).map(([pool, ids]) => [pool, ids.map((id, i) => ({ position: i, job_id: id }))]));
+    for (const [pool, list] of Object.entries(rows)) {
+      for (const row of list) {
+        // The labels and time a job's `queued` event brought stay: the snapshot has neither.
+        const seen = row.job_id ? before.get(row.job_id) : null;
+        state.queued.set(row.job_id || `${pool}#${row.position}`, Object.assign({ pool, labels: seen ? seen.labels : null, time: seen ? seen.time : null }, row));
+      }
     }
     state.queueSize = q.queue_size;
     state.running = new Map(reply.running.map((info) => [info.job_id, info]));
     state.workers = new Map(q.workers.map((w) => [w.worker_id, w]));
     state.counts = { completed: q.completed_jobs, failed: q.failed_jobs, cancelled: q.cancelled_jobs };
+    state.teams = teams ? teams.teams : null;
     render();
   }
 
@@ -182,7 +197,26 @@ async function queuePage() {
     });
   }
 
+  // The team filter: every team the page knows of; the choice is kept in the URL.
+  function drawFilter() {
+    const known = new Set([...(state.teams || []).map((t) => t.team), ...[...state.queued.values()].map((r) => r.team), ...[...state.running.values()].map((j) => j.team)]);
+    if (state.team) known.add(state.team);
+    known.delete(undefined); known.delete(null);
+    const values = [["", "(all teams)"], ...[...known].sort().map((t) => [t, t])];
+    const current = parts.filter.querySelector("select");
+    if (current && current.options.length === values.length && values.every(([v], i) => current.options[i].value === v)) return;
+    replace(parts.filter, el("label", {}, "team", el("select", { id: "team-filter", onchange: (e) => {
+      state.team = e.target.value;
+      const next = new URLSearchParams(location.search);
+      if (state.team) next.set("team", state.team); else next.delete("team");
+      history.replaceState(null, "", "/" + (next.toString() ? "?" + next : ""));
+      render();
+    } }, values.map(([value, text]) => el("option", { value, selected: value === state.team ? "selected" : null }, text)))));
+  }
+
   function draw() {
+    drawFilter();
+    const mine = (team) => !state.team || team === state.team;
     const listed = state.queued.size;
     const size = Math.max(state.queueSize || 0, listed);
     replace(parts.stats,
@@ -190,12 +224,14 @@ async function queuePage() {
        ["completed", state.counts.completed || 0], ["failed", state.counts.failed || 0], ["cancelled", state.counts.cancelled || 0]]
         .map(([name, n]) => el("div", { class: "stat", "data-stat": name }, el("b", {}, String(n)), name)));
 
-    const runningRows = [...state.running.values()].map((info) => {
+    const runningRows = [...state.running.values()].filter((info) => mine(info.team)).map((info) => {
       const p = info.progress;
       const pieces = info.shards > 1 ? `${info.shards_done || 0}/${info.shards} pieces` : "";
       return el("tr", { "data-job": info.job_id },
         el("td", {}, jobLink(info.job_id)),
         el("td", {}, info.pool || ""),
+        el("td", {}, info.team || ""),
+        el("td", {}, info.request ? info.request.priority : ""),
         el("td", {}, info.request ? info.request.model : ""),
         el("td", {}, info.request ? info.request.tasks.join(", ") : ""),
         el("td", {}, labelChips(info.labels)),
@@ -205,33 +241,52 @@ async function queuePage() {
         el("td", { class: "mono" }, info.worker || ""));
     });
     replace(parts.running, runningRows.length
-      ? table(["job", "pool", "model", "tasks", "labels", "progress", "worker"], runningRows, { id: "running-table" })
-      : el("p", { class: "muted" }, "Nothing is running."));
+      ? table(["job", "pool", "team", "priority", "model", "tasks", "labels", "progress", "worker"], runningRows, { id: "running-table" })
+      : el("p", { class: "muted" }, state.running.size ? "Nothing of this team is running." : "Nothing is running."));
 
-    // Positions count within each pool, from the queue's own order; only a page of rows is
-    // drawn, however long the queue is.
+    // Rows in the scheduler's order, each pool's own; a job that arrived since the last
+    // snapshot is drawn last in its pool, with no position until the snapshot is taken again.
+    // Only a page of rows is drawn, however long the queue is.
     const perPool = new Map();
-    const rows = [];
+    const byPool = new Map();
     for (const item of state.queued.values()) {
-      const position = (perPool.get(item.pool) || 0) + 1;
-      perPool.set(item.pool, position);
-      if (rows.length < state.shown) {
-        rows.push(el("tr", { "data-job": item.job_id },
-          el("td", { class: "num" }, String(position)),
-          el("td", {}, jobLink(item.job_id)),
-          el("td", {}, item.pool),
-          el("td", {}, item.labels ? labelChips(item.labels) : ""),
-          el("td", { class: "muted" }, item.time ? clock(item.time) : "")));
-      }
+      perPool.set(item.pool, (perPool.get(item.pool) || 0) + 1);
+      if (!mine(item.team)) continue;
+      if (!byPool.has(item.pool)) byPool.set(item.pool, []);
+      byPool.get(item.pool).push(item);
     }
-    const more = listed > state.shown
-      ? el("div", { class: "more" }, el("button", { onclick: () => { state.shown += QUEUED_PAGE; render(); } }, `Show ${Math.min(QUEUED_PAGE, listed - state.shown)} more`),
-        el("span", { class: "muted" }, ` ${state.shown} of ${listed} listed`))
+    const shown = [...byPool.keys()].sort().flatMap((pool) => byPool.get(pool));
+    const rows = shown.slice(0, state.shown).map((item) => el("tr", item.job_id ? { "data-job": item.job_id } : { class: "anonymous" },
+      el("td", { class: "num" }, item.position === undefined ? "" : String(item.position)),
+      el("td", {}, item.job_id ? jobLink(item.job_id) : el("span", { class: "muted" }, "another team")),
+      el("td", {}, item.pool),
+      el("td", {}, item.team || ""),
+      el("td", { class: "priority-" + (item.priority || "normal") }, item.priority || ""),
+      el("td", { class: "waiting" }, item.position === undefined ? "" : item.waiting || "for a free worker"),
+      el("td", {}, item.labels ? labelChips(item.labels) : ""),
+      el("td", { class: "muted" }, item.time ? clock(item.time) : "")));
+    const more = shown.length > state.shown
+      ? el("div", { class: "more" }, el("button", { onclick: () => { state.shown += QUEUED_PAGE; render(); } }, `Show ${Math.min(QUEUED_PAGE, shown.length - state.shown)} more`),
+        el("span", { class: "muted" }, ` ${state.shown} of ${shown.length} listed`))
       : null;
     const unlisted = size > listed ? el("p", { class: "muted" }, `The gateway lists the first ${listed} of ${size} queued jobs.`) : null;
-    replace(parts.queued, listed
-      ? [table(["#position", "job", "pool", "labels", "queued at"], rows, { id: "queued-table" }), more, unlisted]
-      : el("p", { class: "muted" }, "The queue is empty."));
+    replace(parts.queued, shown.length
+      ? [table(["#position", "job", "pool", "team", "priority", "waiting", "labels", "queued at"], rows, { id: "queued-table" }), more, unlisted]
+      : el("p", { class: "muted" }, listed ? "No job of this team is queued." : "The queue is empty."));
+
+    const limit = (n, max) => max === null || max === undefined ? String(n) : `${n} / ${max}`;
+    const teamRows = (state.teams || []).filter((t) => mine(t.team)).map((t) =>
+      el("tr", { "data-team": t.team, "data-pool": t.pool },
+        el("td", {}, t.pool),
+        el("td", {}, t.team),
+        el("td", { class: "num" }, fmt(t.share)),
+        el("td", { class: "num" }, t.use_gpu_s.toFixed(1)),
+        el("td", { class: "num" }, limit(t.running_gpus, t.max_running_gpus)),
+        el("td", { class: "num" }, limit(t.queued, t.max_queued)),
+        el("td", {}, t.max_priority)));
+    replace(parts.teams, state.teams === null ? el("p", { class: "muted" }, "The gateway does not tell teams' use.")
+      : teamRows.length ? table(["pool", "team", "#share", "#use GPU-s", "#running GPUs", "#queued", "max priority"], teamRows, { id: "teams-table" })
+      : el("p", { class: "muted" }, "No team has used a pool yet."));
 
     const workerRows = [...state.workers.values()].sort((a, b) => a.worker_id.localeCompare(b.worker_id)).map((w) =>
       el("tr", { "data-worker": w.worker_id },
@@ -264,34 +319,38 @@ async function queuePage() {
     } catch (error) { /* gone meanwhile: the terminal event removes it */ }
   }
 
-  // Workers' entries come pushed from their bucket; where the web process may not follow it,
-  // the snapshot is taken again after a job starts or ends (at most once a second).
+  // Events move jobs between the tables at once; the scheduler's order, positions and reasons
+  // (and the teams' use) come with the snapshot, taken again after a job is queued, starts or
+  // ends: at most once a second, however many events come meanwhile.
   let reload = null;
-  function stale() {
-    if (Date.now() - (state.workerFeed || 0) < 10000 || reload) return;
-    reload = setTimeout(() => { reload = null; load(); }, 1000);
+  function reorder() {
+    if (reload) return;
+    reload = setTimeout(() => { reload = null; load().catch(() => { /* the next event tries again */ }); }, 1000);
   }
   await load();
   // Heartbeat ages move with the clock; only the text changes, nothing is fetched.
   setInterval(() => document.querySelectorAll("td.heartbeat").forEach((td) => { td.textContent = ago(td.getAttribute("data-time")); }), 1000);
   live("/api/stream", {
     behind: () => load(),
-    worker: (w) => { state.workerFeed = Date.now(); state.workers.set(w.worker_id, w); render(); },
+    worker: (w) => { state.workers.set(w.worker_id, w); render(); },
     worker_gone: (w) => { state.workers.delete(w.worker_id); render(); },
     job: (event) => {
       const id = event.job_id;
       switch (event.type) {
         case "queued":
-        case "requeued":
+        case "requeued": {
+          const was = state.running.get(id) || {};
           state.running.delete(id);
-          if (!state.queued.has(id)) state.queued.set(id, { job_id: id, pool: event.pool || (state.running.get(id) || {}).pool || "default", labels: event.labels, time: event.time });
+          if (!state.queued.has(id)) state.queued.set(id, { job_id: id, pool: event.pool || was.pool || "default", team: was.team, labels: event.labels, time: event.time });
+          reorder();
           break;
+        }
         case "started": {
           const known = state.queued.get(id) || {};
           state.queued.delete(id);
-          state.running.set(id, { job_id: id, pool: known.pool, labels: event.labels, worker: event.worker, shards: 1, status: "running" });
+          state.running.set(id, { job_id: id, pool: known.pool, team: known.team, labels: event.labels, worker: event.worker, shards: 1, status: "running" });
           refreshJob(id);
-          stale();
+          reorder();
           break;
         }
         case "progress": {
@@ -314,7 +373,7 @@ async function queuePage() {
         case "completed":
         case "failed":
         case "cancelled":
-          stale();
+          reorder();
           state.queued.delete(id);
           state.running.delete(id);
           state.counts[event.type] = (state.counts[event.type] || 0) + 1;
@@ -373,6 +432,9 @@ async function jobPage(given) {
       r.rescore_of ? ["re-score of", el("span", { id: "job-rescore-of" }, jobLink(r.rescore_of))] : null,
       ["pool", info.pool],
       ["team", el("span", { id: "job-team" }, info.user ? `${info.team || "default"} (${info.user})` : (info.team || "default"))],
+      ["priority", el("span", { id: "job-priority", class: "priority-" + (r.priority || "normal") }, r.priority || "normal")],
+      info.status === "queued" ? ["waiting", el("span", { id: "job-waiting" }, info.waiting || "for a free worker")] : null,
+      info.preemptions > 0 ? ["preempted", el("span", { id: "job-preemptions" }, `${info.preemptions} time${info.preemptions > 1 ? "s" : ""}: a higher priority took its worker`)] : null,
       ["labels", labelChips(info.labels)],
       ["created", info.created_at || ""],
       ["started", info.started_at || ""],
@@ -556,8 +618,10 @@ async function trendsPage() {
   document.title = "evalq · trends";
   const params = new URLSearchParams(location.search);
   const filter = params.getAll("label");
+  const team = params.get("team") || "";
   const query = new URLSearchParams({ status: "completed" });
   for (const f of filter) query.append("label", f);
+  if (team) query.set("team", team);
   replace(main, el("h1", {}, "Trends"), el("p", { class: "muted" }, "Loading completed jobs…"));
   let jobs;
   try {
@@ -593,6 +657,7 @@ async function trendsPage() {
     next.set("group", choice.group);
     for (const m of choice.metrics) next.append("metric", m);
     for (const f of filter) next.append("label", f);
+    if (team) next.set("team", team);
     history.replaceState(null, "", "/trends?" + next);
   }
 
@@ -602,6 +667,13 @@ async function trendsPage() {
     el("label", {}, "x axis (numeric label)", select("trend-x", [...numericKeys].sort().map((k) => [k, k]), choice.x, (e) => { choice.x = e.target.value; draw(); })),
     el("label", {}, "group by", select("trend-group", [["", "(none)"], ...[...allKeys].sort().map((k) => [k, k])], choice.group, (e) => { choice.group = e.target.value; draw(); })),
     el("label", {}, "task/metric", select("trend-metric", [...metrics].sort().map((m) => [m, m]), choice.metrics, (e) => { choice.metrics = [...e.target.selectedOptions].map((o) => o.value); draw(); }, true)),
+    // The history is asked again for another team's jobs: the page is opened anew with it.
+    el("label", {}, "team", el("input", { id: "trend-team", size: 14, value: team, placeholder: "(all teams)", onchange: (e) => {
+      syncUrl();
+      const next = new URLSearchParams(location.search);
+      if (e.target.value.trim()) next.set("team", e.target.value.trim()); else next.delete("team");
+      location.href = "/trends?" + next;
+    } })),
     filter.length ? el("span", { class: "muted" }, "filtered by ", filter.map((f) => el("span", { class: "label" }, f))) : null);
   replace(main, el("h1", {}, "Trends"), el("section", { class: "card" }, controls, chart, note));
 
@@ -635,6 +707,7 @@ async function trendsPage() {
       if (event.type !== "completed" || filter.some((f) => { const [k, ...v] = f.split("="); return event.labels[k] !== v.join("="); })) return;
       try {
         const [job] = (await api("/api/compare?jobs=" + encodeURIComponent(event.job_id))).jobs;
+        if (team && job.team !== team) return;
         if (!jobs.some((j) => j.job_id === job.job_id)) { jobs.push(job); draw(); }
       } catch (error) { /* the chart stays as it was */ }
     },
