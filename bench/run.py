@@ -16,11 +16,13 @@ import asyncio
 import contextlib
 import datetime
 import inspect
+import itertools
 import json
 import math
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import statistics
@@ -261,8 +263,10 @@ def rss_mb(proc: subprocess.Popen[bytes]) -> float:
 
 
 class Bench:
-    def __init__(self, quick: bool, workdir: Path, baseline: Path | None = None) -> None:
+    def __init__(self, quick: bool, workdir: Path, baseline: Path | None = None, queued: int | None = None) -> None:
         self.quick = quick
+        # Section 14's waiting jobs, when not its default.
+        self.queued = queued
         # A checkout of an older evalq commit, which section 13 measures beside this one.
         self.baseline = baseline
         self.workdir = workdir
@@ -1414,6 +1418,204 @@ class Bench:
             lines.append(f"| {name} | {count} | {p50:.2f} | {p95:.2f} |")
         self.sections.append("\n".join(lines))
 
+    async def scheduler(self) -> None:
+        """Section 14: the scheduler's cost with a deep queue of 10 teams, beside one team and an empty queue."""
+        # 10,000 is the contract; the quick size keeps `make bench-smoke` short, since today a plan's
+        # cost grows with the square of the waiting jobs (`scheduling._why`). `--queued` overrides both.
+        queued = self.queued or (300 if self.quick else 10_000)
+        probes = 50 if self.quick else 200
+        ran = 30 if self.quick else 100
+        teams = 10
+        cases = (("empty queue", 0, 1), (f"1 team, {queued:,} waiting", queued, 1))
+        cases += ((f"{teams} teams, {queued:,} waiting", queued, teams),)
+        rows = [await self._scheduler_case(name, depth, count, probes, ran, teams) for name, depth, count in cases]
+        base = rows[0]
+
+        def ratio(row: dict[str, Any], key: str) -> str:
+            return f"{row[key] / base[key]:.1f}x" if base[key] > 0 else "-"
+
+        title = f"## 14. The scheduler's cost ({teams} teams and {queued:,} waiting jobs, beside one team and an empty queue)"
+        lines = [
+            title,
+            "",
+            f"A nats-server with {teams} team accounts (deploy/nats/accounts.conf's `TEAM_B` example, once per team), so "
+            "each job's team is the account nats-server names in `Nats-Request-Info`; an in-process `Gateway` (user "
+            "`gateway`), each team's submitter an `AsyncClient` of its own, all on one event loop. Per row a fresh "
+            f"server: the queue is filled through the SDK (concurrency 64, the teams round robin) with no worker, so "
+            f"nothing is admitted; then {probes} more submissions one at a time (submit latency, teams round robin); "
+            f"then `Dispatcher.plan('default', fresh=True)` timed 10 times; then 2 in-process workers with the "
+            f"instant stand-in (`tests/fake_evaluator.sh`) run {ran} jobs. A worker's wait for its next job is, for "
+            "consecutive jobs on one worker, `started_at` minus the previous job's `completed_at` (records, ms "
+            "resolution). A dispatcher pass is every `Dispatcher.dispatch` while the workers run.",
+            "",
+            "| queue | fill jobs/s | submit p50 ms | submit p95 ms | plan ms | pass p50 ms | pass p95 ms "
+            "| next job p50 ms | next job p95 ms | jobs/s, 2 workers |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in rows:
+            fill = f"{row['fill_rate']:,.0f}" if row["depth"] else "-"
+            lines.append(
+                f"| {row['name']} | {fill} | {row['submit_p50']:.2f} | {row['submit_p95']:.2f} | {row['plan']:.2f} "
+                f"| {row['pass_p50']:.2f} | {row['pass_p95']:.2f} | {row['next_p50']:.1f} | {row['next_p95']:.1f} "
+                f"| {row['rate']:.1f} |"
+            )
+        lines += [
+            "",
+            "Ratios to the empty queue, measured side by side in this run:",
+            "",
+            "| queue | submit p50 | submit p95 | plan | pass p50 | next job p50 | next job p95 |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in rows[1:]:
+            cells = [ratio(row, k) for k in ("submit_p50", "submit_p95", "plan", "pass_p50", "next_p50", "next_p95")]
+            lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+        one, many = rows[1], rows[2]
+        lines += [
+            "",
+            f"{teams} teams beside one team at the same depth: submit p50 {many['submit_p50'] / one['submit_p50']:.2f}x, "
+            f"plan {many['plan'] / one['plan']:.2f}x, next job p50 {many['next_p50'] / max(one['next_p50'], 1e-9):.2f}x.",
+            "",
+            "Each submission plans the pool twice (the queue-full check and team quota, then the reply's position) "
+            "and each change makes the dispatcher plan it again before it admits a job, so a submission and a "
+            "worker's next job both pay for ordering every waiting job, on the gateway's one event loop. That "
+            "ordering grows with the square of the waiting jobs: `scheduling.order` asks `_why` of each job placed, "
+            "which scans every job placed before it, parsing `created_at` (`level`, `_key`) for each. With more "
+            "teams the fair-share test in `_why` scans too. This is the scheduler's cost today, not the queue's.",
+        ]
+        self.sections.append("\n".join(lines))
+
+    async def _scheduler_case(
+        self, name: str, depth: int, team_count: int, probes: int, ran: int, teams: int
+    ) -> dict[str, Any]:
+        from evalq import AsyncClient
+        from evalq.config import Settings
+        from evalq.connection import connect
+        from evalq.embedded import EmbeddedServer
+        from evalq.gateway import Gateway
+        from evalq.worker import Worker
+
+        root = self.workdir / f"sched-{len(list(self.workdir.glob('sched-*')))}"
+        root.mkdir()
+        (root / "accounts.conf").write_text(_team_accounts(teams))
+        (root / "auth.conf").write_text('include "accounts.conf"\n')
+        passwords = {
+            "EVALQ_SUBMITTER_PASSWORD": "pw-s",
+            "EVALQ_GATEWAY_PASSWORD": "pw-g",
+            "EVALQ_WORKER_PASSWORD": "pw-w",
+        }
+        server = EmbeddedServer(root / "store", config_file=root / "auth.conf", env={**os.environ, **passwords})
+        server.start()
+        base = Settings.of(
+            nats_url=[server.url],
+            prefix="evalq",
+            handle_signals=False,
+            advertise_inventory=False,
+            request_timeout=30.0,
+        )
+        gateway_settings = base.with_(
+            user="gateway", password="pw-g", inbox_prefix="_INBOX_gateway", home=str(root / "gateway")
+        )
+        members = [
+            base.with_(
+                user=f"team_{t:02d}",
+                password=f"pw-{t:02d}",
+                inbox_prefix="_INBOX_submitter",
+                js_domain="evalq",
+                home=str(root / "client"),
+            )
+            for t in range(1, team_count + 1)
+        ]
+        gateway_nc = await connect(gateway_settings)
+        workers: list[tuple[Any, asyncio.Task[None], Any]] = []
+        try:
+            async with Gateway(gateway_nc, gateway_settings) as gateway, contextlib.AsyncExitStack() as stack:
+                clients = [await stack.enter_async_context(AsyncClient(m)) for m in members]
+                started = time.perf_counter()
+                if depth:
+                    await load(lambda i: clients[i % team_count].submit(**JOB), depth, 64)
+                fill_s = time.perf_counter() - started
+                latencies = []
+                for i in range(probes):
+                    t0 = time.perf_counter()
+                    await clients[i % team_count].submit(**JOB)
+                    latencies.append(time.perf_counter() - t0)
+                dispatcher = gateway.dispatcher
+                plans = []
+                for _ in range(10):
+                    t0 = time.perf_counter()
+                    plan = await dispatcher.plan("default", fresh=True)
+                    plans.append(time.perf_counter() - t0)
+                assert len(plan.jobs) == depth + probes, (len(plan.jobs), depth + probes)
+                seen_teams = {j.team for j in plan.jobs}
+                assert len(seen_teams) == team_count, seen_teams
+                # Every pass the dispatcher makes while the workers run, timed as it ends.
+                passes: list[float] = []
+                dispatch = dispatcher.dispatch
+
+                async def timed(pool: str) -> None:
+                    await dispatch(pool)
+                    passes.append(dispatcher.last_pass_s)
+
+                dispatcher.dispatch = timed  # type: ignore[method-assign]
+                index = gateway.history.index
+                t0 = time.perf_counter()
+                for w in range(2):
+                    worker_settings = base.with_(
+                        user="worker",
+                        password="pw-w",
+                        inbox_prefix="_INBOX_worker",
+                        home=str(root / f"worker-{w}"),
+                        evaluator=[STAND_IN],
+                        warm_evaluator=False,
+                    )
+                    nc = await connect(worker_settings, name=f"bench-worker-{w}")
+                    worker = await Worker(nc, worker_settings).start()
+                    workers.append((worker, asyncio.create_task(worker.run()), nc))
+                await _wait_for(lambda: index.count("completed") >= ran, 300, f"{ran} jobs completed")
+                run_s = time.perf_counter() - t0
+                done = index.count("completed")
+                for worker, _, _ in workers:
+                    worker.request_stop()
+                for worker, task, nc in workers:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(task, 60)
+                    await worker.stop()
+                    await nc.close()
+                workers.clear()
+                dispatcher.dispatch = dispatch  # type: ignore[method-assign]
+                finished = [index.get(i) for i in index._by_status.get("completed", ())]
+                by_worker: dict[str, list[Any]] = {}
+                for job in finished:
+                    if job is not None and job.started_at and job.completed_at:
+                        by_worker.setdefault(job.worker or "", []).append(job)
+                gaps = []
+                for jobs in by_worker.values():
+                    jobs.sort(key=lambda j: _at(j.started_at))
+                    gaps += [_at(b.started_at) - _at(a.completed_at) for a, b in itertools.pairwise(jobs)]
+        finally:
+            for worker, task, nc in workers:
+                worker.request_stop()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, 30)
+                await worker.stop()
+                await nc.close()
+            await gateway_nc.close()
+            server.stop()
+        ms = 1000.0
+        return {
+            "name": name,
+            "depth": depth,
+            "fill_rate": depth / fill_s if depth else 0.0,
+            "submit_p50": percentile(latencies, 0.5) * ms,
+            "submit_p95": percentile(latencies, 0.95) * ms,
+            "plan": statistics.median(plans) * ms,
+            "pass_p50": percentile(passes, 0.5) * ms if passes else 0.0,
+            "pass_p95": percentile(passes, 0.95) * ms if passes else 0.0,
+            "next_p50": percentile(gaps, 0.5) * ms if gaps else 0.0,
+            "next_p95": percentile(gaps, 0.95) * ms if gaps else 0.0,
+            "rate": done / run_s,
+        }
+
     async def run(self, parts: list[str]) -> str:
         self._servers: list[Any] = []
         try:
@@ -1432,6 +1634,23 @@ class Bench:
         ]
         findings = [FINDINGS.strip()] if not self.quick else []
         return "\n\n".join(header + self.sections + findings) + "\n"
+
+
+def _team_accounts(teams: int) -> str:
+    """deploy/nats/accounts.conf with its commented `TEAM_B` example made `teams` accounts,
+    TEAM_01 (user team_01, password pw-01) and on, each importing the queue's services."""
+    text = (REPO / "deploy" / "nats" / "accounts.conf").read_text()
+    example = re.search(r"(?ms)^  # TEAM_B \{.*?^  # \}$", text)
+    assert example, "accounts.conf no longer has the TEAM_B example"
+    block = re.sub(r"(?m)^  # ?", "  ", example.group(0))
+    accounts = [
+        block.replace("$EVALQ_TEAM_B_PASSWORD", f'"pw-{t:02d}"')
+        .replace("TEAM_B", f"TEAM_{t:02d}")
+        .replace("user = team_b", f"user = team_{t:02d}")
+        for t in range(1, teams + 1)
+    ]
+    end = text.rindex("}")
+    return text[:end] + "\n" + "\n".join(accounts) + "\n" + text[end:]
 
 
 def _judge_task(root: Path, docs: int) -> Path:
@@ -1786,6 +2005,7 @@ def main() -> None:
             "sharded_lmms",
             "journal",
             "turnaround",
+            "scheduler",
         ],
     )
     parser.add_argument(
@@ -1794,10 +2014,13 @@ def main() -> None:
         help="a checkout of an older evalq commit (git worktree add DIR COMMIT): section turnaround runs its "
         "gateway, worker, tracker, watch-dir and EvalqCallback too (PYTHONPATH=DIR/src), beside this one's",
     )
+    parser.add_argument(
+        "--queued", type=int, help="section scheduler's waiting jobs (default 10,000; 300 with --quick)"
+    )
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     with workdir() as path:
-        report = asyncio.run(Bench(args.quick, path, args.baseline).run(args.only))
+        report = asyncio.run(Bench(args.quick, path, args.baseline, args.queued).run(args.only))
     args.output.write_text(report)
     print(report)
 
