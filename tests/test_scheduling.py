@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
 from typing import Any
 
 from evalq.scheduling import PoolView, Scheduling, TeamPolicy, admissions, level, order, team_uses, victims
@@ -156,3 +157,29 @@ def test_a_waiting_high_job_picks_the_latest_started_low_job_to_preempt() -> Non
         busy_with={new_low.job_id: 1},
     )
     assert taken == []
+
+
+def test_the_reasons_equal_a_look_at_every_job_ahead() -> None:
+    """The running summary `order` keeps gives the reason a full look at every job ahead gives."""
+    rng = random.Random(5)
+    for _ in range(40):
+        jobs = [
+            job(rng.choice("abc"), rng.choice(["low", "normal", "high", "urgent"]), waited=rng.uniform(0, 50))
+            for _ in range(rng.randint(1, 30))
+        ]
+        admitted = [job(rng.choice("abc"), admitted_at=at(1)) for _ in range(rng.randint(0, 2))]
+        pool = view(jobs + admitted)
+        scheduling = Scheduling(aging_s=20)
+        placed = order(pool, scheduling, NOW_US)
+        for index, (current, why) in enumerate(placed):
+            ahead = pool.admitted + [j for j, _ in placed[:index]]
+            mine = level(current, NOW_US, 20)
+            if not ahead:
+                expected = None
+            elif any(level(other, NOW_US, 20) > mine for other in ahead):
+                expected = "behind higher priority"
+            elif any(other.team != current.team and other.stream_seq > current.stream_seq for other in ahead):
+                expected = "fair share: other teams have used less of the pool"
+            else:
+                expected = "behind earlier jobs"
+            assert why == expected, (index, current, why, expected)

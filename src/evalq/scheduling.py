@@ -21,6 +21,7 @@ module puts first. Positions and the reason a job waits come from the same order
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import heapq
 import math
 from collections import defaultdict
@@ -81,7 +82,9 @@ def rank(priority: str) -> int:
     return PRIORITIES.index(priority) if priority in PRIORITIES else 1
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def _micros(when: str | None) -> int | None:
+    # Cached: a plan reads the same jobs' times again on every change of the queue.
     if not when:
         return None
     try:
@@ -160,38 +163,70 @@ def _key(job: JobSummary) -> tuple[int, int, str]:
 
 def order(view: PoolView, scheduling: Scheduling, now_us: int) -> list[tuple[JobSummary, str | None]]:
     """The waiting jobs in the order they will start, each with why it waits (None for the
-    first of its kind: nothing is ahead of it but a free worker)."""
-    by_level: dict[int, dict[str, list[JobSummary]]] = defaultdict(lambda: defaultdict(list))
-    for job in sorted(view.waiting, key=_key):
-        by_level[level(job, now_us, scheduling.aging_s)][job.team].append(job)
+    first of its kind: nothing is ahead of it but a free worker).
+
+    O(n log n): each job's level and key are computed once, and the reason is read from
+    what is ahead so far (the highest level, and the newest job of each team), not by
+    looking at every job ahead again.
+    """
+    aging = scheduling.aging_s
+    by_level: dict[int, dict[str, list[tuple[tuple[int, int, str], JobSummary]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for key, job in sorted(((_key(j), j) for j in view.waiting), key=lambda pair: pair[0]):
+        by_level[level(job, now_us, aging)][job.team].append((key, job))
     use = dict(view.use)
-    admitted = list(view.admitted)  # in the work stream already: ahead of every waiting job
+    ahead = _Ahead()
+    for job in view.admitted:  # in the work stream already: ahead of every waiting job
+        ahead.add(job.team, level(job, now_us, aging), _key(job))
     placed: list[tuple[JobSummary, str | None]] = []
     for lvl in sorted(by_level, reverse=True):
         queues = by_level[lvl]
-        heads = {team: 0 for team in queues}
-        heap = [(use.get(t, 0.0) / scheduling.team(t).share, _key(q[0]), t) for t, q in queues.items()]
+        heads = dict.fromkeys(queues, 0)
+        heap = [(use.get(t, 0.0) / scheduling.team(t).share, q[0][0], t) for t, q in queues.items()]
         heapq.heapify(heap)
         while heap:
             _, _, team = heapq.heappop(heap)
-            job = queues[team][heads[team]]
+            key, job = queues[team][heads[team]]
             heads[team] += 1
-            placed.append((job, _why(job, admitted + [j for j, _ in placed], lvl, now_us, scheduling)))
+            placed.append((job, ahead.why(team, lvl, key)))
+            ahead.add(team, lvl, key)
             use[team] = use.get(team, 0.0) + view.mean_cost * job.num_gpus
             if heads[team] < len(queues[team]):
-                nxt = queues[team][heads[team]]
-                heapq.heappush(heap, (use[team] / scheduling.team(team).share, _key(nxt), team))
+                heapq.heappush(heap, (use[team] / scheduling.team(team).share, queues[team][heads[team]][0], team))
     return placed
 
 
-def _why(job: JobSummary, ahead: list[JobSummary], lvl: int, now_us: int, scheduling: Scheduling) -> str | None:
-    if not ahead:
-        return None
-    if any(level(other, now_us, scheduling.aging_s) > lvl for other in ahead):
-        return "behind higher priority"
-    if any(other.team != job.team and _key(other) > _key(job) for other in ahead):
-        return "fair share: other teams have used less of the pool"
-    return "behind earlier jobs"
+class _Ahead:
+    """What is ahead of the next job placed: the highest level, and the two teams whose
+    newest job ahead is newest (enough to ask "is another team's later job ahead of mine")."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.top = -1
+        self.first: tuple[tuple[int, int, str], str] | None = None  # (newest key, its team)
+        self.second: tuple[tuple[int, int, str], str] | None = None  # the newest of another team
+
+    def add(self, team: str, lvl: int, key: tuple[int, int, str]) -> None:
+        self.count += 1
+        self.top = max(self.top, lvl)
+        if self.first is None or self.first[1] == team:
+            if self.first is None or key > self.first[0]:
+                self.first = (key, team)
+        elif key > self.first[0]:
+            self.first, self.second = (key, team), self.first
+        elif self.second is None or key > self.second[0]:
+            self.second = (key, team)
+
+    def why(self, team: str, lvl: int, key: tuple[int, int, str]) -> str | None:
+        if not self.count:
+            return None
+        if self.top > lvl:
+            return "behind higher priority"
+        other = self.second if self.first is not None and self.first[1] == team else self.first
+        if other is not None and other[0] > key:
+            return "fair share: other teams have used less of the pool"
+        return "behind earlier jobs"
 
 
 def admissions(

@@ -125,15 +125,21 @@ class Dispatcher:
             finally:
                 for w in waits:
                     w.cancel()
+            # A pass costs a plan (O(n log n) in the waiting jobs): under a burst of changes
+            # the passes leave the gateway most of its time to answer requests.
+            await asyncio.sleep(min(self.tick, max(0.01, 2 * self.last_pass_s)))
 
     # --- the plan ---------------------------------------------------------------------
 
-    async def plan(self, pool: str, *, fresh: bool = False) -> Plan:
-        """The pool's plan, made again when the index changed since (or when `fresh`)."""
+    async def plan(self, pool: str, *, fresh: bool = False, at_least: int | None = None) -> Plan:
+        """The pool's plan, made again when the index changed since (or when `fresh`); with
+        `at_least`, any plan made from that version of the index on will do."""
         version = self.history.index.version
         cached = self._plans.get(pool)
-        if cached is not None and cached.version == version and not fresh and time.monotonic() - cached.at < self.tick:
-            return cached
+        if cached is not None and not fresh and time.monotonic() - cached.at < self.tick:
+            current = cached.version == version
+            if current or (at_least is not None and at_least <= cached.version <= version):
+                return cached
         policy = (await self.policies.get(pool)).scheduling
         now_us = int(time.time() * 1_000_000)
         view = PoolView.of(self.history.index.scheduled(pool), now_us=now_us, half_life_s=policy.half_life_s)

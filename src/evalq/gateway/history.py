@@ -18,6 +18,7 @@ import datetime as dt
 import logging
 import time
 from bisect import bisect_left, insort
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -213,6 +214,11 @@ class JobIndex:
     def get(self, job_id: str) -> JobSummary | None:
         entry = self._entries.get(job_id)
         return entry.summary if entry else None
+
+    def queued_in(self, pool: str) -> Counter[str]:
+        """How many jobs each team has queued in `pool` (admitted or waiting)."""
+        ids = self._by_pool.get(pool, set())
+        return Counter(self._entries[i].summary.team for i in self._by_status.get("queued", ()) if i in ids)
 
     def scheduled(self, pool: str) -> list[JobSummary]:
         """What the scheduler weighs in `pool`: its queued and running jobs, and its finished

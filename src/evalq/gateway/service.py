@@ -310,12 +310,12 @@ class Gateway:
             # keeps it to one message.
             job_id, duplicate = claimed, claimed != job_id
 
-        plan = await self.dispatcher.plan(job.pool)
-        if len(plan.jobs) >= self.topology.queue_limit:
+        queued = self.history.index.queued_in(job.pool)
+        if queued.total() >= self.topology.queue_limit:
             raise Unavailable(
-                f"the queue is full: pool {job.pool!r} holds {len(plan.jobs)} waiting jobs (queue_limit); retry later"
+                f"the queue is full: pool {job.pool!r} holds {queued.total()} queued jobs (queue_limit); retry later"
             )
-        await self.checks.team_limits(job, requester.team, sum(1 for j in plan.jobs if j.team == requester.team))
+        await self.checks.team_limits(job, requester.team, queued[requester.team])
         created = now()
         info = lifecycle.enqueue(
             job_id, job, created_at=created, stream_seq=None, team=requester.team, user=requester.user
@@ -347,10 +347,12 @@ class Gateway:
         assert isinstance(record_outcome, jetstream.PubAck)
         seq = record_outcome.seq
         self.history.note(summarize(encode(info)), seq)
+        noted = self.history.index.version
         # Every record written before this one is in the index once the watch reaches it.
         await self.history.caught_up(seq - 1, timeout=self.settings.connection.request_timeout)
         self.history.changed.set()
-        plan = await self.dispatcher.plan(job.pool)
+        # Submissions in a burst share one plan: any plan made since this job was noted holds it.
+        plan = await self.dispatcher.plan(job.pool, at_least=noted)
         return JobAccepted(
             job_id=job_id,
             status="queued",
