@@ -31,7 +31,7 @@ from .. import jetstream, lifecycle
 from ..lifecycle import Applied, Recorder
 from ..policy import Policies
 from ..registry import Registry
-from ..scheduling import PoolView, admissions, order, victims
+from ..scheduling import PoolView, admissions, order, rank, victims
 from ..schemas import TERMINAL, JobSummary, WorkItem, encode, now
 from ..topology import Topology
 from .history import History
@@ -91,6 +91,7 @@ class Dispatcher:
         self._mine: dict[str, float] = {}
         self._checked: dict[str, float] = {}
         self._preempting: dict[str, float] = {}  # low jobs asked to give up their worker
+        self._full: dict[str, float] = {}  # when each pool last had a full pass
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.admitted = 0  # jobs this dispatcher admitted (tests, benchmarks)
@@ -112,9 +113,10 @@ class Dispatcher:
         while not self._stopping:
             self.history.changed.clear()
             self.registry.changed.clear()
+            idle_passes = False
             try:
                 for pool in await self.pools():
-                    await self.dispatch(pool)
+                    idle_passes = await self.dispatch(pool) or idle_passes
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # an outage: the next change or tick tries again
@@ -125,9 +127,10 @@ class Dispatcher:
             finally:
                 for w in waits:
                     w.cancel()
-            # A pass costs a plan (O(n log n) in the waiting jobs): under a burst of changes
-            # the passes leave the gateway most of its time to answer requests.
-            await asyncio.sleep(min(self.tick, max(0.01, 2 * self.last_pass_s)))
+            if idle_passes:
+                # A plan that started nothing cost O(n log n) in the waiting jobs: under a burst
+                # of changes, the passes leave the gateway most of its time for requests.
+                await asyncio.sleep(min(self.tick, 2 * self.last_pass_s))
 
     # --- the plan ---------------------------------------------------------------------
 
@@ -168,9 +171,9 @@ class Dispatcher:
 
     # --- admitting ----------------------------------------------------------------------
 
-    async def dispatch(self, pool: str) -> None:
+    async def dispatch(self, pool: str) -> bool:
+        """One pass over `pool`; True when it planned and admitted nothing (a pass to space out)."""
         started = time.perf_counter()
-        plan = await self.plan(pool, fresh=True)
         policy = (await self.policies.get(pool)).scheduling
         # Listed or not: a worker takes jobs before it has listed its models and tasks.
         workers = [w for w in await self.registry.workers() if w.pool == pool]
@@ -178,6 +181,10 @@ class Dispatcher:
         # it fetches as soon as it has acked (the registry says so only a round trip later).
         busy = [w.current_job for w in workers if w.current_job and not self._ended(w.current_job)]
         idle = len(workers) - len(busy)
+        if not self._may_admit(pool, idle, policy.preempt) and time.monotonic() - self._full.get(pool, 0.0) < 5.0:
+            return False  # nothing could start: no plan (whose cost grows with the queue)
+        self._full[pool] = time.monotonic()
+        plan = await self.plan(pool, fresh=True)
         busy_with = Counter(busy)
         waiting = [(job, plan.why.get(job.job_id)) for job in plan.jobs if not job.admitted_at]
         waiting = [(job, why) for job, why in waiting if job.job_id not in self._mine]
@@ -192,6 +199,28 @@ class Dispatcher:
             await self._preempt(plan.view, left)
         await self._repair(pool, plan.view.admitted)
         self.last_pass_s = time.perf_counter() - started
+        return not taken
+
+    def _may_admit(self, pool: str, idle: int, preempt: bool) -> bool:
+        """Whether a pass could start anything: a free worker beyond the admitted jobs, a
+        waiting job that outranks a running sharded job's pieces, or one that may preempt.
+        A count over the queued jobs, far cheaper than a plan."""
+        admitted, top = 0, -1
+        running: list[JobSummary] = []
+        for job in self.history.index.live(pool):
+            if job.status != "queued":
+                running.append(job)
+            elif job.admitted_at or job.job_id in self._mine:
+                admitted += 1
+            else:
+                top = max(top, rank(job.priority))
+        if top < 0:
+            return False
+        if idle > admitted:
+            return True
+        if any(j.shards > 1 and rank(j.priority) < top for j in running):
+            return True
+        return preempt and top >= rank("high") and any(j.shards == 1 and rank(j.priority) == 0 for j in running)
 
     async def _preempt(self, view: PoolView, waiting: list[JobSummary]) -> None:
         """Ask the workers of running low jobs to give them up for waiting high ones."""

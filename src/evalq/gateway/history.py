@@ -220,13 +220,15 @@ class JobIndex:
         ids = self._by_pool.get(pool, set())
         return Counter(self._entries[i].summary.team for i in self._by_status.get("queued", ()) if i in ids)
 
+    def live(self, pool: str) -> list[JobSummary]:
+        """The queued and running jobs of `pool`."""
+        ids = self._by_pool.get(pool, set())
+        return [self._entries[i].summary for s in _LIVE for i in self._by_status.get(s, ()) if i in ids]
+
     def scheduled(self, pool: str) -> list[JobSummary]:
         """What the scheduler weighs in `pool`: its queued and running jobs, and its finished
         ones that used the pool (their use decays; `scheduling.PoolView`)."""
-        ids = self._by_pool.get(pool, set())
-        found = [self._entries[i].summary for s in _LIVE for i in self._by_status.get(s, ()) if i in ids]
-        found.extend(s for s in self._spent.get(pool, {}).values())
-        return found
+        return self.live(pool) + list(self._spent.get(pool, {}).values())
 
     # --- changes --------------------------------------------------------------------------
 
