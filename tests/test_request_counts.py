@@ -88,7 +88,9 @@ async def test_queue_asks_for_the_queue_and_one_page_of_jobs(
     assert code == 0, err
     assert await requests.made() == {"queue": 1, "jobs": 1}
     rows = [line.split("│") for line in out.splitlines() if any(job[:8] in line for job in jobs)]
-    assert [(cells[2].strip(), cells[3].strip(), cells[5].strip()) for cells in rows] == [
+    header = next(line.split("┃") for line in out.splitlines() if "position" in line and "labels" in line)
+    at = {name.strip(): index for index, name in enumerate(header)}
+    assert [(c[at["position"]].strip(), c[at["job"]].strip(), c[at["labels"]].strip()) for c in rows] == [
         (str(n), job[:8], f"n={n}") for n, job in enumerate(jobs)
     ]
     await requests.reset()

@@ -192,7 +192,8 @@ class Gateway:
             self.topology,
             history=self.history,
             registry=self.registry,
-            policies=self.policies,
+            # Its own cache: its passes would keep the submit checks' copy from being read afresh.
+            policies=Policies(self.policies.kv),
             recorder=self.recorder,
             pools=self.pools.known,
             js=self.js,
