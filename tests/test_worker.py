@@ -29,6 +29,7 @@ from evalq.schemas import (
     Queued,
     Requeued,
     Started,
+    WorkerInfo,
     WorkItem,
     encode,
     now,
@@ -40,6 +41,7 @@ from .conftest import Processes
 from .events import all_events, follow, kinds
 from .jobs import FAKE, JOB
 from .tiny_model import build_tiny_model
+from .waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -289,8 +291,17 @@ async def test_a_terminal_record_without_its_event_gets_the_event(
 ) -> None:
     # A gateway whose cancel event met a dead node leaves this behind: the record says
     # cancelled, the work message is still in the stream, and no terminal event exists.
+    # A listed idle worker that never fetches gets the job admitted into the work stream.
+    idle = WorkerInfo(worker_id="w-idle", host="h", pid=1, ttl=60.0)
+    await (await nc.jetstream().key_value(topology.workers_bucket)).put(idle.worker_id, encode(idle))
     accepted = await client.submit(**JOB)
     jobs = JobStore(await nc.jetstream().key_value(topology.jobs_bucket))
+
+    async def admitted() -> bool:
+        found = await jobs.get(accepted.job_id)
+        return found is not None and found[0].admitted_at is not None
+
+    await eventually(admitted, what="the job admitted", timeout=10)
     await jobs.transition(
         accepted.job_id,
         lambda info: msgspec.structs.replace(info, status="cancelled", error="cancelled while queued"),
