@@ -28,7 +28,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from .. import jetstream, lifecycle
-from ..lifecycle import Applied, Recorder
+from ..lifecycle import Applied, Recorder, Refused
 from ..policy import Policies
 from ..registry import Registry
 from ..scheduling import PoolView, admissions, order, rank, victims
@@ -241,6 +241,11 @@ class Dispatcher:
 
     async def _admit(self, pool: str, job: JobSummary) -> None:
         moved = await self.recorder.record(job.job_id, lambda info: lifecycle.admit(info, at=now()))
+        if isinstance(moved, Refused) and moved.current is None:
+            # Its record was taken back by sequence (a store that filled mid-submit), which no
+            # watch reports: it was never a job.
+            self.history.index.remove(job.job_id, 1 << 62)
+            return
         if not isinstance(moved, Applied):
             return  # another gateway admitted it, or it was cancelled meanwhile
         self._mine[job.job_id] = time.monotonic()

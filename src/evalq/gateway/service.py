@@ -371,13 +371,15 @@ class Gateway:
         record: jetstream.PubAck | BaseException,
         claimed: str | None,
     ) -> None:
-        """Undo a submission that could not be finished, best effort. The key goes last, so
+        """Undo a submission that could not be finished, best effort. Messages are deleted by
+        sequence, which frees room where a delete marker would need it; the key goes last, so
         that its retry makes the job anew rather than finding an id with no record."""
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         if isinstance(event, jetstream.PubAck):
             steps.append(("queued event", lambda: self.js.delete_msg(self.topology.events_stream, event.seq)))
         if isinstance(record, jetstream.PubAck):
-            steps.append(("record", lambda: self.jobs.kv.delete(job_id)))
+            bucket = jetstream.kv_stream(self.topology.jobs_bucket)
+            steps.append(("record", lambda: self.js.delete_msg(bucket, record.seq)))
         if claimed:  # the Idempotency-Key's digest in the idempotency bucket
             steps.append(("key", lambda: self.idempotency.delete(claimed)))
         for what, step in steps:
