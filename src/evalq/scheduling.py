@@ -139,7 +139,6 @@ class PoolView:
                     view.running_gpus[job.team] += job.num_gpus
             elif job.status in ("running", "cancelling"):
                 view.running.append(job)
-                view.use[job.team] += gpu_seconds(job, now_us)
                 view.running_gpus[job.team] += job.num_gpus if job.shards == 1 else max(1, job.pieces_running)
             else:
                 spent = gpu_seconds(job, now_us)
@@ -152,6 +151,13 @@ class PoolView:
         if costs:
             recent = costs[-200:]
             view.mean_cost = max(1e-3, sum(recent) / len(recent))
+        # A job that has started, or been admitted, counts at least a mean job's cost from the
+        # moment it has its worker: otherwise a team whose job started a moment ago would look
+        # as if it had used nothing, and get the next worker too.
+        for job in view.running:
+            view.use[job.team] += max(gpu_seconds(job, now_us), view.mean_cost * job.num_gpus)
+        for job in view.admitted:
+            view.use[job.team] += view.mean_cost * job.num_gpus
         return view
 
 
