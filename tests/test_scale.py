@@ -150,8 +150,10 @@ async def settled_history(settings: Settings, ids: list[str], deadline: float) -
     """The event history once every job has its terminal event; read again while the restarted
     node catches up.
 
-    A cancel whose event publish met the killed node leaves the work message in the stream; the
-    worker that takes it publishes the event, so a record can be terminal a moment before its event.
+    A cancel whose event publish met the killed node leaves the work message in the stream, and
+    the worker that takes it publishes the event; a job cancelled before it was admitted has no
+    message, and a gateway's dispatcher publishes it. So a record can be terminal a moment
+    before its event.
     """
 
     async def settled() -> dict[str, list[Any]]:

@@ -127,6 +127,8 @@ class Dispatcher:
             finally:
                 for w in waits:
                     w.cancel()
+            with contextlib.suppress(Exception):  # the next pass tries again
+                await self._settle_cancelled()
             if idle_passes:
                 # A plan that started nothing cost O(n log n) in the waiting jobs: under a burst
                 # of changes, the passes leave the gateway most of its time for requests.
@@ -234,6 +236,18 @@ class Dispatcher:
             self._preempting[victim.job_id] = time.monotonic()
             if isinstance(moved, Applied):
                 log.info("job %s (low) preempted for a job of higher priority", victim.job_id)
+
+    async def _settle_cancelled(self, after: float = 2.0, most: int = 100) -> None:
+        """A job cancelled while it waited has no work message, so no worker will publish
+        its `cancelled` event if the cancel's own publish failed (a node down): make sure of
+        it here, a moment after the cancel, once (the terminal event's Nats-Msg-Id keeps one)."""
+        clock = time.monotonic()
+        due = [job_id for job_id, seen in self.history.cancelled_waiting.items() if clock - seen >= after][:most]
+        for job_id in due:
+            found = await self.recorder.jobs.get(job_id)
+            if found is not None and found[0].status in TERMINAL:
+                await self.recorder.ensure_terminal_event(found[0])
+            self.history.cancelled_waiting.pop(job_id, None)
 
     def _ended(self, job_id: str) -> bool:
         seen = self.history.index.get(job_id)

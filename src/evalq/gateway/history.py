@@ -402,7 +402,10 @@ class History(Follower):
         # Set on every change the watch brings, for the dispatcher to wake on.
         self.changed = asyncio.Event()
         self._reached = asyncio.Event()
-        self.revision = 0  # the last bucket revision the watch brought
+        self.revision = 0
+        # Jobs seen cancelled before they were admitted (no work message whose taker would
+        # publish a missing terminal event): job id -> when seen (monotonic).
+        self.cancelled_waiting: dict[str, float] = {}  # the last bucket revision the watch brought
 
     def note(self, summary: JobSummary, revision: int) -> None:
         """A record this gateway wrote: shown at once, before the watch brings it back."""
@@ -458,3 +461,5 @@ class History(Follower):
                 log.warning("job history: record %s is unreadable (%s); not listed", entry.key, exc)
                 continue
             target.put(summary, entry.revision or 0)
+            if self.loaded.is_set() and summary.status == "cancelled" and not summary.admitted_at:
+                self.cancelled_waiting.setdefault(summary.job_id, time.monotonic())
