@@ -1420,8 +1420,7 @@ class Bench:
 
     async def scheduler(self) -> None:
         """Section 14: the scheduler's cost with a deep queue of 10 teams, beside one team and an empty queue."""
-        # 10,000 is the contract; the quick size keeps `make bench-smoke` short, since today a plan's
-        # cost grows with the square of the waiting jobs (`scheduling._why`). `--queued` overrides both.
+        # 10,000 is the contract; the quick size keeps `make bench-smoke` short. `--queued` overrides both.
         queued = self.queued or (300 if self.quick else 10_000)
         probes = 50 if self.quick else 200
         ran = 30 if self.quick else 100
@@ -1475,12 +1474,12 @@ class Bench:
             f"{teams} teams beside one team at the same depth: submit p50 {many['submit_p50'] / one['submit_p50']:.2f}x, "
             f"plan {many['plan'] / one['plan']:.2f}x, next job p50 {many['next_p50'] / max(one['next_p50'], 1e-9):.2f}x.",
             "",
-            "Each submission plans the pool twice (the queue-full check and team quota, then the reply's position) "
-            "and each change makes the dispatcher plan it again before it admits a job, so a submission and a "
-            "worker's next job both pay for ordering every waiting job, on the gateway's one event loop. That "
-            "ordering grows with the square of the waiting jobs: `scheduling.order` asks `_why` of each job placed, "
-            "which scans every job placed before it, parsing `created_at` (`level`, `_key`) for each. With more "
-            "teams the fair-share test in `_why` scans too. This is the scheduler's cost today, not the queue's.",
+            "A plan orders every waiting job (O(n log n): each job's level and key once, its reason from a running "
+            "summary of what is ahead). A submission makes one plan for its position, shared by a burst of "
+            "submissions, and its quota and queue-limit checks are counts over the queued jobs; a dispatcher pass "
+            "plans only when something could start (a worker free beyond the admitted jobs, pieces that would "
+            "yield, a job that may preempt), so a worker's next job pays for one plan, all on the gateway's one "
+            "event loop.",
         ]
         self.sections.append("\n".join(lines))
 
