@@ -51,15 +51,18 @@ class Plan:
     jobs: list[JobSummary] = field(default_factory=list)
     why: dict[str, str | None] = field(default_factory=dict)
     view: PoolView = field(default_factory=PoolView)
+    _at: dict[str, int] | None = field(default=None, repr=False)
 
     def position(self, job_id: str) -> int | None:
-        for index, job in enumerate(self.jobs):
-            if job.job_id == job_id:
-                return index
-        return None
+        if self._at is None:  # built once per plan: `status` asks it of many jobs
+            self._at = {job.job_id: index for index, job in enumerate(self.jobs)}
+        return self._at.get(job_id)
 
 
 class Dispatcher:
+    """Admits each pool's jobs while its gateway serves (`start`, `stop`); `plan` answers
+    positions and reasons."""
+
     def __init__(
         self,
         nc: Client,
