@@ -53,6 +53,11 @@ async def test_setup_sets_a_teams_limits_and_the_gateway_keeps_to_them(
         "default": {"share": 2.0, "max_running_gpus": None, "max_queued": 2, "max_priority": "high"}
     }
     assert change["now"]["scheduling"]["aging_s"] == 900
+    assert change["now"]["scheduling"]["preempt"] is True
+    code, out, err = await evalq(settings, "setup", "--no-preempt", "--json")
+    assert code == 0, err
+    (change,) = json.loads(out)
+    assert change["now"]["scheduling"]["preempt"] is False and change["now"]["scheduling"]["aging_s"] == 900
     # The gateway reads a pool's policy anew every few seconds.
     await eventually(
         client.teams,

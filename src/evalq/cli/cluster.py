@@ -114,6 +114,13 @@ def setup(
         Optional[float],
         typer.Option(help="Scheduling: the half-life, in seconds, of a team's past GPU use in fair share."),
     ] = None,
+    preempt: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--preempt/--no-preempt",
+            help="Scheduling: whether a waiting high or urgent job stops a running low one (resumed later).",
+        ),
+    ] = None,
     reset_policy: Annotated[
         bool, typer.Option("--reset-policy", help="Policy: start from the default instead of the pool's current one.")
     ] = False,
@@ -182,6 +189,8 @@ def setup(
         if seconds is not None:
             changes[name] = seconds or None
     scheduling = _scheduling(team, share, max_running_gpus, max_queued, max_priority, remove_team, aging, half_life)
+    if preempt is not None:
+        scheduling["preempt"] = preempt
     if scheduling:
         changes["scheduling"] = scheduling
     try:
