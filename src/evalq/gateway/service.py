@@ -329,15 +329,23 @@ class Gateway:
             await self.pipeline.send(self.events.write(lifecycle.queued_event(info))),
             await self.pipeline.send(jetstream.key_create(self.topology.jobs_bucket, job_id, encode(info))),
         ]
+        event_outcome: jetstream.PubAck | BaseException | None
         event_outcome, record_outcome = await self.pipeline.wait(sent, timeout=self.settings.connection.request_timeout)
         # A record that exists was written by an earlier attempt under the same Idempotency-Key.
         record_exists = isinstance(record_outcome, KeyWrongLastSequenceError)
         full = [o for o in (event_outcome, record_outcome) if isinstance(o, APIError) and o.err_code in _FULL]
         if full and not record_exists and not duplicate:
-            # The store filled between the job's writes: take back what landed, so that a 503
-            # means the job does not exist (a retry with the key makes it anew).
-            await self._take_back(job_id, event_outcome, record_outcome, key and key_digest(key, requester.team))
-            raise full[0]
+            if isinstance(record_outcome, jetstream.PubAck):
+                # The record is the job, and a record cannot be taken back (a bucket permits no
+                # message delete, and a delete marker needs the room there is not): the job
+                # stands, and the worker that takes it publishes its `queued` event first.
+                log.warning("job %s: queued without its queued event (the store is full)", job_id)
+                event_outcome = None
+            else:
+                # Take back what landed, so that a 503 means the job does not exist (a retry
+                # with the key makes it anew).
+                await self._take_back(job_id, event_outcome, key and key_digest(key, requester.team))
+                raise full[0]
         for outcome in (event_outcome, None if record_exists else record_outcome):
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -365,21 +373,14 @@ class Gateway:
         )
 
     async def _take_back(
-        self,
-        job_id: str,
-        event: jetstream.PubAck | BaseException,
-        record: jetstream.PubAck | BaseException,
-        claimed: str | None,
+        self, job_id: str, event: jetstream.PubAck | BaseException | None, claimed: str | None
     ) -> None:
-        """Undo a submission that could not be finished, best effort. Messages are deleted by
-        sequence, which frees room where a delete marker would need it; the key goes last, so
-        that its retry makes the job anew rather than finding an id with no record."""
+        """Undo a submission whose record could not be stored, best effort. The event is
+        deleted by sequence, which frees room; the key goes last, so that its retry makes the
+        job anew rather than finding an id with no record."""
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         if isinstance(event, jetstream.PubAck):
             steps.append(("queued event", lambda: self.js.delete_msg(self.topology.events_stream, event.seq)))
-        if isinstance(record, jetstream.PubAck):
-            bucket = jetstream.kv_stream(self.topology.jobs_bucket)
-            steps.append(("record", lambda: self.js.delete_msg(bucket, record.seq)))
         if claimed:  # the Idempotency-Key's digest in the idempotency bucket
             steps.append(("key", lambda: self.idempotency.delete(claimed)))
         for what, step in steps:
