@@ -28,11 +28,11 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from .. import jetstream, lifecycle
-from ..lifecycle import Applied, Recorder, Refused
+from ..lifecycle import Applied, Recorder
 from ..policy import Policies
 from ..registry import Registry
 from ..scheduling import PoolView, admissions, order, rank, victims
-from ..schemas import TERMINAL, JobSummary, WorkItem, encode, now
+from ..schemas import TERMINAL, JobInfo, JobSummary, WorkItem, encode, now
 from ..topology import Topology
 from .history import History
 
@@ -258,27 +258,21 @@ class Dispatcher:
 
     async def _admit(self, pool: str, job: JobSummary) -> None:
         moved = await self.recorder.record(job.job_id, lambda info: lifecycle.admit(info, at=now()))
-        if isinstance(moved, Refused) and moved.current is None:
-            # Its record was taken back by sequence (a store that filled mid-submit), which no
-            # watch reports: it was never a job.
-            self.history.index.remove(job.job_id, 1 << 62)
-            return
         if not isinstance(moved, Applied):
             return  # another gateway admitted it, or it was cancelled meanwhile
         self._mine[job.job_id] = time.monotonic()
-        await self._publish(pool, moved.after.job_id)
+        await self._publish(pool, moved.after)
         self.admitted += 1
 
-    async def _publish(self, pool: str, job_id: str) -> None:
-        found = await self.recorder.jobs.get(job_id)
-        request = found[0].request if found is not None else None
-        if found is None or request is None:
-            return  # no record, or one that fails today's rules: a worker could not run it either
+    async def _publish(self, pool: str, info: JobInfo) -> None:
+        if info.request is None:
+            return  # a record that fails today's rules: a worker could not run it either
+        job_id = info.job_id
         write = jetstream.Write(
             self.topology.work_subject(pool, job_id),
-            encode(WorkItem(job_id=job_id, request=request, created_at=found[0].created_at)),
+            encode(WorkItem(job_id=job_id, request=info.request, created_at=info.created_at)),
             # A job admitted again after a preemption is a new message, not a duplicate.
-            {"Nats-Msg-Id": job_id if not found[0].preemptions else f"{job_id}.{found[0].preemptions}"},
+            {"Nats-Msg-Id": job_id if not info.preemptions else f"{job_id}.{info.preemptions}"},
             stream=self.topology.work_stream(pool),
         )
         await jetstream.publish(self.nc, write, timeout=self.timeout)
@@ -296,8 +290,10 @@ class Dispatcher:
                     self.topology.work_stream(pool), self.topology.work_subject(pool, job.job_id)
                 )
             except NotFoundError:
-                log.warning("job %s was admitted but its work message is missing; publishing it again", job.job_id)
-                await self._publish(pool, job.job_id)
+                found = await self.recorder.jobs.get(job.job_id)
+                if found is not None and found[0].status == "queued":
+                    log.warning("job %s was admitted but its work message is missing; publishing it again", job.job_id)
+                    await self._publish(pool, found[0])
         live = {j.job_id for j in admitted}
         for job_id in [j for j in self._checked if j not in live]:
             del self._checked[job_id]
