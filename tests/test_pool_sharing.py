@@ -103,6 +103,13 @@ async def test_fair_share_gives_a_late_team_its_share_at_once(tmp_path: Path, se
     async with pool(tmp_path, settings, Scheduling(), workers=2) as p:
         a_ids = [(await p.a.submit(**job(length))).job_id for _ in range(30)]
         p.mine_a.update(a_ids)
+
+        def partway(rs: list[JobInfo]) -> bool:
+            started = [t(r.started_at) for r in rs if r.started_at]
+            return len(started) == 2 and time.time() - max(started) >= 0.4 * length
+
+        # Team B comes late: while team A's first jobs are partway through.
+        await eventually(lambda: p.records(a_ids[:2]), until=partway, what="team A's first jobs partway", timeout=30)
         b_ids = [(await p.b.submit(**job(length))).job_id for _ in range(3)]
         records = await all_done(p, a_ids + b_ids, timeout=120)
     by_id = {r.job_id: r for r in records}

@@ -112,6 +112,14 @@ class Topology:
     def work_subject(self, pool: str, job_id: str) -> str:
         return f"{self.prefix}.work.{pool}.{job_id}"
 
+    def work_subjects(self, pool: str) -> str:
+        """Every subject of the pool's work stream."""
+        return f"{self.prefix}.work.{pool}.>"
+
+    def pieces_subjects(self, pool: str) -> str:
+        """Every subject of the pool's pieces stream."""
+        return f"{self.prefix}.pieces.{pool}.>"
+
     def piece_subject(self, pool: str, job_id: str, step: str) -> str:
         """`<prefix>.pieces.<pool>.<job_id>.<index>`, or `....merge` for the merge step."""
         return f"{self.prefix}.pieces.{pool}.{job_id}.{step}"
@@ -199,7 +207,7 @@ class Topology:
         return api.StreamConfig(
             name=self.work_stream(pool),
             description=f"evalq jobs waiting or running in pool {pool}",
-            subjects=[f"{self.prefix}.work.{pool}.>"],
+            subjects=[self.work_subjects(pool)],
             retention=api.RetentionPolicy.WORK_QUEUE,
             storage=api.StorageType.FILE,
             num_replicas=self.replicas,
@@ -215,7 +223,7 @@ class Topology:
         return api.StreamConfig(
             name=self.pieces_stream(pool),
             description=f"evalq pieces of sharded jobs started in pool {pool}",
-            subjects=[f"{self.prefix}.pieces.{pool}.>"],
+            subjects=[self.pieces_subjects(pool)],
             retention=api.RetentionPolicy.WORK_QUEUE,
             storage=api.StorageType.FILE,
             num_replicas=self.replicas,

@@ -32,7 +32,7 @@ from ..lifecycle import Applied, Recorder
 from ..policy import Policies
 from ..registry import Registry
 from ..scheduling import PoolView, admissions, order, rank, victims
-from ..schemas import TERMINAL, JobInfo, JobSummary, WorkItem, encode, now
+from ..schemas import TERMINAL, JobInfo, JobSummary, WorkerInfo, WorkItem, encode, now
 from ..topology import Topology
 from .history import History
 
@@ -182,9 +182,8 @@ class Dispatcher:
         policy = (await self.policies.get(pool)).scheduling
         # Listed or not: a worker takes jobs before it has listed its models and tasks.
         workers = [w for w in await self.registry.workers() if w.pool == pool]
-        # A worker whose job's record is terminal is settling it: free for the next one, which
-        # it fetches as soon as it has acked (the registry says so only a round trip later).
-        busy = [w.current_job for w in workers if w.current_job and not self._ended(w.current_job)]
+        running_on = self._running_on(pool)
+        busy = [job for job in (self._busy_with(w, running_on) for w in workers) if job]
         idle = len(workers) - len(busy)
         if not self._may_admit(pool, idle, policy.preempt) and time.monotonic() - self._full.get(pool, 0.0) < 5.0:
             return False  # nothing could start: no plan (whose cost grows with the queue)
@@ -252,9 +251,26 @@ class Dispatcher:
                 await self.recorder.ensure_terminal_event(found[0])
             self.history.cancelled_waiting.pop(job_id, None)
 
-    def _ended(self, job_id: str) -> bool:
+    def _running_on(self, pool: str) -> dict[str, str]:
+        """The worker of each running unsharded job, as the job records name it."""
+        return {
+            j.worker: j.job_id
+            for j in self.history.index.live(pool)
+            if j.status == "running" and j.worker and j.shards == 1
+        }
+
+    def _busy_with(self, worker: WorkerInfo, running_on: dict[str, str]) -> str | None:
+        """The job `worker` holds, or None when it is free for the next one. A worker whose
+        job's record is terminal is settling it, and fetches the next as soon as it has acked;
+        the registry says so only a round trip later, and a round trip after that again that
+        it took a new one, whose record already names it: the record is believed first."""
+        if worker.worker_id in running_on:
+            return running_on[worker.worker_id]
+        job_id = worker.current_job
+        if not job_id:
+            return None
         seen = self.history.index.get(job_id)
-        return seen is not None and seen.status in TERMINAL
+        return None if seen is not None and seen.status in TERMINAL else job_id
 
     async def _admit(self, pool: str, job: JobSummary) -> None:
         moved = await self.recorder.record(job.job_id, lambda info: lifecycle.admit(info, at=now()))

@@ -37,6 +37,7 @@ from ..registry import Registry, cannot_run
 from ..schemas import TERMINAL, JobInfo, WorkerInfo, WorkItem, decode, now
 from ..topology import Topology
 from .evaluation import Evaluation, RunningJob
+from .intake import Intake
 from .journal_stream import Journal
 from .keepalive import KeepAlive
 from .launch import Launcher
@@ -155,6 +156,13 @@ class Worker:
         )
         self.sub = await self.js.pull_subscribe_bind(self.topology.consumer, self.topology.work_stream(self.pool))
         self.pieces = await self.js.pull_subscribe_bind(self.topology.consumer, self.topology.pieces_stream(self.pool))
+        self.intake = await Intake(
+            self.nc,
+            self.sub,
+            self.pieces,
+            jobs_subjects=self.topology.work_subjects(self.pool),
+            pieces_subjects=self.topology.pieces_subjects(self.pool),
+        ).start()
         self.results_root.mkdir(parents=True, exist_ok=True)
         self.include_dir = build_include_dir(self.state_dir / "tasks", self.settings.worker.task_paths)
         self.launcher.start(self.include_dir)
@@ -210,6 +218,8 @@ class Worker:
         with contextlib.suppress(Exception):
             await self.registration.remove()
         with contextlib.suppress(Exception):
+            await self.intake.stop()
+        with contextlib.suppress(Exception):
             await self.sub.unsubscribe()
         with contextlib.suppress(Exception):
             await self.pieces.unsubscribe()
@@ -258,7 +268,7 @@ class Worker:
         while not self.stopping:
             await self.launcher.release_idle_model()
             try:
-                msgs, is_piece = await self._fetch()
+                msgs, is_piece = await self.intake.next(until=self._stopping)
             except (TimeoutError, NatsTimeout):
                 continue
             except Exception as exc:  # e.g. disconnected: wait for the reconnect
@@ -279,17 +289,6 @@ class Worker:
                 finally:
                     self.current = None
                     await self.registration.show(None)  # no longer advertise the job
-
-    async def _fetch(self) -> tuple[list[Msg], bool]:
-        """The next message: an admitted job first, else a piece of a started sharded job.
-
-        The gateway's dispatcher admits a job only when a worker is free for it, or when it
-        outranks the sharded job whose pieces a worker runs: taking jobs first is how those
-        pieces yield to it between pieces (docs/DESIGN.md, "Scheduling")."""
-        with contextlib.suppress(TimeoutError, NatsTimeout):
-            return await self.sub.fetch(1, timeout=0.1), False
-        # Short, so that a job admitted meanwhile waits at most this long for an idle worker.
-        return await self.pieces.fetch(1, timeout=0.4), True
 
     async def _hand_on(self, msg: Msg, info: JobInfo, unable: str, *, deliveries: int) -> None:
         """A job this worker cannot run: back to the queue while a live worker of the pool can
