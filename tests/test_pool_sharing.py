@@ -235,3 +235,18 @@ async def test_a_high_job_takes_the_next_worker_a_low_sharded_job_frees(
         (alone,) = await all_done(p, [undisturbed.job_id], timeout=120)
         assert low_info.result is not None and alone.result is not None
         assert low_info.result.metrics == alone.result.metrics
+
+
+async def test_an_idle_worker_starts_an_admitted_job_at_once(tmp_path: Path, settings: Settings) -> None:
+    # The shipped permissions let a worker hear jobs land: it fetches at once, not on a timer.
+    async with pool(tmp_path, settings, Scheduling(), workers=1) as p:
+        lags: list[float] = []
+        for _ in range(5):
+            accepted = await p.a.submit(**job(0.1))
+            p.mine_a.add(accepted.job_id)
+            (info,) = await all_done(p, [accepted.job_id], timeout=30)
+            lags.append(t(info.started_at) - t(info.admitted_at))
+            # The next job comes to a worker that has been idle a while, past its fetches.
+            await eventually(lambda: time.time() - t(info.completed_at) >= 0.5, what="the worker idle", timeout=5)
+    lags.sort()
+    assert lags[2] <= 0.15, f"from admission to start: {', '.join(f'{lag:.3f}s' for lag in lags)}"
