@@ -247,6 +247,7 @@ async def test_an_idle_worker_starts_an_admitted_job_at_once(tmp_path: Path, set
             (info,) = await all_done(p, [accepted.job_id], timeout=30)
             lags.append(t(info.started_at) - t(info.admitted_at))
             # The next job comes to a worker that has been idle a while, past its fetches.
-            await eventually(lambda: time.time() - t(info.completed_at) >= 0.5, what="the worker idle", timeout=5)
+            ended = t(info.completed_at)
+            await eventually(lambda e=ended: time.time() - e >= 0.5, what="the worker idle", timeout=5)
     lags.sort()
     assert lags[2] <= 0.15, f"from admission to start: {', '.join(f'{lag:.3f}s' for lag in lags)}"
