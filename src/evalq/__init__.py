@@ -32,6 +32,8 @@ from .schemas import (
     EvaluateRequest,
     Event,
     Failed,
+    Gated,
+    GatePolicy,
     Health,
     JobAccepted,
     JobInfo,
@@ -51,6 +53,7 @@ from .schemas import (
     Stalled,
     Started,
     Tracked,
+    Verdict,
     WorkerInfo,
 )
 from .topology import Topology
@@ -71,6 +74,8 @@ __all__ = [
     "EvaluateRequest",
     "Event",
     "Failed",
+    "GatePolicy",
+    "Gated",
     "Health",
     "InvalidField",
     "JobAccepted",
@@ -102,6 +107,7 @@ __all__ = [
     "Topology",
     "Tracked",
     "Unavailable",
+    "Verdict",
     "WorkerInfo",
     "WrongState",
     "__version__",

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from .fields import (
+from ..fields import (
     CONTROL,
     ID_PREFIX,
     JOB_ID_SEGMENT,
@@ -32,6 +32,22 @@ from .fields import (
     check_args,
     format_args,
 )
+from .gates import (
+    GateCheck,
+    GateGet,
+    GateList,
+    GateOp,
+    GatePolicy,
+    GateRule,
+    GateSet,
+    GatesReply,
+    RuleOutcome,
+    RuleStatus,
+    Verdict,
+    VerdictName,
+)
+from .wire import Wire
+from .workers import Announcement, Confirmation, GpuInfo, WorkerInfo
 
 __all__ = [
     "TERMINAL",
@@ -44,6 +60,15 @@ __all__ = [
     "EvaluateRequest",
     "Event",
     "Failed",
+    "GateCheck",
+    "GateGet",
+    "GateList",
+    "GateOp",
+    "GatePolicy",
+    "GateRule",
+    "GateSet",
+    "Gated",
+    "GatesReply",
     "GpuInfo",
     "Health",
     "JobAccepted",
@@ -64,6 +89,8 @@ __all__ = [
     "Queued",
     "QueuedRow",
     "Requeued",
+    "RuleOutcome",
+    "RuleStatus",
     "ShardCompleted",
     "ShardFailed",
     "ShardStarted",
@@ -73,11 +100,14 @@ __all__ = [
     "TeamUse",
     "TeamsReply",
     "Tracked",
+    "Verdict",
+    "VerdictName",
     "Work",
     "WorkItem",
     "WorkerInfo",
     "decode",
     "decode_event",
+    "decode_gate_op",
     "encode",
     "error_path",
     "format_args",
@@ -94,14 +124,10 @@ def now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class _Wire(Struct, frozen=True, kw_only=True, omit_defaults=False):
-    pass
-
-
 # --- requests ------------------------------------------------------------------------
 
 
-class EvaluateRequest(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class EvaluateRequest(Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A job: lmms-eval's evaluate arguments, with the same names, plus `pool` and `labels`."""
 
     model: Name
@@ -139,6 +165,8 @@ class EvaluateRequest(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # Which jobs of the pool run first (DESIGN.md, "Scheduling"); the pool's policy caps it
     # per team.
     priority: Priority = "normal"
+    # The stored gate policy (`evalq gate set`) that gives the job a verdict when it completes.
+    gate: Name | None = None
 
     def __post_init__(self) -> None:
         if self.rescore_of is not None and self.shards > 1:
@@ -156,7 +184,7 @@ class EvaluateRequest(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=Tr
                 raise ValueError(f"Expected a label with no control character - at `$.labels.{key}`")
 
 
-class Work(_Wire, frozen=True, kw_only=True):
+class Work(Wire, frozen=True, kw_only=True):
     """An evaluation's work, by where each answer came from: model responses computed, resumed
     from its own journal (an earlier attempt's, or a re-score's source), or reused from the
     cache; and document scores computed, or reused from its journal. A sharded job's is its
@@ -169,13 +197,13 @@ class Work(_Wire, frozen=True, kw_only=True):
     scores_reused: int = 0
 
 
-class JobRef(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class JobRef(Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The body of `status` and `cancel`."""
 
     job_id: JobId
 
 
-class WorkItem(_Wire, frozen=True, kw_only=True):
+class WorkItem(Wire, frozen=True, kw_only=True):
     """The message stored in a pool's work stream: what a worker needs to run the job."""
 
     job_id: JobId
@@ -186,7 +214,7 @@ class WorkItem(_Wire, frozen=True, kw_only=True):
 PieceStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 
 
-class Piece(_Wire, frozen=True, kw_only=True):
+class Piece(Wire, frozen=True, kw_only=True):
     """One piece of a sharded job: whole tasks (`limit`: the most documents any of them runs),
     or one task's documents `[offset, offset+limit)`."""
 
@@ -206,7 +234,7 @@ class Piece(_Wire, frozen=True, kw_only=True):
     work: Work | None = None
 
 
-class PieceItem(_Wire, frozen=True, kw_only=True):
+class PieceItem(Wire, frozen=True, kw_only=True):
     """A message of a pool's pieces stream: run piece `index` of a job, or (`merge`) merge them."""
 
     job_id: JobId
@@ -217,7 +245,7 @@ class PieceItem(_Wire, frozen=True, kw_only=True):
 # --- replies -------------------------------------------------------------------------
 
 
-class JobAccepted(_Wire, frozen=True, kw_only=True):
+class JobAccepted(Wire, frozen=True, kw_only=True):
     job_id: str
     # "queued" for a new job; a duplicate submission reports the job's current status.
     status: JobStatus = "queued"
@@ -228,14 +256,14 @@ class JobAccepted(_Wire, frozen=True, kw_only=True):
     waiting: str | None = None
 
 
-class Progress(_Wire, frozen=True, kw_only=True):
+class Progress(Wire, frozen=True, kw_only=True):
     phase: str
     done: int
     total: int
     percent: float
 
 
-class JobResult(_Wire, frozen=True, kw_only=True):
+class JobResult(Wire, frozen=True, kw_only=True):
     """What a completed job produced: lmms-eval's `results` section, and artifact names."""
 
     metrics: dict[str, dict[str, Any]] = {}
@@ -245,7 +273,7 @@ class JobResult(_Wire, frozen=True, kw_only=True):
     work: Work | None = None
 
 
-class JobInfo(_Wire, frozen=True, kw_only=True):
+class JobInfo(Wire, frozen=True, kw_only=True):
     """The record kept in the `<prefix>-jobs` bucket and returned by `status`."""
 
     job_id: str
@@ -283,61 +311,17 @@ class JobInfo(_Wire, frozen=True, kw_only=True):
     preemptions: int = 0
     # Why a queued job waits (`status` only): behind higher priority, fair share, a quota.
     waiting: str | None = None
+    # Its gate's verdict, once the job completed and was judged (`request.gate`).
+    verdict: Verdict | None = None
 
 
-class CancelReply(_Wire, frozen=True, kw_only=True):
+class CancelReply(Wire, frozen=True, kw_only=True):
     job_id: str
     status: JobStatus
     message: str
 
 
-class GpuInfo(_Wire, frozen=True, kw_only=True):
-    index: int
-    name: str
-    memory_mb: int
-
-
-class WorkerInfo(_Wire, frozen=True, kw_only=True):
-    """A worker's entry in the `<prefix>-workers` bucket, refreshed every heartbeat."""
-
-    worker_id: str
-    host: str
-    pid: int
-    pool: str = "default"
-    version: str = ""
-    lmms_eval_version: str | None = None
-    gpu_count: int = 0
-    gpus: list[GpuInfo] = []
-    # None until the worker has listed them (that takes lmms-eval seconds to index).
-    models: list[str] | None = None
-    tasks: list[str] | None = None
-    current_job: str | None = None
-    started_at: str = ""
-    heartbeat_at: str = ""
-    # Seconds the entry lives after each write (three heartbeats), as its `Nats-TTL` says;
-    # readers that follow the bucket expire it by the same rule. None from older workers.
-    ttl: float | None = None
-
-
-class Announcement(_Wire, frozen=True, kw_only=True):
-    """From `evalq setup` to a pool's workers (`<prefix>.control.ack_wait.<pool>`): the lower
-    ack_wait it is about to apply."""
-
-    pool: str
-    ack_wait: float
-
-
-class Confirmation(_Wire, frozen=True, kw_only=True):
-    """A worker's answer, sent once it has renewed its message and renews for `ack_wait`."""
-
-    worker_id: str
-    ack_wait: float
-    # A message in hand (a job's, or a piece's, from the moment it is taken), and its job.
-    holding: bool = False
-    job_id: str | None = None
-
-
-class QueueStatus(_Wire, frozen=True, kw_only=True):
+class QueueStatus(Wire, frozen=True, kw_only=True):
     queue_size: int
     queued_jobs: dict[str, list[str]]
     running_jobs: list[str]
@@ -349,7 +333,7 @@ class QueueStatus(_Wire, frozen=True, kw_only=True):
     queue: dict[str, list[QueuedRow]] = {}
 
 
-class Health(_Wire, frozen=True, kw_only=True):
+class Health(Wire, frozen=True, kw_only=True):
     status: Literal["healthy", "degraded"]
     timestamp: str
     version: str
@@ -367,7 +351,7 @@ MetricRef = Annotated[str, Meta(min_length=1, max_length=256)]
 JOBS_PAGE_MAX = 1000
 
 
-class JobsQuery(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class JobsQuery(Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The body of `jobs`: filters (all must hold), a page size and the cursor of the page before."""
 
     status: Annotated[list[JobStatus], Meta(max_length=6)] = []  # any of these
@@ -390,7 +374,7 @@ class JobsQuery(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
                 raise ValueError(f"Expected `task/metric`, `task/*` or `*`, got {ref!r} - at `$.metrics[{index}]`")
 
 
-class JobSummary(_Wire, frozen=True, kw_only=True):
+class JobSummary(Wire, frozen=True, kw_only=True):
     """One job as history tables show it: a JobInfo without its request, pieces or artifacts."""
 
     job_id: str
@@ -422,9 +406,11 @@ class JobSummary(_Wire, frozen=True, kw_only=True):
     # A sharded job's pieces waiting for a worker, and running.
     pieces_waiting: int = 0
     pieces_running: int = 0
+    # Its gate's verdict (GO, NO-GO, INCONCLUSIVE) once judged.
+    verdict: str | None = None
 
 
-class QueuedRow(_Wire, frozen=True, kw_only=True):
+class QueuedRow(Wire, frozen=True, kw_only=True):
     """One waiting job in the queue's order. Another team's job is anonymous: no id, no team."""
 
     position: int
@@ -434,7 +420,7 @@ class QueuedRow(_Wire, frozen=True, kw_only=True):
     waiting: str | None = None
 
 
-class TeamUse(_Wire, frozen=True, kw_only=True):
+class TeamUse(Wire, frozen=True, kw_only=True):
     """One team in one pool, as `teams` answers: its use of the pool and its limits."""
 
     team: str
@@ -449,22 +435,22 @@ class TeamUse(_Wire, frozen=True, kw_only=True):
     max_priority: str = "urgent"
 
 
-class TeamsReply(_Wire, frozen=True, kw_only=True):
+class TeamsReply(Wire, frozen=True, kw_only=True):
     teams: list[TeamUse]
 
 
-class JobsPage(_Wire, frozen=True, kw_only=True):
+class JobsPage(Wire, frozen=True, kw_only=True):
     """Jobs newest first (by created_at, then job_id); `next_cursor` is None on the last page."""
 
     jobs: list[JobSummary]
     next_cursor: str | None = None
 
 
-class TasksReply(_Wire, frozen=True, kw_only=True):
+class TasksReply(Wire, frozen=True, kw_only=True):
     tasks: list[str]
 
 
-class ModelsReply(_Wire, frozen=True, kw_only=True):
+class ModelsReply(Wire, frozen=True, kw_only=True):
     models: list[str]
 
 
@@ -553,6 +539,12 @@ class ShardFailed(_EventBase, frozen=True, kw_only=True, tag="shard_failed"):
     error: str
 
 
+class Gated(_EventBase, frozen=True, kw_only=True, tag="gated"):
+    """A completed job's verdict under its gate (after `completed`)."""
+
+    verdict: Verdict
+
+
 class Tracked(_EventBase, frozen=True, kw_only=True, tag="tracked"):
     # `evalq track` has the job's metrics in these trackers (`tensorboard`, `mlflow`, `wandb`);
     # its `time` is when they held them, the end of the checkpoint's turnaround.
@@ -572,6 +564,7 @@ Event = Union[
     Failed,
     Cancelled,
     Tracked,
+    Gated,
 ]
 TERMINAL_EVENTS: tuple[type, ...] = (Completed, Failed, Cancelled)
 
@@ -579,6 +572,7 @@ TERMINAL_EVENTS: tuple[type, ...] = (Completed, Failed, Cancelled)
 
 _encoder = msgspec.json.Encoder()
 _event_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)  # type: ignore[arg-type]
+_gate_op_decoder: msgspec.json.Decoder[GateOp] = msgspec.json.Decoder(GateOp)  # type: ignore[arg-type]
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {
     t: msgspec.json.Decoder(t)
     for t in (
@@ -599,6 +593,9 @@ _decoders: dict[Any, msgspec.json.Decoder[Any]] = {
         TasksReply,
         ModelsReply,
         TeamsReply,
+        GatePolicy,
+        GatesReply,
+        Verdict,
     )
 }
 
@@ -616,6 +613,11 @@ def decode(data: bytes | str, type: type[T]) -> T:
 
 def decode_event(data: bytes | str) -> Event:
     return _event_decoder.decode(_utf8(data))
+
+
+def decode_gate_op(data: bytes | str) -> GateOp:
+    """The body of the `gate` endpoint."""
+    return _gate_op_decoder.decode(_utf8(data))
 
 
 def _utf8(data: bytes | str) -> bytes | str:
