@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from evalq import lifecycle
 from evalq.lifecycle import Cancellation, Failure, Outcome, Success
-from evalq.schemas import TERMINAL, EvaluateRequest, JobInfo, JobResult, Progress
+from evalq.schemas import TERMINAL, EvaluateRequest, JobInfo, JobResult, Progress, Verdict
 
 REQUEST = EvaluateRequest(model="dummy", tasks=["evalq_demo"], labels={"step": "1"})
 AT = "2026-01-01T00:00:00.000Z"
@@ -34,7 +34,9 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("running", "requeue"): {"queued"},
     ("running", "request_preempt"): {"running"},
     ("running", "preempt"): {"queued"},
+    ("completed", "judge"): {"completed"},
 }
+VERDICT = Verdict(verdict="GO", policy="p", at="2026-01-01T00:00:00.000Z")
 OUTCOMES: list[Outcome] = [
     Success(result=JobResult(metrics={"t": {"acc": 1.0}})),
     Failure(error="boom", exit_code=1, log_tail="last line"),
@@ -67,6 +69,8 @@ def apply(info: JobInfo, transition: str, outcome: Outcome = OUTCOMES[0]) -> Job
             return lifecycle.finish(info, outcome, at=AT)
         case "requeue":
             return lifecycle.requeue(info)
+        case "judge":
+            return lifecycle.judge(info, VERDICT)
     raise AssertionError(transition)
 
 
@@ -108,7 +112,17 @@ def test_the_table_names_only_known_states_and_transitions() -> None:
     for (state, transition), targets in lifecycle.ALLOWED.items():
         assert state in lifecycle.STATES and transition in lifecycle.TRANSITIONS
         assert set(targets) <= set(lifecycle.STATES)
-    assert not any(state in TERMINAL for state, _ in lifecycle.ALLOWED), "terminal states are final"
+    # Terminal states are final: only a completed job's verdict is written after, in its state.
+    after_end = {(state, t): targets for (state, t), targets in lifecycle.ALLOWED.items() if state in TERMINAL}
+    assert after_end == {("completed", "judge"): frozenset({"completed"})}
+
+
+def test_a_verdict_is_written_once() -> None:
+    judged = lifecycle.judge(record("completed"), VERDICT)
+    assert judged is not None and judged.verdict == VERDICT and judged.status == "completed"
+    assert lifecycle.judge(judged, VERDICT) is None
+    event = lifecycle.gated_event(judged)
+    assert (event.job_id, event.verdict, event.time) == ("j1", VERDICT, VERDICT.at)
 
 
 def test_finish_keeps_what_the_outcome_says() -> None:
@@ -172,6 +186,8 @@ def implied_events(before: JobInfo, after: JobInfo, transition: str) -> list[str
         return ["stalled"]
     if transition == "requeue":
         return ["requeued"]
+    if transition == "judge":
+        return []  # `gated` comes after the terminal event and is not part of the run's
     if after.status in TERMINAL:
         return [after.status]
     return []  # a running job's cancel request: the worker's `cancelled` follows
@@ -238,7 +254,7 @@ def test_any_interleaving_of_two_writers_ends_in_at_most_one_terminal_state(
             before, store.info = store.info, after
             store.revision += 1
             store.events += implied_events(before, after, transition)
-            if after.status in TERMINAL:
+            if after.status in TERMINAL and before.status not in TERMINAL:
                 terminal_seen.append(after.status)
             return True
 

@@ -24,7 +24,7 @@ class EventPublisher:
         if isinstance(event, TERMINAL_EVENTS):
             # A worker that re-sends a terminal event after a crash is deduplicated by the stream.
             headers = {"Nats-Msg-Id": f"{event.job_id}.terminal"}
-        elif kind == "queued":
+        elif kind in ("queued", "gated"):
             headers = {"Nats-Msg-Id": f"{event.job_id}.{kind}"}
         return jetstream.Write(
             self.topology.event_subject(event.job_id, str(kind)),

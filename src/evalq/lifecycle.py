@@ -10,6 +10,8 @@ function that records a change. This is where a job's terminal state is written.
                   ├──request_cancel──> cancelled
                   └──finish──> completed | failed | cancelled   (gave up, or cancelled before it ran)
 
+    completed ──judge──> completed   (its gate's verdict, once)
+
 Each change is a pure function ``JobInfo -> JobInfo | None``: the next record, or None when
 the current state does not allow it (`ALLOWED` is the table they all consult). A sharded
 job's pieces change the same way (`sharding.py`: `PIECE_ALLOWED`, `piece_start`, ...). `Recorder`
@@ -42,6 +44,7 @@ from .schemas import (
     EvaluateRequest,
     Event,
     Failed,
+    Gated,
     JobInfo,
     JobResult,
     JobStatus,
@@ -54,6 +57,7 @@ from .schemas import (
     ShardStarted,
     Stalled,
     Started,
+    Verdict,
 )
 from .sharding import pieces_running
 
@@ -73,6 +77,8 @@ __all__ = [
     "allowed",
     "enqueue",
     "finish",
+    "gated_event",
+    "judge",
     "outcome_status",
     "pieces_running",  # sharding's, read here by the gateway
     "preempt",
@@ -96,7 +102,7 @@ __all__ = [
 log = logging.getLogger("evalq.lifecycle")
 
 Transition = Literal[
-    "admit", "start", "progress", "stall", "request_cancel", "finish", "requeue", "request_preempt", "preempt"
+    "admit", "start", "progress", "stall", "request_cancel", "finish", "requeue", "request_preempt", "preempt", "judge"
 ]
 STATES: tuple[JobStatus, ...] = ("queued", "running", "cancelling", "completed", "failed", "cancelled")
 TRANSITIONS: tuple[Transition, ...] = (
@@ -109,6 +115,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     "requeue",
     "request_preempt",
     "preempt",
+    "judge",
 )
 
 # (state, transition) -> the states it may lead to. A pair that is absent is refused.
@@ -133,6 +140,8 @@ ALLOWED: dict[tuple[JobStatus, Transition], frozenset[JobStatus]] = {
     # then its worker stops it at once and hands it back to wait for its turn again.
     ("running", "request_preempt"): frozenset({"running"}),
     ("running", "preempt"): frozenset({"queued"}),
+    # Its gate's verdict (gateway/gatekeeper.py), written once.
+    ("completed", "judge"): frozenset({"completed"}),
 }
 
 
@@ -280,6 +289,13 @@ def preempt(info: JobInfo) -> JobInfo | None:
     )
 
 
+def judge(info: JobInfo, verdict: Verdict) -> JobInfo | None:
+    """Record its gate's verdict; refused once it has one (another gateway was first)."""
+    if not allowed(info.status, "judge") or info.verdict is not None:
+        return None
+    return msgspec.structs.replace(info, verdict=verdict)
+
+
 def requeue(info: JobInfo) -> JobInfo | None:
     if not allowed(info.status, "requeue"):
         return None
@@ -348,6 +364,11 @@ def started_event(
         resumed_scores=resumed_scores,
         loads_model=loads_model,
     )
+
+
+def gated_event(info: JobInfo) -> Gated:
+    assert info.verdict is not None
+    return Gated(**_common(info, at=info.verdict.at, attempt=info.attempts, worker=info.worker), verdict=info.verdict)
 
 
 def progress_event(info: JobInfo, value: Progress, *, worker: str, at: str) -> ProgressEvent:

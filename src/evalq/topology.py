@@ -194,6 +194,11 @@ class Topology:
         return f"{self.prefix}-pools"
 
     @property
+    def gates_bucket(self) -> str:
+        """`<team>.<name>` -> a stored GatePolicy (gateway/gatekeeper.py)."""
+        return f"{self.prefix}-gates"
+
+    @property
     def results_bucket(self) -> str:
         return f"{self.prefix}-results"
 
@@ -400,6 +405,8 @@ class Topology:
         # Pool name -> PoolPolicy; only `evalq setup` writes it (policy.py).
         policies = api.KeyValueConfig(bucket=self.pools_bucket, replicas=self.replicas, storage=api.StorageType.FILE)
         found += await _put_kv(js, policies, update)
+        gates = api.KeyValueConfig(bucket=self.gates_bucket, replicas=self.replicas, storage=api.StorageType.FILE)
+        found += await _put_kv(js, gates, update)
         try:
             await js.create_object_store(
                 self.results_bucket, config=api.ObjectStoreConfig(replicas=self.replicas, storage=api.StorageType.FILE)

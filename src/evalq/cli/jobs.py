@@ -20,6 +20,7 @@ from ..schemas import JOBS_PAGE_MAX, CacheMode, JobAccepted, JobSummary, QueuedR
 from ..turnaround import read_turnaround, turnaround_line
 from .app import JsonOpt, client_command, number, parse_pairs, run, settings
 from .follow import follow
+from .gates import print_verdict, verdict_code
 from .output import (
     SHORT_ID,
     console,
@@ -89,6 +90,13 @@ def submit(
             "aging period (up to high). A team may be capped below urgent (`evalq teams`). Default: normal."
         ),
     ] = None,
+    gate: Annotated[
+        Optional[str],
+        typer.Option(
+            help="A stored gate policy (`evalq gate set`) that judges the job when it completes. With --wait, "
+            "the exit code is the verdict's: 0 GO, 5 NO-GO, 6 INCONCLUSIVE."
+        ),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Submit an evaluation job; prints its id, queue position and why it waits.
@@ -98,6 +106,8 @@ def submit(
     Sharded: `evalq submit --model dummy --tasks evalq_demo,evalq_shard_demo --shards 5 --wait`
 
     Example: `evalq submit --model dummy --tasks evalq_demo --priority high`
+
+    Gated: `evalq submit --model dummy --tasks evalq_demo --label run=r1 --label step=200 --gate release --wait`
     """
     body: dict[str, Any] = {
         "model": model,
@@ -124,6 +134,7 @@ def submit(
         "cache": cache,
         "seed": seed,
         "priority": priority,
+        "gate": gate,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     chosen = settings(ctx)
@@ -131,7 +142,16 @@ def submit(
     async def main() -> int:
         async with AsyncClient(chosen) as client:
             accepted = await client.submit(body, idempotency_key=idempotency_key)
-            return await _accepted(client, accepted, f"pool {pool}", json_=json_, wait=wait, timeout=timeout)
+            code = await _accepted(client, accepted, f"pool {pool}", json_=json_, wait=wait, timeout=timeout)
+            if code != 0 or not wait or gate is None:
+                return code
+            # Judged within moments of its completion; bounded, should no gateway judge it.
+            verdict = await client.gates.wait(accepted.job_id, timeout=timeout or 60.0)
+            if json_:
+                dump(verdict)
+            else:
+                print_verdict(verdict)
+            return verdict_code(verdict)
 
     raise typer.Exit(run(main()))
 

@@ -53,6 +53,7 @@ class _Request(msgspec.Struct):
     tasks: list[str] = []
     priority: str = "normal"
     num_gpus: int = 1
+    gate: str | None = None
 
 
 class _Piece(msgspec.Struct):
@@ -63,6 +64,10 @@ class _Piece(msgspec.Struct):
 class _Result(msgspec.Struct):
     metrics: dict[str, dict[str, Any]] = {}
     duration_s: float | None = None
+
+
+class _Verdict(msgspec.Struct):
+    verdict: str
 
 
 class _Record(msgspec.Struct):
@@ -85,6 +90,7 @@ class _Record(msgspec.Struct):
     admitted_at: str | None = None
     stream_seq: int | None = None
     pieces: list[_Piece] = []
+    verdict: _Verdict | None = None
 
 
 _record = msgspec.json.Decoder(_Record)
@@ -132,6 +138,8 @@ def summarize(data: bytes) -> JobSummary:
         admitted_at=r.admitted_at or (r.created_at if r.stream_seq is not None else None),
         pieces_waiting=sum(1 for p in r.pieces if p.status == "queued"),
         pieces_running=sum(1 for p in r.pieces if p.status == "running"),
+        gate=r.request.gate if r.request else None,
+        verdict=r.verdict.verdict if r.verdict else None,
     )
 
 
@@ -406,6 +414,10 @@ class History(Follower):
         # Jobs seen cancelled before they were admitted (no work message whose taker would
         # publish a missing terminal event): job id -> when seen (monotonic).
         self.cancelled_waiting: dict[str, float] = {}  # the last bucket revision the watch brought
+        # Completed jobs that name a gate and have no verdict yet, oldest first, and a flag
+        # set when one is added (gateway/gatekeeper.py).
+        self.ungated: dict[str, None] = {}
+        self.gates_due = asyncio.Event()
 
     def note(self, summary: JobSummary, revision: int) -> None:
         """A record this gateway wrote: shown at once, before the watch brings it back."""
@@ -461,5 +473,10 @@ class History(Follower):
                 log.warning("job history: record %s is unreadable (%s); not listed", entry.key, exc)
                 continue
             target.put(summary, entry.revision or 0)
+            if summary.status == "completed" and summary.gate and not summary.verdict:
+                self.ungated[summary.job_id] = None
+                self.gates_due.set()
+            else:
+                self.ungated.pop(summary.job_id, None)
             if self.loaded.is_set() and summary.status == "cancelled" and not summary.admitted_at:
                 self.cancelled_waiting.setdefault(summary.job_id, time.monotonic())

@@ -50,6 +50,7 @@ from ..schemas import (
     CancelReply,
     EvaluateRequest,
     Event,
+    GatesReply,
     Health,
     JobAccepted,
     JobInfo,
@@ -62,6 +63,7 @@ from ..schemas import (
     QueueStatus,
     TasksReply,
     TeamsReply,
+    Verdict,
     decode,
     encode,
     error_path,
@@ -70,6 +72,7 @@ from ..schemas import (
 from ..topology import Topology
 from .checks import PoolNames, SubmitChecks
 from .dispatcher import Dispatcher
+from .gatekeeper import Gatekeeper
 from .history import History, summarize
 from .identity import of_request
 
@@ -199,6 +202,9 @@ class Gateway:
             js=self.js,
             timeout=self.settings.connection.request_timeout,
         ).start()
+        self.gatekeeper = await Gatekeeper(
+            self.js, jetstream.Api.of_context(self.js), self.topology, history=self.history, recorder=self.recorder
+        ).start()
         self.checks = SubmitChecks(
             max_bytes=self.settings.gateway.max_request_bytes,
             pools=self.pools,
@@ -224,6 +230,7 @@ class Gateway:
             "models": self.models,
             "jobs": self.list_jobs,
             "teams": self.teams,
+            "gate": self.gate,
         }
         for name, handler in endpoints.items():
             await self._service.add_endpoint(
@@ -240,8 +247,9 @@ class Gateway:
             self._service = None
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.settings.connection.request_timeout)
-        if getattr(self, "dispatcher", None) is not None:
-            await self.dispatcher.stop()
+        for task in (getattr(self, "dispatcher", None), getattr(self, "gatekeeper", None)):
+            if task is not None:
+                await task.stop()
         for follower in (getattr(self, "history", None), getattr(self, "registry", None)):
             if follower is not None:
                 await follower.stop()
@@ -317,6 +325,7 @@ class Gateway:
                 f"the queue is full: pool {job.pool!r} holds {queued.total()} queued jobs (queue_limit); retry later"
             )
         await self.checks.team_limits(job, requester.team, queued[requester.team])
+        await self.gatekeeper.require(requester.team, job.gate)
         created = now()
         info = lifecycle.enqueue(
             job_id, job, created_at=created, stream_seq=None, team=requester.team, user=requester.user
@@ -462,6 +471,9 @@ class Gateway:
             position, why = await self._place(info)
             info = msgspec.structs.replace(info, position_in_queue=position, waiting=why)
         return info
+
+    async def gate(self, request: Request) -> GatesReply | Verdict:
+        return await self.gatekeeper.serve(request)
 
     async def cancel(self, request: Request) -> CancelReply:
         job_id, _ = await self._job(request)

@@ -68,6 +68,7 @@ from ..schemas import (
     encode,
 )
 from ..topology import Topology
+from .gates import Gates
 
 __all__ = ["Artifact", "AsyncClient"]
 
@@ -279,6 +280,11 @@ class AsyncClient:
         """Each team's use of each pool (decayed GPU-seconds), its share and its limits; a
         team's member sees only its own rows."""
         return await self._ask("teams", TeamsReply, b"{}")
+
+    @property
+    def gates(self) -> Gates:
+        """The team's gate policies and its jobs' verdicts (publisher/gates.py)."""
+        return Gates(self._ask, self.events)
 
     # --- history -----------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from .gates import (
     GateCheck,
     GateGet,
     GateList,
+    GateName,
     GateOp,
     GatePolicy,
     GateRule,
@@ -63,6 +64,7 @@ __all__ = [
     "GateCheck",
     "GateGet",
     "GateList",
+    "GateName",
     "GateOp",
     "GatePolicy",
     "GateRule",
@@ -166,7 +168,7 @@ class EvaluateRequest(Wire, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     # per team.
     priority: Priority = "normal"
     # The stored gate policy (`evalq gate set`) that gives the job a verdict when it completes.
-    gate: Name | None = None
+    gate: GateName | None = None
 
     def __post_init__(self) -> None:
         if self.rescore_of is not None and self.shards > 1:
@@ -406,7 +408,8 @@ class JobSummary(Wire, frozen=True, kw_only=True):
     # A sharded job's pieces waiting for a worker, and running.
     pieces_waiting: int = 0
     pieces_running: int = 0
-    # Its gate's verdict (GO, NO-GO, INCONCLUSIVE) once judged.
+    # Its gate policy's name, and the verdict (GO, NO-GO, INCONCLUSIVE) once judged.
+    gate: str | None = None
     verdict: str | None = None
 
 

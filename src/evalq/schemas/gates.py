@@ -16,6 +16,7 @@ __all__ = [
     "GateCheck",
     "GateGet",
     "GateList",
+    "GateName",
     "GateOp",
     "GatePolicy",
     "GateRule",
@@ -31,6 +32,8 @@ __all__ = [
 Tier = Literal["critical", "supporting", "advisory"]
 RuleStatus = Literal["PASS", "BREACH", "INSUFFICIENT_EVIDENCE", "MISSING"]
 VerdictName = Literal["GO", "NO-GO", "INCONCLUSIVE"]
+# A stored policy's name: one key token of the gates bucket (`<team>.<name>`).
+GateName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\A[A-Za-z0-9_\-]+\Z")]
 # `task/metric`: lmms-eval's key (`exact_match,none`) or its name before the `,filter`.
 GateMetric = Annotated[str, Meta(min_length=3, max_length=256, pattern=r"\A[^/\s]+/[^/\s]+\Z")]
 # "previous" (the latest earlier step of the same run), "best" (the best earlier step of it),
@@ -101,12 +104,12 @@ class _GateBase(Struct, frozen=True, kw_only=True, tag_field="op", forbid_unknow
 
 
 class GateSet(_GateBase, frozen=True, kw_only=True, tag="set"):
-    name: Name
+    name: GateName
     policy: GatePolicy
 
 
 class GateGet(_GateBase, frozen=True, kw_only=True, tag="get"):
-    name: Name
+    name: GateName
 
 
 class GateList(_GateBase, frozen=True, kw_only=True, tag="list"):
@@ -117,7 +120,7 @@ class GateCheck(_GateBase, frozen=True, kw_only=True, tag="check"):
     """A verdict on demand: the job's stored one unless a policy or baseline is named."""
 
     job_id: JobId
-    policy: Name | None = None
+    policy: GateName | None = None
     baseline: Baseline | None = None
 
 
