@@ -18,7 +18,7 @@ import time
 
 import msgspec
 from nats.js.client import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 from nats.micro.request import Request
 
@@ -115,7 +115,7 @@ class Gatekeeper:
     async def _policies(self, team: str) -> dict[str, GatePolicy]:
         assert self.kv is not None
         found: dict[str, GatePolicy] = {}
-        with contextlib.suppress(NotFoundError):  # nats-py's "no keys"
+        with contextlib.suppress(NoKeysError):
             for key in await self.kv.keys():
                 owner, _, name = key.partition(".")
                 if owner == team and (policy := await self.policy(team, name)) is not None:
