@@ -14,7 +14,7 @@ import pytest
 from evalq import AsyncClient, errors
 from evalq.config import Settings
 from evalq.gateway import Gateway
-from evalq.gateway.service import KeyClaim, request_fingerprint
+from evalq.gateway.idempotency import KeyClaim, request_fingerprint
 from evalq.jobstore import JobStore
 from evalq.schemas import EvaluateRequest, JobInfo, WorkerInfo, decode, encode
 from evalq.topology import Topology

@@ -113,6 +113,13 @@ class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     max_request_bytes: Annotated[int, Meta(ge=1, description="larger submissions are refused with 413")] = 512 * 1024
     gateway_concurrency: Annotated[int, Meta(ge=1, description="requests one gateway serves at once")] = 512
+    webhook_hosts: Annotated[
+        list[str], _doc("hosts beyond loopback that an admin may point a webhook at (`evalq notify add`)")
+    ] = []
+    notify_attempts: Annotated[
+        int, Meta(ge=1, le=100, description="tries of one webhook delivery before it is kept as a failure")
+    ] = 10
+    notify_timeout: Annotated[Seconds, _doc("seconds one webhook POST may take")] = 10.0
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

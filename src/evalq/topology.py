@@ -199,6 +199,33 @@ class Topology:
         return f"{self.prefix}-gates"
 
     @property
+    def notify_bucket(self) -> str:
+        """`<team>.<name>` -> a webhook Subscription, secret included (gateway/notifier.py)."""
+        return f"{self.prefix}-notify"
+
+    @property
+    def notify_failures_bucket(self) -> str:
+        """`<team>.<subscription>.<delivery id>` -> a DeliveryFailure."""
+        return f"{self.prefix}-notify-failures"
+
+    @property
+    def deliveries_stream(self) -> str:
+        return f"{self.stream_prefix}_DELIVERIES"
+
+    def delivery_subject(self, team: str, subscription: str) -> str:
+        return f"{self.prefix}.deliveries.{team}.{subscription}"
+
+    @property
+    def notify_consumer(self) -> str:
+        """The durable consumer on the events stream that turns events into deliveries."""
+        return f"{self.prefix}-notify"
+
+    @property
+    def deliver_consumer(self) -> str:
+        """The durable consumer on the deliveries stream that POSTs them."""
+        return f"{self.prefix}-deliver"
+
+    @property
     def results_bucket(self) -> str:
         return f"{self.prefix}-results"
 
@@ -290,6 +317,42 @@ class Topology:
             max_age=self.cache_max_age,
             max_bytes=self.cache_max_bytes,
             discard=api.DiscardPolicy.OLD,
+        )
+
+    def deliveries_stream_config(self) -> api.StreamConfig:
+        # One message per (event, subscription), removed once delivered or given up on.
+        return api.StreamConfig(
+            name=self.deliveries_stream,
+            description="evalq webhook deliveries waiting to be made",
+            subjects=[f"{self.prefix}.deliveries.>"],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+            num_replicas=self.replicas,
+            duplicate_window=self.duplicate_window,
+        )
+
+    def notify_consumer_config(self) -> api.ConsumerConfig:
+        kinds = ("completed", "failed", "cancelled", "gated")
+        return api.ConsumerConfig(
+            durable_name=self.notify_consumer,
+            filter_subjects=[self.events_filter("*", kind) for kind in kinds],
+            ack_policy=api.AckPolicy.EXPLICIT,
+            # Events from when notifications began: a new queue does not announce its past.
+            deliver_policy=api.DeliverPolicy.NEW,
+            ack_wait=30.0,
+            max_deliver=-1,
+            max_ack_pending=1000,
+        )
+
+    def deliver_consumer_config(self) -> api.ConsumerConfig:
+        return api.ConsumerConfig(
+            durable_name=self.deliver_consumer,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            # Longer than a POST may take; the notifier counts the attempts itself.
+            ack_wait=120.0,
+            max_deliver=-1,
+            max_ack_pending=1000,
         )
 
     # --- ensure -----------------------------------------------------------------------
@@ -405,8 +468,15 @@ class Topology:
         # Pool name -> PoolPolicy; only `evalq setup` writes it (policy.py).
         policies = api.KeyValueConfig(bucket=self.pools_bucket, replicas=self.replicas, storage=api.StorageType.FILE)
         found += await _put_kv(js, policies, update)
-        gates = api.KeyValueConfig(bucket=self.gates_bucket, replicas=self.replicas, storage=api.StorageType.FILE)
-        found += await _put_kv(js, gates, update)
+        for bucket in (self.gates_bucket, self.notify_bucket, self.notify_failures_bucket):
+            config = api.KeyValueConfig(bucket=bucket, replicas=self.replicas, storage=api.StorageType.FILE)
+            found += await _put_kv(js, config, update)
+        found += await _put_stream(js, self.deliveries_stream_config(), update)
+        for stream, consumer in (
+            (self.events_stream, self.notify_consumer_config()),
+            (self.deliveries_stream, self.deliver_consumer_config()),
+        ):
+            found += await _put_consumer(js, stream, consumer, update)
         try:
             await js.create_object_store(
                 self.results_bucket, config=api.ObjectStoreConfig(replicas=self.replicas, storage=api.StorageType.FILE)
@@ -490,6 +560,19 @@ async def _put_stream(js: JetStreamContext, config: api.StreamConfig, update: bo
     assert config.name is not None
     owned = {name: getattr(config, name) for name in _OWNED_STREAM_FIELDS if getattr(config, name) is not None}
     return await _check_stream(js, config.name, owned, update)
+
+
+async def _put_consumer(js: JetStreamContext, stream: str, config: api.ConsumerConfig, update: bool) -> list[Mismatch]:
+    """A durable consumer of the queue's own (the notifier's): created when missing, written
+    again by `evalq setup`."""
+    try:
+        await js.consumer_info(stream, str(config.durable_name))
+    except NotFoundError:
+        await js.add_consumer(stream, config)
+        return []
+    if update:
+        await js.add_consumer(stream, config)
+    return []
 
 
 async def _put_kv(

@@ -1,13 +1,13 @@
 """The `evalq` command: run the services, submit and follow jobs.
 
 Every command has `--help` with an example and `--json` for scripts. The commands live in
-modules by audience (`services`, `jobs`, `gates`, `cluster`, `training`); they are added to the app
+modules by audience (`services`, `jobs`, `gates`, `notify`, `cluster`, `training`); they are added to the app
 here, in the order `evalq --help` lists them.
 """
 
 from __future__ import annotations
 
-from . import cluster, gates, jobs, services, training
+from . import cluster, gates, jobs, notify, services, training
 from .app import app
 
 __all__ = ["app", "main"]
@@ -28,6 +28,7 @@ app.command()(jobs.events)
 app.command()(jobs.queue)
 app.command()(jobs.jobs)
 app.add_typer(gates.gate_app)
+app.add_typer(notify.notify_app)
 app.command()(cluster.workers)
 app.command()(cluster.teams)
 app.command()(cluster.health)

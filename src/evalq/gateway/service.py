@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -50,7 +49,6 @@ from ..schemas import (
     CancelReply,
     EvaluateRequest,
     Event,
-    GatesReply,
     Health,
     JobAccepted,
     JobInfo,
@@ -63,7 +61,6 @@ from ..schemas import (
     QueueStatus,
     TasksReply,
     TeamsReply,
-    Verdict,
     decode,
     encode,
     error_path,
@@ -74,7 +71,9 @@ from .checks import PoolNames, SubmitChecks
 from .dispatcher import Dispatcher
 from .gatekeeper import Gatekeeper
 from .history import History, summarize
+from .idempotency import KeyClaim, key_digest, read_claim, request_fingerprint
 from .identity import of_request
+from .notifier import Notifier
 
 __all__ = ["Gateway"]
 
@@ -89,43 +88,8 @@ _FULL = {
 }
 # Errors that mean "JetStream could not answer now" (a node down, an election): a retry helps.
 _UNAVAILABLE = (NatsTimeout, NoRespondersError, asyncio.TimeoutError, ServiceUnavailableError, NoStreamResponseError)
-_KEY_MAX = 256
 
 Handler = Callable[[Request], Awaitable[msgspec.Struct]]
-
-
-class KeyClaim(msgspec.Struct, frozen=True, kw_only=True):
-    """An Idempotency-Key's entry: the job it names, and the request it was used for."""
-
-    job_id: str
-    # sha256 of the request's canonical JSON; None in an entry written before it was stored.
-    fingerprint: str | None = None
-
-
-# Canonical: every field in its declared order, dict keys sorted, so the same request sent
-# with its keys in another order is the same request.
-_canonical = msgspec.json.Encoder(order="deterministic")
-
-
-def request_fingerprint(job: EvaluateRequest) -> str:
-    return hashlib.sha256(_canonical.encode(job)).hexdigest()
-
-
-def key_digest(key: str, team: str) -> str:
-    """The idempotency bucket's key for an Idempotency-Key: each team's keys are its own, so
-    two teams that pick the same key get two jobs, and neither learns of the other's. The
-    `default` team's digest is the key's alone, as it was before teams."""
-    if not key or len(key) > _KEY_MAX:
-        raise BadRequest(f"Idempotency-Key must be 1 to {_KEY_MAX} characters", path="$")
-    scoped = key if team == "default" else f"{team}\0{key}"
-    return hashlib.sha256(scoped.encode()).hexdigest()
-
-
-def read_claim(value: bytes) -> KeyClaim:
-    """An entry's value: a KeyClaim, or an older gateway's plain job id."""
-    if value.startswith(b"{"):
-        return msgspec.json.decode(value, type=KeyClaim)
-    return KeyClaim(job_id=value.decode())
 
 
 def as_request_error(exc: BaseException) -> RequestError:
@@ -205,6 +169,14 @@ class Gateway:
         self.gatekeeper = await Gatekeeper(
             self.js, jetstream.Api.of_context(self.js), self.topology, history=self.history, recorder=self.recorder
         ).start()
+        self.notifier = await Notifier(
+            self.nc,
+            self.js,
+            self.topology,
+            jobs=self.jobs,
+            settings=self.settings.gateway,
+            timeout=self.settings.connection.request_timeout,
+        ).start()
         self.checks = SubmitChecks(
             max_bytes=self.settings.gateway.max_request_bytes,
             pools=self.pools,
@@ -230,7 +202,8 @@ class Gateway:
             "models": self.models,
             "jobs": self.list_jobs,
             "teams": self.teams,
-            "gate": self.gate,
+            "gate": self.gatekeeper.serve,
+            "notify": self.notifier.serve,
         }
         for name, handler in endpoints.items():
             await self._service.add_endpoint(
@@ -247,7 +220,11 @@ class Gateway:
             self._service = None
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.settings.connection.request_timeout)
-        for task in (getattr(self, "dispatcher", None), getattr(self, "gatekeeper", None)):
+        for task in (
+            getattr(self, "dispatcher", None),
+            getattr(self, "gatekeeper", None),
+            getattr(self, "notifier", None),
+        ):
             if task is not None:
                 await task.stop()
         for follower in (getattr(self, "history", None), getattr(self, "registry", None)):
@@ -471,9 +448,6 @@ class Gateway:
             position, why = await self._place(info)
             info = msgspec.structs.replace(info, position_in_queue=position, waiting=why)
         return info
-
-    async def gate(self, request: Request) -> GatesReply | Verdict:
-        return await self.gatekeeper.serve(request)
 
     async def cancel(self, request: Request) -> CancelReply:
         job_id, _ = await self._job(request)

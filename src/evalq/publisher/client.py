@@ -69,6 +69,7 @@ from ..schemas import (
 )
 from ..topology import Topology
 from .gates import Gates
+from .notify import Notify
 
 __all__ = ["Artifact", "AsyncClient"]
 
@@ -285,6 +286,11 @@ class AsyncClient:
     def gates(self) -> Gates:
         """The team's gate policies and its jobs' verdicts (publisher/gates.py)."""
         return Gates(self._ask, self.events)
+
+    @property
+    def notify(self) -> Notify:
+        """The team's webhook subscriptions (publisher/notify.py)."""
+        return Notify(self._ask)
 
     # --- history -----------------------------------------------------------------------
 

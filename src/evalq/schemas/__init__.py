@@ -7,7 +7,6 @@ passes silently. Constraints live in the types, so a refusal always carries a JS
 
 from __future__ import annotations
 
-import datetime as _dt
 import re
 from typing import Annotated, Any, Literal, TypeVar, Union
 
@@ -16,7 +15,6 @@ from msgspec import Meta, Struct
 
 from ..fields import (
     CONTROL,
-    ID_PREFIX,
     JOB_ID_SEGMENT,
     ArgDict,
     ArgString,
@@ -47,10 +45,25 @@ from .gates import (
     Verdict,
     VerdictName,
 )
-from .wire import Wire
+from .history import JOBS_PAGE_MAX, JobsPage, JobsQuery, JobSummary, QueuedRow, TeamsReply, TeamUse
+from .notify import (
+    Delivery,
+    DeliveryFailure,
+    NotifyAdd,
+    NotifyFailures,
+    NotifyList,
+    NotifyOp,
+    NotifyRemove,
+    NotifyReply,
+    NotifyRetry,
+    Subscription,
+    SubscriptionView,
+)
+from .wire import TERMINAL, JobStatus, Progress, Wire, now
 from .workers import Announcement, Confirmation, GpuInfo, WorkerInfo
 
 __all__ = [
+    "JOBS_PAGE_MAX",
     "TERMINAL",
     "Announcement",
     "CacheMode",
@@ -58,6 +71,8 @@ __all__ = [
     "Cancelled",
     "Completed",
     "Confirmation",
+    "Delivery",
+    "DeliveryFailure",
     "EvaluateRequest",
     "Event",
     "Failed",
@@ -82,6 +97,13 @@ __all__ = [
     "JobsPage",
     "JobsQuery",
     "ModelsReply",
+    "NotifyAdd",
+    "NotifyFailures",
+    "NotifyList",
+    "NotifyOp",
+    "NotifyRemove",
+    "NotifyReply",
+    "NotifyRetry",
     "Piece",
     "PieceItem",
     "PieceStatus",
@@ -98,6 +120,8 @@ __all__ = [
     "ShardStarted",
     "Stalled",
     "Started",
+    "Subscription",
+    "SubscriptionView",
     "TasksReply",
     "TeamUse",
     "TeamsReply",
@@ -110,6 +134,7 @@ __all__ = [
     "decode",
     "decode_event",
     "decode_gate_op",
+    "decode_notify_op",
     "encode",
     "error_path",
     "format_args",
@@ -117,15 +142,6 @@ __all__ = [
 ]
 
 CacheMode = Literal["off", "read", "read-write", "refresh"]
-JobStatus = Literal["queued", "running", "cancelling", "completed", "failed", "cancelled"]
-TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
-
-
-def now() -> str:
-    """The current time as RFC 3339 UTC, the only time format on the wire."""
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 # --- requests ------------------------------------------------------------------------
 
 
@@ -258,13 +274,6 @@ class JobAccepted(Wire, frozen=True, kw_only=True):
     waiting: str | None = None
 
 
-class Progress(Wire, frozen=True, kw_only=True):
-    phase: str
-    done: int
-    total: int
-    percent: float
-
-
 class JobResult(Wire, frozen=True, kw_only=True):
     """What a completed job produced: lmms-eval's `results` section, and artifact names."""
 
@@ -342,111 +351,6 @@ class Health(Wire, frozen=True, kw_only=True):
     pools: list[str]
     queue_size: int
     workers: list[WorkerInfo]
-
-
-# --- job history (`<prefix>.jobs`) -----------------------------------------------------
-
-# Zoned RFC 3339: a time without its zone would mean a different instant on every machine.
-Instant = Annotated[_dt.datetime, Meta(tz=True)]
-# `task/metric` (lmms-eval's key, or its name before the `,filter`), `task/*`, or `*` for all.
-MetricRef = Annotated[str, Meta(min_length=1, max_length=256)]
-JOBS_PAGE_MAX = 1000
-
-
-class JobsQuery(Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The body of `jobs`: filters (all must hold), a page size and the cursor of the page before."""
-
-    status: Annotated[list[JobStatus], Meta(max_length=6)] = []  # any of these
-    pool: PoolName | None = None
-    labels: Labels = {}  # every one must match
-    created_after: Instant | None = None  # inclusive
-    created_before: Instant | None = None  # exclusive
-    # The start of a job id, lowercase hex: how short ids are resolved.
-    id_prefix: Annotated[str, Meta(min_length=1, max_length=36, pattern=rf"\A{ID_PREFIX.pattern}\Z")] | None = None
-    # Which metrics each summary carries; none by default, so a page stays small.
-    metrics: Annotated[list[MetricRef], Meta(max_length=64)] = []
-    limit: Annotated[int, Meta(ge=1, le=JOBS_PAGE_MAX)] = 100
-    cursor: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
-    team: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
-
-    def __post_init__(self) -> None:
-        for index, ref in enumerate(self.metrics):
-            task, slash, metric = ref.partition("/")
-            if ref != "*" and (not slash or not task or not metric):
-                raise ValueError(f"Expected `task/metric`, `task/*` or `*`, got {ref!r} - at `$.metrics[{index}]`")
-
-
-class JobSummary(Wire, frozen=True, kw_only=True):
-    """One job as history tables show it: a JobInfo without its request, pieces or artifacts."""
-
-    job_id: str
-    status: JobStatus
-    pool: str = "default"
-    created_at: str
-    started_at: str | None = None
-    completed_at: str | None = None
-    model: str | None = None
-    tasks: list[str] = []
-    labels: dict[str, str] = {}
-    attempts: int = 0
-    worker: str | None = None
-    shards: int = 1
-    shards_done: int = 0
-    progress: Progress | None = None
-    duration_s: float | None = None
-    # Only those the query asked for (`JobsQuery.metrics`).
-    metrics: dict[str, dict[str, Any]] = {}
-    error: str | None = None
-    team: str = "default"
-    priority: str = "normal"
-    num_gpus: int = 1
-    # GPU-seconds a finished job used (its pieces' for a sharded job).
-    gpu_s: float | None = None
-    admitted_at: str | None = None
-    # Its record's sequence in the jobs bucket while it waits: the order of submission.
-    stream_seq: int | None = None
-    # A sharded job's pieces waiting for a worker, and running.
-    pieces_waiting: int = 0
-    pieces_running: int = 0
-    # Its gate policy's name, and the verdict (GO, NO-GO, INCONCLUSIVE) once judged.
-    gate: str | None = None
-    verdict: str | None = None
-
-
-class QueuedRow(Wire, frozen=True, kw_only=True):
-    """One waiting job in the queue's order. Another team's job is anonymous: no id, no team."""
-
-    position: int
-    job_id: str | None = None
-    team: str | None = None
-    priority: str = "normal"
-    waiting: str | None = None
-
-
-class TeamUse(Wire, frozen=True, kw_only=True):
-    """One team in one pool, as `teams` answers: its use of the pool and its limits."""
-
-    team: str
-    pool: str
-    share: float
-    # GPU-seconds, each decayed by its age with the pool's half-life, running jobs included.
-    use_gpu_s: float
-    running_gpus: int
-    queued: int
-    max_running_gpus: int | None = None
-    max_queued: int | None = None
-    max_priority: str = "urgent"
-
-
-class TeamsReply(Wire, frozen=True, kw_only=True):
-    teams: list[TeamUse]
-
-
-class JobsPage(Wire, frozen=True, kw_only=True):
-    """Jobs newest first (by created_at, then job_id); `next_cursor` is None on the last page."""
-
-    jobs: list[JobSummary]
-    next_cursor: str | None = None
 
 
 class TasksReply(Wire, frozen=True, kw_only=True):
@@ -576,6 +480,7 @@ TERMINAL_EVENTS: tuple[type, ...] = (Completed, Failed, Cancelled)
 _encoder = msgspec.json.Encoder()
 _event_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)  # type: ignore[arg-type]
 _gate_op_decoder: msgspec.json.Decoder[GateOp] = msgspec.json.Decoder(GateOp)  # type: ignore[arg-type]
+_notify_op_decoder: msgspec.json.Decoder[NotifyOp] = msgspec.json.Decoder(NotifyOp)  # type: ignore[arg-type]
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {
     t: msgspec.json.Decoder(t)
     for t in (
@@ -599,6 +504,10 @@ _decoders: dict[Any, msgspec.json.Decoder[Any]] = {
         GatePolicy,
         GatesReply,
         Verdict,
+        Subscription,
+        Delivery,
+        DeliveryFailure,
+        NotifyReply,
     )
 }
 
@@ -621,6 +530,11 @@ def decode_event(data: bytes | str) -> Event:
 def decode_gate_op(data: bytes | str) -> GateOp:
     """The body of the `gate` endpoint."""
     return _gate_op_decoder.decode(_utf8(data))
+
+
+def decode_notify_op(data: bytes | str) -> NotifyOp:
+    """The body of the `notify` endpoint."""
+    return _notify_op_decoder.decode(_utf8(data))
 
 
 def _utf8(data: bytes | str) -> bytes | str:

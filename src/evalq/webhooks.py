@@ -1,0 +1,106 @@
+"""Webhooks: the body a notification carries, its signature, the URLs a subscription may
+name, and one POST (docs/DESIGN.md, "Notifications").
+
+A receiver checks `X-Evalq-Signature: sha256=<hex>`, the HMAC-SHA256 of the raw body with
+the subscription's secret (`verify`), and drops a repeat by its `Idempotency-Key`
+(`<job_id>.<event type>`): delivery is at least once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import ssl
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import InvalidField
+from .schemas import Event, Gated
+
+__all__ = ["SIGNATURE_HEADER", "check_url", "post", "render", "sign", "verify"]
+
+SIGNATURE_HEADER = "X-Evalq-Signature"
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The signature header's value for `body`."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, body: bytes, signature: str) -> bool:
+    """Whether `signature` (the header's value) is `body`'s under `secret`; constant time."""
+    return hmac.compare_digest(sign(secret, body), signature)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str, *, allowed_hosts: list[str], admin: bool) -> None:
+    """A subscription's URL: a loopback one anyone may add; another host only an admin, and
+    only one of `allowed_hosts` (the gateway's setting). InvalidField at `$.url` otherwise."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        raise InvalidField("Expected an http or https URL with a host", path="$.url")
+    if _loopback(host):
+        return
+    if not admin:
+        raise InvalidField(f"only an admin may add a webhook to {host}, outside loopback", path="$.url")
+    if host not in [h.lower() for h in allowed_hosts]:
+        raise InvalidField(
+            f"{host} is not among the gateway's webhook_hosts ({', '.join(allowed_hosts) or 'none'})", path="$.url"
+        )
+
+
+def render(event: Event, raw: bytes, fmt: str) -> bytes:
+    """The body of a notification: the event as stored (`json`), or Slack's `{"text": ...}`."""
+    if fmt != "slack":
+        return raw
+    kind = type(event).__struct_config__.tag  # type: ignore[attr-defined]
+    labels = " ".join(f"{k}={v}" for k, v in sorted(event.labels.items()))
+    text = f"evalq job {event.job_id} {kind}"
+    if isinstance(event, Gated):
+        text = f"evalq job {event.job_id}: {event.verdict.verdict} under gate {event.verdict.policy}"
+        text += "".join(f"\n- {r.metric}: {r.status} ({r.reason})" for r in event.verdict.rules)
+    body: dict[str, Any] = {"text": f"{text}{f' ({labels})' if labels else ''}"}
+    return json.dumps(body).encode()
+
+
+async def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float) -> int:
+    """POST `body`; the response's status code. Raises OSError or TimeoutError when no
+    answer comes within `timeout`. HTTP/1.1, one request per connection."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {parts.netloc}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        "User-Agent: evalq-webhook",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port, ssl=ssl.create_default_context() if tls else None)
+        try:
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+            await writer.drain()
+            status = await reader.readline()
+        finally:
+            writer.close()
+    fields = status.decode("latin-1").split()
+    if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
+        raise OSError(f"not an HTTP response: {status[:80]!r}")
+    return int(fields[1])
