@@ -96,7 +96,7 @@ class Notifier:
         self.timeout = timeout
         self._tasks: list[asyncio.Task[None]] = []
         self._slots = asyncio.Semaphore(_CONCURRENT)
-        self._held: set[Msg] = set()
+        self._held: dict[int, Msg] = {}  # by id(): a Msg is not hashable
         self._stopping = False
 
     async def start(self) -> Notifier:
@@ -119,7 +119,7 @@ class Notifier:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
         # Handed back at once: the next gateway (or this one, restarted) delivers them.
-        for msg in list(self._held):
+        for msg in list(self._held.values()):
             with contextlib.suppress(Exception):
                 await msg.nak()
         for sub in (getattr(self, "events", None), getattr(self, "deliveries", None)):
@@ -204,12 +204,12 @@ class Notifier:
         self._slots.release()
         for msg in await self.deliveries.fetch(8, timeout=1.0):
             await self._slots.acquire()
-            self._held.add(msg)
+            self._held[id(msg)] = msg
             task = asyncio.create_task(self._deliver(msg))
             task.add_done_callback(functools.partial(self._done, msg))
 
     def _done(self, msg: Msg, _: asyncio.Task[None]) -> None:
-        self._held.discard(msg)
+        self._held.pop(id(msg), None)
         self._slots.release()
 
     async def _deliver(self, msg: Msg) -> None:
