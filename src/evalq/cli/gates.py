@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 
 import msgspec
 import typer
-from rich.table import Table
 
 from ..publisher import AsyncClient
 from ..publisher.gates import read_policy
@@ -42,24 +41,17 @@ def print_verdict(verdict: Verdict) -> None:
         f"[bold {colour}]{verdict.verdict}[/bold {colour}] under gate {shown(verdict.policy)}{shown(against)}",
         highlight=False,
     )
-    table = Table("rule", "tier", "status", "value", "baseline", "delta", "pairs", "p", "why")
     for rule in verdict.rules:
-
-        def num(value: float | None) -> str:
-            return "" if value is None else f"{value:.4g}"
-
-        table.add_row(
-            shown(rule.metric),
-            rule.tier,
-            rule.status,
-            num(rule.value),
-            num(rule.baseline_value),
-            num(rule.delta),
-            str(rule.pairs or ""),
-            "" if rule.p_value is None else f"{rule.p_value:.3g} ({rule.test})",
-            shown(rule.reason),
-        )
-    console.print(table)
+        line = f"  {rule.status:<21} {rule.metric} ({rule.tier})"
+        if rule.value is not None:
+            line += f": {rule.value:.4g}"
+        if rule.baseline_value is not None and rule.delta is not None:
+            line += f" vs {rule.baseline_value:.4g} (delta {rule.delta:+.4g})"
+        if rule.pairs:
+            line += f", {rule.pairs} pairs"
+        if rule.p_value is not None:
+            line += f", {rule.test} p={rule.p_value:.3g}"
+        console.print(shown(f"{line}: {rule.reason}"), highlight=False)
 
 
 @gate_app.command("set")
