@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from importlib import resources
 from typing import Any
 
@@ -288,3 +288,199 @@ async def test_the_queue_comes_in_the_schedulers_order_and_teams_with_their_use(
     job = assert_json(await web.get(f"/api/jobs/{low}"))["job"]
     assert job["request"]["priority"] == "low" and job["waiting"] == "behind higher priority"
     assert job["preemptions"] == 0
+
+
+# --- the history's pages, verdicts and per-sample flips ------------------------------------
+
+FLIP_TASK = "flip_task"
+
+
+def sample_rows(right: set[int], docs: Iterable[int], who: str) -> list[dict[str, Any]]:
+    """lmms-eval's logged samples of `FLIP_TASK`: `exact_match` 1 for the documents in `right`."""
+    return [
+        {
+            "doc_id": d,
+            "input": f"question {d}",
+            "target": f"answer {d}",
+            "filtered_resps": [f"{who} says {d}"],
+            "exact_match": 1.0 if d in right else 0.0,
+            "score": 0.5,
+        }
+        for d in docs
+    ]
+
+
+async def completed_with_samples(
+    client: AsyncClient, nc: Any, topology: Topology, rows: list[dict[str, Any]], **fields: Any
+) -> str:
+    """A job completed by hand, its samples file in the results store and listed in its record."""
+    from evalq.jobstore import JobStore
+    from evalq.schemas import JobResult, now
+
+    job_id = (await client.submit(**{**JOB, **fields})).job_id
+    name = f"{job_id}/samples/19700101_000000_samples_{FLIP_TASK}.jsonl"
+    store = await nc.jetstream().object_store(topology.results_bucket)
+    await store.put(name, "".join(json.dumps(row) + "\n" for row in rows).encode())
+    right = sum(row["exact_match"] for row in rows) / len(rows)
+    result = JobResult(metrics={FLIP_TASK: {"exact_match,none": right, "score,none": 0.5}}, artifacts=[name])
+    jobs = JobStore(await nc.jetstream().key_value(topology.jobs_bucket))
+    await jobs.transition(
+        job_id, lambda info: msgspec.structs.replace(info, status="completed", completed_at=now(), result=result)
+    )
+    return job_id
+
+
+async def test_flips_pair_two_jobs_documents_with_both_outputs_and_mcnemars_p(
+    web: httpx.AsyncClient, client: AsyncClient, nc: Any, topology: Topology
+) -> None:
+    from scipy import stats as scipy_stats
+
+    # Both jobs scored 0-9; only `a` scored 10 and 11, only `b` 12: those are not pairs.
+    a = await completed_with_samples(client, nc, topology, sample_rows({0, 1, 2, 3, 4, 5, 11}, range(12), "A"))
+    rows_b = sample_rows({0, 1, 6, 7, 8, 12}, [*range(10), 12], "B")
+    rows_b[7]["filtered_resps"] = [XSS]
+    b = await completed_with_samples(client, nc, topology, rows_b)
+    query = {"a": a[:8], "b": b, "task": FLIP_TASK, "metric": "exact_match"}
+    answer = assert_json(await web.get("/api/compare/flips", params=query))
+    assert (answer["a"], answer["b"], answer["task"], answer["metric"]) == (a, b, FLIP_TASK, "exact_match")
+    counts = ("pairs", "both_right", "both_wrong", "right_to_wrong", "wrong_to_right", "truncated")
+    assert [answer[k] for k in counts] == [10, 2, 1, 4, 3, False]
+    assert answer["p_value"] == pytest.approx(scipy_stats.binomtest(3, 7, 0.5).pvalue, rel=1e-12)
+    assert [f["doc_id"] for f in answer["lost"]] == [2, 3, 4, 5]
+    assert [f["doc_id"] for f in answer["gained"]] == [6, 7, 8]
+    assert answer["lost"][0] == {
+        "doc_id": 2,
+        "input": "question 2",
+        "images": [],
+        "target": "answer 2",
+        "output_a": "A says 2",
+        "output_b": "B says 2",
+    }
+    assert answer["gained"][1]["output_b"] == XSS  # the model's text, as a JSON string
+    # lmms-eval's results key names the same metric; the other way round, the flips swap.
+    swapped = assert_json(
+        await web.get("/api/compare/flips", params={**query, "a": b, "b": a, "metric": "exact_match,none"})
+    )
+    assert [f["doc_id"] for f in swapped["lost"]] == [6, 7, 8] and swapped["p_value"] == answer["p_value"]
+    assert swapped["lost"][0]["output_a"] == "B says 6"
+    few = assert_json(await web.get("/api/compare/flips", params={**query, "limit": 1}))
+    assert [len(few["lost"]), len(few["gained"]), few["right_to_wrong"], few["truncated"]] == [1, 1, 4, True]
+
+
+async def test_flips_refuse_bad_input_with_a_4xx(
+    web: httpx.AsyncClient, client: AsyncClient, nc: Any, topology: Topology
+) -> None:
+    a = await completed_with_samples(client, nc, topology, sample_rows({1}, range(4), "A"))
+    b = await completed_with_samples(client, nc, topology, sample_rows({2}, range(4), "B"))
+    queued = (await client.submit(**JOB)).job_id
+    good = {"a": a, "b": b, "task": FLIP_TASK, "metric": "exact_match"}
+    refused = [
+        ({"a": a, "task": FLIP_TASK, "metric": "exact_match"}, 400, "missing b"),
+        ({**good, "metric": " "}, 400, "missing metric"),
+        ({**good, "limit": "0"}, 400, "`limit` must be between"),
+        ({**good, "limit": "many"}, 400, "`limit` must be an integer"),
+        ({**good, "b": str(uuid.uuid4())}, 404, "no job"),
+        ({**good, "b": "not-hex!"}, 404, "not a job id"),
+        ({**good, "b": queued}, 404, "logged no samples of task"),
+        ({**good, "task": "other"}, 404, "logged no samples of task 'other'"),
+        ({**good, "metric": "score"}, 422, "not a 0/1 score"),
+        ({**good, "metric": "absent"}, 422, "carries a `absent` score"),
+    ]
+    for params, status, words in refused:
+        answer = assert_json(await web.get("/api/compare/flips", params=params), status)
+        assert words in answer["detail"], (params, answer)
+
+
+async def test_history_pages_filter_and_carry_verdicts(
+    web: httpx.AsyncClient, client: AsyncClient, nc: Any, topology: Topology
+) -> None:
+    from evalq.jobstore import JobStore
+    from evalq.schemas import JobResult, RuleOutcome, Verdict, now
+
+    batch = {"batch": uuid.uuid4().hex}
+    ids = [(await client.submit(**JOB, labels=batch)).job_id for _ in range(5)]
+    await client.gates.set("release", {"rules": [{"metric": "evalq_demo/exact_match", "max_drop": 0.02}]})
+    gated = (await client.submit(**JOB, labels=batch, gate="release")).job_id
+    rule = RuleOutcome(metric="evalq_demo/exact_match,none", tier="critical", status="BREACH", value=0.1)
+    verdict = Verdict(verdict="NO-GO", policy="release", baseline=ids[0], rules=[rule], at=now())
+    result = JobResult(metrics={"evalq_demo": {"exact_match,none": 0.1}})
+    jobs = JobStore(await nc.jetstream().key_value(topology.jobs_bucket))
+    # Completed and judged in one write: no gatekeeper judges it in between.
+    await jobs.transition(
+        gated,
+        lambda info: msgspec.structs.replace(
+            info, status="completed", completed_at=now(), result=result, verdict=verdict
+        ),
+    )
+    for job_id in ids[:2]:
+        await mark_completed(nc, topology, job_id)
+    await client.cancel_job(ids[2])
+    newest_first = [gated, *reversed(ids)]
+    label = f"batch={batch['batch']}"
+
+    async def every(**params: Any) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            page = assert_json(
+                await web.get(
+                    "/api/history",
+                    params={"label": label, "limit": 2, **params, **({"cursor": cursor} if cursor else {})},
+                )
+            )
+            assert len(page["jobs"]) <= 2
+            found += page["jobs"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return found
+
+    listed = await eventually(
+        every,
+        timeout=10,
+        until=lambda found: [j["status"] for j in found][:1] == ["completed"] and len(found) == 6,
+        what="the six jobs in the history, the gated one completed",
+    )
+    assert [j["job_id"] for j in listed] == newest_first
+    assert (listed[0]["gate"], listed[0]["verdict"]) == ("release", "NO-GO")
+    assert all(j["verdict"] is None and j["gate"] is None for j in listed[1:])
+    finished = await eventually(
+        lambda: every(status="completed,failed,cancelled"),
+        timeout=10,
+        until=lambda found: len(found) == 4,
+        what="the four finished jobs",
+    )
+    assert [j["job_id"] for j in finished] == [gated, ids[2], ids[1], ids[0]]
+    assert [j["job_id"] for j in await every(status=["cancelled"])] == [ids[2]]
+    # `created_after` is inclusive, `created_before` exclusive.
+    created = {j["job_id"]: j["created_at"] for j in listed}
+    after = await every(created_after=created[ids[3]])
+    assert [j["job_id"] for j in after] == [gated, ids[4], ids[3]]
+    before = await every(created_before=created[ids[3]])
+    assert [j["job_id"] for j in before] == [ids[2], ids[1], ids[0]]
+    # The trends and compare pages get the verdict too.
+    trends = assert_json(await web.get("/api/jobs", params={"label": label, "status": "completed"}))["jobs"]
+    assert {j["job_id"]: j["verdict"] for j in trends} == {gated: "NO-GO", ids[1]: None, ids[0]: None}
+    compared = assert_json(await web.get("/api/compare", params={"jobs": f"{gated},{ids[4]}"}))["jobs"]
+    assert [(j["gate"], j["verdict"]) for j in compared] == [("release", "NO-GO"), (None, None)]
+    job = assert_json(await web.get(f"/api/jobs/{gated}"))["job"]
+    assert job["verdict"]["verdict"] == "NO-GO" and job["verdict"]["rules"][0]["status"] == "BREACH"
+
+
+async def test_history_refuses_bad_filters_with_a_4xx(web: httpx.AsyncClient) -> None:
+    refused = [
+        ({"status": "done"}, 400, "`status` must be one of"),
+        ({"status": "completed,nope"}, 400, "'nope'"),
+        ({"label": "novalue"}, 400, "`label` must be k=v"),
+        ({"label": "=v"}, 400, "`label` must be k=v"),
+        ({"created_after": "yesterday"}, 400, "`created_after` must be an RFC 3339 time"),
+        ({"created_before": "2026-01-31T12:00:00"}, 400, "with its zone"),
+        ({"limit": "0"}, 400, "`limit` must be between 1 and 1000"),
+        ({"limit": "1001"}, 400, "`limit` must be between 1 and 1000"),
+    ]
+    for params, status, words in refused:
+        answer = assert_json(await web.get("/api/history", params=params), status)
+        assert words in answer["detail"], (params, answer)
+    # A cursor the gateway never gave: its own refusal, a 4xx, never a traceback.
+    bad_cursor = await web.get("/api/history", params={"cursor": "not-a-cursor"})
+    assert 400 <= bad_cursor.status_code < 500, bad_cursor.text
+    assert "detail" in assert_json(bad_cursor, bad_cursor.status_code)

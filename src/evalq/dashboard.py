@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import math
@@ -27,13 +28,14 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import msgspec
 
 from . import jetstream
 from .errors import AmbiguousJobId, EvalqError, JobNotFound, RequestError, WrongState
-from .schemas import TERMINAL, JobInfo, JobSummary, encode
+from .flips import FlipsRefused, flips, sample_view, samples_files
+from .schemas import JOBS_PAGE_MAX, TERMINAL, JobInfo, JobStatus, JobSummary, encode
 from .text import strip_ansi
 from .turnaround import read_turnaround
 from .webguard import artifact_response
@@ -63,6 +65,8 @@ LOG_TAIL_BYTES = 256 * 1024
 SAMPLES_FILE_BYTES = 256 * 1024 * 1024
 SAMPLES_PAGE_MAX = 100
 HISTORY_MAX = 20_000
+FLIPS_MAX = 500
+STATUSES: tuple[str, ...] = get_args(JobStatus)
 KEEPALIVE_S = 15.0
 # What this process sends as an event's `id`: a count, ASCII digits (`str.isdigit` takes `²`).
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
@@ -212,43 +216,49 @@ class _BadQuery(Exception):
     pass
 
 
+def _instant(request: Request, name: str) -> dt.datetime | None:
+    raw = request.query_params.get(name)
+    if not raw:
+        return None
+    try:
+        value = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        value = None
+    # A time without its zone would mean another instant on the gateway's machine.
+    if value is None or value.tzinfo is None:
+        raise _BadQuery(f"`{name}` must be an RFC 3339 time with its zone (2026-01-31T12:00:00Z), got {raw[:40]!r}")
+    return value
+
+
+def _filters(request: Request) -> dict[str, Any]:
+    """The history's filters of a query: `status` (repeated, or separated by commas), `pool`,
+    `team`, `label=k=v` (each must hold), `created_after` and `created_before`."""
+    params = request.query_params
+    labels = {}
+    for item in params.getlist("label"):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise _BadQuery(f"`label` must be k=v, got {item[:80]!r}")
+        labels[key] = value
+    filters: dict[str, Any] = {"labels": labels}
+    statuses = [s.strip() for given in params.getlist("status") for s in given.split(",") if s.strip()]
+    for status in statuses:
+        if status not in STATUSES:
+            raise _BadQuery(f"`status` must be one of {', '.join(STATUSES)}, got {status[:40]!r}")
+    if statuses:
+        filters["status"] = statuses
+    for field in ("pool", "team"):
+        if params.get(field):
+            filters[field] = params[field]
+    for field in ("created_after", "created_before"):
+        when = _instant(request, field)
+        if when is not None:
+            filters[field] = when
+    return filters
+
+
 def _strip(text: str) -> str:
     return strip_ansi(text.replace("\r", "\n"))
-
-
-def _first_text(value: Any) -> str:
-    """The text of lmms-eval's logged `input` / `resps`: a string, or the first string nested in lists."""
-    while isinstance(value, list) and value:
-        value = value[0]
-    if value is None:
-        return ""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-
-
-def sample_view(sample: dict[str, Any], metric_names: set[str]) -> dict[str, Any]:
-    """One line of lmms-eval's `*_samples_<task>.jsonl` as the samples browser shows it.
-
-    Images are passed on only as `data:image/...` URIs: a page on an air-gapped cluster
-    cannot fetch URLs, and one it could would tell another host who looks at which sample.
-    """
-    output = sample.get("filtered_resps", sample.get("resps"))
-    media = sample.get("input_media") or []
-    images = [m for m in media if isinstance(m, str) and m.startswith("data:image/")][:4]
-    metrics = {
-        key: value
-        for key, value in sample.items()
-        if (key in metric_names or key.split(",")[0] in metric_names)
-        and isinstance(value, (int, float, str))
-        and not isinstance(value, bool)
-    }
-    return {
-        "doc_id": sample.get("doc_id"),
-        "input": _first_text(sample.get("input", sample.get("arguments"))),
-        "images": images,
-        "output": _first_text(output),
-        "target": _first_text(sample.get("target")),
-        "metrics": metrics,
-    }
 
 
 def _summary(info: JobInfo | JobSummary) -> dict[str, Any]:
@@ -266,6 +276,8 @@ def _summary(info: JobInfo | JobSummary) -> dict[str, Any]:
             "metrics": info.metrics,
             "team": info.team,
             "priority": info.priority,
+            "gate": info.gate,
+            "verdict": info.verdict,
         }
     request = info.request
     return {
@@ -280,6 +292,8 @@ def _summary(info: JobInfo | JobSummary) -> dict[str, Any]:
         "metrics": info.result.metrics if info.result else {},
         "team": info.team,
         "priority": request.priority if request else "normal",
+        "gate": request.gate if request else None,
+        "verdict": info.verdict.verdict if info.verdict else None,
     }
 
 
@@ -455,19 +469,9 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
         return _json({"files": files, "file": name, "total": len(rows), "offset": offset, "samples": page_rows})
 
     async def jobs_list(request: Request) -> Response:
-        params = request.query_params
         try:
-            labels = {}
-            for item in params.getlist("label"):
-                key, eq, value = item.partition("=")
-                if not eq or not key:
-                    raise _BadQuery(f"`label` must be k=v, got {item[:80]!r}")
-                labels[key] = value
+            filters = _filters(request)
             limit = _int(request, "limit", 5000, 1, HISTORY_MAX)
-            filters: dict[str, Any] = {"labels": labels}
-            for field in ("status", "pool", "team"):
-                if params.get(field):
-                    filters[field] = params[field]
             found = []
             async for info in history(client, **filters):
                 found.append(_summary(info))
@@ -476,6 +480,44 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
         except (EvalqError, _BadQuery) as exc:
             return refusal(exc)
         return _json({"jobs": found, "truncated": len(found) >= limit})
+
+    async def history_page(request: Request) -> Response:
+        """One page of the history, newest first; `cursor` is the page before's `next_cursor`."""
+        try:
+            filters = _filters(request)
+            limit = _int(request, "limit", 50, 1, JOBS_PAGE_MAX)
+            cursor = request.query_params.get("cursor") or None
+            page = await client.jobs(**filters, limit=limit, cursor=cursor)
+        except (EvalqError, _BadQuery) as exc:
+            return refusal(exc)
+        return _json({"jobs": [_summary(info) for info in page.jobs], "next_cursor": page.next_cursor})
+
+    async def compare_flips(request: Request) -> Response:
+        params = request.query_params
+        given = {name: (params.get(name) or "").strip() for name in ("a", "b", "task", "metric")}
+        missing = [name for name, value in given.items() if not value]
+        if missing:
+            return _error(f"flips need `a`, `b`, `task` and `metric`; missing {', '.join(missing)}", 400)
+        task, metric = given["task"], given["metric"]
+        try:
+            limit = _int(request, "limit", 100, 1, FLIPS_MAX)
+            infos = [await client.get_job(await resolve(given[side])) for side in ("a", "b")]
+            rows = []
+            for info in infos:
+                names = samples_files(info.job_id, info.result.artifacts if info.result else [], task)
+                if not names:
+                    return _error(f"job {info.job_id} logged no samples of task {task[:200]!r}", 404)
+                found: list[dict[str, Any]] = []
+                for name in names:
+                    found += await read_samples(info.job_id, name) or []
+                rows.append(found)
+            names_a = {m.split(",")[0] for m in ((infos[0].result.metrics if infos[0].result else {}).get(task) or {})}
+            answer = flips(rows[0], rows[1], metric, names_a | {metric.split(",")[0]}, limit)
+        except (EvalqError, _BadQuery) as exc:
+            return refusal(exc)
+        except FlipsRefused as exc:
+            return _error(str(exc), 422)
+        return _json({"a": infos[0].job_id, "b": infos[1].job_id, "task": task, **answer})
 
     async def compare(request: Request) -> Response:
         given = [j.strip() for j in request.query_params.get("jobs", "").split(",") if j.strip()]
@@ -527,6 +569,7 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
 
     routes: list[BaseRoute] = [
         PageRoute("/", page, methods=["GET"]),
+        PageRoute("/jobs", page, methods=["GET"]),
         PageRoute("/jobs/{job_id}", page, methods=["GET"]),
         PageRoute("/trends", page, methods=["GET"]),
         PageRoute("/compare", page, methods=["GET"]),
@@ -534,7 +577,9 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
         Route("/api/queue", queue, methods=["GET"]),
         Route("/api/teams", teams, methods=["GET"]),
         Route("/api/jobs", jobs_list, methods=["GET"]),
+        Route("/api/history", history_page, methods=["GET"]),
         Route("/api/compare", compare, methods=["GET"]),
+        Route("/api/compare/flips", compare_flips, methods=["GET"]),
         Route("/api/stream", stream, methods=["GET"]),
         Route("/api/jobs/{job_id}", job, methods=["GET"]),
         Route("/api/jobs/{job_id}/log", log_tail, methods=["GET"]),
