@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,15 +23,10 @@ from evalq.topology import Topology
 from evalq.webhooks import SIGNATURE_HEADER, check_url, verify
 
 from .jobs import FAKE, JOB
+from .test_embedded import free_port
 from .waiting import eventually
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

@@ -73,6 +73,11 @@ class ConnectionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     js_domain: Annotated[str | None, _doc("the server's JetStream domain; API requests go to `$JS.<domain>.API`")] = (
         None
     )
+    metrics_port: Annotated[
+        Annotated[int, Meta(ge=0, le=65535)] | None,
+        _doc("this process's Prometheus `/metrics`, `/healthz` and `/readyz` port; off when unset"),
+    ] = None
+    metrics_host: Annotated[str, _doc("the address the metrics port listens on")] = "127.0.0.1"
     inbox_prefix: Annotated[
         str,
         Meta(

@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from nats.aio.client import Client
 
 from . import jetstream
-from .schemas import TERMINAL_EVENTS, Event, encode
+from .schemas import TERMINAL_EVENTS, Event, encode, event_type
 from .topology import Topology
 
 __all__ = ["EventPublisher"]
 
 
 class EventPublisher:
-    def __init__(self, nc: Client, topology: Topology, *, timeout: float, domain: str | None = None) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        topology: Topology,
+        *,
+        timeout: float,
+        domain: str | None = None,
+        observe: Callable[[Event], None] | None = None,
+    ) -> None:
         self.nc = nc
+        # Told of every event written (metrics.py counts them).
+        self.observe = observe
         self.js = nc.jetstream(timeout=timeout, domain=domain)
         self.topology = topology
         self.timeout = timeout
 
     def write(self, event: Event) -> jetstream.Write:
-        kind = type(event).__struct_config__.tag  # type: ignore[attr-defined]
+        kind = event_type(event)
+        if self.observe is not None:
+            self.observe(event)
         headers = None
         if isinstance(event, TERMINAL_EVENTS):
             # A worker that re-sends a terminal event after a crash is deduplicated by the stream.

@@ -144,6 +144,10 @@ class Registry(Follower):
                 view.apply(entry)
                 self.changed.set()
 
+    def live(self) -> list[WorkerInfo]:
+        """The live workers as the view holds them now, without waiting for a load."""
+        return self._view.live()
+
     async def workers(self, *, wait: float = 5.0) -> list[WorkerInfo]:
         """Every live worker, ready or not, by worker id."""
         if not self.loaded.is_set():

@@ -34,6 +34,7 @@ import msgspec
 from . import __version__
 from .config import Settings, UiSettings
 from .errors import ConfigError, EvalqError
+from .metrics import WebMetrics
 from .webguard import RequestGuard, is_loopback, public_url
 
 if TYPE_CHECKING:
@@ -93,7 +94,34 @@ class TokenGate:
         await self.app(scope, receive, send)
 
 
-def create_app(client: AsyncClient, ui: UiSettings) -> Starlette:
+class CountRequests:
+    """ASGI middleware: each HTTP request counted by its route's first path segment (an
+    unknown path as `other`, so the label stays bounded) and status code."""
+
+    def __init__(self, app: ASGIApp, metrics: WebMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            first = str(scope.get("path", "/")).strip("/").split("/", 1)[0]
+            route = "other" if status[0] == 404 else f"/{first}"
+            self.metrics.requests.labels(route, str(status[0])).inc()
+
+
+def create_app(client: AsyncClient, ui: UiSettings, metrics: WebMetrics | None = None) -> Starlette:
     """The web process's app; each feature adds its routes here. `ui.ui_port` is the port it
     is served on: the Host check and the result URLs are built from it."""
     from starlette.applications import Starlette
@@ -113,7 +141,8 @@ def create_app(client: AsyncClient, ui: UiSettings) -> Starlette:
         from .lmms_api import lmms_eval_routes
 
         routes += lmms_eval_routes(client, public_url(ui))
-    middleware = [Middleware(RequestGuard, ui=ui)]
+    middleware = [Middleware(CountRequests, metrics=metrics)] if metrics is not None else []
+    middleware.append(Middleware(RequestGuard, ui=ui))
     if ui.ui_token:
         middleware.append(Middleware(TokenGate, token=ui.ui_token))
     return Starlette(routes=routes, middleware=middleware)
@@ -164,6 +193,7 @@ class WebServer:
         self.client = client
         self.fallback_port = fallback_port
         self.url = ""
+        self.metrics = WebMetrics()
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
         self._socket: socket.socket | None = None
@@ -177,7 +207,7 @@ class WebServer:
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
         # The port bound, not the one asked for (0, or taken): the Host check needs the real one.
-        app = create_app(self.client, msgspec.structs.replace(self.ui, ui_port=port))
+        app = create_app(self.client, msgspec.structs.replace(self.ui, ui_port=port), self.metrics)
         # The dashboard's event streams never end on their own: a stop waits that long for them.
         config = uvicorn.Config(
             app,

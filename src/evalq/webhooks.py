@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import InvalidField
-from .schemas import Event, Gated
+from .schemas import Event, Gated, event_type
 
 __all__ = ["SIGNATURE_HEADER", "check_url", "post", "render", "sign", "verify"]
 
@@ -65,7 +65,7 @@ def render(event: Event, raw: bytes, fmt: str) -> bytes:
     """The body of a notification: the event as stored (`json`), or Slack's `{"text": ...}`."""
     if fmt != "slack":
         return raw
-    kind = type(event).__struct_config__.tag  # type: ignore[attr-defined]
+    kind = event_type(event)
     labels = " ".join(f"{k}={v}" for k, v in sorted(event.labels.items()))
     text = f"evalq job {event.job_id} {kind}"
     if isinstance(event, Gated):

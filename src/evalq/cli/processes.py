@@ -13,10 +13,13 @@ import logging
 import signal
 from collections.abc import Callable
 
+from prometheus_client import CollectorRegistry
+
 from ..config import Settings
 from ..connection import connect
 from ..embedded import EmbeddedServer
 from ..gateway import Gateway
+from ..metrics import MetricsServer
 from ..publisher import AsyncClient
 from ..web import WebServer, check_exposure
 
@@ -38,12 +41,25 @@ def on_signals(stop: Callable[[], None]) -> Callable[[], None]:
     return remove
 
 
+def metrics_port(
+    settings: Settings, registries: list[CollectorRegistry], ready: Callable[[], bool]
+) -> contextlib.AbstractAsyncContextManager[object]:
+    """The process's metrics, health and readiness port, when `metrics_port` is set."""
+    port = settings.connection.metrics_port
+    if port is None:
+        return contextlib.nullcontext()
+    return MetricsServer(registries, host=settings.connection.metrics_host, port=port, ready=ready)
+
+
 async def run_gateway(settings: Settings, ready: Callable[[], None] | None = None) -> None:
     nc = await connect(settings, name="evalq-gateway")
     stopped = asyncio.Event()
     remove = on_signals(stopped.set) if settings.handle_signals else (lambda: None)
     try:
-        async with Gateway(nc, settings):
+        async with (
+            Gateway(nc, settings) as gateway,
+            metrics_port(settings, [gateway.metrics.registry], lambda: gateway.ready),
+        ):
             if ready:
                 ready()
             await stopped.wait()
@@ -59,7 +75,10 @@ async def run_worker(settings: Settings, ready: Callable[[str], None] | None = N
 
     nc = await connect(settings, name="evalq-worker")
     try:
-        async with Worker(nc, settings) as worker:
+        async with (
+            Worker(nc, settings) as worker,
+            metrics_port(settings, [worker.metrics.registry], lambda: nc.is_connected and not worker.stopping),
+        ):
             if ready:
                 ready(worker.worker_id)
             await worker.run()
@@ -75,7 +94,10 @@ async def run_ui(settings: Settings, ready: Callable[[str], None] | None = None)
     stopped = asyncio.Event()
     remove = on_signals(stopped.set) if settings.handle_signals else (lambda: None)
     try:
-        async with WebServer(settings, AsyncClient(settings, nc=nc)) as web:
+        async with (
+            WebServer(settings, AsyncClient(settings, nc=nc)) as web,
+            metrics_port(settings, [web.metrics.registry], lambda: nc.is_connected),
+        ):
             if ready:
                 ready(web.url)
             done = asyncio.ensure_future(web.wait())
@@ -115,14 +137,17 @@ async def run_up(
         web_nc = await connect(local, name="evalq-web") if web else None
         try:
             async with contextlib.AsyncExitStack() as stack:
-                await stack.enter_async_context(Gateway(gateway_nc, local))
+                gateway = await stack.enter_async_context(Gateway(gateway_nc, local))
                 worker = await stack.enter_async_context(Worker(worker_nc, local))
+                registries = [gateway.metrics.registry, worker.metrics.registry]
                 if web_nc is not None:
                     server_web = await stack.enter_async_context(
                         WebServer(local, AsyncClient(local, nc=web_nc), fallback_port=True)
                     )
+                    registries.append(server_web.metrics.registry)
                     if web_ready:
                         web_ready(server_web.url)
+                await stack.enter_async_context(metrics_port(local, registries, lambda: gateway.ready))
                 remove = on_signals(worker.request_stop) if settings.handle_signals else (lambda: None)
                 try:
                     if ready:

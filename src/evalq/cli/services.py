@@ -24,6 +24,10 @@ from .processes import on_signals, run_gateway, run_ui, run_up, run_worker
 __all__ = ["gateway", "server", "ui", "up", "worker"]
 
 TaskPathOpt = Annotated[Optional[list[str]], typer.Option(help="An extra lmms-eval task folder (repeatable).")]
+MetricsPortOpt = Annotated[
+    Optional[int],
+    typer.Option(help="Serve Prometheus /metrics, /healthz and /readyz on this port [env EVALQ_METRICS_PORT]."),
+]
 
 
 def server(
@@ -58,12 +62,12 @@ def server(
     run(main())
 
 
-def gateway(ctx: typer.Context, json_: JsonOpt = False) -> None:
+def gateway(ctx: typer.Context, metrics_port: MetricsPortOpt = None, json_: JsonOpt = False) -> None:
     """Run the gateway service (validates, enqueues, answers status/cancel/queue).
 
-    Example: `EVALQ_NATS_URL=nats://10.0.0.5:4222 evalq gateway`
+    Example: `EVALQ_NATS_URL=nats://10.0.0.5:4222 evalq gateway --metrics-port 9464`
     """
-    chosen = settings(ctx)
+    chosen = settings(ctx, metrics_port=metrics_port)
     prefix, urls = chosen.queue.prefix, chosen.connection.nats_url
 
     def ready() -> None:
@@ -99,6 +103,7 @@ def worker(
     resident_idle: Annotated[
         Optional[float], typer.Option(help="Release a resident model idle this many seconds (default: never).")
     ] = None,
+    metrics_port: MetricsPortOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Run a worker: take jobs of one pool, one at a time, and run lmms-eval.
@@ -117,6 +122,7 @@ def worker(
         warm_evaluator=warm,
         resident_model=resident_model,
         resident_idle=resident_idle,
+        metrics_port=metrics_port,
     )
     serving = chosen.worker.pool
 
@@ -138,6 +144,7 @@ def up(
         bool,
         typer.Option("--lmms-eval-api/--no-lmms-eval-api", help="Serve lmms-eval's server API from the web process."),
     ] = True,
+    metrics_port: MetricsPortOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Run everything for one machine in one process: nats-server, a gateway, a worker and the web process.
@@ -146,7 +153,9 @@ def up(
     or `EvalClient("http://127.0.0.1:8642").evaluate(model="dummy", tasks=["evalq_demo"])`
     """
     need_extras("up")
-    chosen = settings(ctx, task_paths=task_path or None, ui_port=ui_port, lmms_eval_api=lmms_eval_api)
+    chosen = settings(
+        ctx, task_paths=task_path or None, ui_port=ui_port, lmms_eval_api=lmms_eval_api, metrics_port=metrics_port
+    )
     if ui:
         _check_exposure(chosen)
     lacking = missing_modules("ui") if ui else []
@@ -207,6 +216,7 @@ def ui(
             help="Show a cancel button on the dashboard's job pages [env EVALQ_UI_ALLOW_CANCEL].",
         ),
     ] = None,
+    metrics_port: MetricsPortOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Run the web process: the dashboard (queue, jobs, trends, compare), and lmms-eval's server API with
@@ -217,7 +227,13 @@ def ui(
     need_extras("ui")
     # `--token` at the top level is NATS's; this one is the web process's own.
     chosen = settings(
-        ctx, ui_host=host, ui_port=port, ui_token=ui_token, lmms_eval_api=lmms_eval_api, ui_allow_cancel=allow_cancel
+        ctx,
+        ui_host=host,
+        ui_port=port,
+        ui_token=ui_token,
+        lmms_eval_api=lmms_eval_api,
+        ui_allow_cancel=allow_cancel,
+        metrics_port=metrics_port,
     )
     _check_exposure(chosen)
     api_on = chosen.ui.lmms_eval_api

@@ -19,7 +19,7 @@ import logging
 import time
 from bisect import bisect_left, insort
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -223,6 +223,18 @@ class JobIndex:
         entry = self._entries.get(job_id)
         return entry.summary if entry else None
 
+    def pools(self) -> list[str]:
+        return sorted(self._by_pool)
+
+    def pool_status_counts(self) -> dict[tuple[str, str], int]:
+        """How many jobs each (pool, status) holds."""
+        return {
+            (pool, status): len(ids & members)
+            for pool, ids in self._by_pool.items()
+            for status, members in self._by_status.items()
+            if not ids.isdisjoint(members)
+        }
+
     def queued_in(self, pool: str) -> Counter[str]:
         """How many jobs each team has queued in `pool` (admitted or waiting)."""
         ids = self._by_pool.get(pool, set())
@@ -417,6 +429,9 @@ class History(Follower):
         # Completed jobs that name a gate and have no verdict yet, oldest first, and a flag
         # set when one is added (gateway/gatekeeper.py).
         self.ungated: dict[str, None] = {}
+        # Told of each record the watch brings once loaded, with the summary it replaces
+        # (gateway/gauges.py observes starts and ends).
+        self.observers: list[Callable[[JobSummary | None, JobSummary], None]] = []
         self.gates_due = asyncio.Event()
 
     def note(self, summary: JobSummary, revision: int) -> None:
@@ -472,7 +487,14 @@ class History(Follower):
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.warning("job history: record %s is unreadable (%s); not listed", entry.key, exc)
                 continue
+            before = target.get(summary.job_id) if self.loaded.is_set() else None
             target.put(summary, entry.revision or 0)
+            if self.loaded.is_set():
+                for observe in self.observers:
+                    try:
+                        observe(before, summary)
+                    except Exception:  # a view's fault must not stop the history
+                        log.exception("job history: an observer failed")
             if summary.status == "completed" and summary.gate and not summary.verdict:
                 self.ungated[summary.job_id] = None
                 self.gates_due.set()

@@ -51,6 +51,7 @@ from ..schemas import (
     decode_event,
     decode_notify_op,
     encode,
+    event_type,
     now,
 )
 from ..topology import Topology
@@ -68,7 +69,7 @@ _CONCURRENT = 32  # deliveries under way at once
 
 def matches(subscription: Subscription, event: Event) -> bool:
     """Whether `event` (of one of the subscription's team's jobs) is one it asked for."""
-    kind = str(type(event).__struct_config__.tag)  # type: ignore[attr-defined]
+    kind = event_type(event)
     wanted = kind in subscription.on or (
         isinstance(event, Gated) and "no-go" in subscription.on and event.verdict.verdict == "NO-GO"
     )
@@ -181,7 +182,7 @@ class Notifier:
         if found is None:
             return
         team = found[0].team
-        kind = str(type(event).__struct_config__.tag)  # type: ignore[attr-defined]
+        kind = event_type(event)
         for subscription in await self._subscriptions(team):
             if not matches(subscription, event):
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -42,6 +43,7 @@ from ..errors import (
 from ..events import EventPublisher
 from ..jobstore import JobStore
 from ..lifecycle import Applied, Recorder, Refused
+from ..metrics import GatewayMetrics
 from ..policy import Policies
 from ..registry import Registry
 from ..scheduling import team_uses
@@ -64,12 +66,14 @@ from ..schemas import (
     decode,
     encode,
     error_path,
+    event_type,
     now,
 )
 from ..topology import Topology
 from .checks import PoolNames, SubmitChecks
 from .dispatcher import Dispatcher
 from .gatekeeper import Gatekeeper
+from .gauges import watch_queue
 from .history import History, summarize
 from .idempotency import KeyClaim, key_digest, read_claim, request_fingerprint
 from .identity import of_request
@@ -131,7 +135,14 @@ class Gateway:
         domain = settings.connection.js_domain
         self.js = nc.jetstream(timeout=settings.connection.request_timeout, domain=domain)
         self.pipeline = jetstream.Pipeline(nc)
-        self.events = EventPublisher(nc, self.topology, timeout=settings.connection.request_timeout, domain=domain)
+        self.metrics = GatewayMetrics()
+        self.events = EventPublisher(
+            nc,
+            self.topology,
+            timeout=settings.connection.request_timeout,
+            domain=domain,
+            observe=lambda event: self.metrics.events.sent.labels(event_type(event)).inc(),
+        )
         self._service: Service | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.gateway.gateway_concurrency)
@@ -152,6 +163,7 @@ class Gateway:
         self.policies = Policies(await self.js.key_value(self.topology.pools_bucket))
         # Loads in the background past a second: a long history must not hold up serving.
         self.history = await History(self.jobs.kv, nc=self.nc).start(wait=1.0)
+        watch_queue(self.metrics, self.history, self.registry)
         self.pools = PoolNames(self.topology, self.js)
         await self.pools.load()
         self.dispatcher = await Dispatcher(
@@ -207,7 +219,7 @@ class Gateway:
         }
         for name, handler in endpoints.items():
             await self._service.add_endpoint(
-                name=name, subject=self.topology.subject(name), handler=self._spawn(handler), queue_group=group
+                name=name, subject=self.topology.subject(name), handler=self._spawn(name, handler), queue_group=group
             )
         log.info("gateway %s serving %s.* on %s", self._service.id, self.topology.prefix, self.nc.connected_url)
         return self
@@ -231,6 +243,11 @@ class Gateway:
             if follower is not None:
                 await follower.stop()
 
+    @property
+    def ready(self) -> bool:
+        """Serving, connected, with its job history loaded: what a readiness probe asks."""
+        return self._service is not None and self.nc.is_connected and self.history.loaded.is_set()
+
     async def __aenter__(self) -> Gateway:
         return await self.start()
 
@@ -241,17 +258,18 @@ class Gateway:
 
     # --- the error boundary ------------------------------------------------------------
 
-    def _spawn(self, handler: Handler) -> Callable[[Request], Awaitable[None]]:
+    def _spawn(self, name: str, handler: Handler) -> Callable[[Request], Awaitable[None]]:
         # nats-py runs one subscription's callbacks one after another; a task per request
         # keeps a slow JetStream round trip from holding up every other request.
         async def on_request(request: Request) -> None:
-            task = asyncio.create_task(self._serve(handler, request))
+            task = asyncio.create_task(self._serve(name, handler, request))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
         return on_request
 
-    async def _serve(self, handler: Handler, request: Request) -> None:
+    async def _serve(self, name: str, handler: Handler, request: Request) -> None:
+        started = time.perf_counter()
         async with self._slots:
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
@@ -261,10 +279,12 @@ class Gateway:
                 error = as_request_error(exc)
                 description = " ".join(error.message.split())[:512]
                 await self._respond(request, encode(error.to_body()), str(error.code), description)
+                self.metrics.request(name, str(error.code), time.perf_counter() - started)
                 return
             finally:
                 self.in_flight -= 1
             await self._respond(request, reply)
+            self.metrics.request(name, "ok", time.perf_counter() - started)
 
     @staticmethod
     async def _respond(request: Request, data: bytes, code: str | None = None, description: str = "") -> None:

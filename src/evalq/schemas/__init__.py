@@ -137,6 +137,7 @@ __all__ = [
     "decode_notify_op",
     "encode",
     "error_path",
+    "event_type",
     "format_args",
     "now",
 ]
@@ -521,6 +522,11 @@ def encode(obj: Any) -> bytes:
 def decode(data: bytes | str, type: type[T]) -> T:
     """Decode JSON into `type`; raises msgspec.DecodeError / ValidationError with a path."""
     return _decoders[type].decode(_utf8(data))  # type: ignore[no-any-return]
+
+
+def event_type(event: Event) -> str:
+    """An event's `type`: its tag (`completed`, `gated`, ...)."""
+    return str(type(event).__struct_config__.tag)
 
 
 def decode_event(data: bytes | str) -> Event:

@@ -32,6 +32,7 @@ from ..config import Settings
 from ..events import EventPublisher
 from ..jobstore import JobStore
 from ..lifecycle import Applied, Cancellation, Failure, Recorder, Refused
+from ..metrics import WorkerMetrics
 from ..policy import effective_cache, effective_timeout, load_policy, missing_model, recheck
 from ..registry import Registry, cannot_run
 from ..schemas import TERMINAL, JobInfo, WorkerInfo, WorkItem, decode, now
@@ -76,7 +77,10 @@ class Worker:
         self.worker_id = settings.worker.worker_id or re.sub(
             r"[^A-Za-z0-9_\-]", "-", f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
-        self.events = EventPublisher(nc, self.topology, timeout=settings.connection.request_timeout, domain=domain)
+        self.metrics = WorkerMetrics(self.pool, busy=lambda: self.current is not None)
+        self.events = EventPublisher(
+            nc, self.topology, timeout=settings.connection.request_timeout, domain=domain, observe=self.metrics.observe
+        )
         self.results_root = settings.results_root
         self.state_dir = settings.home_path / "worker" / self.worker_id
         self.registration = Registration(
