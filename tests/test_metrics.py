@@ -6,12 +6,15 @@ text, and no label set grows with the number of jobs."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import urllib.error
 import urllib.request
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,6 +24,7 @@ from evalq.web import WebServer
 
 from .conftest import EVALQ, Processes, settings_env
 from .jobs import FAKE, JOB
+from .test_deploy import DEPLOY
 from .test_embedded import free_port
 from .waiting import eventually
 
@@ -124,6 +128,15 @@ async def test_gateway_and_worker_metrics_count_what_they_did(
         assert set(again) == set(after), "a label set grew with the number of jobs"
         assert set(await scrape(worker_port)) == set(worker)
         assert all(job_id not in str(key) for key in again for job_id in ids + more)
+    # The shipped alert rules and dashboard name only metrics the processes export.
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())
+    assert [r["alert"] for r in rules["groups"][0]["rules"]]
+    dashboard = json.loads((DEPLOY / "grafana" / "evalq.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [r["expr"] for r in rules["groups"][0]["rules"]]
+    referenced = set(re.findall(r"\bevalq_[a-z_]+", " ".join(exprs)))
+    exported = {name for name, _ in again} | {name for name, _ in worker}
+    assert referenced and referenced <= exported, referenced - exported
 
 
 async def test_the_web_process_counts_its_requests_by_route(settings: Settings, client: AsyncClient) -> None:

@@ -30,7 +30,7 @@ def watch_queue(metrics: GatewayMetrics, history: History, registry: Registry) -
         counts.update({key: float(n) for key, n in index.pool_status_counts().items()})
         yield gauge("evalq_jobs", "Jobs in the history, by pool and status", ["pool", "status"], counts)
         pieces: dict[tuple[str, ...], float] = {(p, s): 0.0 for p in pools for s in ("waiting", "running")}
-        oldest: dict[tuple[str, ...], float] = {}
+        oldest: dict[tuple[str, ...], float] = {(p,): 0.0 for p in pools}
         clock = time.time()
         for pool in pools:
             for job in index.live(pool):
