@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -383,3 +384,172 @@ async def test_trends_page_filters_by_team(
     await page.wait_for_url("**team=default**")
     await page.wait_for_selector("body[data-ready='1']", timeout=10_000)
     assert await page.locator("svg.chart circle.point").evaluate_all(points) == [mine]
+
+
+# --- the history, verdicts and per-sample flips ---------------------------------------------
+
+
+async def test_jobs_page_filters_and_pages(
+    web: str, browser: Browser, client: AsyncClient, nc: Any, topology: Topology, tmp_path: Path
+) -> None:
+    batch = f"batch={uuid.uuid4().hex[:12]}"
+    key, value = batch.split("=")
+    ids = [(await client.submit(model="dummy", tasks=[TASK], labels={key: value})).job_id for _ in range(5)]
+    for job_id in ids[:2]:
+        await mark_completed(nc, topology, job_id)
+    await client.cancel_job(ids[2])
+    newest_first = list(reversed(ids))
+    await eventually(
+        lambda: client.jobs(labels={key: value}, status="completed"),
+        timeout=10,
+        until=lambda page: len(page.jobs) == 2,
+        what="both completed jobs in the history",
+    )
+    # From the navigation, then the filters and pages in the URL's query.
+    front = await open_page(browser, web + "/")
+    await front.click("nav a[href='/jobs']")
+    await front.wait_for_url(f"{web}/jobs")
+    page = await open_page(browser, f"{web}/jobs?label={batch}&limit=2")
+    shown = "rows => rows.map(r => r.dataset.job)"
+    rows = page.locator("#jobs-table tbody tr")
+    assert await rows.evaluate_all(shown) == newest_first[:2]
+    assert await page.locator("#jobs-previous").is_disabled()
+    await page.click("#jobs-next")
+    await page.wait_for_function("() => document.querySelector('#jobs-page').textContent === 'page 2'", timeout=10_000)
+    assert await rows.evaluate_all(shown) == newest_first[2:4]
+    assert await rows.nth(0).locator("td").nth(1).text_content() == "cancelled"
+    await page.click("#jobs-next")
+    await page.wait_for_function("() => document.querySelector('#jobs-page').textContent === 'page 3'", timeout=10_000)
+    assert await rows.evaluate_all(shown) == newest_first[4:]
+    assert await page.locator("#jobs-next").is_disabled()
+    await page.click("#jobs-previous")
+    await page.wait_for_function("() => document.querySelector('#jobs-page').textContent === 'page 2'", timeout=10_000)
+    assert await rows.evaluate_all(shown) == newest_first[2:4]
+    # A status filter from the form: the page is opened anew with it.
+    await page.select_option("#jobs-status", "completed")
+    await page.click("#jobs-apply")
+    await page.wait_for_url("**/jobs?status=completed**")
+    await page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+    assert await rows.evaluate_all(shown) == [ids[1], ids[0]]
+    assert await page.locator("#jobs-labels").input_value() == batch
+    await page.screenshot(path=str(artifacts_dir(tmp_path) / "jobs.png"), full_page=True)
+    # A filter the history refuses is said on the page.
+    page = await open_page(browser, f"{web}/jobs?label=novalue")
+    assert "`label` must be k=v" in (await page.locator("#jobs-error").text_content() or "")
+
+
+async def test_front_page_links_jobs_that_ended_before_and_while_it_was_open(
+    web: str, browser: Browser, client: AsyncClient, worker_factory: Any
+) -> None:
+    [before] = await completed_jobs(client, worker_factory, [{"labels": {"when": "before"}}])
+    page = await open_page(browser, web + "/")
+    await page.wait_for_selector("#live.on", timeout=10_000)
+    await page.evaluate("window.notReloaded = true")
+    row = page.locator(f"#recent-table tr[data-job='{before}']")
+    assert await row.locator("td").nth(1).text_content() == "completed"
+    while_open = (await client.submit(model="dummy", tasks=[TASK], limit=2, labels={"when": "open"})).job_id
+    await client.wait_for_job(while_open, timeout=60)
+    link = page.locator(f"#recent-table tr[data-job='{while_open}'] a.jobid")
+    await link.wait_for(timeout=10_000)
+    assert await page.evaluate("window.notReloaded") is True
+    assert await page.locator("#recent-table tbody tr").evaluate_all("rows => rows.map(r => r.dataset.job)") == [
+        while_open,
+        before,
+    ]
+    await link.click()
+    await page.wait_for_url(f"{web}/jobs/{while_open}")
+    await page.wait_for_selector("#job-status.status-completed", timeout=10_000)
+
+
+GATED_TASK = "evalq_shard_demo"
+RELEASE = {"rules": [{"metric": f"{GATED_TASK}/exact_match", "max_drop": 0.02}], "baseline": "previous"}
+
+
+@pytest.mark.slow
+async def test_verdicts_show_live_and_flips_show_both_outputs(
+    web: str, browser: Browser, client: AsyncClient, worker_factory: Any, tmp_path: Path
+) -> None:
+    """Real lmms-eval: its dummy model answering C (106 of 240 right), then A (19, none of C's)."""
+    await client.gates.set("release", RELEASE)
+    await worker_factory()
+    run = uuid.uuid4().hex[:8]
+
+    def job(answer: str, step: int) -> dict[str, Any]:
+        labels = {"run": run, "step": str(step)}
+        return {"model": "dummy", "tasks": [GATED_TASK], "model_args": {"response": answer}, "labels": labels}
+
+    first = (await client.submit(**job("C", 100), gate="release")).job_id
+    await client.wait_for_job(first, timeout=300)
+    assert (await client.gates.wait(first, timeout=30)).verdict == "INCONCLUSIVE"  # no earlier step
+
+    # The front page and the next job's page are open before that job is even submitted.
+    front = await open_page(browser, web + "/")
+    await front.wait_for_selector("#live.on", timeout=10_000)
+    worse = (await client.submit(**job("A", 200), gate="release")).job_id
+    page = await open_page(browser, f"{web}/jobs/{worse}")
+    await page.wait_for_selector("#live.on", timeout=10_000)
+    for opened in (front, page):
+        await opened.evaluate("window.notReloaded = true")
+    assert "when the job completes" in (await page.locator("#gate-pending").text_content() or "")
+    badge = page.locator("#job-verdict[data-verdict='NO-GO']")
+    await badge.wait_for(timeout=300_000)
+    assert await badge.text_content() == "NO-GO"
+    assert "verdict-nogo" in (await badge.get_attribute("class") or "")
+    rule = page.locator("#verdict-rules tbody tr")
+    cells = await rule.locator("td").all_text_contents()
+    assert cells[0].startswith(f"{GATED_TASK}/exact_match") and cells[1:3] == ["critical", "BREACH"]
+    p_value = await verdict_p(client, worse)
+    assert cells[3:8] == ["0.0792", "0.4417", "-0.3625", "240", "mcnemar"]
+    assert float(cells[8]) == pytest.approx(p_value, rel=5e-3)  # shown to 3 significant digits
+    assert "beyond" in cells[9]
+    assert await page.locator("#gate-verdict").text_content() == "NO-GO"
+    assert await page.locator(f"#gate a.jobid[href='/jobs/{first}']").count() == 1
+    assert await page.locator("#timeline li[data-type='gated']").text_content() is not None
+    await page.screenshot(path=str(artifacts_dir(tmp_path) / "verdict.png"), full_page=True)
+    # The front page got the ended job and then its verdict, live as well.
+    await front.locator(f"#recent-table tr[data-job='{worse}'] [data-verdict='NO-GO']").wait_for(timeout=10_000)
+    for opened in (front, page):
+        assert await opened.evaluate("window.notReloaded") is True
+
+    # The Jobs page's rows, the trends page's points and table carry the verdicts.
+    jobs = await open_page(browser, f"{web}/jobs?label=run={run}")
+    verdicts = "rows => rows.map(r => [r.dataset.job, r.querySelector('[data-verdict]')?.dataset.verdict])"
+    assert await jobs.locator("#jobs-table tbody tr").evaluate_all(verdicts) == [
+        [worse, "NO-GO"],
+        [first, "INCONCLUSIVE"],
+    ]
+    trends = await open_page(browser, f"{web}/trends?x=step&group=run&metric={GATED_TASK}/exact_match&label=run={run}")
+    assert await trends.locator("svg.chart circle.point").count() == 2
+    assert await trends.locator("svg.chart circle.point.no-go").evaluate_all("cs => cs.map(c => c.dataset.job)") == [
+        worse
+    ]
+    assert await trends.locator("svg.chart path.no-go-mark").count() == 1
+    assert await trends.locator("#trend-verdicts tbody tr").evaluate_all(verdicts) == [
+        [worse, "NO-GO"],
+        [first, "INCONCLUSIVE"],
+    ]
+    await trends.screenshot(path=str(artifacts_dir(tmp_path) / "trends-verdicts.png"), full_page=True)
+
+    # Compare: the documents C got right and A wrong, and the reverse, with both outputs.
+    compare = await open_page(browser, f"{web}/compare?jobs={first},{worse}")
+    summary = compare.locator("#flips-summary")
+    await summary.wait_for(timeout=30_000)
+    text = await summary.text_content() or ""
+    assert (
+        "240 documents scored by both: 106 right → wrong, 19 wrong → right, 0 right in both, 115 wrong in both" in text
+    )
+    assert float(text.rsplit("p = ", 1)[1]) == pytest.approx(p_value, rel=5e-3)  # the gate's own test
+    lost = compare.locator("#flips-lost .flip")
+    assert await lost.count() == 100  # the first 100 of 106
+    fields = await lost.first.locator("> div").all_text_contents()
+    assert fields[1:] == ["targetC", "output AC", "output BA"], fields
+    gained = await compare.locator("#flips-gained .flip").first.locator("> div").all_text_contents()
+    assert gained[1:] == ["targetA", "output AC", "output BA"], gained
+    assert await compare.locator("#flips-gained .flip").count() == 19
+    await compare.screenshot(path=str(artifacts_dir(tmp_path) / "flips.png"), full_page=True)
+
+
+async def verdict_p(client: AsyncClient, job_id: str) -> float:
+    info = await client.get_job(job_id)
+    assert info.verdict is not None and info.verdict.rules[0].p_value is not None
+    return info.verdict.rules[0].p_value

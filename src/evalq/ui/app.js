@@ -22,6 +22,7 @@ function el(tag, attrs, ...kids) {
 function svg(tag, attrs, ...kids) {
   const node = document.createElementNS(SVG, tag);
   for (const [key, value] of Object.entries(attrs || {})) {
+    if (value === undefined || value === null || value === false) continue;
     if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
     else node.setAttribute(key, String(value));
   }
@@ -74,6 +75,31 @@ function turnaroundText(t) {
 function labelChips(labels) {
   return Object.entries(labels || {}).map(([k, v]) => el("span", { class: "label" }, k + "=" + v));
 }
+
+// A gate's verdict: GO green, NO-GO red, INCONCLUSIVE amber.
+function verdictBadge(name, attrs) {
+  if (!name) return null;
+  const kind = name === "GO" ? "go" : name === "NO-GO" ? "nogo" : "inconclusive";
+  return el("span", Object.assign({ class: "verdict verdict-" + kind, "data-verdict": name }, attrs || {}), name);
+}
+
+const FINISHED = ["completed", "failed", "cancelled"];
+
+// One job of the history (a summary of `/api/history`, `/api/compare`) as a table row.
+function summaryRow(job) {
+  return el("tr", { "data-job": job.job_id },
+    el("td", {}, jobLink(job.job_id)),
+    el("td", { class: "status-" + job.status }, job.status),
+    el("td", { class: "verdict-cell" }, verdictBadge(job.verdict) || (job.gate && job.status === "completed" ? el("span", { class: "muted" }, "judging") : "")),
+    el("td", {}, job.pool || ""),
+    el("td", {}, job.team || ""),
+    el("td", {}, job.model || ""),
+    el("td", {}, (job.tasks || []).join(", ")),
+    el("td", {}, labelChips(job.labels)),
+    el("td", { class: "muted", title: job.created_at || "" }, job.created_at ? new Date(job.created_at).toLocaleString() : ""),
+    el("td", { class: "muted", title: job.completed_at || "" }, job.completed_at ? new Date(job.completed_at).toLocaleString() : ""));
+}
+const SUMMARY_HEADERS = ["job", "status", "verdict", "pool", "team", "model", "tasks", "labels", "created", "ended"];
 
 function ago(time) {
   if (!time) return "";
@@ -149,7 +175,11 @@ async function queuePage() {
     queued: el("div", { id: "queued" }),
     teams: el("div", { id: "teams" }),
     workers: el("div", { id: "workers" }),
+    recent: el("div", { id: "recent" }),
   };
+  // The last jobs that ended, newest first: a job that ended while nobody watched is one click away.
+  const RECENT = 20;
+  const recent = new Map();
   replace(
     main,
     el("h1", {}, "Queue"),
@@ -157,6 +187,7 @@ async function queuePage() {
     parts.filter,
     el("section", { class: "card" }, el("h2", {}, "Running"), parts.running),
     el("section", { class: "card" }, el("h2", {}, "Queued"), parts.queued),
+    el("section", { class: "card" }, el("h2", {}, "Recently finished ", el("a", { href: "/jobs?status=completed,failed,cancelled", class: "muted" }, "(all)")), parts.recent),
     el("section", { class: "card" }, el("h2", {}, "Teams"), parts.teams),
     el("div", { class: "grid2" },
       el("section", { class: "card" }, el("h2", {}, "Workers"), parts.workers),
@@ -185,6 +216,32 @@ async function queuePage() {
     state.counts = { completed: q.completed_jobs, failed: q.failed_jobs, cancelled: q.cancelled_jobs };
     state.teams = teams ? teams.teams : null;
     render();
+  }
+
+  function keepRecent(job) {
+    if (!FINISHED.includes(job.status)) return;
+    // Two answers for one job may come back in either order: a verdict is never taken back.
+    const known = recent.get(job.job_id);
+    recent.set(job.job_id, known && known.verdict && !job.verdict ? Object.assign({}, job, { verdict: known.verdict }) : job);
+    const newest = [...recent.values()].sort((a, b) => String(b.completed_at || b.created_at).localeCompare(String(a.completed_at || a.created_at)));
+    recent.clear();
+    for (const kept of newest.slice(0, RECENT)) recent.set(kept.job_id, kept);
+  }
+
+  async function loadRecent() {
+    try {
+      const page = await api("/api/history?" + new URLSearchParams({ status: FINISHED.join(","), limit: RECENT }));
+      for (const job of page.jobs) keepRecent(job);
+      render();
+    } catch (error) { /* the next ended job fills it */ }
+  }
+
+  async function ended(id) {
+    try {
+      const [job] = (await api("/api/compare?jobs=" + encodeURIComponent(id))).jobs;
+      keepRecent(job);
+      render();
+    } catch (error) { /* gone meanwhile */ }
   }
 
   let pending = false;
@@ -274,6 +331,11 @@ async function queuePage() {
       ? [table(["#position", "job", "pool", "team", "priority", "waiting", "labels", "queued at"], rows, { id: "queued-table" }), more, unlisted]
       : el("p", { class: "muted" }, listed ? "No job of this team is queued." : "The queue is empty."));
 
+    const recentRows = [...recent.values()].filter((job) => mine(job.team)).map(summaryRow);
+    replace(parts.recent, recentRows.length
+      ? table(SUMMARY_HEADERS, recentRows, { id: "recent-table" })
+      : el("p", { class: "muted" }, "No job has ended yet."));
+
     const limit = (n, max) => max === null || max === undefined ? String(n) : `${n} / ${max}`;
     const teamRows = (state.teams || []).filter((t) => mine(t.team)).map((t) =>
       el("tr", { "data-team": t.team, "data-pool": t.pool },
@@ -327,11 +389,11 @@ async function queuePage() {
     if (reload) return;
     reload = setTimeout(() => { reload = null; load().catch(() => { /* the next event tries again */ }); }, 1000);
   }
-  await load();
+  await Promise.all([load(), loadRecent()]);
   // Heartbeat ages move with the clock; only the text changes, nothing is fetched.
   setInterval(() => document.querySelectorAll("td.heartbeat").forEach((td) => { td.textContent = ago(td.getAttribute("data-time")); }), 1000);
   live("/api/stream", {
-    behind: () => load(),
+    behind: () => { load(); loadRecent(); },
     worker: (w) => { state.workers.set(w.worker_id, w); render(); },
     worker_gone: (w) => { state.workers.delete(w.worker_id); render(); },
     job: (event) => {
@@ -377,7 +439,14 @@ async function queuePage() {
           state.queued.delete(id);
           state.running.delete(id);
           state.counts[event.type] = (state.counts[event.type] || 0) + 1;
+          ended(id);
           break;
+        case "gated": {
+          const job = recent.get(id);
+          if (job) recent.set(id, Object.assign({}, job, { verdict: event.verdict.verdict }));
+          else ended(id);
+          break;
+        }
       }
       render();
     },
@@ -401,6 +470,7 @@ async function jobPage(given) {
     pieces: el("div", { id: "pieces" }),
     timeline: el("ol", { class: "timeline", id: "timeline" }),
     metrics: el("div", { id: "metrics" }),
+    gate: el("section", { class: "card", id: "gate" }),
     artifacts: el("div", { id: "artifacts" }),
     log: el("pre", { class: "log", id: "log" }),
     samples: el("div", { id: "samples" }),
@@ -412,6 +482,7 @@ async function jobPage(given) {
     el("div", { class: "grid2" },
       el("section", { class: "card" }, el("h2", {}, "Progress"), parts.phases, parts.pieces),
       el("section", { class: "card" }, el("h2", {}, "Events"), parts.timeline)),
+    parts.gate,
     el("section", { class: "card" }, el("h2", {}, "Metrics"), parts.metrics),
     el("section", { class: "card" }, el("h2", {}, "Artifacts"), parts.artifacts),
     el("section", { class: "card" }, el("h2", {}, "eval.log (tail)"), parts.log),
@@ -435,6 +506,7 @@ async function jobPage(given) {
       ["priority", el("span", { id: "job-priority", class: "priority-" + (r.priority || "normal") }, r.priority || "normal")],
       info.status === "queued" ? ["waiting", el("span", { id: "job-waiting" }, info.waiting || "for a free worker")] : null,
       info.preemptions > 0 ? ["preempted", el("span", { id: "job-preemptions" }, `${info.preemptions} time${info.preemptions > 1 ? "s" : ""}: a higher priority took its worker`)] : null,
+      info.verdict ? ["verdict", verdictBadge(info.verdict.verdict, { id: "job-verdict" })] : null,
       ["labels", labelChips(info.labels)],
       ["created", info.created_at || ""],
       ["started", info.started_at || ""],
@@ -456,6 +528,31 @@ async function jobPage(given) {
         } }, "Cancel job")
       : null;
     replace(parts.head, el("table", {}, rows), cancel);
+  }
+
+  // The gate's verdict and each rule's outcome; the card exists only for a job that names a gate.
+  function drawGate() {
+    const gate = (info.request || {}).gate;
+    const verdict = info.verdict;
+    parts.gate.hidden = !gate && !verdict;
+    if (parts.gate.hidden) return replace(parts.gate);
+    if (!verdict) {
+      return replace(parts.gate, el("h2", {}, "Gate"), el("p", { class: "muted", id: "gate-pending" },
+        info.status === "completed" ? `Judging under ${gate}…` : `Judged under ${gate} when the job completes.`));
+    }
+    const num = (v) => v === null || v === undefined ? "" : fmt(v);
+    const rows = verdict.rules.map((r) => el("tr", { "data-metric": r.metric, "data-status": r.status },
+      el("td", {}, r.metric), el("td", {}, r.tier), el("td", { class: "gate-status-" + r.status }, r.status),
+      el("td", { class: "num" }, num(r.value)), el("td", { class: "num" }, num(r.baseline_value)),
+      el("td", { class: "num" }, r.delta === null || r.delta === undefined ? "" : (r.delta > 0 ? "+" : "") + fmt(r.delta)),
+      el("td", { class: "num" }, String(r.pairs)), el("td", {}, r.test || ""),
+      el("td", { class: "num" }, r.p_value === null || r.p_value === undefined ? "" : r.p_value.toPrecision(3)),
+      el("td", {}, r.reason)));
+    replace(parts.gate,
+      el("h2", {}, "Gate ", verdictBadge(verdict.verdict, { id: "gate-verdict" })),
+      el("p", {}, "policy ", el("b", {}, verdict.policy), verdict.baseline ? [", baseline ", jobLink(verdict.baseline)] : ", no baseline",
+        verdict.at ? el("span", { class: "muted" }, " · judged " + verdict.at) : null),
+      table(["metric", "tier", "status", "#value", "#baseline", "#delta", "#pairs", "test", "#p-value", "reason"], rows, { id: "verdict-rules" }));
   }
 
   function drawPhases() {
@@ -564,6 +661,7 @@ async function jobPage(given) {
       case "failed": return "failed: " + event.error;
       case "cancelled": return "cancelled: " + event.reason;
       case "tracked": return "logged to " + (event.trackers || []).join(", ");
+      case "gated": return `${event.verdict.verdict} under ${event.verdict.policy}`;
       default: return event.type;
     }
   }
@@ -572,14 +670,15 @@ async function jobPage(given) {
   async function refresh() {
     try {
       const again = await api("/api/jobs/" + encodeURIComponent(id));
-      info = again.job;
+      // An answer asked for before the `gated` event may come after it: a verdict stays.
+      info = info.verdict && !again.job.verdict ? Object.assign({}, again.job, { verdict: info.verdict }) : again.job;
       turnaround = again.turnaround;
       allowCancel = again.allow_cancel;
     } catch (error) { return; }
-    drawHead(); drawPhases(); drawResult();
+    drawHead(); drawPhases(); drawResult(); drawGate();
   }
 
-  drawHead(); drawPhases(); drawResult();
+  drawHead(); drawPhases(); drawResult(); drawGate();
   if (info.result || ["failed", "cancelled"].includes(info.status)) { loadLog(); loadSamples(); }
   else { parts.log.textContent = "(the log is stored when the job ends)"; replace(parts.samples, el("p", { class: "muted" }, "Samples appear when the job completes.")); }
 
@@ -594,6 +693,11 @@ async function jobPage(given) {
       }
       parts.timeline.appendChild(el("li", { "data-type": event.type }, el("span", { class: "t" }, clock(event.time)), el("b", {}, event.type), " ", describe(event)));
       parts.timeline.scrollTop = parts.timeline.scrollHeight;
+      if (event.type === "gated") {
+        // The event carries the verdict: it is drawn at once, the record follows.
+        info = Object.assign({}, info, { verdict: event.verdict });
+        drawHead(); drawGate();
+      }
       if (event.type === "completed") {
         for (const [phase, p] of phases) phases.set(phase, Object.assign({}, p, { done: p.total, percent: 100 }));
       }
@@ -604,6 +708,79 @@ async function jobPage(given) {
       }
     },
   });
+}
+
+// --- jobs (the history) ------------------------------------------------------------------
+
+// Filters live in the URL; the pages already seen are a stack of cursors, so "previous" asks
+// again for the page it came from.
+async function jobsPage() {
+  document.title = "evalq · jobs";
+  const params = new URLSearchParams(location.search);
+  const given = {
+    status: params.get("status") || "",
+    pool: params.get("pool") || "",
+    team: params.get("team") || "",
+    label: params.getAll("label").join(" "),
+    created_after: params.get("created_after") || "",
+    created_before: params.get("created_before") || "",
+    limit: params.get("limit") || "50",
+  };
+  // datetime-local inputs hold the browser's local time without a zone; the query holds UTC.
+  const local = (iso) => {
+    if (!iso || Number.isNaN(Date.parse(iso))) return "";
+    const d = new Date(iso);
+    return new Date(d.getTime() - d.getTimezoneOffset() * 60000).toISOString().slice(0, 16);
+  };
+  const inputs = {
+    status: el("select", { id: "jobs-status" }, [["", "(any)"], ["completed,failed,cancelled", "finished"], ...["queued", "running", "cancelling", "completed", "failed", "cancelled"].map((s) => [s, s])]
+      .map(([value, text]) => el("option", { value, selected: value === given.status ? "selected" : null }, text))),
+    pool: el("input", { id: "jobs-pool", size: 10, value: given.pool, placeholder: "(any)" }),
+    team: el("input", { id: "jobs-team", size: 10, value: given.team, placeholder: "(any)" }),
+    label: el("input", { id: "jobs-labels", size: 24, value: given.label, placeholder: "k=v k2=v2" }),
+    created_after: el("input", { id: "jobs-after", type: "datetime-local", value: local(given.created_after) }),
+    created_before: el("input", { id: "jobs-before", type: "datetime-local", value: local(given.created_before) }),
+  };
+  function apply() {
+    const next = new URLSearchParams();
+    for (const field of ["status", "pool", "team"]) if (inputs[field].value.trim()) next.set(field, inputs[field].value.trim());
+    for (const label of inputs.label.value.split(/\s+/).filter(Boolean)) next.append("label", label);
+    for (const field of ["created_after", "created_before"]) if (inputs[field].value) next.set(field, new Date(inputs[field].value).toISOString());
+    if (given.limit !== "50") next.set("limit", given.limit);
+    location.href = "/jobs" + (next.toString() ? "?" + next : "");
+  }
+  for (const input of Object.values(inputs)) input.addEventListener("keydown", (e) => { if (e.key === "Enter") apply(); });
+  const controls = el("div", { class: "controls" },
+    el("label", {}, "status", inputs.status), el("label", {}, "pool", inputs.pool), el("label", {}, "team", inputs.team),
+    el("label", {}, "labels", inputs.label), el("label", {}, "created after", inputs.created_after),
+    el("label", {}, "created before", inputs.created_before), el("button", { id: "jobs-apply", onclick: apply }, "Apply"));
+  const list = el("div", { id: "jobs-list" });
+  const pager = el("div", { class: "pager" });
+  replace(main, el("h1", {}, "Jobs"), el("section", { class: "card" }, controls, list, pager));
+
+  const query = new URLSearchParams();
+  for (const field of ["status", "pool", "team", "created_after", "created_before", "limit"]) if (params.get(field)) query.set(field, params.get(field));
+  for (const label of params.getAll("label")) query.append("label", label);
+  const cursors = [null];
+  async function show() {
+    const cursor = cursors[cursors.length - 1];
+    const asked = new URLSearchParams(query);
+    if (cursor) asked.set("cursor", cursor);
+    let page;
+    try {
+      page = await api("/api/history?" + asked);
+    } catch (error) {
+      replace(pager);
+      return replace(list, el("p", { class: "error", id: "jobs-error" }, String(error.message)));
+    }
+    replace(list, page.jobs.length ? table(SUMMARY_HEADERS, page.jobs.map(summaryRow), { id: "jobs-table" })
+      : el("p", { class: "muted" }, "No job matches."));
+    replace(pager,
+      el("button", { id: "jobs-previous", disabled: cursors.length > 1 ? null : "disabled", onclick: () => { cursors.pop(); show(); } }, "‹ previous"),
+      el("span", { id: "jobs-page" }, `page ${cursors.length}`),
+      el("button", { id: "jobs-next", disabled: page.next_cursor ? null : "disabled", onclick: () => { cursors.push(page.next_cursor); show(); } }, "next ›"));
+  }
+  await show();
 }
 
 // --- trends ------------------------------------------------------------------------------
@@ -650,6 +827,7 @@ async function trendsPage() {
   };
   const chart = el("div", { id: "chart" });
   const note = el("p", { class: "muted", id: "chart-note" });
+  const verdicts = el("div", { id: "verdicts" });
 
   function syncUrl() {
     const next = new URLSearchParams();
@@ -675,7 +853,7 @@ async function trendsPage() {
       location.href = "/trends?" + next;
     } })),
     filter.length ? el("span", { class: "muted" }, "filtered by ", filter.map((f) => el("span", { class: "label" }, f))) : null);
-  replace(main, el("h1", {}, "Trends"), el("section", { class: "card" }, controls, chart, note));
+  replace(main, el("h1", {}, "Trends"), el("section", { class: "card" }, controls, chart, note, verdicts));
 
   function draw() {
     syncUrl();
@@ -699,11 +877,22 @@ async function trendsPage() {
     }
     note.textContent = `${points} points from ${jobs.length} completed jobs`;
     replace(chart, lineChart(series, choice.x, choice.metrics.join(", ")));
+    const judged = jobs.filter((job) => job.verdict).sort((a, b) => String(b.completed_at).localeCompare(String(a.completed_at)));
+    replace(verdicts, judged.length
+      ? [el("h2", {}, "Verdicts"), table(["job", "verdict", "gate", "labels", "ended"], judged.map((job) => el("tr", { "data-job": job.job_id },
+          el("td", {}, jobLink(job.job_id)), el("td", {}, verdictBadge(job.verdict)), el("td", {}, job.gate || ""),
+          el("td", {}, labelChips(job.labels)), el("td", { class: "muted" }, job.completed_at ? new Date(job.completed_at).toLocaleString() : ""))), { id: "trend-verdicts" })]
+      : null);
   }
   draw();
   // A job that completes while the page is open joins the chart.
   live("/api/stream", {
     job: async (event) => {
+      if (event.type === "gated") {
+        const known = jobs.find((j) => j.job_id === event.job_id);
+        if (known) { known.verdict = event.verdict.verdict; known.gate = event.verdict.policy; draw(); }
+        return;
+      }
       if (event.type !== "completed" || filter.some((f) => { const [k, ...v] = f.split("="); return event.labels[k] !== v.join("="); })) return;
       try {
         const [job] = (await api("/api/compare?jobs=" + encodeURIComponent(event.job_id))).jobs;
@@ -764,9 +953,15 @@ function lineChart(series, xName, yName) {
     }
     group.appendChild(svg("polyline", { points: points.map((p) => `${sx(p.x)},${sy(p.y)}`).join(" "), fill: "none", stroke: color, "stroke-width": 2 }));
     for (const p of points) {
-      group.appendChild(svg("circle", { class: "point", cx: sx(p.x), cy: sy(p.y), r: 4.5, fill: color, "data-job": p.job.job_id,
-        onclick: () => { location.href = jobHref(p.job.job_id); } },
-        svg("title", {}, `${name}: ${xName}=${p.x} → ${fmt(p.y)}${p.se ? " ± " + fmt(p.se) : ""} (job ${short(p.job.job_id)})`)));
+      const verdict = p.job.verdict ? `, ${p.job.verdict}` : "";
+      group.appendChild(svg("circle", { class: "point" + (p.job.verdict === "NO-GO" ? " no-go" : ""), cx: sx(p.x), cy: sy(p.y), r: 4.5, fill: color,
+        "data-job": p.job.job_id, "data-verdict": p.job.verdict || null, onclick: () => { location.href = jobHref(p.job.job_id); } },
+        svg("title", {}, `${name}: ${xName}=${p.x} → ${fmt(p.y)}${p.se ? " ± " + fmt(p.se) : ""} (job ${short(p.job.job_id)}${verdict})`)));
+      if (p.job.verdict === "NO-GO") {
+        // A cross over the point: a NO-GO step stands out whatever its series' colour.
+        const [cx, cy, d] = [sx(p.x), sy(p.y), 8];
+        group.appendChild(svg("path", { class: "no-go-mark", "data-job": p.job.job_id, d: `M${cx - d},${cy - d}L${cx + d},${cy + d}M${cx - d},${cy + d}L${cx + d},${cy - d}` }));
+      }
     }
     root.appendChild(group);
     const swatch = el("i");
@@ -824,6 +1019,53 @@ async function comparePage() {
     return cells;
   })));
   main.appendChild(el("section", { class: "card" }, el("table", { id: "compare-table" }, el("thead", {}, head), el("tbody", {}, rows))));
+  if (jobs.length >= 2) main.appendChild(flipsCard(jobs, keys));
+}
+
+// Per-sample flips between two of the compared jobs: for a 0/1 metric of one task, the
+// documents right in A and wrong in B and the reverse, each with its input, both outputs and
+// the target, with McNemar's exact p-value of the discordant pairs (computed by the server).
+function flipsCard(jobs, keys) {
+  const params = new URLSearchParams(location.search);
+  const pick = (id, current) => el("select", { id }, jobs.map((job) => el("option", { value: job.job_id, selected: job.job_id === current ? "selected" : null },
+    short(job.job_id) + (job.labels && Object.keys(job.labels).length ? " " + Object.entries(job.labels).map(([k, v]) => k + "=" + v).join(" ") : ""))));
+  const wanted = params.get("flips");
+  const metric = wanted && keys.includes(wanted) ? wanted : keys.find((k) => /\/exact_match(,|$)/.test(k)) || keys[0] || "";
+  const a = pick("flips-a", jobs[0].job_id);
+  const b = pick("flips-b", jobs[1].job_id);
+  const which = el("select", { id: "flips-metric" }, keys.map((k) => el("option", { value: k, selected: k === metric ? "selected" : null }, k)));
+  const out = el("div", { id: "flips" });
+  const side = (title, text) => el("div", {}, el("b", {}, title), text);
+  const cards = (list, kind) => list.map((f) => el("div", { class: "flip", "data-doc": f.doc_id, "data-kind": kind },
+    el("div", {}, el("b", {}, "doc " + f.doc_id + " · input"), f.input, f.images.map((src) => el("img", { src, alt: "input image" }))),
+    side("target", f.target), side("output A", f.output_a), side("output B", f.output_b)));
+  async function show() {
+    if (!which.value) return replace(out, el("p", { class: "muted" }, "The jobs have no metric in common."));
+    const cut = which.value.indexOf("/");
+    const query = new URLSearchParams({ a: a.value, b: b.value, task: which.value.slice(0, cut), metric: which.value.slice(cut + 1) });
+    const next = new URLSearchParams(location.search);
+    next.set("flips", which.value);
+    history.replaceState(null, "", "/compare?" + next);
+    replace(out, el("p", { class: "muted" }, "Reading both jobs' samples…"));
+    let f;
+    try {
+      f = await api("/api/compare/flips?" + query);
+    } catch (error) {
+      return replace(out, el("p", { class: "error", id: "flips-error" }, String(error.message)));
+    }
+    const more = (n, list) => n > list.length ? el("p", { class: "muted" }, `the first ${list.length} of ${n} shown`) : null;
+    replace(out,
+      el("p", { id: "flips-summary" }, `${f.pairs} documents scored by both: ${f.right_to_wrong} right → wrong, ${f.wrong_to_right} wrong → right, ` +
+        `${f.both_right} right in both, ${f.both_wrong} wrong in both; McNemar's exact p = ${f.p_value.toPrecision(3)}`),
+      el("h2", {}, `Right in A, wrong in B (${f.right_to_wrong})`), el("div", { id: "flips-lost" }, cards(f.lost, "lost")), more(f.right_to_wrong, f.lost),
+      el("h2", {}, `Wrong in A, right in B (${f.wrong_to_right})`), el("div", { id: "flips-gained" }, cards(f.gained, "gained")), more(f.wrong_to_right, f.gained));
+  }
+  const card = el("section", { class: "card" }, el("h2", {}, "Per-sample flips"),
+    el("div", { class: "controls" }, el("label", {}, "A", a), el("label", {}, "B", b), el("label", {}, "task/metric (0/1 scores)", which),
+      el("button", { id: "flips-show", onclick: show }, "Show flips")),
+    out);
+  show();
+  return card;
 }
 
 // --- routing -----------------------------------------------------------------------------
@@ -832,6 +1074,7 @@ function route() {
   const path = location.pathname;
   let page;
   if (path === "/") page = queuePage();
+  else if (path === "/jobs") page = jobsPage();
   else if (path.startsWith("/jobs/")) page = jobPage(decodeURIComponent(path.slice("/jobs/".length)));
   else if (path === "/trends") page = trendsPage();
   else if (path === "/compare") page = comparePage();
