@@ -8,15 +8,14 @@ the subscription's secret (`verify`), and drops a repeat by its `Idempotency-Key
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import ipaddress
 import json
-import ssl
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import http
 from .errors import InvalidField
 from .schemas import Event, Gated, event_type
 
@@ -76,31 +75,5 @@ def render(event: Event, raw: bytes, fmt: str) -> bytes:
 
 
 async def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float) -> int:
-    """POST `body`; the response's status code. Raises OSError or TimeoutError when no
-    answer comes within `timeout`. HTTP/1.1, one request per connection."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    tls = parts.scheme == "https"
-    port = parts.port or (443 if tls else 80)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    lines = [
-        f"POST {path} HTTP/1.1",
-        f"Host: {parts.netloc}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(body)}",
-        "Connection: close",
-        "User-Agent: evalq-webhook",
-        *(f"{k}: {v}" for k, v in headers.items()),
-    ]
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(host, port, ssl=ssl.create_default_context() if tls else None)
-        try:
-            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-            await writer.drain()
-            status = await reader.readline()
-        finally:
-            writer.close()
-    fields = status.decode("latin-1").split()
-    if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
-        raise OSError(f"not an HTTP response: {status[:80]!r}")
-    return int(fields[1])
+    """POST a notification; the response's status code (http.py)."""
+    return await http.request("POST", url, body, {"Content-Type": "application/json", **headers}, timeout=timeout)

@@ -23,6 +23,7 @@ from .. import jetstream
 from ..schemas import WorkerInfo, encode, now
 from .argv import scrubbed_env
 from .inventory import InventorySource, take_inventory
+from .pod_cost import PodCost
 
 __all__ = ["Registration"]
 
@@ -30,8 +31,19 @@ log = logging.getLogger("evalq.worker")
 
 
 class Registration:
-    def __init__(self, nc: Client, bucket: str, info: WorkerInfo, *, heartbeat: float, timeout: float) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        bucket: str,
+        info: WorkerInfo,
+        *,
+        heartbeat: float,
+        timeout: float,
+        pod_cost: PodCost | None = None,
+    ) -> None:
         self.nc = nc
+        # In a Kubernetes pod: its deletion cost says idle or busy as the entry does.
+        self.pod_cost = pod_cost
         self.bucket = bucket
         self.info = msgspec.structs.replace(info, ttl=3 * heartbeat)
         self.heartbeat = heartbeat
@@ -50,6 +62,8 @@ class Registration:
     async def show(self, current_job: str | None) -> None:
         """Name the job in hand in the entry now, if the entry is wanted; best effort: the
         next heartbeat names it too."""
+        if self.pod_cost is not None:
+            await self.pod_cost.show(current_job is not None)
         if self.wanted:
             with contextlib.suppress(Exception):
                 await self.put(current_job=current_job)

@@ -42,6 +42,7 @@ from .intake import Intake
 from .journal_stream import Journal
 from .keepalive import KeepAlive
 from .launch import Launcher
+from .pod_cost import PodCost
 from .registration import Registration
 from .resident import Resident
 from .settle import Settler
@@ -96,6 +97,7 @@ class Worker:
             ),
             heartbeat=settings.worker.heartbeat,
             timeout=settings.connection.request_timeout,
+            pod_cost=PodCost.from_env(),
         )
         # The consumer's ack_wait as the server has it: the keep-alive follows it, whatever
         # this worker's own setting says.
@@ -203,6 +205,7 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
                 self._signals.append(sig)
+        await self.registration.show(None)  # idle: in a pod, the first to go in a scale-down
         log.info("worker %s serving pool %s", self.worker_id, self.pool)
         return self
 
