@@ -471,7 +471,7 @@ async def test_verdicts_show_live_and_flips_show_both_outputs(
 ) -> None:
     """Real lmms-eval: its dummy model answering C (106 of 240 right), then A (19, none of C's)."""
     await client.gates.set("release", RELEASE)
-    await worker_factory()
+    worker = await worker_factory()
     run = uuid.uuid4().hex[:8]
 
     def job(answer: str, step: int) -> dict[str, Any]:
@@ -482,7 +482,8 @@ async def test_verdicts_show_live_and_flips_show_both_outputs(
     await client.wait_for_job(first, timeout=300)
     assert (await client.gates.wait(first, timeout=30)).verdict == "INCONCLUSIVE"  # no earlier step
 
-    # The front page and the next job's page are open before that job is even submitted.
+    # The front page and the next job's page are open before that job runs: no worker until then.
+    await worker.stop()
     front = await open_page(browser, web + "/")
     await front.wait_for_selector("#live.on", timeout=10_000)
     worse = (await client.submit(**job("A", 200), gate="release")).job_id
@@ -491,6 +492,8 @@ async def test_verdicts_show_live_and_flips_show_both_outputs(
     for opened in (front, page):
         await opened.evaluate("window.notReloaded = true")
     assert "when the job completes" in (await page.locator("#gate-pending").text_content() or "")
+    assert await page.locator("#job-verdict").count() == 0
+    await worker_factory()
     badge = page.locator("#job-verdict[data-verdict='NO-GO']")
     await badge.wait_for(timeout=300_000)
     assert await badge.text_content() == "NO-GO"

@@ -76,7 +76,14 @@ async def test_pages_carry_the_policy_and_assets_are_served_as_what_they_are(
     web: httpx.AsyncClient, client: AsyncClient
 ) -> None:
     accepted = await client.submit(**JOB)
-    pages = ["/", f"/jobs/{accepted.job_id}", f"/jobs/{accepted.job_id[:8]}", "/trends", "/compare?jobs=a,b"]
+    pages = [
+        "/",
+        "/jobs?status=completed",
+        f"/jobs/{accepted.job_id}",
+        f"/jobs/{accepted.job_id[:8]}",
+        "/trends",
+        "/compare?jobs=a,b",
+    ]
     shells = set()
     for path in pages:
         page = await web.get(path, headers=HTML)
