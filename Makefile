@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install browser test test-fast chaos bench bench-smoke client-check lint format typecheck docs demo clean
+.PHONY: install browser k8s-check test test-fast chaos bench bench-smoke client-check lint format typecheck docs demo clean
 
 install: $(STAMP)
 
@@ -53,6 +53,10 @@ bench-smoke: $(STAMP)
 
 # Install the built wheel without extras into a fresh venv, as a user does, and use it against a
 # queue run from .venv: no torch, typed (mypy --strict), the CLI's client commands (about a minute).
+# The Kubernetes manifests, rendered and checked without a cluster.
+k8s-check: $(STAMP)
+	$(OFFLINE) $(BIN)/python -m pytest -q tests/test_kubernetes.py
+
 client-check: $(STAMP)
 	bash scripts/client-install-check.sh
 
