@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from .gates import samples_task
 from .stats import mcnemar_exact
 
 __all__ = ["FlipsRefused", "first_text", "flips", "sample_view", "samples_files"]
@@ -64,14 +65,7 @@ def samples_files(job_id: str, artifacts: Iterable[str], task: str) -> list[str]
     A task's name may itself hold `_samples_`: the file's task is what follows the last one.
     """
     prefix = f"{job_id}/samples/"
-    found = []
-    for name in artifacts:
-        base = name.rsplit("/", 1)[-1]
-        if not name.startswith(prefix) or not base.endswith(".jsonl") or "_samples_" not in base:
-            continue
-        if base[: -len(".jsonl")].rsplit("_samples_", 1)[1] == task:
-            found.append(name[len(job_id) + 1 :])
-    return found
+    return [name[len(job_id) + 1 :] for name in artifacts if name.startswith(prefix) and samples_task(name) == task]
 
 
 def _by_doc(rows: Iterable[dict[str, Any]]) -> dict[int, dict[str, Any]]:

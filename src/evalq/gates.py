@@ -20,7 +20,7 @@ from typing import Any
 from .schemas import GatePolicy, GateRule, JobSummary, RuleOutcome, RuleStatus, Verdict, VerdictName, now
 from .stats import mcnemar_exact, paired_t
 
-__all__ = ["Scores", "judge", "parse_samples", "pick_baseline", "resolve_metric", "verdict_of"]
+__all__ = ["Scores", "judge", "parse_samples", "pick_baseline", "resolve_metric", "samples_task", "verdict_of"]
 
 # The worst status of a rule's checks is its status.
 _SEVERITY: dict[RuleStatus, int] = {"PASS": 0, "INSUFFICIENT_EVIDENCE": 1, "MISSING": 2, "BREACH": 3}
@@ -34,6 +34,15 @@ class Scores:
     job_id: str
     metrics: dict[str, dict[str, Any]]
     samples: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
+
+
+def samples_task(name: str) -> str | None:
+    """The task of lmms-eval's `<job>/samples/<stamp>_samples_<task>.jsonl` (a task's name may
+    itself hold `_samples_`: the file's task follows the last one); None for another file."""
+    base = name.rsplit("/", 1)[-1]
+    if "/samples/" not in f"/{name}" or not base.endswith(".jsonl") or "_samples_" not in base:
+        return None
+    return base[: -len(".jsonl")].rsplit("_samples_", 1)[1]
 
 
 def parse_samples(lines: Iterable[str]) -> dict[int, dict[str, Any]]:

@@ -24,7 +24,7 @@ from nats.micro.request import Request
 
 from .. import jetstream, lifecycle
 from ..errors import InvalidField, JobNotFound
-from ..gates import Scores, judge, parse_samples, pick_baseline
+from ..gates import Scores, judge, parse_samples, pick_baseline, samples_task
 from ..lifecycle import Applied, Recorder
 from ..schemas import (
     JOBS_PAGE_MAX,
@@ -53,14 +53,6 @@ log = logging.getLogger("evalq.gateway")
 
 # A samples file larger than this is not read: the rule lacks its per-document evidence.
 SAMPLES_MAX_BYTES = 256 << 20
-
-
-def samples_task(name: str) -> str | None:
-    """The task of lmms-eval's `<job>/samples/<stamp>_samples_<task>.jsonl`; None for another file."""
-    base = name.rsplit("/", 1)[-1]
-    if "/samples/" not in name or not base.endswith(".jsonl") or "_samples_" not in base:
-        return None
-    return base[: -len(".jsonl")].rsplit("_samples_", 1)[1]
 
 
 class Gatekeeper:
