@@ -20,6 +20,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "server": (),  # the nats-server binary, looked for beside Python or on PATH
     "worker": ("lmms_eval", "torch"),
     "ui": ("starlette", "uvicorn"),
+    "mcp": ("mcp", "uvicorn"),
     # the trackers of `evalq track`
     "tensorboard": ("tensorboard",),
     "mlflow": ("mlflow",),
@@ -32,6 +33,7 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "worker": ("worker",),
     "up": ("worker", "server"),
     "ui": ("ui",),
+    "mcp": ("mcp",),
 }
 
 
@@ -63,7 +65,7 @@ def missing_for(command: str) -> str | None:
     for extra in _NEEDS.get(command, ()):
         modules = [m for m in EXTRAS[extra] if _module_missing(m)]
         if modules:
-            what = {"worker": "a worker", "ui": "the web process"}.get(
+            what = {"worker": "a worker", "ui": "the web process", "mcp": "the MCP server"}.get(
                 command, f"`evalq {command}` runs a worker, which"
             )
             return f"{what} needs {' and '.join(modules)}, not installed here: {install_command(extra)}"

@@ -12,18 +12,21 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from ..config import Settings
 from ..connection import connect
 from ..embedded import EmbeddedServer
+from ..errors import ConfigError
 from ..gateway import Gateway
 from ..metrics import MetricsServer
 from ..publisher import AsyncClient
-from ..web import WebServer, check_exposure
+from ..web import TokenGate, WebServer, check_exposure
+from ..webguard import is_loopback
 
-__all__ = ["on_signals", "run_gateway", "run_ui", "run_up", "run_worker"]
+__all__ = ["on_signals", "run_gateway", "run_mcp", "run_ui", "run_up", "run_worker"]
 
 log = logging.getLogger("evalq")
 
@@ -110,6 +113,25 @@ async def run_ui(settings: Settings, ready: Callable[[str], None] | None = None)
         remove()
         with contextlib.suppress(Exception):
             await nc.drain()
+
+
+async def run_mcp(settings: Settings, transport: str, host: str, port: int, token: str | None) -> None:
+    """`evalq mcp`: the MCP server over stdio (for an agent that starts it) or streamable HTTP."""
+    from ..mcp_tools import create_server
+
+    server = create_server(settings, host=host, port=port)
+    if transport == "stdio":
+        await server.run_stdio_async()
+        return
+    import uvicorn
+
+    if not is_loopback(host) and not token:
+        raise ConfigError(f"evalq mcp on {host} (off loopback) needs --token: whoever reaches it could submit jobs")
+    app: Any = server.streamable_http_app()
+    if token:
+        app = TokenGate(app, token)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", server_header=False)
+    await uvicorn.Server(config).serve()
 
 
 async def run_up(

@@ -7,6 +7,7 @@ script that waits for it), then runs until SIGTERM or Ctrl-C.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -19,9 +20,9 @@ from ..extras import install_command, missing_modules
 from ..web import check_exposure
 from .app import JsonOpt, need_extras, run, settings
 from .output import console, dump, errors, fail, say_ready, shown
-from .processes import on_signals, run_gateway, run_ui, run_up, run_worker
+from .processes import on_signals, run_gateway, run_mcp, run_ui, run_up, run_worker
 
-__all__ = ["gateway", "server", "ui", "up", "worker"]
+__all__ = ["gateway", "mcp", "server", "ui", "up", "worker"]
 
 TaskPathOpt = Annotated[Optional[list[str]], typer.Option(help="An extra lmms-eval task folder (repeatable).")]
 MetricsPortOpt = Annotated[
@@ -243,3 +244,29 @@ def ui(
         say_ready(json_, {"url": url, "lmms_eval_api": api_on}, f"evalq ui: {url}{api}; Ctrl-C stops", soft_wrap=True)
 
     run(run_ui(chosen, ready=ready))
+
+
+def mcp(
+    ctx: typer.Context,
+    transport: Annotated[str, typer.Option(help="stdio (an agent starts it) or http (streamable HTTP).")] = "stdio",
+    host: Annotated[str, typer.Option(help="With http: the address to bind; off loopback --token is required.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="With http: the port.")] = 8765,
+    token: Annotated[
+        Optional[str], typer.Option("--mcp-token", help="With http: require this token (Bearer) [env EVALQ_MCP_TOKEN].")
+    ] = None,
+) -> None:
+    """Serve lmms-eval's MCP tools (list_tasks, evaluate, get_run_status, get_run_result, cancel_run, ...)
+    over this queue: every run a durable evalq job. Plus list_jobs, compare_runs and get_verdict.
+
+    Example, an agent's MCP config: `{"command": "evalq", "args": ["mcp"], "env": {"EVALQ_NATS_URL": "nats://10.0.0.5:4222"}}`
+
+    Example: `evalq mcp --transport http --port 8765`
+    """
+    need_extras("mcp")
+    if transport not in ("stdio", "http"):
+        raise fail(f"--transport is stdio or http, not {transport!r}", 2)
+    chosen = settings(ctx)
+    secret = token or os.environ.get("EVALQ_MCP_TOKEN") or None
+    run(run_mcp(chosen, transport, host, port, secret))
