@@ -208,7 +208,9 @@ async def test_every_role_does_its_job(
         assert (await client.cancel_job(held.job_id)).status == "cancelled"
         assert kinds([e async for e in client.watch(held.job_id)]) == ["queued", "cancelled"]
     admin = deployment["gateway_nc"].jetstream()
-    assert await admin.consumers_info(Topology().events_stream) == []
+    # Following events made no consumer: the stream has the notifier's own only.
+    consumers = await admin.consumers_info(Topology().events_stream)
+    assert [c.name for c in consumers] == [Topology().notify_consumer]
 
 
 async def test_results_of_many_chunks_come_through_the_submitters_account(
@@ -312,7 +314,8 @@ async def test_a_submitter_creates_no_consumer_and_chooses_no_delivery_subject(d
         subject: outcome for (subject, _), outcome in zip(attempts, outcomes, strict=True) if "ACCEPTED" in outcome
     }
     assert accepted == {}
-    assert await admin.consumers_info(topology.events_stream) == []
+    # The notifier's own only: none of the submitter's attempts made one.
+    assert [c.name for c in await admin.consumers_info(topology.events_stream)] == [topology.notify_consumer]
     for stream in (f"KV_{topology.jobs_bucket}", f"OBJ_{topology.results_bucket}"):
         # Only the services' own: a worker watches a job's record through an ordered consumer.
         foreign = [
