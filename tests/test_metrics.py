@@ -20,7 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from evalq import AsyncClient, InvalidField
 from evalq.config import Settings
+from evalq.metrics import WorkerMetrics
 from evalq.web import WebServer
+from evalq.worker.gpu_memory import parse as parse_gpus
 
 from .conftest import EVALQ, Processes, settings_env
 from .jobs import FAKE, JOB
@@ -146,3 +148,19 @@ async def test_the_web_process_counts_its_requests_by_route(settings: Settings, 
         samples = parse(generate_latest(web.metrics.registry).decode())
     assert value(samples, "evalq_web_requests_total", route="/api", code="200") == 2
     assert value(samples, "evalq_web_requests_total", route="other", code="404") == 2
+
+
+def test_gpu_memory_is_read_for_the_gpus_a_job_sees() -> None:
+    text = "0, 1024, 81920\n1, 2048, 81920\n2, 0, 81920\nnot a row\n"
+    everything = parse_gpus(text, None)
+    assert everything == {
+        "0": (1024 * 2**20, 81920 * 2**20),
+        "1": (2048 * 2**20, 81920 * 2**20),
+        "2": (0, 81920 * 2**20),
+    }
+    # CUDA_VISIBLE_DEVICES=2,1: a job's GPU 0 is the host's 2, its GPU 1 the host's 1.
+    assert parse_gpus(text, "2,1") == {"0": everything["2"], "1": everything["1"]}
+    metrics = WorkerMetrics("default", busy=lambda: True, gpus=lambda: parse_gpus(text, "1"))
+    samples = parse(generate_latest(metrics.registry).decode())
+    assert value(samples, "evalq_worker_gpu_memory_used_bytes", gpu="0") == 2048 * 2**20
+    assert value(samples, "evalq_worker_busy", pool="default") == 1

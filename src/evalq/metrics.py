@@ -108,9 +108,25 @@ class GatewayMetrics:
 
 
 class WorkerMetrics:
-    def __init__(self, pool: str, busy: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        pool: str,
+        busy: Callable[[], bool],
+        gpus: Callable[[], dict[str, tuple[float, float]]] = dict,
+    ) -> None:
         self.pool = pool
         self.registry = CollectorRegistry()
+
+        def memory() -> Iterator[Any]:
+            readings = gpus()
+            if readings:
+                used: dict[tuple[str, ...], float] = {(gpu,): u for gpu, (u, _) in readings.items()}
+                total: dict[tuple[str, ...], float] = {(gpu,): t for gpu, (_, t) in readings.items()}
+                doc = "GPU memory in use, per GPU a job sees (nvidia-smi)"
+                yield gauge("evalq_worker_gpu_memory_used_bytes", doc, ["gpu"], used)
+                yield gauge("evalq_worker_gpu_memory_total_bytes", "GPU memory, per GPU a job sees", ["gpu"], total)
+
+        collector(self.registry, memory)
         collector(
             self.registry,
             lambda: [

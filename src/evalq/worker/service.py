@@ -38,6 +38,7 @@ from ..registry import Registry, cannot_run
 from ..schemas import TERMINAL, JobInfo, WorkerInfo, WorkItem, decode, now
 from ..topology import Topology
 from .evaluation import Evaluation, RunningJob
+from .gpu_memory import GpuMemory
 from .intake import Intake
 from .journal_stream import Journal
 from .keepalive import KeepAlive
@@ -78,7 +79,10 @@ class Worker:
         self.worker_id = settings.worker.worker_id or re.sub(
             r"[^A-Za-z0-9_\-]", "-", f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
-        self.metrics = WorkerMetrics(self.pool, busy=lambda: self.current is not None)
+        self.gpu_memory = GpuMemory()
+        self.metrics = WorkerMetrics(
+            self.pool, busy=lambda: self.current is not None, gpus=lambda: self.gpu_memory.values
+        )
         self.events = EventPublisher(
             nc, self.topology, timeout=settings.connection.request_timeout, domain=domain, observe=self.metrics.observe
         )
@@ -200,6 +204,7 @@ class Worker:
         else:
             await self.registration.put(current_job=None)
         self._tasks.append(asyncio.create_task(self.registration.beat(self._current_job_id), name="heartbeat"))
+        self._tasks.append(asyncio.create_task(self.gpu_memory.poll(), name="gpu-memory"))
         if self.settings.handle_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
