@@ -21,7 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from evalq import AsyncClient, InvalidField
 from evalq.config import Settings
 from evalq.metrics import WorkerMetrics
-from evalq.web import WebServer
 from evalq.worker.gpu_memory import parse as parse_gpus
 
 from .conftest import EVALQ, Processes, settings_env
@@ -141,11 +140,23 @@ async def test_gateway_and_worker_metrics_count_what_they_did(
     assert referenced and referenced <= exported, referenced - exported
 
 
-async def test_the_web_process_counts_its_requests_by_route(settings: Settings, client: AsyncClient) -> None:
-    async with WebServer(settings.with_(ui_port=0), client) as web, httpx.AsyncClient(base_url=web.url) as http:
+async def test_the_web_process_serves_its_metrics_and_counts_requests_by_route(
+    settings: Settings, gateway: Any, processes: Processes
+) -> None:
+    web_port, metrics_port = free_port(), free_port()
+    argv = [*EVALQ, "ui", "--port", str(web_port), "--metrics-port", str(metrics_port)]
+    processes.start(argv, settings_env(settings), name="ui")
+    await eventually(
+        lambda: get(metrics_port, "/readyz"),
+        until=lambda r: r[0] == 200,
+        what="the web process ready",
+        timeout=60,
+        retry_on=(urllib.error.URLError,),
+    )
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{web_port}") as http:
         for path in ("/api/queue", "/api/queue", "/no/such/page/1", "/no/such/page/2"):
             await http.get(path)
-        samples = parse(generate_latest(web.metrics.registry).decode())
+    samples = await scrape(metrics_port)
     assert value(samples, "evalq_web_requests_total", route="/api", code="200") == 2
     assert value(samples, "evalq_web_requests_total", route="other", code="404") == 2
 
