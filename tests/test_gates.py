@@ -14,7 +14,21 @@ from evalq.schemas import GatePolicy, GateRule, JobSummary, decode
 from evalq.stats import mcnemar_exact, paired_t
 
 
-@pytest.mark.parametrize(("b", "c"), [(0, 0), (1, 0), (5, 5), (19, 106), (106, 19), (300, 340), (2000, 2101)])
+@pytest.mark.parametrize(
+    ("b", "c"),
+    [
+        (0, 0),
+        (1, 0),
+        (5, 5),
+        (19, 106),
+        (106, 19),
+        (300, 340),
+        (990, 1010),
+        (2000, 2101),
+        (20000, 20500),
+        (60000, 59000),
+    ],
+)
 def test_mcnemar_matches_scipys_binomial_test(b: int, c: int) -> None:
     expected = 1.0 if b + c == 0 else scipy_stats.binomtest(min(b, c), b + c, 0.5).pvalue
     assert mcnemar_exact(b, c) == pytest.approx(expected, abs=1e-9, rel=1e-9)
@@ -141,6 +155,7 @@ def test_the_baseline_is_the_previous_or_best_earlier_step_of_the_same_run() -> 
         summary("s400", "2026-01-01T00:00:04Z", "400", 0.9),  # a later step, submitted earlier
         summary("other", "2026-01-01T00:00:02Z", "250", 0.99, labels={"run": "r2", "step": "250"}),
         summary("failed", "2026-01-01T00:00:02Z", "260", 0.99, status="failed"),
+        summary("theirs", "2026-01-01T00:00:02Z", "290", 0.99, team="another"),  # same labels, other team
     ]
     job = summary("s300", "2026-01-01T00:00:03Z", "300", 0.6)
     previous = policy(max_drop=0.1)

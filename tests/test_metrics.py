@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from evalq import AsyncClient, InvalidField
 from evalq.config import Settings
-from evalq.metrics import WorkerMetrics
+from evalq.metrics import GatewayMetrics, MetricsServer, WebMetrics, WorkerMetrics
 from evalq.worker.gpu_memory import parse as parse_gpus
 
 from .conftest import EVALQ, Processes, settings_env
@@ -89,7 +89,7 @@ async def test_gateway_and_worker_metrics_count_what_they_did(
         assert value(before, "evalq_gateway_request_duration_seconds_count", endpoint="submit") == 4
         assert value(before, "evalq_jobs", pool="default", status="queued") == 3
         assert value(before, "evalq_queue_oldest_wait_seconds", pool="default") > 0
-        assert value(before, "evalq_events_published_total", type="queued") == 3
+        assert value(before, "evalq_gateway_events_published_total", type="queued") == 3
         assert value(before, "evalq_history_loaded") == 1
 
         worker_env = {**env, "EVALQ_EVALUATOR": " ".join(FAKE), "EVALQ_METRICS_PORT": str(worker_port)}
@@ -111,7 +111,7 @@ async def test_gateway_and_worker_metrics_count_what_they_did(
         assert value(after, "evalq_job_run_seconds_count", pool="default", status="completed") == 3
         worker = await scrape(worker_port)
         assert value(worker, "evalq_worker_jobs_total", pool="default", outcome="completed") == 3
-        assert value(worker, "evalq_events_published_total", type="completed") == 3
+        assert value(worker, "evalq_worker_events_published_total", type="completed") == 3
         assert value(worker, "evalq_worker_model_loads_total", pool="default", how="loaded") == 3
         assert value(worker, "evalq_worker_busy", pool="default") == 0
         assert (await get(worker_port, "/readyz"))[0] == 200
@@ -162,7 +162,7 @@ async def test_the_web_process_serves_its_metrics_and_counts_requests_by_route(
 
 
 def test_gpu_memory_is_read_for_the_gpus_a_job_sees() -> None:
-    text = "0, 1024, 81920\n1, 2048, 81920\n2, 0, 81920\nnot a row\n"
+    text = "0, GPU-aa, 1024, 81920\n1, GPU-bb, 2048, 81920\n2, GPU-cc, 0, 81920\nnot a row\n"
     everything = parse_gpus(text, None)
     assert everything == {
         "0": (1024 * 2**20, 81920 * 2**20),
@@ -171,7 +171,19 @@ def test_gpu_memory_is_read_for_the_gpus_a_job_sees() -> None:
     }
     # CUDA_VISIBLE_DEVICES=2,1: a job's GPU 0 is the host's 2, its GPU 1 the host's 1.
     assert parse_gpus(text, "2,1") == {"0": everything["2"], "1": everything["1"]}
+    assert parse_gpus(text, "GPU-bb") == {"0": everything["1"]}
+    assert parse_gpus(text, "") == {}  # set but empty: no GPU
     metrics = WorkerMetrics("default", busy=lambda: True, gpus=lambda: parse_gpus(text, "1"))
     samples = parse(generate_latest(metrics.registry).decode())
     assert value(samples, "evalq_worker_gpu_memory_used_bytes", gpu="0") == 2048 * 2**20
     assert value(samples, "evalq_worker_busy", pool="default") == 1
+
+
+def test_one_port_for_several_components_writes_each_family_once() -> None:
+    # What `evalq up` serves: a gateway's, a worker's and the web process's registries.
+    gateway, worker, web = GatewayMetrics(), WorkerMetrics("default", busy=lambda: False), WebMetrics()
+    gateway.events.sent.labels("queued").inc()
+    worker.events.sent.labels("completed").inc()
+    text = MetricsServer([gateway.registry, worker.registry, web.registry], host="127.0.0.1", port=0).render()
+    names = [family.name for family in text_string_to_metric_families(text.decode())]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

@@ -161,6 +161,10 @@ def test_urls_outside_loopback_are_an_admins_and_only_to_allowed_hosts() -> None
         check_url("https://hooks.example.com/x", allowed_hosts=["hooks.example.com"], admin=False)
     with pytest.raises(InvalidField, match="webhook_hosts"):
         check_url("https://other.example.com/x", allowed_hosts=["hooks.example.com"], admin=True)
+    for broken in ("http://localhost:99999/", "http://[::1/x", "http://127.0.0.1:port/"):
+        with pytest.raises(InvalidField, match="valid host and port"):
+            check_url(broken, allowed_hosts=[], admin=True)
+    assert not verify("s" * 16, b"{}", "sha256=\u00e9")  # a header that is not ASCII is no signature
 
 
 def test_a_subscription_matches_its_kinds_and_labels() -> None:

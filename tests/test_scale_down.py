@@ -19,7 +19,7 @@ import pytest
 from evalq import AsyncClient
 from evalq.config import Settings
 from evalq.schemas import Completed, Requeued, Started
-from evalq.worker.pod_cost import ANNOTATION, BUSY, IDLE
+from evalq.worker.pod_cost import ANNOTATION, BUSY, IDLE, PodCost
 
 from .conftest import Processes
 from .events import all_events
@@ -101,3 +101,12 @@ async def test_a_pod_stopped_mid_job_hands_it_back_and_says_busy_or_idle(
     # No second run beside the first: the hand-back came before the other worker started.
     assert requeued and requeued[0].time <= started[1].time
     assert sum(isinstance(e, Completed) for e in events) == 1
+
+
+def test_the_api_server_is_found_from_the_pods_environment(tmp_path: Path) -> None:
+    assert PodCost.from_env({}, account=tmp_path) is None
+    ipv6 = PodCost.from_env({"EVALQ_POD_NAME": "w", "KUBERNETES_SERVICE_HOST": "fd00::1"}, account=tmp_path)
+    assert ipv6 is not None and ipv6.url == "https://[fd00::1]:443/api/v1/namespaces/default/pods/w"
+    env = {"EVALQ_POD_NAME": "w", "EVALQ_POD_NAMESPACE": "evals", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    ipv4 = PodCost.from_env(env, account=tmp_path)
+    assert ipv4 is not None and ipv4.url == "https://10.0.0.1:443/api/v1/namespaces/evals/pods/w"

@@ -198,6 +198,8 @@ def pick_baseline(policy: GatePolicy, job: JobSummary, history: Iterable[JobSumm
     for other in history:
         if other.job_id == job.job_id or other.status != "completed" or other.pool != job.pool:
             continue
+        if other.team != job.team:
+            continue  # another team's job is no evidence this team may read
         if other.model != job.model or any(other.labels.get(k) != v for k, v in run.items()):
             continue
         theirs = _step(other.labels, policy.step_label)

@@ -28,7 +28,8 @@ async def request(
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     lines = [
         f"{method} {path} HTTP/1.1",
-        f"Host: {parts.netloc}",
+        # The host and port only: never credentials a URL may carry before an `@`.
+        f"Host: {f'[{host}]' if ':' in host else host}{f':{parts.port}' if parts.port else ''}",
         f"Content-Length: {len(body)}",
         "Connection: close",
         "User-Agent: evalq",

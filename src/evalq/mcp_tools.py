@@ -45,13 +45,24 @@ def _results(info: JobInfo) -> dict[str, Any] | None:
 def create_server(settings: Settings, **options: Any) -> FastMCP:
     """The MCP server; it connects to the queue when a session starts (`options` go to FastMCP:
     host, port, ...)."""
-    held: dict[str, AsyncClient] = {}
+    held: dict[str, Any] = {"sessions": 0}
+    opening = asyncio.Lock()
 
+    # FastMCP runs its lifespan once per session (each HTTP session, the one stdio session):
+    # the sessions share one connection to the queue, closed with the last of them.
     @contextlib.asynccontextmanager
     async def lifespan(_: FastMCP) -> AsyncIterator[None]:
-        async with AsyncClient(settings) as client:
-            held["client"] = client
+        async with opening:
+            if held["sessions"] == 0:
+                held["client"] = await AsyncClient(settings).connect()
+            held["sessions"] += 1
+        try:
             yield
+        finally:
+            async with opening:
+                held["sessions"] -= 1
+                if held["sessions"] == 0:
+                    await held.pop("client").close()
 
     server = FastMCP(
         "evalq",
@@ -67,7 +78,8 @@ def create_server(settings: Settings, **options: Any) -> FastMCP:
     )
 
     def client() -> AsyncClient:
-        return held["client"]
+        found: AsyncClient = held["client"]
+        return found
 
     @server.tool()
     async def list_tasks(query: str | None = None) -> dict[str, Any]:

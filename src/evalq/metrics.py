@@ -66,8 +66,15 @@ def gauge(name: str, doc: str, labels: list[str], values: dict[tuple[str, ...], 
 class EventMetrics:
     """Events sent, by type: the gateway's and a worker's."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.sent = Counter("evalq_events_published_total", "Job status events sent", ["type"], registry=registry)
+    def __init__(self, registry: CollectorRegistry, component: str) -> None:
+        # A name per component: `evalq up` serves a gateway's and a worker's registries on one
+        # port, and one family may be written only once.
+        self.sent = Counter(
+            f"evalq_{component}_events_published_total",
+            f"Job status events a {component} sent",
+            ["type"],
+            registry=registry,
+        )
 
 
 class GatewayMetrics:
@@ -100,7 +107,7 @@ class GatewayMetrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
-        self.events = EventMetrics(self.registry)
+        self.events = EventMetrics(self.registry, "gateway")
 
     def request(self, endpoint: str, outcome: str, seconds: float) -> None:
         self.requests.labels(endpoint, outcome).inc()
@@ -135,7 +142,7 @@ class WorkerMetrics:
                 )
             ],
         )
-        self.events = EventMetrics(self.registry)
+        self.events = EventMetrics(self.registry, "worker")
         self.jobs = Counter(
             "evalq_worker_jobs_total",
             "Jobs and pieces a worker ended, by pool and outcome",

@@ -95,12 +95,14 @@ class TokenGate:
 
 
 class CountRequests:
-    """ASGI middleware: each HTTP request counted by its route's first path segment (an
-    unknown path as `other`, so the label stays bounded) and status code."""
+    """ASGI middleware: each HTTP request counted by its route's first path segment and status
+    code. A segment no route starts with is `other`, whatever answered it (a refused request
+    never reaches the routes), so the label stays bounded."""
 
-    def __init__(self, app: ASGIApp, metrics: WebMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: WebMetrics, known: frozenset[str]) -> None:
         self.app = app
         self.metrics = metrics
+        self.known = known
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -116,8 +118,8 @@ class CountRequests:
         try:
             await self.app(scope, receive, sending)
         finally:
-            first = str(scope.get("path", "/")).strip("/").split("/", 1)[0]
-            route = "other" if status[0] == 404 else f"/{first}"
+            first = "/" + str(scope.get("path", "/")).strip("/").split("/", 1)[0]
+            route = first if first in self.known and status[0] != 404 else "other"
             self.metrics.requests.labels(route, str(status[0])).inc()
 
 
@@ -141,7 +143,8 @@ def create_app(client: AsyncClient, ui: UiSettings, metrics: WebMetrics | None =
         from .lmms_api import lmms_eval_routes
 
         routes += lmms_eval_routes(client, public_url(ui))
-    middleware = [Middleware(CountRequests, metrics=metrics)] if metrics is not None else []
+    known = frozenset("/" + str(getattr(r, "path", "")).strip("/").split("/", 1)[0] for r in routes)
+    middleware = [Middleware(CountRequests, metrics=metrics, known=known)] if metrics is not None else []
     middleware.append(Middleware(RequestGuard, ui=ui))
     if ui.ui_token:
         middleware.append(Middleware(TokenGate, token=ui.ui_token))

@@ -31,7 +31,7 @@ def sign(secret: str, body: bytes) -> str:
 
 def verify(secret: str, body: bytes, signature: str) -> bool:
     """Whether `signature` (the header's value) is `body`'s under `secret`; constant time."""
-    return hmac.compare_digest(sign(secret, body), signature)
+    return hmac.compare_digest(sign(secret, body).encode(), signature.encode("utf-8", "surrogateescape"))
 
 
 def _loopback(host: str) -> bool:
@@ -46,8 +46,12 @@ def _loopback(host: str) -> bool:
 def check_url(url: str, *, allowed_hosts: list[str], admin: bool) -> None:
     """A subscription's URL: a loopback one anyone may add; another host only an admin, and
     only one of `allowed_hosts` (the gateway's setting). InvalidField at `$.url` otherwise."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        parts.port  # noqa: B018 - raises for a port out of range or not a number
+    except ValueError:
+        raise InvalidField("Expected an http or https URL with a valid host and port", path="$.url") from None
     if parts.scheme not in ("http", "https") or not host:
         raise InvalidField("Expected an http or https URL with a host", path="$.url")
     if _loopback(host):

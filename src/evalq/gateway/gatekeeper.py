@@ -76,6 +76,7 @@ class Gatekeeper:
         self.retry = retry
         self.kv: KeyValue | None = None
         self._failed: dict[str, float] = {}  # job id -> when its judging last failed
+        self._unannounced: dict[str, JobInfo] = {}  # judged, their `gated` event not yet out
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> Gatekeeper:
@@ -162,9 +163,11 @@ class Gatekeeper:
             summary = self.history.index.get(info.job_id)
             if summary is not None:
                 run = {k: info.labels[k] for k in policy.run_labels if k in info.labels}
+                # The team's own jobs only: another team's is no evidence this team may read.
                 query = JobsQuery(
                     status=["completed"],
                     pool=info.pool,
+                    team=info.team,
                     labels=run,
                     metrics=[policy.rules[0].metric],
                     limit=JOBS_PAGE_MAX,
@@ -211,11 +214,14 @@ class Gatekeeper:
 
     async def _judge(self, job_id: str) -> None:
         info = await self._record(job_id)
-        if info is None or info.status != "completed" or info.verdict is not None or info.request is None:
+        if info is None or info.status != "completed" or info.request is None or info.request.gate is None:
+            return
+        if info.verdict is not None:
+            # Judged already (by another gateway, or by this one whose event did not go out):
+            # the event is published again; its message id keeps one in the stream.
+            self._unannounced[job_id] = info
             return
         name = info.request.gate
-        if name is None:
-            return
         policy = await self.policy(info.team, name)
         if policy is None:
             missing = RuleOutcome(
@@ -224,13 +230,23 @@ class Gatekeeper:
             verdict = Verdict(verdict="INCONCLUSIVE", policy=name, rules=[missing], at=now())
         else:
             verdict = await self.verdict(info, policy, name)
-        moved = await self.recorder.record(
-            job_id,
-            lambda current: lifecycle.judge(current, verdict),
-            lambda applied: lifecycle.gated_event(applied.after),
-        )
+        moved = await self.recorder.record(job_id, lambda current: lifecycle.judge(current, verdict))
         if isinstance(moved, Applied):
             log.info("job %s: %s under gate %s", job_id, verdict.verdict, name)
+            self._unannounced[job_id] = moved.after
+        elif moved.current is not None and moved.current.verdict is not None:
+            self._unannounced[job_id] = moved.current
+
+    async def _announce(self) -> None:
+        """Publish the `gated` event of each job judged whose event has not gone out yet; one
+        that fails stays, to be tried again: a verdict is never left without its event."""
+        for job_id, info in list(self._unannounced.items()):
+            try:
+                await self.recorder.events.publish(lifecycle.gated_event(info))
+            except Exception as exc:
+                log.warning("job %s: its gated event could not be published (%s); tried again", job_id, exc)
+                continue
+            self._unannounced.pop(job_id, None)
 
     async def _run(self) -> None:
         await self.history.loaded.wait()
@@ -250,5 +266,6 @@ class Gatekeeper:
                     continue
                 self.history.ungated.pop(job_id, None)
                 self._failed.pop(job_id, None)
+            await self._announce()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.history.gates_due.wait(), self.retry)

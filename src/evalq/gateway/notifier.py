@@ -215,6 +215,14 @@ class Notifier:
 
     async def _deliver(self, msg: Msg) -> None:
         try:
+            await self._attempt(msg)
+        except Exception as exc:  # an outage while settling it: handed back, to be tried again
+            log.warning("notifier: a delivery could not be settled (%s); tried again", exc)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=BACKOFF[0])
+
+    async def _attempt(self, msg: Msg) -> None:
+        try:
             delivery = decode(msg.data, Delivery)
         except Exception:
             await msg.term()
@@ -234,7 +242,7 @@ class Notifier:
         try:
             status = await post(subscription.url, body, headers, timeout=self.settings.notify_timeout)
             error = None if 200 <= status < 300 else f"HTTP {status}"
-        except (OSError, TimeoutError) as exc:
+        except Exception as exc:  # any failure is a failed try, counted: none may stall the consumer
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if error is None:
             await msg.ack()

@@ -15,22 +15,28 @@ __all__ = ["GpuMemory", "parse"]
 
 log = logging.getLogger("evalq.worker")
 
-QUERY = ["--query-gpu=index,memory.used,memory.total", "--format=csv,noheader,nounits"]
+QUERY = ["--query-gpu=index,uuid,memory.used,memory.total", "--format=csv,noheader,nounits"]
 
 
 def parse(text: str, visible: str | None) -> dict[str, tuple[float, float]]:
-    """`nvidia-smi`'s CSV (index, used MiB, total MiB) as job GPU index -> (used, total) bytes.
-    `visible` is CUDA_VISIBLE_DEVICES: host indexes, listed in the order a job numbers them."""
-    rows: dict[int, tuple[float, float]] = {}
+    """`nvidia-smi`'s CSV (index, uuid, used MiB, total MiB) as job GPU index -> (used, total)
+    bytes. `visible` is CUDA_VISIBLE_DEVICES: host indexes or UUIDs (or their starts), in the
+    order a job numbers them; set but empty, no GPU."""
+    rows: list[tuple[str, str, float, float]] = []
     for line in text.splitlines():
         fields = [f.strip() for f in line.split(",")]
-        if len(fields) != 3 or not all(f.isdigit() for f in fields):
+        if len(fields) != 4 or not (fields[0].isdigit() and fields[2].isdigit() and fields[3].isdigit()):
             continue
-        rows[int(fields[0])] = (float(fields[1]) * 2**20, float(fields[2]) * 2**20)
-    if visible is None or not visible.strip():
-        return {str(i): rows[i] for i in sorted(rows)}
-    order = [int(v) for v in visible.split(",") if v.strip().isdigit()]
-    return {str(n): rows[host] for n, host in enumerate(order) if host in rows}
+        rows.append((fields[0], fields[1], float(fields[2]) * 2**20, float(fields[3]) * 2**20))
+    if visible is None:
+        return {index: (used, total) for index, _, used, total in sorted(rows, key=lambda r: int(r[0]))}
+    found: dict[str, tuple[float, float]] = {}
+    for token in (t.strip() for t in visible.split(",") if t.strip()):
+        match = next((r for r in rows if (r[0] == token if token.isdigit() else r[1].startswith(token))), None)
+        if match is None:
+            break  # CUDA stops at the first device it cannot find
+        found[str(len(found))] = (match[2], match[3])
+    return found
 
 
 class GpuMemory:

@@ -63,7 +63,7 @@ class Registration:
         """Name the job in hand in the entry now, if the entry is wanted; best effort: the
         next heartbeat names it too."""
         if self.pod_cost is not None:
-            await self.pod_cost.show(current_job is not None)
+            self.pod_cost.want(current_job is not None)
         if self.wanted:
             with contextlib.suppress(Exception):
                 await self.put(current_job=current_job)
@@ -102,6 +102,8 @@ class Registration:
             # period would leave the entry older than its TTL on a loaded host.
             due = max(due + self.heartbeat, loop.time())
             await asyncio.sleep(due - loop.time())
+            if self.pod_cost is not None:
+                self.pod_cost.want(current_job() is not None)
             if not self.wanted:
                 continue
             try:
@@ -112,6 +114,8 @@ class Registration:
     async def remove(self) -> None:
         """Take the entry out at once (a delete marker), rather than after its TTL."""
         self._closed = True
+        if self.pod_cost is not None:
+            await self.pod_cost.close()
         if self.wanted:
             # The marker expires too: worker ids are new at every start, and markers that
             # stayed would pile up in a bucket that has no max age.
