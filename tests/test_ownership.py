@@ -128,8 +128,10 @@ async def test_a_worker_is_listed_only_with_its_inventory(client: AsyncClient, w
 
     async def listed() -> list[Any]:
         nonlocal looks
-        workers = (await client.health()).workers
+        # Tasks first: a worker listed between the two answers is then in both, never in the
+        # tasks alone (the other order would see one listed between them as a violation).
         tasks = await client.list_tasks()
+        workers = (await client.health()).workers
         looks += 1
         # Every look is checked: until health shows the worker, tasks must say nothing.
         assert workers or tasks == [], "tasks came from a worker that health does not show"
