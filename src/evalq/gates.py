@@ -65,17 +65,24 @@ def resolve_metric(metrics: dict[str, dict[str, Any]], ref: str) -> tuple[str, f
     section = metrics.get(task) or {}
     keys = [name] if "," in name else [f"{name},none", *sorted(k for k in section if k.split(",")[0] == name)]
     for key in keys:
-        value = section.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return key, float(value)
+        value = _number(section.get(key))
+        if value is not None:
+            return key, value
+    return None
+
+
+def _number(value: Any) -> float | None:
+    """A finite int or float (not a bool) as a float; None for anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
     return None
 
 
 def _sample_value(row: dict[str, Any], key: str) -> float | None:
     for name in (key, key.split(",")[0]):
-        value = row.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
+        value = _number(row.get(name))
+        if value is not None:
+            return value
     return None
 
 

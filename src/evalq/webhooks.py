@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +17,7 @@ from urllib.parse import urlsplit
 from . import http
 from .errors import InvalidField
 from .schemas import Event, Gated, event_type
+from .webguard import is_loopback
 
 __all__ = ["SIGNATURE_HEADER", "check_url", "post", "render", "sign", "verify"]
 
@@ -34,15 +34,6 @@ def verify(secret: str, body: bytes, signature: str) -> bool:
     return hmac.compare_digest(sign(secret, body).encode(), signature.encode("utf-8", "surrogateescape"))
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_url(url: str, *, allowed_hosts: list[str], admin: bool) -> None:
     """A subscription's URL: a loopback one anyone may add; another host only an admin, and
     only one of `allowed_hosts` (the gateway's setting). InvalidField at `$.url` otherwise."""
@@ -54,7 +45,7 @@ def check_url(url: str, *, allowed_hosts: list[str], admin: bool) -> None:
         raise InvalidField("Expected an http or https URL with a valid host and port", path="$.url") from None
     if parts.scheme not in ("http", "https") or not host:
         raise InvalidField("Expected an http or https URL with a host", path="$.url")
-    if _loopback(host):
+    if is_loopback(host):
         return
     if not admin:
         raise InvalidField(f"only an admin may add a webhook to {host}, outside loopback", path="$.url")
