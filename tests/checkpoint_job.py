@@ -57,7 +57,9 @@ async def checkpoint_job(client: AsyncClient, nc: Any, topology: Topology, *, lo
     if logged:
         events.append(track(job))
     for event in events:
-        await nc.jetstream().publish(topology.event_subject(job, type(event).__struct_config__.tag), encode(event))
+        await nc.jetstream().publish(
+            topology.event_subject(job, type(event).__struct_config__.tag, team="default"), encode(event)
+        )
     return job
 
 

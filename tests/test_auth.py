@@ -355,13 +355,17 @@ async def test_a_reply_subject_reaches_nothing_of_the_queue(deployment: dict[str
         # Answers aimed at the events: a submitter may read those subjects, so it sees each
         # answer land in its own account, and the events stream must not have stored it.
         aimed = [
-            ("evalq.status", encode({"job_id": job}), topology.event_subject(job, "completed")),
-            ("evalq.health", b"", topology.event_subject(job, "failed")),
-            (f"$JS.evalq.API.STREAM.INFO.{topology.events_stream}", b"", topology.event_subject(job, "cancelled")),
+            ("evalq.status", encode({"job_id": job}), topology.event_subject(job, "completed", team="SUBMITTERS")),
+            ("evalq.health", b"", topology.event_subject(job, "failed", team="SUBMITTERS")),
+            (
+                f"$JS.evalq.API.STREAM.INFO.{topology.events_stream}",
+                b"",
+                topology.event_subject(job, "cancelled", team="SUBMITTERS"),
+            ),
             (
                 f"$JS.evalq.API.STREAM.MSG.GET.{topology.events_stream}",
                 b'{"seq": 1}',
-                topology.event_subject(job, "started"),
+                topology.event_subject(job, "started", team="SUBMITTERS"),
             ),
         ]
         landed = await nc.subscribe(topology.events_filter(job))
@@ -434,7 +438,8 @@ async def test_submitter_cannot_pull_delete_forge_or_rewrite(deployment: dict[st
             await js.delete_msg(stream, 1)
         # Forge a terminal event.
         await nc.publish(
-            topology.event_subject(job, "completed"), encode({"type": "completed", "job_id": job, "time": "x"})
+            topology.event_subject(job, "completed", team="SUBMITTERS"),
+            encode({"type": "completed", "job_id": job, "time": "x"}),
         )
         await violations.wait()
         # Rewrite the job's record.
@@ -453,7 +458,9 @@ async def test_submitter_cannot_pull_delete_forge_or_rewrite(deployment: dict[st
         consumer = await admin.consumer_info(stream, topology.consumer)
         assert consumer.num_ack_pending == 0 and consumer.delivered.stream_seq == 0
         with pytest.raises(nats.js.errors.NotFoundError):
-            await admin.get_last_msg(topology.events_stream, topology.event_subject(job, "completed"))
+            await admin.get_last_msg(
+                topology.events_stream, topology.event_subject(job, "completed", team="SUBMITTERS")
+            )
         jobs = JobStore(await admin.key_value(topology.jobs_bucket))
         found = await jobs.get(job)
         assert found is not None and found[0].status == "queued"

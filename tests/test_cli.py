@@ -160,7 +160,7 @@ async def test_labels_and_reasons_from_older_records_are_printed_escaped(
     jobs = JobStore(await nc.jetstream().key_value(topology.jobs_bucket))
     await jobs.transition(job, lambda info: msgspec.structs.replace(info, labels={"note": HOSTILE + "\nforged"}))
     event = Requeued(job_id=job, time=now(), reason=HOSTILE, labels={"note": "\r\nforged line"})
-    await nc.jetstream().publish(topology.event_subject(job, "requeued"), encode(event))
+    await nc.jetstream().publish(topology.event_subject(job, "requeued", team="default"), encode(event))
     wide = {"COLUMNS": "400"}
     code, out, err = await evalq(settings, "status", job, **wide)
     assert code == 0, err
@@ -264,7 +264,9 @@ async def test_watch_says_what_a_job_resumed_and_where_its_answers_came_from(
         Started(job_id=job, time=now(), attempt=1, worker="w1", loads_model=False, resumed_responses=20),
         Completed(job_id=job, time=now(), attempt=1, worker="w1", duration_s=1.0, work=work),
     ):
-        await nc.jetstream().publish(topology.event_subject(job, type(event).__struct_config__.tag), encode(event))
+        await nc.jetstream().publish(
+            topology.event_subject(job, type(event).__struct_config__.tag, team="default"), encode(event)
+        )
     code, out, err = await evalq(settings, "watch", job, COLUMNS="400")
     assert code == 0, err
     assert "started  on w1 (attempt 1), no model loaded, resuming 20 responses and 0 scores" in out, out

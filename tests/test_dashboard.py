@@ -169,7 +169,7 @@ async def test_job_page_shows_a_checkpoints_turnaround_and_its_logging_live(
     assert await page.locator("#job-turnaround").text_content() == NOT_LOGGED
     await page.wait_for_selector("#live.on", timeout=10_000)
     # `evalq track` logs it: the page shows it through its event stream, with no reload.
-    await nc.jetstream().publish(topology.event_subject(job, "tracked"), encode(track(job)))
+    await nc.jetstream().publish(topology.event_subject(job, "tracked", team="default"), encode(track(job)))
     tracked = page.locator("#timeline li[data-type='tracked']")
     await tracked.wait_for(timeout=10_000)
     assert "logged to tensorboard" in (await tracked.text_content() or "")

@@ -91,7 +91,7 @@ async def test_nats_cli_script_speaks_the_contract(
                 decode(body, EvaluateRequest)
                 job_id = decode(reply.data, JobAccepted).job_id
                 # Subscribe now, as the script's `nats sub` would be waiting by the time it finishes.
-                sub = await nc.subscribe(f"{prefix}.events.{job_id}.completed")
+                sub = await nc.subscribe(f"{prefix}.events.*.{job_id}.completed")
             elif subject == "evalq.status":
                 assert decode(body, JobRef).job_id == job_id
                 assert decode(reply.data, JobInfo).job_id == job_id
@@ -100,7 +100,7 @@ async def test_nats_cli_script_speaks_the_contract(
                 decode(reply.data, QueueStatus)
         elif verb == "sub":
             (subject,) = rest
-            assert subject == f"evalq.events.{job_id}.completed"
+            assert subject == f"evalq.events.*.{job_id}.completed"
             message = await sub.next_msg(timeout=60)
             assert decode_event(message.data).job_id == job_id
             await sub.unsubscribe()

@@ -55,7 +55,9 @@ async def test_submit_stores_job_record_and_event(client: AsyncClient, nc: Any, 
     assert info.status == "queued" and info.admitted_at is None
     assert info.labels == {"epoch": "3"}
     assert info.request is not None and info.request.tasks == ["evalq_demo"]
-    event = await js.get_last_msg(topology.events_stream, topology.event_subject(accepted.job_id, "queued"))
+    event = await js.get_last_msg(
+        topology.events_stream, topology.event_subject(accepted.job_id, "queued", team="default")
+    )
     assert json.loads(event.data)["labels"] == {"epoch": "3"}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import msgspec
 import pytest
@@ -123,6 +124,26 @@ def test_a_verdict_is_written_once() -> None:
     assert lifecycle.judge(judged, VERDICT) is None
     event = lifecycle.gated_event(judged)
     assert (event.job_id, event.verdict, event.time) == ("j1", VERDICT, VERDICT.at)
+
+
+def test_every_event_carries_the_jobs_team_into_its_subject() -> None:
+    from evalq.events import EventPublisher
+    from evalq.topology import Topology
+
+    info = lifecycle.enqueue("j1", REQUEST, created_at=AT, stream_seq=7, team="ml")
+    events = [
+        lifecycle.queued_event(info),
+        lifecycle.started_event(info, worker="w1", at=AT),
+        lifecycle.progress_event(info, PROGRESS, worker="w1", at=AT),
+        lifecycle.requeued_event(info, attempt=1, worker="w1", reason="r", at=AT),
+        lifecycle.terminal_event(info, OUTCOMES[0]),
+    ]
+    assert {event.team for event in events} == {"ml"}
+    # A publisher without a connection: only the subject it would write to is read.
+    unconnected = SimpleNamespace(jetstream=lambda **_: None)
+    publisher = EventPublisher(unconnected, Topology(), timeout=1.0)  # type: ignore[arg-type]
+    assert publisher.write(events[0]).subject == "evalq.events.ml.j1.queued"
+    assert lifecycle.queued_event(record("queued")).team == "default"
 
 
 def test_finish_keeps_what_the_outcome_says() -> None:

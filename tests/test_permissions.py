@@ -39,7 +39,7 @@ async def test_a_follower_joining_mid_stream_gets_every_event_once_in_order(
 
     async def publish() -> None:
         for done in range(COUNT):
-            await js.publish(topology.event_subject(job, "progress"), progress(job, done))
+            await js.publish(topology.event_subject(job, "progress", team="default"), progress(job, done))
             if done == COUNT // 2:
                 half.set()
             await asyncio.sleep(0)  # let the follower run between publishes
@@ -70,14 +70,14 @@ async def test_without_history_a_follower_starts_at_the_end(nc: Any, topology: T
     js = nc.jetstream()
     job = str(uuid.uuid4())
     for done in range(3):
-        await js.publish(topology.event_subject(job, "progress"), progress(job, done))
+        await js.publish(topology.event_subject(job, "progress", team="default"), progress(job, done))
     async with AsyncClient(settings) as client:
         live = client.events(job, "progress")
         first = asyncio.ensure_future(anext(live))
         done = 3
         # The follower subscribes when it first runs; publish until it has seen one.
         while not first.done():
-            await js.publish(topology.event_subject(job, "progress"), progress(job, done))
+            await js.publish(topology.event_subject(job, "progress", team="default"), progress(job, done))
             done += 1
             await asyncio.wait([first], timeout=0.05)
             assert done < 1000, "the follower never saw a live event"

@@ -11,7 +11,12 @@ def test_names_follow_the_contract() -> None:
     topo = Topology()
     assert topo.work_stream("default") == "EVALQ_WORK_default"
     assert topo.work_subject("big", "j1") == "evalq.work.big.j1"
-    assert topo.event_subject("j1", "queued") == "evalq.events.j1.queued"
+    assert topo.event_subject("j1", "queued", team="default") == "evalq.events.default.j1.queued"
+    assert topo.event_subject("j1", "queued", team="ml") == "evalq.events.ml.j1.queued"
+    assert topo.events_filter() == "evalq.events.>"
+    assert topo.events_filter("j1") == "evalq.events.*.j1.*"
+    assert topo.events_filter(kind="completed") == "evalq.events.*.*.completed"
+    assert topo.events_filter(team="ml") == "evalq.events.ml.*.*"
     assert topo.events_stream == "EVALQ_EVENTS"
     assert topo.consumer == "evalq-worker"
     assert (topo.jobs_bucket, topo.idempotency_bucket, topo.workers_bucket, topo.results_bucket) == (

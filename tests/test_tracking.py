@@ -164,7 +164,9 @@ async def test_track_restart_and_a_crash_before_the_ack_leave_no_gap_and_no_dupl
     assert [o["job_id"] for o in first] == jobs[:2]
 
     # The third job is logged by every tracker, then the process dies before its ack.
-    stored = await nc.jetstream().get_last_msg(topology.events_stream, topology.event_subject(jobs[2], "completed"))
+    stored = await nc.jetstream().get_last_msg(
+        topology.events_stream, topology.event_subject(jobs[2], "completed", team="default")
+    )
     event = decode_event(stored.data)
     assert isinstance(event, Completed)
     job = job_metrics(event)
@@ -236,7 +238,7 @@ async def test_a_metric_name_mlflow_refuses_is_skipped_there_and_logged_elsewher
         job_id = str(uuid.uuid4())
         metrics = {"gsm8k": {name.rsplit("/", 1)[1]: step / 100}}
         event = Completed(job_id=job_id, time=now(), labels={"run": "r1", "step": str(step)}, metrics=metrics)
-        await nc.jetstream().publish(topology.event_subject(job_id, "completed"), encode(event))
+        await nc.jetstream().publish(topology.event_subject(job_id, "completed", team="default"), encode(event))
         jobs.append(job_id)
 
     trackers = [
@@ -369,8 +371,10 @@ async def test_the_tracked_event_is_published_once_across_a_redelivery(
     )
     job_id = str(uuid.uuid4())
     labels = {"run": "r1", "step": "10"}
-    event = Completed(job_id=job_id, time=now(), attempt=1, labels=labels, metrics={"evalq_demo": {"exact_match": 0.5}})
-    await js.publish(topology.event_subject(job_id, "completed"), encode(event))
+    metrics = {"evalq_demo": {"exact_match": 0.5}}
+    # A team's job: its tracked event goes under the same team as its completed one.
+    event = Completed(job_id=job_id, time=now(), attempt=1, labels=labels, team="ml", metrics=metrics)
+    await js.publish(topology.event_subject(job_id, "completed", team="ml"), encode(event))
 
     # The tracker logs the job and publishes its record, then dies before the ack.
     handle = Tracking._handle
@@ -393,9 +397,10 @@ async def test_the_tracked_event_is_published_once_across_a_redelivery(
     # One message, delivered twice, acknowledged.
     assert consumer.delivered.consumer_seq == 2 and (consumer.num_pending, consumer.num_ack_pending) == (0, 0)
 
-    subject = topology.event_subject(job_id, "tracked")
+    subject = topology.event_subject(job_id, "tracked", team="ml")
     info = await js.stream_info(topology.events_stream, subjects_filter=subject)
     assert (info.state.subjects or {}).get(subject) == 1
     stored = decode_event((await js.get_last_msg(topology.events_stream, subject)).data)
     assert isinstance(stored, Tracked)
     assert (stored.trackers, stored.attempt, stored.labels, stored.worker) == (["tensorboard"], 1, labels, None)
+    assert stored.team == "ml"

@@ -1,4 +1,8 @@
-"""Publishing status events to `<prefix>.events.<job_id>.<type>` in the events stream."""
+"""Publishing status events to `<prefix>.events.<team>.<job_id>.<type>` in the events stream.
+
+The team token comes from the event itself (its job's team), so that the server can export to
+each account only the subjects under its own team.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ class EventPublisher:
         elif kind in ("queued", "gated"):
             headers = {"Nats-Msg-Id": f"{event.job_id}.{kind}"}
         return jetstream.Write(
-            self.topology.event_subject(event.job_id, str(kind)),
+            self.topology.event_subject(event.job_id, str(kind), team=event.team),
             encode(event),
             headers,
             stream=self.topology.events_stream,

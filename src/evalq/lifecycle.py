@@ -306,17 +306,18 @@ def requeue(info: JobInfo) -> JobInfo | None:
 
 
 class _Common(TypedDict):
-    """What every event says: whose, when, which attempt, which worker, the job's labels."""
+    """What every event says: whose, when, which attempt, which worker, the job's labels and team."""
 
     job_id: str
     time: str
     attempt: int
     worker: str | None
     labels: dict[str, str]
+    team: str
 
 
 def _common(info: JobInfo, *, at: str, attempt: int = 0, worker: str | None = None) -> _Common:
-    return _Common(job_id=info.job_id, time=at, attempt=attempt, worker=worker, labels=info.labels)
+    return _Common(job_id=info.job_id, time=at, attempt=attempt, worker=worker, labels=info.labels, team=info.team)
 
 
 def queued_event(info: JobInfo) -> Queued:
@@ -513,7 +514,7 @@ class Recorder:
         Raises when it cannot look or publish, so that the caller leaves the message unacked.
         """
         for kind in sorted(TERMINAL):
-            if await self._has_event(info.job_id, kind, patient):
+            if await self._has_event(info, kind, patient):
                 return
         missing = terminal_event(info, outcome, worker=worker or info.worker)
         await self._step(lambda: self.events.publish(missing), "publish the outcome", patient)
@@ -527,7 +528,7 @@ class Recorder:
         leaves the order to the gateway.
         """
         try:
-            found = await asyncio.wait_for(self._has_event(info.job_id, "queued", False), bound)
+            found = await asyncio.wait_for(self._has_event(info, "queued", False), bound)
         except Exception as exc:
             log.warning("could not look for the queued event of %s: %s", info.job_id, exc)
             return
@@ -545,8 +546,8 @@ class Recorder:
             return False
         return True
 
-    async def _has_event(self, job_id: str, kind: str, patient: bool) -> bool:
-        subject = self.events.topology.event_subject(job_id, kind)
+    async def _has_event(self, info: JobInfo, kind: str, patient: bool) -> bool:
+        subject = self.events.topology.event_subject(info.job_id, kind, team=info.team)
         stream = self.events.topology.events_stream
 
         async def look() -> bool:

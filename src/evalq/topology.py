@@ -124,8 +124,9 @@ class Topology:
         """`<prefix>.pieces.<pool>.<job_id>.<index>`, or `....merge` for the merge step."""
         return f"{self.prefix}.pieces.{pool}.{job_id}.{step}"
 
-    def event_subject(self, job_id: str, kind: str) -> str:
-        return f"{self.prefix}.events.{job_id}.{kind}"
+    def event_subject(self, job_id: str, kind: str, *, team: str) -> str:
+        """`<prefix>.events.<team>.<job_id>.<type>`: by the team token an account is given only its own."""
+        return f"{self.prefix}.events.{team}.{job_id}.{kind}"
 
     def journal_subject(self, job_id: str, part: str) -> str:
         """`<prefix>.journal.<job_id>.<part>`: one evaluation's response journal (`whole`, a
@@ -140,10 +141,11 @@ class Topology:
         """`<prefix>.control.ack_wait.<pool>`: core NATS, `evalq setup` to the pool's workers."""
         return f"{self.prefix}.control.ack_wait.{pool}"
 
-    def events_filter(self, job_id: str = "*", kind: str = "*") -> str:
-        if job_id == "*" and kind == "*":
+    def events_filter(self, job_id: str = "*", kind: str = "*", *, team: str = "*") -> str:
+        """Any team by default: a job id (a UUID) is unique across teams, so a reader needs no team."""
+        if job_id == "*" and kind == "*" and team == "*":
             return f"{self.prefix}.events.>"
-        return f"{self.prefix}.events.{job_id}.{kind}"
+        return f"{self.prefix}.events.{team}.{job_id}.{kind}"
 
     # --- JetStream names -----------------------------------------------------------
 
@@ -335,7 +337,7 @@ class Topology:
         kinds = ("completed", "failed", "cancelled", "gated")
         return api.ConsumerConfig(
             durable_name=self.notify_consumer,
-            filter_subjects=[self.events_filter("*", kind) for kind in kinds],
+            filter_subjects=[self.events_filter(kind=kind) for kind in kinds],  # every team's
             ack_policy=api.AckPolicy.EXPLICIT,
             # Events from when notifications began: a new queue does not announce its past.
             deliver_policy=api.DeliverPolicy.NEW,

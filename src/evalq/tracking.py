@@ -1,15 +1,15 @@
 """`evalq track`: log each completed job's metrics to experiment trackers, at its training step.
 
 A durable pull consumer, `<prefix>-track-<name>`, on the events stream, filtered to
-`<prefix>.events.*.completed`, reads the completed events in order; each is written to every
-tracker, then acknowledged. While the tracker is down the consumer keeps its place, so
-nothing is missed. Each tracker's write is idempotent per job (a marker it can find again
+`<prefix>.events.*.*.completed` (every team's), reads the completed events in order; each is
+written to every tracker, then acknowledged. While the tracker is down the consumer keeps its
+place, so nothing is missed. Each tracker's write is idempotent per job (a marker it can find again
 in its own store), so a crash between writing and acknowledging never logs a job twice.
 
 The step comes from a label (`step` by default) and the run from another (`run`); the
 other labels and the job id go along as tags (TensorBoard: a text summary).
 
-Once the trackers hold a job, a `tracked` event says so (`<prefix>.events.<job_id>.tracked`),
+Once the trackers hold a job, a `tracked` event says so (`<prefix>.events.<team>.<job_id>.tracked`),
 before the ack: the end of the checkpoint's turnaround (`turnaround.py`). A job is in the
 trackers within milliseconds of its `completed` event: the pull waits on the server and
 returns as the event is stored, and each tracker writes one job at once, nothing batched.
@@ -575,9 +575,11 @@ class Tracking:
         held = [name for name, state in outcome.trackers.items() if state != "skipped"]
         if not held or self._nc is None:
             return
-        tracked = Tracked(job_id=event.job_id, time=now(), attempt=event.attempt, labels=event.labels, trackers=held)
+        tracked = Tracked(
+            job_id=event.job_id, time=now(), attempt=event.attempt, labels=event.labels, team=event.team, trackers=held
+        )
         write = jetstream.Write(
-            self.topology.event_subject(event.job_id, "tracked"),
+            self.topology.event_subject(event.job_id, "tracked", team=event.team),
             encode(tracked),
             {"Nats-Msg-Id": f"{event.job_id}.tracked.{self.options.name}"},
             stream=self.topology.events_stream,

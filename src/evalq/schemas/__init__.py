@@ -371,6 +371,8 @@ class _EventBase(Struct, frozen=True, kw_only=True, tag_field="type"):
     attempt: int = 0
     worker: str | None = None
     labels: dict[str, str] = {}
+    # The job's team: the team token of the event's subject, so each account reads only its own.
+    team: str = "default"
 
 
 class Queued(_EventBase, frozen=True, kw_only=True, tag="queued"):
