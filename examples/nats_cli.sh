@@ -15,7 +15,7 @@ nats --server "$S" req evalq.queue '{}' --raw
 
 # Wait for the job's terminal event as it is published (`nats sub 'evalq.events.>'`
 # shows every job; the EVALQ_EVENTS stream keeps the history for late readers).
-nats --server "$S" sub "evalq.events.$JOB.completed" --count=1
+nats --server "$S" sub "evalq.events.*.$JOB.completed" --count=1
 
 # The job's record, and its results file from the object store.
 nats --server "$S" kv get evalq-jobs "$JOB" --raw

@@ -1,6 +1,6 @@
 """Append every completed job's metrics to a CSV file, as jobs finish.
 
-A results subscriber: it follows `<prefix>.events.*.completed` and writes one row per
+A results subscriber: it follows `<prefix>.events.*.*.completed` and writes one row per
 task and metric, with the job's labels, e.g. to feed an experiment tracker.
 
     python examples/results_to_csv.py metrics.csv            # from now on

@@ -33,7 +33,7 @@ from evalq.embedded import EmbeddedServer
 from evalq.errors import ConnectError
 from evalq.gateway import Gateway
 from evalq.jobstore import JobStore
-from evalq.schemas import Completed, Event, WorkerInfo, encode
+from evalq.schemas import Completed, Event, JobInfo, WorkerInfo, encode, now
 from evalq.topology import Topology
 from evalq.worker import Worker
 
@@ -45,10 +45,9 @@ from .waiting import eventually
 
 ACCOUNTS = REPO / "deploy" / "nats" / "accounts.conf"
 PASSWORDS = {"submitter": "s3cret-sub", "gateway": "s3cret-gw", "worker": "s3cret-wk"}
-# What accounts.conf tells each role to set: its own inbox prefix, and for submitters the
-# domain under which their account reaches the queue's JetStream reads.
+# What accounts.conf tells each role to set: its own inbox prefix.
 ROLE_SETTINGS: dict[str, dict[str, Any]] = {
-    "submitter": {"inbox_prefix": "_INBOX_submitter", "js_domain": "evalq"},
+    "submitter": {"inbox_prefix": "_INBOX_submitter"},
     "gateway": {"inbox_prefix": "_INBOX_gateway"},
     "worker": {"inbox_prefix": "_INBOX_worker"},
 }
@@ -221,6 +220,9 @@ async def test_results_of_many_chunks_come_through_the_submitters_account(
     store = await deployment["worker_nc"].jetstream().object_store(Topology().results_bucket)
     await store.put(f"{job}/results.json", big)
     await store.put(f"{job}/eval.log", b"")
+    # The gateway reads them for the submitter's team, whose job its record says it is.
+    record = JobInfo(job_id=job, status="completed", created_at=now(), team="SUBMITTERS")
+    await (await deployment["gateway_nc"].jetstream().key_value(Topology().jobs_bucket)).put(job, encode(record))
     submitter = as_user(deployment["base"], deployment["server"], "submitter")
     async with AsyncClient(submitter) as client:
         files = await client.results(job, tmp_path)
@@ -345,28 +347,16 @@ async def test_a_reply_subject_reaches_nothing_of_the_queue(deployment: dict[str
             ("evalq.status", encode({"job_id": job}), f"evalq.work.default.{uuid.uuid4()}"),
             ("evalq.health", b"", f"$KV.{topology.jobs_bucket}.{job}"),
             ("evalq.queue", b"{}", f"$JS.API.STREAM.DELETE.{work}"),
-            (f"$JS.evalq.API.STREAM.INFO.{topology.events_stream}", b"", f"evalq.work.default.{uuid.uuid4()}"),
-            (
-                f"$JS.evalq.API.STREAM.MSG.GET.{topology.events_stream}",
-                b'{"seq": 1}',
-                f"$KV.{topology.jobs_bucket}.{job}",
-            ),
+            ("evalq.read", b'{"op": "last"}', f"evalq.work.default.{uuid.uuid4()}"),
+            ("evalq.read", b'{"op": "events"}', f"$KV.{topology.jobs_bucket}.{job}"),
         ]
         # Answers aimed at the events: a submitter may read those subjects, so it sees each
         # answer land in its own account, and the events stream must not have stored it.
         aimed = [
             ("evalq.status", encode({"job_id": job}), topology.event_subject(job, "completed", team="SUBMITTERS")),
             ("evalq.health", b"", topology.event_subject(job, "failed", team="SUBMITTERS")),
-            (
-                f"$JS.evalq.API.STREAM.INFO.{topology.events_stream}",
-                b"",
-                topology.event_subject(job, "cancelled", team="SUBMITTERS"),
-            ),
-            (
-                f"$JS.evalq.API.STREAM.MSG.GET.{topology.events_stream}",
-                b'{"seq": 1}',
-                topology.event_subject(job, "started", team="SUBMITTERS"),
-            ),
+            ("evalq.read", b'{"op": "last"}', topology.event_subject(job, "cancelled", team="SUBMITTERS")),
+            ("evalq.read", b'{"op": "events"}', topology.event_subject(job, "started", team="SUBMITTERS")),
         ]
         landed = await nc.subscribe(topology.events_filter(job))
         for subject, body, reply in [*forged, *aimed]:

@@ -1,8 +1,9 @@
 """The SDK follows events and downloads results with no consumer, so least privilege holds.
 
-A submitter of deploy/nats may not create consumers (tests/test_auth.py tries); these tests
-show what the SDK does instead, on the plain test server: stored events read by sequence,
-with a core subscription saying when to read again, lose nothing and repeat nothing.
+A submitter of deploy/nats may not create consumers nor make any JetStream request
+(tests/test_auth.py tries); these tests show what the SDK does instead, on the plain test
+server: stored events read through the gateway by sequence, with a core subscription saying
+when to read again, lose nothing and repeat nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import pytest
 
 from evalq import AsyncClient, EvalqError
 from evalq.config import Settings
-from evalq.schemas import Progress, ProgressEvent, encode, now
+from evalq.gateway import Gateway
+from evalq.schemas import JobInfo, Progress, ProgressEvent, encode, now
 from evalq.topology import Topology
 
 COUNT = 300
@@ -31,7 +33,7 @@ def progress(job_id: str, done: int) -> bytes:
 
 
 async def test_a_follower_joining_mid_stream_gets_every_event_once_in_order(
-    nc: Any, topology: Topology, settings: Settings
+    nc: Any, topology: Topology, settings: Settings, gateway: Gateway
 ) -> None:
     js = nc.jetstream()
     job = str(uuid.uuid4())
@@ -66,7 +68,9 @@ async def test_a_follower_joining_mid_stream_gets_every_event_once_in_order(
     assert [c.name for c in consumers_while_following] == [topology.notify_consumer]
 
 
-async def test_without_history_a_follower_starts_at_the_end(nc: Any, topology: Topology, settings: Settings) -> None:
+async def test_without_history_a_follower_starts_at_the_end(
+    nc: Any, topology: Topology, settings: Settings, gateway: Gateway
+) -> None:
     js = nc.jetstream()
     job = str(uuid.uuid4())
     for done in range(3):
@@ -97,6 +101,8 @@ async def test_results_are_read_whole_and_checked(
 ) -> None:
     store = await nc.jetstream().object_store(topology.results_bucket)
     job = str(uuid.uuid4())
+    jobs = await nc.jetstream().key_value(topology.jobs_bucket)
+    await jobs.put(job, encode(JobInfo(job_id=job, status="completed", created_at=now())))
     big = bytes(range(256)) * 1500  # 384,000 bytes: several chunks
     await store.put(f"{job}/results.json", big)
     files = await client.results(job, tmp_path)

@@ -62,7 +62,6 @@ def member(base: Settings, url: str, user: str, password: str) -> Settings:
         password=password,
         request_timeout=3.0,
         inbox_prefix="_INBOX_submitter",
-        js_domain="evalq",
     )
 
 

@@ -382,9 +382,7 @@ def dashboard_routes(client: AsyncClient, ui: UiSettings) -> list[BaseRoute]:
             info = await client.get_job(await resolve(request.path_params["job_id"]))
             # A checkpoint's turnaround, from the record and two of its stored events: computed
             # for each answer, since the page asks again after each event of the job.
-            spent = await read_turnaround(
-                client.nc, client.topology, info, domain=client.settings.connection.js_domain, timeout=client.timeout
-            )
+            spent = await read_turnaround(client.reads, info)
         except EvalqError as exc:
             return refusal(exc)
         allow_cancel = ui.ui_allow_cancel and info.status not in TERMINAL

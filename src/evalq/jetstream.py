@@ -36,7 +36,7 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -73,6 +73,7 @@ __all__ = [
     "Write",
     "api_error",
     "api_prefix",
+    "checked_chunks",
     "consumer_info",
     "create_key",
     "key_create",
@@ -84,6 +85,7 @@ __all__ = [
     "msg_get_next",
     "object_chunks",
     "object_info",
+    "object_meta",
     "object_stream",
     "publish",
     "read_object",
@@ -416,6 +418,12 @@ class Pipeline:
 
 async def object_info(api: Api, bucket: str, name: str) -> ObjectInfo | None:
     """The object's stored description; None if it is absent or deleted."""
+    found = await object_meta(api, bucket, name)
+    return None if found is None else found[0]
+
+
+async def object_meta(api: Api, bucket: str, name: str) -> tuple[ObjectInfo, bytes] | None:
+    """The object's description, parsed and as it is stored; None if it is absent or deleted."""
     meta_subject = f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
     meta = await msg_get_last(api, object_stream(bucket), meta_subject)
     if meta is None or not meta.data:
@@ -423,19 +431,32 @@ async def object_info(api: Api, bucket: str, name: str) -> ObjectInfo | None:
     info: ObjectInfo = ObjectInfo.from_response(json.loads(meta.data))
     if info.deleted or not info.nuid:
         return None
-    return info
+    return info, meta.data
 
 
 async def object_chunks(api: Api, bucket: str, name: str, info: ObjectInfo) -> AsyncIterator[bytes]:
-    """The object's chunks in order; the size and digest are checked at the end, so a reader
-    that streams them on learns of a torn read by the error, after the last chunk."""
+    """The object's chunks in order, read by sequence; checked as `checked_chunks` does."""
     stream = object_stream(bucket)
     chunks = f"$O.{bucket}.C.{info.nuid}"
+
+    async def after(seq: int) -> StoredMsg | None:
+        return await msg_get_next(api, stream, seq + 1, chunks)
+
+    async for chunk in checked_chunks(bucket, name, info, after):
+        yield chunk
+
+
+async def checked_chunks(
+    bucket: str, name: str, info: ObjectInfo, after: Callable[[int], Awaitable[StoredMsg | None]]
+) -> AsyncIterator[bytes]:
+    """The object's chunks in order, each the first stored after the one before (`after(seq)`);
+    the size and digest are checked at the end, so a reader that streams them on learns of a
+    torn read by the error, after the last chunk."""
     digest = hashlib.sha256()
     size = 0
     seq = 0
     for _ in range(info.chunks or 0):
-        chunk = await msg_get_next(api, stream, seq + 1, chunks)
+        chunk = await after(seq)
         if chunk is None:
             break
         seq = chunk.seq

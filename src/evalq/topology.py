@@ -23,7 +23,7 @@ from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableErr
 from . import jetstream
 from .config import Settings
 
-__all__ = ["LOWERING", "Confirm", "Mismatch", "Topology"]
+__all__ = ["LOWERING", "Confirm", "Mismatch", "Topology", "consumer_filters"]
 
 log = logging.getLogger("evalq.topology")
 
@@ -568,13 +568,20 @@ async def _put_consumer(js: JetStreamContext, stream: str, config: api.ConsumerC
     """A durable consumer of the queue's own (the notifier's): created when missing, written
     again by `evalq setup`."""
     try:
-        await js.consumer_info(stream, str(config.durable_name))
+        found = await js.consumer_info(stream, str(config.durable_name))
     except NotFoundError:
         await js.add_consumer(stream, config)
         return []
-    if update:
+    # One made for an older layout of the subjects would hear nothing: its filters are this
+    # version's to set, as its other settings are (no operator chooses them).
+    if update or consumer_filters(found.config) != consumer_filters(config):
         await js.add_consumer(stream, config)
     return []
+
+
+def consumer_filters(config: api.ConsumerConfig) -> list[str]:
+    """A consumer's filter subjects, whichever field holds them."""
+    return sorted(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
 
 
 async def _put_kv(

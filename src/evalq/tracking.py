@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -49,7 +50,7 @@ from .errors import ConfigError, EvalqError, MissingExtra, Unavailable
 from .extras import install_command
 from .schemas import Completed, Tracked, decode_event, encode, now
 from .text import escape_control
-from .topology import Topology
+from .topology import Topology, consumer_filters
 
 __all__ = [
     "JobMetrics",
@@ -456,8 +457,9 @@ class Tracking:
             timeout=self.settings.connection.request_timeout, domain=self.settings.connection.js_domain
         )
         stream = self.topology.events_stream
+        wanted = self.topology.events_filter(kind="completed")
         try:
-            await js.consumer_info(stream, self.durable)
+            found = await js.consumer_info(stream, self.durable)
         except NotFoundError as exc:
             if exc.err_code != 10014:  # consumer not found; anything else: no stream
                 await self.__aexit__(None, None, None)
@@ -470,7 +472,7 @@ class Tracking:
                 api.ConsumerConfig(
                     durable_name=self.durable,
                     description="evalq track: completed jobs logged to experiment trackers",
-                    filter_subject=self.topology.events_filter(kind="completed"),
+                    filter_subject=wanted,
                     deliver_policy=api.DeliverPolicy.NEW if self.options.from_now else api.DeliverPolicy.ALL,
                     ack_policy=api.AckPolicy.EXPLICIT,
                     ack_wait=60.0,
@@ -478,6 +480,11 @@ class Tracking:
                     max_deliver=-1,
                 ),
             )
+        else:
+            if consumer_filters(found.config) != [wanted]:
+                # Made for an older layout of the events' subjects: it would hear nothing.
+                log.info("tracker consumer %s now follows %s", self.durable, wanted)
+                await js.add_consumer(stream, dataclasses.replace(found.config, filter_subject=wanted))
         self._sub = await js.pull_subscribe_bind(self.durable, stream)
         return self
 

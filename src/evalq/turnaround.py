@@ -23,13 +23,11 @@ import logging
 from collections.abc import Iterable
 
 import msgspec
-import nats.errors
 from msgspec import Struct
-from nats.aio.client import Client
 
-from . import jetstream
+from .errors import EvalqError
+from .publisher.reads import Reads
 from .schemas import Event, JobInfo, Started, Tracked, decode_event
-from .topology import Topology
 
 __all__ = ["SAVED_AT", "Turnaround", "read_turnaround", "turnaround", "turnaround_line"]
 
@@ -131,29 +129,26 @@ def turnaround_line(value: Turnaround) -> str:
     return f"{head}: {parts}" if parts else head
 
 
-async def read_turnaround(
-    nc: Client, topology: Topology, info: JobInfo, *, domain: str | None = None, timeout: float = 5.0
-) -> Turnaround | None:
-    """`turnaround` of a job, its events read from the events stream: the last `started` and
-    the first `tracked`, each one direct get by subject (a job's other events are never read)."""
+async def read_turnaround(reads: Reads, info: JobInfo) -> Turnaround | None:
+    """`turnaround` of a job, its events read through the gateway: the last `started` and
+    the first `tracked`, each one read by subject (a job's other events are never read)."""
     if _time(info.labels.get(SAVED_AT)) is None:
         return None
-    api = jetstream.Api.of(nc, domain=domain, timeout=timeout)
-    stream = topology.events_stream
     try:
-        stored = [
-            await jetstream.msg_get_last(api, stream, topology.event_subject(info.job_id, "started")),
-            await jetstream.msg_get_next(api, stream, 1, topology.event_subject(info.job_id, "tracked")),
+        pages = [
+            await reads.events(job_id=info.job_id, kind="started", last=True),
+            await reads.events(job_id=info.job_id, kind="tracked", limit=1),
         ]
-    except (nats.errors.Error, TimeoutError) as exc:
+        stored = [bytes(page.events[0].event) for page in pages if page.events]
+    except EvalqError as exc:
         # The record is what was asked for: shown all the same, with the parts the events give unknown.
         log.warning("the events of job %s could not be read (%s): its load and logging are unknown", info.job_id, exc)
         stored = []
     events = []
-    for msg in stored:
-        if msg is not None and msg.data:
+    for data in stored:
+        if data:
             try:
-                events.append(decode_event(msg.data))
+                events.append(decode_event(data))
             except msgspec.DecodeError:
                 continue  # written by something else on the subject: that part stays unknown
     return turnaround(info, events)

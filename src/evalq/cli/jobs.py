@@ -220,9 +220,7 @@ def status(ctx: typer.Context, job_id: str, json_: JsonOpt = False) -> None:
     async def main(client: AsyncClient) -> None:
         info = await client.get_job(await client.resolve(job_id))
         # Computed here from the record and the job's events; the record holds none of it.
-        spent = await read_turnaround(
-            client.nc, client.topology, info, domain=client.settings.connection.js_domain, timeout=client.timeout
-        )
+        spent = await read_turnaround(client.reads, info)
         if json_:
             dump({**msgspec.to_builtins(info), "turnaround": spent})
             return

@@ -78,6 +78,7 @@ from .history import History, summarize
 from .idempotency import KeyClaim, key_digest, read_claim, request_fingerprint
 from .identity import of_request
 from .notifier import Notifier
+from .reads import Reads
 
 __all__ = ["Gateway"]
 
@@ -189,6 +190,7 @@ class Gateway:
             settings=self.settings.gateway,
             timeout=self.settings.connection.request_timeout,
         ).start()
+        self.reads = Reads(jetstream.Api.of_context(self.js), self.topology, self.jobs)
         self.checks = SubmitChecks(
             max_bytes=self.settings.gateway.max_request_bytes,
             pools=self.pools,
@@ -216,6 +218,7 @@ class Gateway:
             "teams": self.teams,
             "gate": self.gatekeeper.serve,
             "notify": self.notifier.serve,
+            "read": self.reads.serve,
         }
         for name, handler in endpoints.items():
             await self._service.add_endpoint(

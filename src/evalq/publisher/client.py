@@ -25,12 +25,10 @@ from typing import Any, TypeVar
 import msgspec
 import nats.errors
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.js.api import ObjectInfo
 from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
-from .. import jetstream
 from ..config import Settings, load_settings
 from ..connection import HINT, connect
 from ..errors import (
@@ -70,6 +68,7 @@ from ..schemas import (
 from ..topology import Topology
 from .gates import Gates
 from .notify import Notify
+from .reads import Doorbell, Reads
 
 __all__ = ["Artifact", "AsyncClient"]
 
@@ -362,42 +361,47 @@ class AsyncClient:
 
     # --- events ------------------------------------------------------------------------
 
-    def _api(self) -> jetstream.Api:
-        return jetstream.Api.of(self.nc, domain=self.settings.connection.js_domain, timeout=self.timeout)
+    @property
+    def reads(self) -> Reads:
+        """Reads of stored events and results, through the gateway, within this client's team."""
+        return Reads(self._ask, self.topology.results_bucket)
 
     async def events(self, job_id: str = "*", kind: str = "*", *, history: bool = False) -> AsyncIterator[Event]:
         """Every event matching the filter, as it is stored (from the start when `history`).
 
-        No consumer is created, so a user who may not create one can follow events: the
-        stored events are read by sequence (`STREAM.MSG.GET` with `next_by_subj`), and a core
-        subscription to the same subjects says when to read again. Events come in the
-        stream's order, each once, none missed between the history and the live ones.
+        The stored events are read through the gateway (its `read` endpoint), which keeps a
+        submitter to its own team's; a core subscription to the same subjects (which
+        nats-server gives a team for its own jobs only) says when to read again. Events come
+        in the stream's order, each once, none missed between the history and the live ones.
 
-        A filter, not a lookup: an id no job has matches nothing, so this waits rather than
-        raising `JobNotFound` (`watch` asks first).
+        A filter, not a lookup: with `*`, an id no job has yet matches nothing, so this waits;
+        a job id is asked of the gateway, and one the requester may not see raises `JobNotFound`.
         """
-        stream = self.topology.events_stream
         subject = self.topology.events_filter(job_id, kind)
-        what = f"the events stream {stream}"
-        bell = _Doorbell(patience=self.timeout)
-        with self._errors(what):
-            api = self._api()
+        bell = Doorbell(patience=self.timeout)
+        with self._errors(f"the events on {subject}"):
             sub = await self.nc.subscribe(subject, cb=bell.ring)
         try:
-            with self._errors(what):
+            with self._errors(f"the events on {subject}"):
                 # The server has the subscription before the stream is read, so an event
                 # stored after the read below rings.
                 # Shielded: a flush cancelled before its reply arrives leaves the client's
                 # read loop stopped for good, and the whole connection with it.
                 await asyncio.shield(self.nc.flush(math.ceil(self.timeout)))
-                seq = 0 if history else (await jetstream.stream_info(api, stream)).state.last_seq
-                while True:
-                    bell.clear()
-                    while (msg := await jetstream.msg_get_next(api, stream, seq + 1, subject)) is not None:
-                        seq = msg.seq
-                        bell.stored(msg.data)
-                        yield decode_event(msg.data)
-                    await bell.wait(self.nc)
+            reads = self.reads
+            seq = 0 if history else await reads.last_seq()
+            while True:
+                bell.clear()
+                more = True
+                while more:
+                    page = await reads.events(job_id=job_id, kind=kind, after=seq)
+                    more = page.more
+                    for stored in page.events:
+                        seq = stored.seq
+                        data = bytes(stored.event)
+                        bell.stored(data)
+                        yield decode_event(data)
+                await bell.wait(self.nc)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -433,16 +437,8 @@ class AsyncClient:
                                 break
                     finally:
                         await stored.aclose()  # type: ignore[attr-defined]
-                    bucket = self.topology.jobs_bucket
-                    with self._errors(f"the jobs bucket {bucket}"):
-                        record = await jetstream.msg_get_last(
-                            self._api(), jetstream.kv_stream(bucket), jetstream.kv_subject(bucket, job_id)
-                        )
-                    try:
-                        info = decode(record.data if record is not None and record.data else b"", JobInfo)
-                    except msgspec.DecodeError:
-                        # Gone, or stored under older rules: the gateway reads it leniently, or says why not.
-                        info = await self.get_job(job_id)
+                    # Terminal by now: a record is written before its event.
+                    info = await self.get_job(job_id)
         except TimeoutError as exc:
             if isinstance(exc, EvalqError):
                 raise
@@ -497,32 +493,26 @@ class AsyncClient:
         with none yet gives an empty list; an unknown id (asked of the gateway when no file is
         found) raises `JobNotFound`.
         """
-        bucket = self.topology.results_bucket
         root = (Path(dest_dir) / job_id).resolve()
         written: list[Path] = []
-        with self._errors(f"the results bucket {bucket}"):
-            api = self._api()
-            names = [f"{job_id}/results.json", f"{job_id}/eval.log"]
-            jobs = self.topology.jobs_bucket
-            record = await jetstream.msg_get_last(api, jetstream.kv_stream(jobs), jetstream.kv_subject(jobs, job_id))
-            if record is not None and record.data:
-                info = decode(record.data, JobInfo)
-                if info.result is not None:
-                    names = [*info.result.artifacts, *(name for name in names if name not in info.result.artifacts)]
-            for name in names:
-                relative = PurePosixPath(name[len(job_id) + 1 :])
-                outside = relative.is_absolute() or ".." in relative.parts or not relative.parts
-                if not name.startswith(f"{job_id}/") or outside:
-                    continue  # never write outside dest_dir, whatever the store or the record holds
-                data = await jetstream.read_object(api, bucket, name)
-                if data is None:
-                    continue
-                target = root.joinpath(*relative.parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
-                written.append(target)
-        if not written:
-            await self.get_job(job_id)
+        # A 404 for an unknown id, or another team's job, before anything is read.
+        info = await self.get_job(job_id)
+        names = [f"{job_id}/results.json", f"{job_id}/eval.log"]
+        if info.result is not None:
+            names = [*info.result.artifacts, *(name for name in names if name not in info.result.artifacts)]
+        reads = self.reads
+        for name in names:
+            relative = PurePosixPath(name[len(job_id) + 1 :])
+            outside = relative.is_absolute() or ".." in relative.parts or not relative.parts
+            if not name.startswith(f"{job_id}/") or outside:
+                continue  # never write outside dest_dir, whatever the store or the record holds
+            data = await reads.read_object(name)
+            if data is None:
+                continue
+            target = root.joinpath(*relative.parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            written.append(target)
         return sorted(written)
 
     async def artifact(self, job_id: str, name: str) -> Artifact | None:
@@ -535,9 +525,7 @@ class AsyncClient:
         if relative.is_absolute() or not relative.parts or ".." in relative.parts or name != str(relative):
             return None
         full = f"{job_id}/{relative}"
-        bucket = self.topology.results_bucket
-        with self._errors(f"the results bucket {bucket}"):
-            info = await jetstream.object_info(self._api(), bucket, full)
+        info = await self.reads.object_info(full)
         return None if info is None else Artifact(self, full, info)
 
 
@@ -594,55 +582,5 @@ class Artifact:
         self._info = info
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        bucket = self._client.topology.results_bucket
-        with self._client._errors(f"the results bucket {bucket}"):
-            async for chunk in jetstream.object_chunks(self._client._api(), bucket, self.name, self._info):
-                yield chunk
-
-
-class _Doorbell:
-    """Says when a follower should read the events stream again.
-
-    A core subscriber may see a message a moment before the stream has stored it, so a
-    message seen live stays pending until a read finds it stored, and until then the
-    follower reads again after a short, growing pause. One the stream never stores (a
-    duplicate it dropped) is forgotten after `patience` seconds.
-    """
-
-    def __init__(self, patience: float) -> None:
-        self.patience = patience
-        self.pending: dict[bytes, float] = {}
-        self.rung = asyncio.Event()
-        self.pause = _FIRST_PAUSE
-
-    async def ring(self, msg: Msg) -> None:
-        self.pending.setdefault(msg.data, time.monotonic() + self.patience)
-        self.rung.set()
-
-    def clear(self) -> None:
-        self.rung.clear()
-
-    def stored(self, data: bytes) -> None:
-        self.pending.pop(data, None)
-
-    async def wait(self, nc: NatsClient) -> None:
-        """Until there may be something new to read."""
-        reconnects = nc.stats["reconnects"]
-        while True:
-            now = time.monotonic()
-            self.pending = {data: until for data, until in self.pending.items() if until > now}
-            if not self.pending:
-                self.pause = _FIRST_PAUSE
-            try:
-                await asyncio.wait_for(self.rung.wait(), self.pause if self.pending else _RECONNECT_CHECK)
-                return
-            except TimeoutError:
-                if self.pending:
-                    self.pause = min(self.pause * 2, 0.5)
-                    return
-                if nc.stats["reconnects"] != reconnects:
-                    return  # events published while the connection was down rang no bell
-
-
-_FIRST_PAUSE = 0.005
-_RECONNECT_CHECK = 1.0
+        async for chunk in self._client.reads.chunks(self.name, self._info):
+            yield chunk

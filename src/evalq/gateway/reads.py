@@ -1,0 +1,117 @@
+"""The `read` endpoint: a submitter's reads of stored events and results, within its team.
+
+A direct get (`STREAM.MSG.GET`) names the subject it reads in its body, where no permission
+can look, so none is exported to submitters: the gateway reads for them. An events read is
+bounded by the team's token in the subject (`<prefix>.events.<team>.>`), or by the job's
+record when it names one; a result object's first path segment is its job, whose record
+names the team. Another team's job is answered as no job at all (404), as `status` does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import msgspec
+from nats.js.api import ObjectInfo
+from nats.micro.request import Request
+
+from .. import jetstream
+from ..errors import JobNotFound
+from ..jobstore import JobStore
+from ..schemas.reads import (
+    ChunkReply,
+    EventsPage,
+    ObjectReply,
+    ReadChunk,
+    ReadEvents,
+    ReadLast,
+    ReadObject,
+    StoredEvent,
+    decode_read_op,
+)
+from ..topology import Topology
+from .identity import Requester, of_request
+
+__all__ = ["Reads"]
+
+# A page of events stops once it holds this much: the reply stays under a server's 1 MiB.
+_PAGE_BYTES = 512 * 1024
+# How long an object's description is kept between its chunk reads, and how many are.
+_OBJECT_TTL = 30.0
+_OBJECTS_KEPT = 256
+
+
+class Reads:
+    def __init__(self, api: jetstream.Api, topology: Topology, jobs: JobStore) -> None:
+        self.api = api
+        self.topology = topology
+        self.jobs = jobs
+        # name -> (description, when read): a download reads the description once, not per chunk.
+        self._objects: dict[str, tuple[tuple[ObjectInfo, bytes], float]] = {}
+
+    async def serve(self, request: Request) -> EventsPage | ObjectReply | ChunkReply:
+        op = decode_read_op(request.data or b"{}")
+        who = of_request(request)
+        if isinstance(op, ReadEvents):
+            return await self._events(op, who)
+        if isinstance(op, ReadLast):
+            stream = await jetstream.stream_info(self.api, self.topology.events_stream)
+            return EventsPage(last_seq=stream.state.last_seq)
+        if isinstance(op, ReadObject):
+            found = await self._object(op.name, who, cached=False)
+            return ObjectReply(info=None if found is None else json.loads(found[1]))
+        assert isinstance(op, ReadChunk)
+        found = await self._object(op.name, who, cached=True)
+        if found is None:
+            return ChunkReply()
+        chunks = f"$O.{self.topology.results_bucket}.C.{found[0].nuid}"
+        chunk = await jetstream.msg_get_next(
+            self.api, jetstream.object_stream(self.topology.results_bucket), op.after + 1, chunks
+        )
+        return ChunkReply() if chunk is None else ChunkReply(seq=chunk.seq, data=chunk.data)
+
+    async def _team_of(self, job_id: str, who: Requester) -> str:
+        """The team of a job the requester may see; 404 for any other. An admin may read what
+        is stored for an id with no record (`*`: any team's), a team may not: to it, another
+        team's job and no job look the same."""
+        found = await self.jobs.get(job_id)
+        if found is None and who.admin:
+            return "*"
+        if found is None or not who.may_see(found[0].team):
+            raise JobNotFound(f"no job {job_id}", path="$.job_id")
+        return found[0].team
+
+    async def _events(self, op: ReadEvents, who: Requester) -> EventsPage:
+        if op.job_id != "*":
+            team = await self._team_of(op.job_id, who)
+        else:
+            team = "*" if who.admin else who.team
+        subject = self.topology.events_filter(op.job_id, op.kind, team=team)
+        stream = self.topology.events_stream
+        if op.last:
+            found = await jetstream.msg_get_last(self.api, stream, subject)
+            events = [] if found is None else [StoredEvent(seq=found.seq, event=msgspec.Raw(found.data))]
+            return EventsPage(events=events)
+        events, size, seq = [], 0, op.after
+        while len(events) < op.limit and size < _PAGE_BYTES:
+            found = await jetstream.msg_get_next(self.api, stream, seq + 1, subject)
+            if found is None:
+                return EventsPage(events=events)
+            seq = found.seq
+            size += len(found.data)
+            events.append(StoredEvent(seq=found.seq, event=msgspec.Raw(found.data)))
+        return EventsPage(events=events, more=True)
+
+    async def _object(self, name: str, who: Requester, *, cached: bool) -> tuple[ObjectInfo, bytes] | None:
+        job_id = name.split("/", 1)[0]
+        await self._team_of(job_id, who)
+        kept = self._objects.get(name)
+        if cached and kept is not None and time.monotonic() - kept[1] < _OBJECT_TTL:
+            return kept[0]
+        found = await jetstream.object_meta(self.api, self.topology.results_bucket, name)
+        if found is not None:
+            if len(self._objects) >= _OBJECTS_KEPT:
+                self._objects.pop(next(iter(self._objects)))
+            self._objects[name] = (found, time.monotonic())
+        return found
