@@ -1519,7 +1519,6 @@ class Bench:
                 user=f"team_{t:02d}",
                 password=f"pw-{t:02d}",
                 inbox_prefix="_INBOX_submitter",
-                js_domain="evalq",
                 home=str(root / "client"),
             )
             for t in range(1, team_count + 1)
@@ -1614,6 +1613,112 @@ class Bench:
             "next_p95": percentile(gaps, 0.95) * ms if gaps else 0.0,
             "rate": done / run_s,
         }
+
+    async def reads(self) -> None:
+        """Section 15: what isolation costs a reader. A job's stored events and a result object
+        read through the gateway's `read` endpoint (as every submitter reads), beside the same
+        reads made directly with `STREAM.MSG.GET` (as only the queue's own account may)."""
+        from evalq import AsyncClient, Settings, jetstream
+        from evalq.connection import connect
+        from evalq.gateway import Gateway
+        from evalq.schemas import JobInfo, Progress, ProgressEvent, encode, now
+        from evalq.topology import Topology
+
+        count = 300 if self.quick else 5000
+        size = (1 if self.quick else 16) << 20
+        reps = 3 if self.quick else 7
+        url = self.nats_server("nats-reads")
+        settings = Settings.of(nats_url=[url], prefix="reads", request_timeout=30.0)
+        topology = Topology.from_settings(settings)
+        nc = await connect(settings, name="bench-reads")
+        direct_events: list[float] = []
+        gateway_events: list[float] = []
+        direct_object: list[float] = []
+        gateway_object: list[float] = []
+        try:
+            async with Gateway(nc, settings, topology), AsyncClient(settings) as client:
+                js = nc.jetstream(timeout=30)
+                job = str(uuid.uuid4())
+                jobs = await js.key_value(topology.jobs_bucket)
+                await jobs.put(job, encode(JobInfo(job_id=job, status="completed", created_at=now())))
+                writes = [
+                    jetstream.Write(
+                        topology.event_subject(job, "progress", team="default"),
+                        encode(
+                            ProgressEvent(
+                                job_id=job,
+                                time=now(),
+                                progress=Progress(phase="running", done=i, total=count, percent=100.0 * i / count),
+                            )
+                        ),
+                    )
+                    for i in range(count)
+                ]
+                pipeline = jetstream.Pipeline(nc)
+                for first in range(0, count, 500):
+                    sent = [await pipeline.send(write) for write in writes[first : first + 500]]
+                    acks = await pipeline.wait(sent, timeout=30)
+                    assert all(isinstance(ack, jetstream.PubAck) for ack in acks), acks
+                name = f"{job}/results.json"
+                data = os.urandom(size)
+                await (await js.object_store(topology.results_bucket)).put(name, data)
+                api = jetstream.Api.of(nc, timeout=30)
+                subject = topology.events_filter(job)
+                for _ in range(reps):
+                    started, seq, seen = time.perf_counter(), 0, 0
+                    while (
+                        msg := await jetstream.msg_get_next(api, topology.events_stream, seq + 1, subject)
+                    ) is not None:
+                        seq, seen = msg.seq, seen + 1
+                    direct_events.append(time.perf_counter() - started)
+                    assert seen == count, seen
+                    started, seen = time.perf_counter(), 0
+                    async for _event in client.events(job, history=True):
+                        seen += 1
+                        if seen == count:
+                            break
+                    gateway_events.append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    assert await jetstream.read_object(api, topology.results_bucket, name) == data
+                    direct_object.append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    assert await client.reads.read_object(name) == data
+                    gateway_object.append(time.perf_counter() - started)
+        finally:
+            await nc.close()
+        med = statistics.median
+        rows = [
+            (
+                "a job's stored events",
+                f"{count:,} events",
+                count / med(direct_events),
+                count / med(gateway_events),
+                "events/s",
+            ),
+            (
+                "a result object",
+                f"{size >> 20} MiB",
+                size / med(direct_object) / 2**20,
+                size / med(gateway_object) / 2**20,
+                "MiB/s",
+            ),
+        ]
+        lines = [
+            "## 15. Reads through the gateway (what isolation costs a reader)",
+            "",
+            "A submitter makes no JetStream request: a direct get names what it reads in its body, where "
+            "nats-server's permissions cannot look, so the gateway reads for it within its team (`read`). "
+            f"One nats-server, an in-process `Gateway`, one `AsyncClient`; median of {reps} reads each, the two "
+            "ways alternated. Direct: `STREAM.MSG.GET` one message at a time, as the queue's own account may. "
+            "Through the gateway: `AsyncClient.events(job, history=True)` (pages of up to 256 events) and "
+            "`AsyncClient.reads.read_object` (one 128 KiB chunk a request, checked against its digest).",
+            "",
+            "| read | size | direct | through the gateway | unit | gateway / direct |",
+            "|---|---|---|---|---|---|",
+        ]
+        for what, sized, direct, through, unit in rows:
+            lines.append(f"| {what} | {sized} | {direct:,.0f} | {through:,.0f} | {unit} | {through / direct:.2f}x |")
+        self.sections.append("\n".join(lines))
 
     async def run(self, parts: list[str]) -> str:
         self._servers: list[Any] = []
@@ -2005,6 +2110,7 @@ def main() -> None:
             "journal",
             "turnaround",
             "scheduler",
+            "reads",
         ],
     )
     parser.add_argument(

@@ -9,6 +9,7 @@ when to read again, lose nothing and repeat nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,37 @@ async def test_results_are_read_whole_and_checked(
     await nc.jetstream().delete_msg(stream, last.seq)
     with pytest.raises(EvalqError, match="incomplete"):
         await client.results(job, tmp_path / "again")
+
+
+async def test_the_read_endpoint_pages_big_events_and_refuses_bad_input_with_a_path(
+    nc: Any, topology: Topology, client: AsyncClient
+) -> None:
+    js = nc.jetstream()
+    job = str(uuid.uuid4())
+    phase = "x" * 200_000  # five events of about 200 KB: pages of two, under the server's 1 MiB
+    for done in range(5):
+        event = ProgressEvent(job_id=job, time=now(), progress=Progress(phase=phase, done=done, total=5, percent=0.0))
+        await js.publish(topology.event_subject(job, "progress", team="default"), encode(event))
+    first = await client.reads.events(job_id=job)
+    assert len(first.events) == 2 and first.more
+    seen = []
+    async for event in client.events(job, history=True):
+        assert isinstance(event, ProgressEvent)
+        seen.append(event.progress.done)
+        if len(seen) == 5:
+            break
+    assert seen == list(range(5))
+    for body, path in (
+        ({"op": "events", "limit": 0}, "$.limit"),
+        ({"op": "events", "job_id": "a.b"}, "$.job_id"),
+        ({"op": "events", "after": -1}, "$.after"),
+        ({"op": "chunk"}, "$"),
+        ({"op": "object", "name": "*/results.json"}, "$.name"),
+        ({"op": "chunk", "name": "../x", "after": 0}, "$.name"),
+        ({"op": "object", "name": "x", "extra": 1}, "$"),
+        ({"op": "drop"}, "$"),
+    ):
+        reply = await nc.request(topology.subject("read"), encode(body), timeout=5)
+        code = (reply.headers or {}).get("Nats-Service-Error-Code")
+        assert code in ("400", "422"), (body, code, reply.data)
+        assert json.loads(reply.data)["error"]["path"].startswith(path), (body, reply.data)

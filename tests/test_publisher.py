@@ -15,7 +15,7 @@ import pytest
 
 from evalq import AsyncClient, Client, ConnectError, JobCancelled, JobFailed, Timeout
 from evalq.config import Settings
-from evalq.schemas import Completed
+from evalq.schemas import Completed, JobInfo, JobResult, encode, now
 
 from .conftest import EVALQ, Processes, settings_env
 from .events import kinds
@@ -143,6 +143,10 @@ async def test_results_never_write_outside_the_destination(client: AsyncClient, 
     job = "0b4c1a52-0d4e-4a3b-9d1e-2f1f9b7c6d5e"
     await store.put(f"{job}/../../escaped.txt", b"x")
     await store.put(f"{job}/results.json", b"{}")
+    # A record that names the escaping object among its artifacts.
+    named = JobResult(artifacts=[f"{job}/../../escaped.txt", f"{job}/results.json"])
+    record = JobInfo(job_id=job, status="completed", created_at=now(), result=named)
+    await (await nc.jetstream().key_value(client.topology.jobs_bucket)).put(job, encode(record))
     files = await client.results(job, tmp_path / "dest")
     assert [f.name for f in files] == ["results.json"]
     assert not (tmp_path / "escaped.txt").exists()

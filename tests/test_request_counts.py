@@ -1,7 +1,9 @@
 """How many gateway requests the CLI and the SDK make, read from the gateway's own counters.
 
 The gateway is a NATS micro service: `$SRV.STATS.<name>` answers each endpoint's
-`num_requests`. The counts are exact, so a command that asks per job again fails here.
+`num_requests`. The counts are exact, so a command that asks per job again fails here. A
+follower reads stored events through the gateway (`read`) as they come, never on a clock:
+its reads are bounded by the events stored, not by the time it waits.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Requests:
     def __init__(self, nc: Any, topology: Topology) -> None:
         self.nc = nc
         self.subject = f"$SRV.STATS.{topology.service_name}"
+        self.events_stream = topology.events_stream
         self.start: Counter[str] = Counter()
 
     async def now(self) -> Counter[str]:
@@ -39,10 +42,15 @@ class Requests:
         self.start = await self.now()
 
     async def made(self) -> dict[str, int]:
-        """Requests per endpoint since `reset`, endpoints with none left out."""
+        """Requests per endpoint since `reset`, endpoints with none left out; the `read`s of
+        stored events are checked here against the events stored, and left out too."""
         counts = await self.now()
         counts.subtract(self.start)
-        return {name: n for name, n in counts.items() if n}
+        made = {name: n for name, n in counts.items() if n}
+        stored = (await self.nc.jetstream().stream_info(self.events_stream)).state.messages
+        # One read per event that rang, one more at the start, and one that finds a page's end.
+        assert made.pop("read", 0) <= 2 * stored + 2, (made, stored)
+        return made
 
     async def until(self, endpoint: str, count: int, timeout: float = 60) -> None:
         """Wait until `endpoint` has had `count` requests since `reset` (bounded)."""
@@ -100,7 +108,9 @@ async def test_queue_asks_for_the_queue_and_one_page_of_jobs(
     assert json.loads(out)["queued_jobs"] == {"default": jobs}
 
 
-async def test_wait_for_job_asks_for_the_job_once(client: AsyncClient, requests: Requests, worker_factory: Any) -> None:
+async def test_wait_for_job_asks_for_the_job_before_and_after_its_events(
+    client: AsyncClient, requests: Requests, worker_factory: Any
+) -> None:
     job = (await client.submit(**JOB)).job_id
     await requests.reset()
     waiting = asyncio.create_task(client.wait_for_job(job, timeout=60))
@@ -108,7 +118,8 @@ async def test_wait_for_job_asks_for_the_job_once(client: AsyncClient, requests:
     await client.cancel_job(job)
     with pytest.raises(JobCancelled):
         await waiting
-    assert await requests.made() == {"status": 1, "cancel": 1}
+    # Once before following the events, once for the record after the terminal one.
+    assert await requests.made() == {"status": 2, "cancel": 1}
 
     await worker_factory(evaluator=FAKE)
     accepted = await client.submit(**JOB, limit=2)
@@ -116,7 +127,7 @@ async def test_wait_for_job_asks_for_the_job_once(client: AsyncClient, requests:
     info = await client.wait_for_job(accepted.job_id, timeout=60)
     assert info.status == "completed" and info.result is not None and info.result.metrics
     assert info == await client.get_job(accepted.job_id)  # the record the gateway answers with
-    assert await requests.made() == {"status": 2}  # wait_for_job's one, and the comparison's
+    assert await requests.made() == {"status": 3}  # wait_for_job's two, and the comparison's
 
     await requests.reset()
     assert (await client.wait_for_job(accepted.job_id, timeout=60)).status == "completed"  # ended already

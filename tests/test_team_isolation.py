@@ -241,3 +241,35 @@ async def test_the_cli_web_pages_and_lmms_eval_api_of_team_b_refuse_team_as_jobs
         listed = (await web.get("/api/jobs", headers={"X-Evalq-Ui": "1"})).json()
         assert job_a not in {row["job_id"] for row in listed["jobs"]}
     assert (await a.get_job(job_a)).status == "completed"
+
+
+async def test_a_team_neither_learns_nor_rescores_another_teams_running_job(
+    pool: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a: AsyncClient = pool["a"]
+    b: AsyncClient = pool["b"]
+    admin: AsyncClient = pool["admin"]
+    done = (await a.submit(**JOB)).job_id
+    await a.wait_for_job(done, timeout=60)
+    # Re-scoring names its source: another team's is no job at all, whatever its state.
+    with pytest.raises(JobNotFound) as refused:
+        await b.submit(**{**JOB, "rescore_of": done})
+    assert refused.value.path == "$.rescore_of"
+
+    monkeypatch.setenv("FAKE_EVAL_MODE", "slow")
+    running = (await a.submit(**JOB)).job_id
+    await eventually(
+        lambda: a.get_job(running), until=lambda i: i.status == "running", what="A's job running", timeout=30
+    )
+
+    def current(workers: list[Any]) -> set[str | None]:
+        return {w.current_job for w in workers}
+
+    await eventually(
+        a.health, until=lambda h: current(h.workers) == {running}, what="A sees its job on the worker", timeout=30
+    )
+    assert current((await admin.health()).workers) == {running}
+    assert current((await b.health()).workers) == {None}
+    queue = await b.queue()
+    assert current(queue.workers) == {None} and running not in queue.running_jobs
+    await a.cancel_job(running)

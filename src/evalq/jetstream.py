@@ -412,8 +412,8 @@ class Pipeline:
 
 
 # --- object-store reads ---------------------------------------------------------------------
-# By sequence with `STREAM.MSG.GET`, never a consumer: a submitter, who may not create one,
-# downloads results too.
+# By sequence with `STREAM.MSG.GET`, never a consumer: the gateway reads results this way for
+# submitters, who may make no JetStream request (gateway/reads.py).
 
 
 async def object_info(api: Api, bucket: str, name: str) -> ObjectInfo | None:

@@ -484,7 +484,8 @@ class Tracking:
             if consumer_filters(found.config) != [wanted]:
                 # Made for an older layout of the events' subjects: it would hear nothing.
                 log.info("tracker consumer %s now follows %s", self.durable, wanted)
-                await js.add_consumer(stream, dataclasses.replace(found.config, filter_subject=wanted))
+                moved = dataclasses.replace(found.config, filter_subject=wanted, filter_subjects=None)
+                await js.add_consumer(stream, moved)
         self._sub = await js.pull_subscribe_bind(self.durable, stream)
         return self
 

@@ -1,5 +1,6 @@
 """The gateway: the `evalq-gateway` micro service."""
 
-from .service import Gateway, as_request_error
+from .refusals import as_request_error
+from .service import Gateway
 
 __all__ = ["Gateway", "as_request_error"]

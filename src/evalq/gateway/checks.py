@@ -14,6 +14,7 @@ from ..registry import Registry
 from ..scheduling import rank
 from ..schemas import EvaluateRequest, decode
 from ..topology import Topology
+from .identity import Requester
 
 __all__ = ["PoolNames", "SubmitChecks"]
 
@@ -61,12 +62,12 @@ class SubmitChecks:
         self.registry = registry
         self.policies = policies
 
-    async def request(self, data: bytes) -> EvaluateRequest:
+    async def request(self, data: bytes, asker: Requester) -> EvaluateRequest:
         if len(data) > self.max_bytes:
             raise TooLarge(f"request body is {len(data)} bytes; the limit is {self.max_bytes}")
         job = decode(data, EvaluateRequest)
         await self.pools.check(job.pool)
-        await self.rescore(job)
+        await self.rescore(job, asker)
         await self.registry.check(job)
         check_policy(job, await self.policies.get(job.pool))
         return job
@@ -85,14 +86,15 @@ class SubmitChecks:
                 f"its quota is {limits.max_queued}; retry when some have started"
             )
 
-    async def rescore(self, job: EvaluateRequest) -> None:
+    async def rescore(self, job: EvaluateRequest, asker: Requester) -> None:
         """A re-score scores again what its source recorded: a source that is missing or has not
-        completed has nothing to score, and a task it did not run has no responses."""
+        completed has nothing to score, and a task it did not run has no responses. Another
+        team's job is no job at all: its responses are not the asker's to score."""
         source_id = job.rescore_of
         if source_id is None:
             return
         found = await self.jobs.get(source_id)
-        if found is None:
+        if found is None or not asker.may_see(found[0].team):
             raise JobNotFound(f"no job {source_id} to re-score", path="$.rescore_of")
         source = found[0]
         if source.status != "completed":

@@ -35,7 +35,7 @@ from .identity import Requester, of_request
 
 __all__ = ["Reads"]
 
-# A page of events stops once it holds this much: the reply stays under a server's 1 MiB.
+# A page of events holds at most this much (or one event), so a reply stays under a server's 1 MiB.
 _PAGE_BYTES = 512 * 1024
 # How long an object's description is kept between its chunk reads, and how many are.
 _OBJECT_TTL = 30.0
@@ -62,7 +62,7 @@ class Reads:
             found = await self._object(op.name, who, cached=False)
             return ObjectReply(info=None if found is None else json.loads(found[1]))
         assert isinstance(op, ReadChunk)
-        found = await self._object(op.name, who, cached=True)
+        found = await self._object(op.name, who, cached=True, nuid=op.nuid)
         if found is None:
             return ChunkReply()
         chunks = f"$O.{self.topology.results_bucket}.C.{found[0].nuid}"
@@ -94,20 +94,25 @@ class Reads:
             events = [] if found is None else [StoredEvent(seq=found.seq, event=msgspec.Raw(found.data))]
             return EventsPage(events=events)
         events, size, seq = [], 0, op.after
-        while len(events) < op.limit and size < _PAGE_BYTES:
+        while len(events) < op.limit:
             found = await jetstream.msg_get_next(self.api, stream, seq + 1, subject)
             if found is None:
                 return EventsPage(events=events)
+            if events and size + len(found.data) > _PAGE_BYTES:
+                break  # the next page starts with it: a reply never outgrows the server's limit
             seq = found.seq
             size += len(found.data)
             events.append(StoredEvent(seq=found.seq, event=msgspec.Raw(found.data)))
         return EventsPage(events=events, more=True)
 
-    async def _object(self, name: str, who: Requester, *, cached: bool) -> tuple[ObjectInfo, bytes] | None:
+    async def _object(
+        self, name: str, who: Requester, *, cached: bool, nuid: str | None = None
+    ) -> tuple[ObjectInfo, bytes] | None:
         job_id = name.split("/", 1)[0]
         await self._team_of(job_id, who)
         kept = self._objects.get(name)
-        if cached and kept is not None and time.monotonic() - kept[1] < _OBJECT_TTL:
+        fresh = kept is not None and time.monotonic() - kept[1] < _OBJECT_TTL
+        if cached and kept is not None and fresh and (nuid is None or kept[0][0].nuid == nuid):
             return kept[0]
         found = await jetstream.object_meta(self.api, self.topology.results_bucket, name)
         if found is not None:

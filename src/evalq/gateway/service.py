@@ -16,14 +16,10 @@ from types import TracebackType
 
 import msgspec
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import (
     APIError,
     KeyWrongLastSequenceError,
-    NoStreamResponseError,
     NotFoundError,
-    ServiceUnavailableError,
 )
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -32,11 +28,7 @@ from nats.micro.service import Service
 from .. import __version__, jetstream, lifecycle
 from ..config import Settings
 from ..errors import (
-    BadRequest,
-    Conflict,
-    InvalidField,
     JobNotFound,
-    RequestError,
     Unavailable,
     WrongState,
 )
@@ -63,9 +55,9 @@ from ..schemas import (
     QueueStatus,
     TasksReply,
     TeamsReply,
+    WorkerInfo,
     decode,
     encode,
-    error_path,
     event_type,
     now,
 )
@@ -76,54 +68,16 @@ from .gatekeeper import Gatekeeper
 from .gauges import watch_queue
 from .history import History, summarize
 from .idempotency import KeyClaim, key_digest, read_claim, request_fingerprint
-from .identity import of_request
+from .identity import Requester, of_request
 from .notifier import Notifier
 from .reads import Reads
+from .refusals import FULL_CODES, as_request_error
 
 __all__ = ["Gateway"]
 
 log = logging.getLogger("evalq.gateway")
 
-# JetStream error codes that mean "the queue cannot take more", not "the gateway broke".
-_FULL = {
-    10077: "the queue is full",
-    10027: "the queue is full",
-    10047: "the server is out of storage",
-    10023: "the server is out of storage",
-}
-# Errors that mean "JetStream could not answer now" (a node down, an election): a retry helps.
-_UNAVAILABLE = (NatsTimeout, NoRespondersError, asyncio.TimeoutError, ServiceUnavailableError, NoStreamResponseError)
-
 Handler = Callable[[Request], Awaitable[msgspec.Struct]]
-
-
-def as_request_error(exc: BaseException) -> RequestError:
-    """Map any exception to the error reply it deserves; the one boundary for codes."""
-    if isinstance(exc, RequestError):
-        return exc
-    if isinstance(exc, msgspec.ValidationError):
-        message, path = error_path(exc)
-        return InvalidField(message, path=path)
-    if isinstance(exc, msgspec.DecodeError):
-        message, path = error_path(exc)
-        return BadRequest(message, path=path)
-    if isinstance(exc, Conflict):
-        # Others kept changing the record first: the request may succeed if sent again.
-        return WrongState(f"{exc or 'the job changed while this request ran'}; retry")
-    if isinstance(exc, APIError):
-        # getattr: nats-py's key-value errors never set their codes.
-        full = _FULL.get(getattr(exc, "err_code", None) or 0)
-        if full is not None:
-            return Unavailable(f"{full} ({exc.description}); retry later")
-    if isinstance(exc, NotFoundError):
-        # A stream or consumer the answer needs is gone (deleted, or a pool still being
-        # created): answering without it would be wrong, and it may be back on a retry.
-        log.warning("a JetStream object is missing: %s", exc)
-        return Unavailable(f"{exc}; retry once the queue's objects exist again (a worker or gateway creates them)")
-    if isinstance(exc, _UNAVAILABLE):
-        return Unavailable("JetStream did not answer in time; retry with the same Idempotency-Key")
-    log.error("internal error", exc_info=exc)
-    return RequestError("internal error; see the gateway's log", code=500)
 
 
 class Gateway:
@@ -304,9 +258,9 @@ class Gateway:
     # --- endpoints -------------------------------------------------------------------------
 
     async def submit(self, request: Request) -> JobAccepted:
-        job = await self.checks.request(request.data)
         # From the server's header only: the request has no field that could name a team.
         requester = of_request(request)
+        job = await self.checks.request(request.data, requester)
 
         job_id, duplicate = str(uuid.uuid4()), False
         key = (request.headers or {}).get("Idempotency-Key")
@@ -342,7 +296,7 @@ class Gateway:
         event_outcome, record_outcome = await self.pipeline.wait(sent, timeout=self.settings.connection.request_timeout)
         # A record that exists was written by an earlier attempt under the same Idempotency-Key.
         record_exists = isinstance(record_outcome, KeyWrongLastSequenceError)
-        full = [o for o in (event_outcome, record_outcome) if isinstance(o, APIError) and o.err_code in _FULL]
+        full = [o for o in (event_outcome, record_outcome) if isinstance(o, APIError) and o.err_code in FULL_CODES]
         if full and not record_exists and not duplicate:
             if isinstance(record_outcome, jetstream.PubAck):
                 # The record is the job, and a record cannot be taken back (a bucket permits no
@@ -553,6 +507,7 @@ class Gateway:
             asyncio.gather(*(self.dispatcher.plan(p) for p in pools)), self.registry.workers()
         )
         running = sorted({w.current_job for w in workers if w.current_job})
+        workers = self._seen_by(asker, workers)
         queued: dict[str, list[str]] = {}
         rows: dict[str, list[QueuedRow]] = {}
         for pool, plan in zip(pools, plans, strict=True):
@@ -593,8 +548,19 @@ class Gateway:
             version=__version__,
             pools=pools,
             queue_size=sum(len(p.jobs) for p in plans),
-            workers=workers,
+            workers=self._seen_by(of_request(request), workers),
         )
+
+    def _seen_by(self, asker: Requester, workers: list[WorkerInfo]) -> list[WorkerInfo]:
+        """The workers, less the job each runs where it is another team's."""
+        if asker.admin:
+            return workers
+        return [
+            w
+            if w.current_job is None or ((s := self.history.index.get(w.current_job)) and asker.may_see(s.team))
+            else msgspec.structs.replace(w, current_job=None)
+            for w in workers
+        ]
 
     async def teams(self, request: Request) -> TeamsReply:
         """Each team's use of each pool, its share and its limits; a team sees its own rows."""

@@ -423,8 +423,8 @@ class AsyncClient:
         """Wait for the job's end; returns its JobInfo, or raises JobFailed / JobCancelled / Timeout.
 
         One status request (a 404 for an unknown id, before any waiting); then the job's events
-        until its terminal one, and its record read once from the jobs bucket, where it is
-        terminal by then (a record is written before its event).
+        until its terminal one, read through the gateway as they come, and its record asked
+        once more, terminal by then (a record is written before its event).
         """
         try:
             async with asyncio.timeout(timeout):
@@ -489,9 +489,9 @@ class AsyncClient:
         """Download the job's artifacts into `dest_dir/<job_id>/`; returns the files written.
 
         The artifacts are those the job's record names, plus `results.json` and `eval.log`
-        (a failed job has its log only). They are read by sequence, with no consumer. A job
-        with none yet gives an empty list; an unknown id (asked of the gateway when no file is
-        found) raises `JobNotFound`.
+        (a failed job has its log only), read through the gateway chunk by chunk, each checked
+        whole. A job with none yet gives an empty list; an unknown id, or another team's job,
+        raises `JobNotFound` before anything is read.
         """
         root = (Path(dest_dir) / job_id).resolve()
         written: list[Path] = []
@@ -519,7 +519,9 @@ class AsyncClient:
         """Open one artifact of the job to stream it; None when the store has no such object.
 
         `name` is relative to the job's folder (`results.json`, `samples/x.jsonl`); one that
-        would leave it (absolute, or with `..`) is refused as absent.
+        would leave it (absolute, or with `..`) is refused as absent. A job the requester may
+        not see raises `JobNotFound` (for a team, an id with no record is such a job; the
+        queue's own account reads what is stored under any id).
         """
         relative = PurePosixPath(name)
         if relative.is_absolute() or not relative.parts or ".." in relative.parts or name != str(relative):

@@ -58,7 +58,7 @@ class Reads:
 
     async def chunks(self, name: str, info: ObjectInfo) -> AsyncIterator[bytes]:
         async def after(seq: int) -> jetstream.StoredMsg | None:
-            chunk = await self._read(ReadChunk(name=name, after=seq), ChunkReply)
+            chunk = await self._read(ReadChunk(name=name, after=seq, nuid=info.nuid), ChunkReply)
             return jetstream.StoredMsg(subject="", seq=chunk.seq, data=chunk.data) if chunk.seq else None
 
         async for data in jetstream.checked_chunks(self.bucket, name, info, after):

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Union
 import msgspec
 from msgspec import Meta, Struct
 
+from ..fields import JOB_ID
 from .wire import Wire
 
 __all__ = [
@@ -34,7 +35,8 @@ READ_EVENTS_MAX = 1000
 
 # One subject token, or `*` for any: a job id, an event's type.
 Token = Annotated[str, Meta(pattern=r"\A(\*|[A-Za-z0-9_\-]{1,64})\Z")]
-ObjectName = Annotated[str, Meta(min_length=3, max_length=1024)]
+# A result object's name: its job's id, then its path in the job's folder.
+ObjectName = Annotated[str, Meta(pattern=rf"\A{JOB_ID.pattern}/.", max_length=1024)]
 
 
 class _ReadBase(Struct, frozen=True, kw_only=True, tag_field="op", forbid_unknown_fields=True):
@@ -64,10 +66,13 @@ class ReadObject(_ReadBase, frozen=True, kw_only=True, tag="object"):
 
 
 class ReadChunk(_ReadBase, frozen=True, kw_only=True, tag="chunk"):
-    """The object's first chunk stored after the sequence `after`."""
+    """The object's first chunk stored after the sequence `after`; `nuid` (from its
+    description) names the version of the object being read, so a gateway that kept an older
+    description reads it again."""
 
     name: ObjectName
     after: Annotated[int, Meta(ge=0)] = 0
+    nuid: Annotated[str, Meta(max_length=64)] | None = None
 
 
 ReadOp = Union[ReadEvents, ReadLast, ReadObject, ReadChunk]
