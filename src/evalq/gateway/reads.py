@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 import msgspec
 from nats.js.api import ObjectInfo
@@ -20,6 +21,7 @@ from .. import jetstream
 from ..errors import JobNotFound
 from ..jobstore import JobStore
 from ..schemas.reads import (
+    Chunk,
     ChunkReply,
     EventsPage,
     ObjectReply,
@@ -37,6 +39,9 @@ __all__ = ["Reads"]
 
 # A page of events holds at most this much (or one event), so a reply stays under a server's 1 MiB.
 _PAGE_BYTES = 512 * 1024
+# A reply of chunks stops once it holds this much (the object store's chunks are 128 KiB:
+# three of them, base64 in JSON, stay well under a server's 1 MiB).
+_CHUNKS_BYTES = 384 * 1024
 # How long an object's description is kept between its chunk reads, and how many are.
 _OBJECT_TTL = 30.0
 _OBJECTS_KEPT = 256
@@ -48,7 +53,7 @@ class Reads:
         self.topology = topology
         self.jobs = jobs
         # name -> (description, when read): a download reads the description once, not per chunk.
-        self._objects: dict[str, tuple[tuple[ObjectInfo, bytes], float]] = {}
+        self._objects: dict[str, _Kept] = {}
 
     async def serve(self, request: Request) -> EventsPage | ObjectReply | ChunkReply:
         op = decode_read_op(request.data or b"{}")
@@ -56,8 +61,8 @@ class Reads:
         if isinstance(op, ReadEvents):
             return await self._events(op, who)
         if isinstance(op, ReadLast):
-            stream = await jetstream.stream_info(self.api, self.topology.events_stream)
-            return EventsPage(last_seq=stream.state.last_seq)
+            events = await jetstream.stream_info(self.api, self.topology.events_stream)
+            return EventsPage(last_seq=events.state.last_seq)
         if isinstance(op, ReadObject):
             found = await self._object(op.name, who, cached=False)
             return ObjectReply(info=None if found is None else json.loads(found[1]))
@@ -65,11 +70,19 @@ class Reads:
         found = await self._object(op.name, who, cached=True, nuid=op.nuid)
         if found is None:
             return ChunkReply()
-        chunks = f"$O.{self.topology.results_bucket}.C.{found[0].nuid}"
-        chunk = await jetstream.msg_get_next(
-            self.api, jetstream.object_stream(self.topology.results_bucket), op.after + 1, chunks
-        )
-        return ChunkReply() if chunk is None else ChunkReply(seq=chunk.seq, data=chunk.data)
+        subject = f"$O.{self.topology.results_bucket}.C.{found[0].nuid}"
+        stream = jetstream.object_stream(self.topology.results_bucket)
+        chunks: list[Chunk] = []
+        size, seq, left = 0, op.after, found[0].chunks or 0
+        # Several a reply: a download takes a round trip per half MiB, not per chunk.
+        while size < _CHUNKS_BYTES and len(chunks) < left:
+            chunk = await jetstream.msg_get_next(self.api, stream, seq + 1, subject)
+            if chunk is None:
+                break
+            seq = chunk.seq
+            size += len(chunk.data)
+            chunks.append(Chunk(seq=chunk.seq, data=chunk.data))
+        return ChunkReply(chunks=chunks)
 
     async def _team_of(self, job_id: str, who: Requester) -> str:
         """The team of a job the requester may see; 404 for any other. An admin may read what
@@ -108,15 +121,28 @@ class Reads:
     async def _object(
         self, name: str, who: Requester, *, cached: bool, nuid: str | None = None
     ) -> tuple[ObjectInfo, bytes] | None:
-        job_id = name.split("/", 1)[0]
-        await self._team_of(job_id, who)
         kept = self._objects.get(name)
-        fresh = kept is not None and time.monotonic() - kept[1] < _OBJECT_TTL
-        if cached and kept is not None and fresh and (nuid is None or kept[0][0].nuid == nuid):
-            return kept[0]
+        if cached and kept is not None and time.monotonic() - kept.at < _OBJECT_TTL and nuid in (None, kept.nuid):
+            # A job's team never changes: the check made when it was kept still holds.
+            if kept.team != "*" and not who.may_see(kept.team):
+                raise JobNotFound(f"no job {name.split('/', 1)[0]}", path="$.job_id")
+            if kept.team != "*" or who.admin:
+                return kept.found
+        team = await self._team_of(name.split("/", 1)[0], who)
         found = await jetstream.object_meta(self.api, self.topology.results_bucket, name)
         if found is not None:
             if len(self._objects) >= _OBJECTS_KEPT:
                 self._objects.pop(next(iter(self._objects)))
-            self._objects[name] = (found, time.monotonic())
+            self._objects[name] = _Kept(found=found, nuid=found[0].nuid, team=team, at=time.monotonic())
         return found
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """An object's description as a download's chunk reads use it, and its job's team (`*`:
+    read for an admin under an id with no record)."""
+
+    found: tuple[ObjectInfo, bytes]
+    nuid: str | None
+    team: str
+    at: float

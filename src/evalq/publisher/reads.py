@@ -10,6 +10,7 @@ says when to read again (`Doorbell`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -57,12 +58,34 @@ class Reads:
         return info
 
     async def chunks(self, name: str, info: ObjectInfo) -> AsyncIterator[bytes]:
-        async def after(seq: int) -> jetstream.StoredMsg | None:
-            chunk = await self._read(ReadChunk(name=name, after=seq, nuid=info.nuid), ChunkReply)
-            return jetstream.StoredMsg(subject="", seq=chunk.seq, data=chunk.data) if chunk.seq else None
+        total = info.chunks or 0
+        fetched: list[jetstream.StoredMsg] = []
+        ahead: asyncio.Future[ChunkReply] | None = None
+        got = 0
 
-        async for data in jetstream.checked_chunks(self.bucket, name, info, after):
-            yield data
+        def ask(seq: int) -> asyncio.Future[ChunkReply]:
+            return asyncio.ensure_future(self._read(ReadChunk(name=name, after=seq, nuid=info.nuid), ChunkReply))
+
+        async def after(seq: int) -> jetstream.StoredMsg | None:
+            nonlocal ahead, got
+            if not fetched:
+                reply = await (ahead if ahead is not None else ask(seq))
+                ahead = None
+                fetched.extend(jetstream.StoredMsg(subject="", seq=c.seq, data=c.data) for c in reply.chunks)
+                got += len(reply.chunks)
+                if reply.chunks and got < total:
+                    # The next chunks are on their way while these are used.
+                    ahead = ask(reply.chunks[-1].seq)
+            return fetched.pop(0) if fetched else None
+
+        try:
+            async for data in jetstream.checked_chunks(self.bucket, name, info, after):
+                yield data
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    await ahead
 
     async def read_object(self, name: str) -> bytes | None:
         """An object's bytes, whole and checked; None if there is no such object."""

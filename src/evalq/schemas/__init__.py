@@ -60,6 +60,7 @@ from .notify import (
     SubscriptionView,
 )
 from .reads import (
+    Chunk,
     ChunkReply,
     EventsPage,
     ObjectReply,
@@ -81,6 +82,7 @@ __all__ = [
     "CacheMode",
     "CancelReply",
     "Cancelled",
+    "Chunk",
     "ChunkReply",
     "Completed",
     "Confirmation",

@@ -18,6 +18,7 @@ from .wire import Wire
 
 __all__ = [
     "READ_EVENTS_MAX",
+    "Chunk",
     "ChunkReply",
     "EventsPage",
     "ObjectReply",
@@ -66,7 +67,7 @@ class ReadObject(_ReadBase, frozen=True, kw_only=True, tag="object"):
 
 
 class ReadChunk(_ReadBase, frozen=True, kw_only=True, tag="chunk"):
-    """The object's first chunk stored after the sequence `after`; `nuid` (from its
+    """The object's chunks stored after the sequence `after`, the next few; `nuid` (from its
     description) names the version of the object being read, so a gateway that kept an older
     description reads it again."""
 
@@ -98,10 +99,14 @@ class ObjectReply(Wire, frozen=True, kw_only=True):
     info: dict[str, Any] | None = None
 
 
+class Chunk(Wire, frozen=True, kw_only=True):
+    seq: int
+    data: bytes
+
+
 class ChunkReply(Wire, frozen=True, kw_only=True):
-    # 0 and no data past the object's last chunk.
-    seq: int = 0
-    data: bytes = b""
+    # The object's next chunks in order, as many as fit in about 512 KiB; none past its last.
+    chunks: list[Chunk] = []
 
 
 _read_op: msgspec.json.Decoder[ReadOp] = msgspec.json.Decoder(ReadOp)  # type: ignore[arg-type]
