@@ -1171,7 +1171,7 @@ class Bench:
                     events = await _job_events(client, job_id)
                     started = [e for e in events if isinstance(e, Started) and e.attempt == info.attempts][-1]
                     if version == "this":
-                        split = await read_turnaround(client.nc, client.topology, info)
+                        split = await read_turnaround(client.reads, info)
                     else:
                         # The older evalq labels no save time and publishes no `tracked` event:
                         # the same computation, from the harness's clock at both ends.
