@@ -123,23 +123,33 @@ class Violations:
         return self.seen[-1]
 
 
-@pytest.fixture
-async def deployment(auth_server: EmbeddedServer, settings: Settings) -> AsyncIterator[dict[str, Any]]:
-    """A gateway and a worker, each with its own user; the test acts as the submitter."""
-    gateway_settings = as_user(settings, auth_server, "gateway")
-    worker_settings = as_user(settings, auth_server, "worker").with_(evaluator=FAKE)
+@contextlib.asynccontextmanager
+async def gateway_and_worker(base: Settings, server: EmbeddedServer) -> AsyncIterator[tuple[Any, Any]]:
+    """A gateway and a worker (the stand-in evaluator), each as its own user of `server`;
+    yields their connections, and stops both on leaving."""
+    gateway_settings = as_user(base, server, "gateway")
+    worker_settings = as_user(base, server, "worker").with_(evaluator=FAKE)
     gateway_nc = await connect(gateway_settings)
     gateway = await Gateway(gateway_nc, gateway_settings).start()
     worker_nc = await connect(worker_settings)
     worker = await Worker(worker_nc, worker_settings).start()
     running = asyncio.create_task(worker.run())
-    yield {"server": auth_server, "base": settings, "gateway_nc": gateway_nc, "worker_nc": worker_nc}
-    worker.request_stop()
-    await asyncio.wait_for(running, 30)
-    await worker.stop()
-    await worker_nc.close()
-    await gateway.stop()
-    await gateway_nc.close()
+    try:
+        yield gateway_nc, worker_nc
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(running, 30)
+        await worker.stop()
+        await worker_nc.close()
+        await gateway.stop()
+        await gateway_nc.close()
+
+
+@pytest.fixture
+async def deployment(auth_server: EmbeddedServer, settings: Settings) -> AsyncIterator[dict[str, Any]]:
+    """A gateway and a worker, each with its own user; the test acts as the submitter."""
+    async with gateway_and_worker(settings, auth_server) as (gateway_nc, worker_nc):
+        yield {"server": auth_server, "base": settings, "gateway_nc": gateway_nc, "worker_nc": worker_nc}
 
 
 async def test_every_role_does_its_job(

@@ -10,7 +10,6 @@ requests and subscriptions, the web pages nor lmms-eval's API. Each refusal is n
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -25,14 +24,12 @@ from evalq.config import Settings
 from evalq.connection import connect
 from evalq.embedded import EmbeddedServer
 from evalq.errors import JobNotFound, ServerNotFound
-from evalq.gateway import Gateway
 from evalq.schemas import decode_event, encode
 from evalq.web import create_app
-from evalq.worker import Worker
 
 from .conftest import EVALQ, run_command, settings_env
-from .jobs import FAKE, JOB
-from .test_auth import PASSWORDS, Violations, accounts_server, server_env
+from .jobs import JOB
+from .test_auth import Violations, accounts_server, gateway_and_worker, server_env
 from .test_teams import member, two_teams
 from .waiting import eventually
 
@@ -51,41 +48,22 @@ def shipped_with_admin() -> str:
     return text.replace(line, line.replace("# ", "", 1).replace("$EVALQ_ADMIN_PASSWORD", f'"{ADMIN_PASSWORD}"'))
 
 
-def role(base: Settings, url: str, user: str) -> Settings:
-    return base.with_(
-        nats_url=[url], prefix="evalq", user=user, password=PASSWORDS[user], request_timeout=3.0,
-        inbox_prefix=f"_INBOX_{user}",
-    )  # fmt: skip
-
-
 @pytest.fixture
 async def pool(tmp_path: Path, settings: Settings) -> AsyncIterator[dict[str, Any]]:
     """A gateway and a worker on the shipped accounts, and a client of each team and the admin."""
     with accounts_server(tmp_path, shipped_with_admin()) as server:
-        gateway_settings = role(settings, server.url, "gateway")
-        worker_settings = role(settings, server.url, "worker").with_(evaluator=FAKE)
-        gateway_nc = await connect(gateway_settings)
-        gateway = await Gateway(gateway_nc, gateway_settings).start()
-        worker_nc = await connect(worker_settings)
-        worker = await Worker(worker_nc, worker_settings).start()
-        running = asyncio.create_task(worker.run())
-        people = {
-            "a": member(settings, server.url, "alice", "pw-a"),
-            "b": member(settings, server.url, "team_b", "pw-b"),
-            "admin": member(settings, server.url, "admin", ADMIN_PASSWORD),
-        }
-        clients = {name: await AsyncClient(chosen).connect() for name, chosen in people.items()}
-        try:
-            yield {"server": server, "settings": people, **clients}
-        finally:
-            for client in clients.values():
-                await client.close()
-            worker.request_stop()
-            await asyncio.wait_for(running, 30)
-            await worker.stop()
-            await worker_nc.close()
-            await gateway.stop()
-            await gateway_nc.close()
+        async with gateway_and_worker(settings, server):
+            people = {
+                "a": member(settings, server.url, "alice", "pw-a"),
+                "b": member(settings, server.url, "team_b", "pw-b"),
+                "admin": member(settings, server.url, "admin", ADMIN_PASSWORD),
+            }
+            clients = {name: await AsyncClient(chosen).connect() for name, chosen in people.items()}
+            try:
+                yield {"server": server, "settings": people, **clients}
+            finally:
+                for client in clients.values():
+                    await client.close()
 
 
 async def test_a_team_reads_and_cancels_nothing_of_another_teams_through_the_sdk_and_raw_nats(

@@ -20,7 +20,7 @@ from nats.micro.request import Request
 from .. import jetstream
 from ..errors import JobNotFound
 from ..jobstore import JobStore
-from ..schemas.reads import (
+from ..schemas import (
     Chunk,
     ChunkReply,
     EventsPage,

@@ -20,8 +20,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ObjectInfo
 
 from .. import jetstream
-from ..schemas import encode
-from ..schemas.reads import ChunkReply, EventsPage, ObjectReply, ReadChunk, ReadEvents, ReadLast, ReadObject
+from ..schemas import ChunkReply, EventsPage, ObjectReply, ReadChunk, ReadEvents, ReadLast, ReadObject, encode
 
 __all__ = ["Doorbell", "Reads"]
 
