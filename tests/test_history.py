@@ -99,6 +99,10 @@ async def test_pages_have_no_gaps_or_duplicates_while_jobs_arrive(
         everything = [j.job_id async for j in client.iter_jobs(page_size=7)]
         assert len(everything) == len(set(everything)) == 95 + 5
         assert everything[5:] == seen
+        # Jobs created in one millisecond still have an order of their own, not their ids'.
+        await asyncio.gather(*(client.submit(**JOB) for _ in range(50)))
+        created = [j.created_at for j in (await client.jobs(limit=50)).jobs]
+        assert len(set(created)) == 50 and created == sorted(created, reverse=True)
 
 
 async def test_the_index_follows_the_bucket(nc: Any, settings: Settings, client: AsyncClient) -> None:

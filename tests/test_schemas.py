@@ -157,6 +157,13 @@ def test_time_is_rfc3339_utc() -> None:
     assert stamp.endswith("Z") and "T" in stamp
 
 
+def test_creation_stamps_increase_even_within_one_microsecond() -> None:
+    clock = schemas.CreationClock()
+    stamps = [clock() for _ in range(2000)]  # far more than one per microsecond of the loop
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+    assert all(s.endswith("Z") and len(s) == len("2026-11-27T11:51:10.168123Z") for s in stamps)
+
+
 def test_a_bad_dict_key_names_its_dict() -> None:
     with pytest.raises(msgspec.ValidationError) as refused:
         decode(b'{"model": "m", "tasks": ["t"], "labels": {"bad key": "v"}}', EvaluateRequest)

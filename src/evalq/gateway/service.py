@@ -41,6 +41,7 @@ from ..registry import Registry
 from ..scheduling import team_uses
 from ..schemas import (
     CancelReply,
+    CreationClock,
     EvaluateRequest,
     Event,
     Health,
@@ -100,6 +101,7 @@ class Gateway:
         )
         self._service: Service | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._created = CreationClock()
         self._slots = asyncio.Semaphore(settings.gateway.gateway_concurrency)
         self.in_flight = 0
         self.peak_in_flight = 0  # how many requests were being served at once, at most
@@ -280,7 +282,7 @@ class Gateway:
             )
         await self.checks.team_limits(job, requester.team, queued[requester.team])
         await self.gatekeeper.require(requester.team, job.gate)
-        created = now()
+        created = self._created()
         info = lifecycle.enqueue(
             job_id, job, created_at=created, stream_seq=None, team=requester.team, user=requester.user
         )

@@ -72,7 +72,7 @@ from .reads import (
     StoredEvent,
     decode_read_op,
 )
-from .wire import TERMINAL, JobStatus, Progress, Wire, now
+from .wire import TERMINAL, CreationClock, JobStatus, Progress, Wire, now
 from .workers import Announcement, Confirmation, GpuInfo, WorkerInfo
 
 __all__ = [
@@ -86,6 +86,7 @@ __all__ = [
     "ChunkReply",
     "Completed",
     "Confirmation",
+    "CreationClock",
     "Delivery",
     "DeliveryFailure",
     "EvaluateRequest",
