@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -133,6 +134,36 @@ def test_cancelling_a_sharded_job_cancels_its_waiting_pieces_and_nothing_starts(
     # A piece that finished as the cancel came keeps its result; the job still ends cancelled.
     finished = sharding.piece_finish(cancelling, 0, at="t", seconds=1.0)
     assert finished is not None and finished.pieces[0].status == "completed"
+
+
+def _held(pieces: int = 4) -> JobInfo:
+    started = _running(pieces)
+    fresh = msgspec.structs.replace(started, pieces=[], shards=pieces)
+    held = sharding.plan(fresh, plan_pieces({"t": 40}, pieces), hold=True)
+    assert held is not None and [p.status for p in held.pieces] == ["held"] * pieces
+    return held
+
+
+def test_held_pieces_are_released_up_to_a_target_that_a_second_release_keeps() -> None:
+    info = _held()
+    assert sharding.piece_start(info, 0, worker="w", at="t") is None, "a held piece started"
+    two = sharding.release(info, 2)
+    assert two is not None and [p.status for p in two.pieces] == ["queued", "queued", "held", "held"]
+    # The same target again (from a summary that does not show the release yet): nothing more.
+    assert sharding.release(two, 2) is None
+    running = sharding.piece_start(two, 0, worker="w", at="t")
+    assert running is not None
+    three = sharding.release(running, 3)
+    assert three is not None and [p.status for p in three.pieces] == ["running", "queued", "queued", "held"]
+    rest = sharding.release(three, 99)
+    assert rest is not None and rest.pieces[3].status == "queued"
+
+
+def test_held_pieces_are_cancelled_with_their_job_and_never_released_after() -> None:
+    cancelling = lifecycle.request_cancel(sharding.release(_held(), 1) or _held(), at="t")
+    assert cancelling is not None
+    assert [p.status for p in cancelling.pieces] == ["cancelled"] * 4
+    assert sharding.release(cancelling, 4) is None
 
 
 def test_progress_of_a_piece_never_goes_back() -> None:

@@ -209,6 +209,39 @@ async def test_quotas_hold_running_gpus_and_refuse_queued_jobs(tmp_path: Path, s
         assert why == {"default": []}
 
 
+async def test_a_quota_holds_a_sharded_jobs_pieces_and_another_team_gets_the_rest(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_PIECE_SECONDS", "1.5")
+    limits = Scheduling(teams={"TEAM_A": TeamPolicy(max_running_gpus=2)})
+    async with pool(tmp_path, settings, limits, workers=3, evaluator=FAKE) as p:
+        sharded = await p.a.submit(model="dummy", tasks=["fake"], limit=60, shards=6)
+        p.mine_a.add(sharded.job_id)
+        await eventually(
+            lambda: p.a.get_job(sharded.job_id), until=lambda i: bool(i.pieces), what="the job planned", timeout=60
+        )
+        other = await p.b.submit(model="dummy", tasks=["fake"], limit=5)
+        most, held = 0, 0
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            info = await p.a.get_job(sharded.job_id)
+            most = max(most, sum(1 for piece in info.pieces if piece.status == "running"))
+            held = max(held, sum(1 for piece in info.pieces if piece.status == "held"))
+            if info.status == "completed":
+                break
+            await asyncio.sleep(0.25)  # the sampling period the contract names
+        else:
+            raise AssertionError(f"the sharded job did not complete in 90s: {info.status}")
+        assert most == 2, f"team A ran {most} pieces at once against a quota of two GPUs"
+        assert held >= 3, "the pieces past the quota were not held"
+        (b_info,) = await all_done(p, [other.job_id], timeout=30)
+        assert t(b_info.started_at) < t(info.completed_at), "team B waited for team A's pieces"
+        undisturbed = await p.b.submit(model="dummy", tasks=["fake"], limit=60, shards=6)
+        (alone,) = await all_done(p, [undisturbed.job_id], timeout=120)
+        assert info.result is not None and alone.result is not None
+        assert info.result.metrics == alone.result.metrics
+
+
 async def test_a_high_job_takes_the_next_worker_a_low_sharded_job_frees(
     tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,7 +6,17 @@ import datetime as dt
 import random
 from typing import Any
 
-from evalq.scheduling import PoolView, Scheduling, TeamPolicy, admissions, level, order, team_uses, victims
+from evalq.scheduling import (
+    PoolView,
+    Scheduling,
+    TeamPolicy,
+    admissions,
+    level,
+    order,
+    releases,
+    team_uses,
+    victims,
+)
 from evalq.schemas import JobSummary
 
 NOW = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.UTC)
@@ -104,6 +114,30 @@ def test_admissions_fill_only_free_workers_and_hold_a_team_at_its_quota() -> Non
     # Nothing is admitted beyond the workers that are free.
     taken, _ = admissions(pool, placed, Scheduling(), idle_workers=0, busy_with={running.job_id: 1})
     assert taken == []
+
+
+def test_held_pieces_are_released_within_the_quota_before_the_teams_waiting_jobs() -> None:
+    quota = Scheduling(teams={"a": TeamPolicy(max_running_gpus=3)})
+    other = job("a", status="running", started_at=at(20))
+    planned = job("a", status="running", started_at=at(10), shards=6, pieces_held=6)
+    waiting = job("a")
+    pool = view([other, planned, waiting])
+    assert pool.running_gpus["a"] == 2, "a planned job holds the GPU its plan ran on"
+    (released,) = releases(pool, quota)
+    assert released == (planned, 2), "3 GPUs less the other job's: two of its pieces"
+    assert pool.running_gpus["a"] == 3
+    taken, held = admissions(pool, order(pool, quota, NOW_US), quota, idle_workers=4, busy_with={})
+    assert taken == [] and held[waiting.job_id] == "team quota: a runs 3 of 3 GPUs"
+    # Its released pieces count as they wait and as they run; a piece that ends makes room.
+    going = job("a", status="running", started_at=at(10), shards=6, pieces_running=1, pieces_waiting=1, pieces_held=4)
+    assert releases(view([other, going]), quota) == []
+    one_done = job("a", status="running", started_at=at(10), shards=6, pieces_running=1, pieces_held=3)
+    assert releases(view([other, one_done]), quota) == [(one_done, 2)]
+    # Without a quota (lifted after the plan), every held piece goes.
+    assert releases(view([planned]), Scheduling()) == [(planned, 6)]
+    # A team over its quota still runs one piece on the GPU its plan took.
+    crowded = view([job("a", status="running", started_at=at(20), num_gpus=3), planned])
+    assert releases(crowded, quota) == [(planned, 1)]
 
 
 def test_an_admitted_job_waiting_for_a_worker_takes_that_worker() -> None:

@@ -244,7 +244,7 @@ def request_cancel(info: JobInfo, *, at: str) -> JobInfo | None:
         # A sharded job's pieces that wait are cancelled with it; those running stop on
         # their own (their workers watch the record).
         pieces = [
-            msgspec.structs.replace(p, status="cancelled", completed_at=at) if p.status == "queued" else p
+            msgspec.structs.replace(p, status="cancelled", completed_at=at) if p.status in ("queued", "held") else p
             for p in info.pieces
         ]
         return msgspec.structs.replace(info, status="cancelling", cancel_requested_at=at, pieces=pieces)

@@ -10,8 +10,10 @@ module puts first. Positions and the reason a job waits come from the same order
   (GPU-seconds, each decayed by its age with the pool's half-life, running jobs included),
   divided by its share, is least. Each job placed adds the pool's mean job cost to its
   team's use, so a long queue interleaves teams rather than draining one first.
-- **Quotas.** A team's running GPUs (running and admitted jobs) never pass its
-  `max_running_gpus`: its next job waits, and a later team's goes first.
+- **Quotas.** A team's running GPUs (running and admitted jobs, and a sharded job's running
+  and released pieces) never pass its `max_running_gpus`: its next job waits, and a later
+  team's goes first. A quota'd team's sharded job has its pieces held, and `releases` lets
+  them go as the quota has room, before the team's waiting jobs.
 - **Yielding.** A worker running a piece of a sharded job of lower priority counts as free
   for a job of higher priority: the worker takes the job before the piece's next sibling.
 - **Preemption.** A high or urgent job that no worker is free for takes the worker of a
@@ -29,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated
 
+import msgspec
 from msgspec import Meta, Struct
 
 from .fields import PRIORITIES, Priority
@@ -44,6 +47,7 @@ __all__ = [
     "level",
     "order",
     "rank",
+    "releases",
     "team_uses",
     "victims",
 ]
@@ -139,7 +143,7 @@ class PoolView:
                     view.running_gpus[job.team] += job.num_gpus
             elif job.status in ("running", "cancelling"):
                 view.running.append(job)
-                view.running_gpus[job.team] += job.num_gpus if job.shards == 1 else max(1, job.pieces_running)
+                view.running_gpus[job.team] += job.num_gpus if job.shards == 1 else _active(job)
             else:
                 spent = gpu_seconds(job, now_us)
                 if spent <= 0:
@@ -159,6 +163,43 @@ class PoolView:
         for job in view.admitted:
             view.use[job.team] += view.mean_cost * job.num_gpus
         return view
+
+
+def _active(job: JobSummary) -> int:
+    """The GPUs a sharded job holds: its running pieces and those released to the pieces
+    stream (each will take a worker), at least the one its plan runs on."""
+    return max(1, job.pieces_running + job.pieces_waiting)
+
+
+def releases(view: PoolView, scheduling: Scheduling) -> list[tuple[JobSummary, int]]:
+    """The running sharded jobs whose held pieces may go now, each with how many of its
+    pieces may then be queued or running (`sharding.release`'s target), within its team's
+    `max_running_gpus`; the highest priority first, then the earliest started. Each release
+    is counted in `view` (its job's pieces, its team's GPUs), so the admissions that follow
+    see it."""
+    at = {job.job_id: i for i, job in enumerate(view.running)}
+    held = [j for j in view.running if j.status == "running" and j.pieces_held]
+    held.sort(key=lambda j: (-rank(j.priority), _micros(j.started_at) or 0, j.job_id))
+    chosen: list[tuple[JobSummary, int]] = []
+    for job in held:
+        quota = scheduling.team(job.team).max_running_gpus
+        active = job.pieces_running + job.pieces_waiting
+        before = _active(job)
+        if quota is None:
+            more = job.pieces_held  # the quota was lifted: let them all go
+        else:
+            others = view.running_gpus.get(job.team, 0) - before
+            more = min(job.pieces_held, quota - others - active)
+            if active == 0:
+                more = max(more, 1)  # the GPU its plan took is still its own
+        if more <= 0:
+            continue
+        chosen.append((job, active + more))
+        view.running_gpus[job.team] += max(1, active + more) - before
+        view.running[at[job.job_id]] = msgspec.structs.replace(
+            job, pieces_held=job.pieces_held - more, pieces_waiting=job.pieces_waiting + more
+        )
+    return chosen
 
 
 def _key(job: JobSummary) -> tuple[int, int, str]:

@@ -16,6 +16,10 @@ tasks, where the request's fraction, applied to the piece's tasks alone, would n
 Pieces are listed largest first: the pieces stream hands them out in that order, so the
 longest piece never starts last.
 
+A team with a `max_running_gpus` quota has its pieces planned `held`: nothing is published
+for them, and the gateway's dispatcher releases them (`release`: `queued`, then their
+messages) as the quota has room, as it admits the team's jobs.
+
 A sharded job is `running` from the moment a worker starts planning it until its merge
 ends it; its pieces live in its record, so every piece change is a compare-and-set on
 the same record as the job's own changes (`lifecycle.Recorder` applies them), and "all
@@ -32,7 +36,9 @@ from typing import Literal
 
 import msgspec
 
-from .schemas import JobInfo, Piece, PieceStatus, Progress, Work
+from .jetstream import Write
+from .schemas import JobInfo, Piece, PieceItem, PieceStatus, Progress, Work, encode
+from .topology import Topology
 
 __all__ = [
     "PIECE_ALLOWED",
@@ -44,10 +50,12 @@ __all__ = [
     "piece_finish",
     "piece_progress",
     "piece_start",
+    "piece_write",
     "pieces_running",
     "pieces_work",
     "plan",
     "plan_pieces",
+    "release",
 ]
 
 
@@ -109,9 +117,12 @@ def _pack(tasks: list[tuple[str, int]], bins: int) -> list[Piece]:
 
 # --- the pieces' changes, as pure functions ---------------------------------------------
 
-PieceTransition = Literal["piece_start", "piece_finish", "piece_fail", "piece_cancel"]
+PieceTransition = Literal["piece_release", "piece_start", "piece_finish", "piece_fail", "piece_cancel"]
 # (piece state, transition) -> the piece states it may lead to.
 PIECE_ALLOWED: dict[tuple[PieceStatus, PieceTransition], frozenset[PieceStatus]] = {
+    # Its team's quota has room now: its message goes out.
+    ("held", "piece_release"): frozenset({"queued"}),
+    ("held", "piece_cancel"): frozenset({"cancelled"}),
     ("queued", "piece_start"): frozenset({"running"}),
     # A redelivery: the worker that ran it stopped answering.
     ("running", "piece_start"): frozenset({"running"}),
@@ -124,6 +135,7 @@ PIECE_ALLOWED: dict[tuple[PieceStatus, PieceTransition], frozenset[PieceStatus]]
 # The job states in which each piece change may happen: pieces start and report only
 # while the job runs; a piece that ends may still say so while the job is being cancelled.
 _JOB_STATES_FOR: dict[PieceTransition, frozenset[str]] = {
+    "piece_release": frozenset({"running"}),
     "piece_start": frozenset({"running"}),
     "piece_finish": frozenset({"running", "cancelling"}),
     "piece_fail": frozenset({"running", "cancelling"}),
@@ -150,13 +162,31 @@ def _pieces_progress(pieces: list[Piece]) -> Progress:
     return Progress(phase="documents", done=done, total=total, percent=round(100.0 * done / total, 1))
 
 
-def plan(info: JobInfo, pieces: list[Piece]) -> JobInfo | None:
-    """Give a running job its pieces, once."""
+def plan(info: JobInfo, pieces: list[Piece], *, hold: bool = False) -> JobInfo | None:
+    """Give a running job its pieces, once; `held` when its team's quota decides when they run."""
     if info.status != "running" or info.pieces or not pieces:
         return None
+    if hold:
+        pieces = [msgspec.structs.replace(p, status="held") for p in pieces]
     return msgspec.structs.replace(
         info, pieces=list(pieces), shards=len(pieces), shards_done=0, progress=_pieces_progress(list(pieces))
     )
+
+
+def release(info: JobInfo, active: int) -> JobInfo | None:
+    """Release held pieces, first listed first, until `active` pieces are queued or running.
+
+    A target rather than a count: the dispatcher computes it from a summary that may not show
+    its own last release yet, and the same target applied twice releases nothing more."""
+    now_active = sum(1 for p in info.pieces if p.status in ("queued", "running"))
+    held = [p.index for p in info.pieces if p.status == "held"]
+    chosen = held[: max(0, active - now_active)]
+    if not chosen or any("queued" not in piece_allowed(info, i, "piece_release") for i in chosen):
+        return None
+    pieces = list(info.pieces)
+    for i in chosen:
+        pieces[i] = msgspec.structs.replace(pieces[i], status="queued")
+    return msgspec.structs.replace(info, pieces=pieces)
 
 
 def piece_start(info: JobInfo, index: int, *, worker: str, at: str) -> JobInfo | None:
@@ -212,6 +242,18 @@ def piece_cancel(info: JobInfo, index: int, *, at: str) -> JobInfo | None:
     if "cancelled" not in piece_allowed(info, index, "piece_cancel"):
         return None
     return _with_piece(info, index, msgspec.structs.replace(info.pieces[index], status="cancelled", completed_at=at))
+
+
+def piece_write(topology: Topology, pool: str, item: PieceItem) -> Write:
+    """A message of the pieces stream; its id makes a re-publication (a redelivered plan, a
+    release published again, a piece completed twice) a no-op."""
+    merge = item.step == "merge"
+    return Write(
+        topology.piece_subject(pool, item.job_id, "merge" if merge else str(item.index)),
+        encode(item),
+        {"Nats-Msg-Id": f"{item.job_id}.merge" if merge else f"{item.job_id}.piece.{item.index}"},
+        stream=topology.pieces_stream(pool),
+    )
 
 
 def pieces_running(info: JobInfo) -> list[int]:

@@ -8,9 +8,13 @@ gateways, one wins each job) and only then publishes its work message. The work 
 holds only jobs that a free worker should take now, and a worker's plain fetch takes the
 scheduler's choice. Positions and the reason a job waits come from the same `Plan`.
 
+A team with a `max_running_gpus` quota has its sharded jobs' pieces planned `held`; each
+pass first releases those the quota has room for (`scheduling.releases`, `sharding.release`
+with a compare-and-set, then their messages), before the team's waiting jobs.
+
 A gateway that died between the mark and the publish leaves a job admitted with no message:
 every `tick` the admitted jobs older than `repair_after` are looked up in the work stream
-by subject, and one not there is published again.
+by subject, and one not there is published again; so are a quota'd team's released pieces.
 """
 
 from __future__ import annotations
@@ -23,22 +27,25 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import msgspec
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from .. import jetstream, lifecycle
+from .. import jetstream, lifecycle, sharding
 from ..lifecycle import Applied, Recorder
 from ..policy import Policies
 from ..registry import Registry
-from ..scheduling import PoolView, admissions, order, rank, victims
-from ..schemas import TERMINAL, JobInfo, JobSummary, WorkerInfo, WorkItem, encode, now
+from ..scheduling import PoolView, admissions, order, rank, releases, victims
+from ..schemas import TERMINAL, JobInfo, JobSummary, PieceItem, WorkerInfo, WorkItem, encode, now
 from ..topology import Topology
 from .history import History
 
 __all__ = ["Dispatcher", "Plan"]
 
 log = logging.getLogger("evalq.gateway")
+
+_PIECES = ".pieces"  # the key of a job's released pieces among the repair checks
 
 
 @dataclass
@@ -94,6 +101,8 @@ class Dispatcher:
         self._mine: dict[str, float] = {}
         self._checked: dict[str, float] = {}
         self._preempting: dict[str, float] = {}  # low jobs asked to give up their worker
+        # Pieces held after this gateway released some, until the index shows the release.
+        self._releasing: dict[str, int] = {}
         self._full: dict[str, float] = {}  # when each pool last had a full pass
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -150,7 +159,10 @@ class Dispatcher:
                 return cached
         policy = (await self.policies.get(pool)).scheduling
         now_us = int(time.time() * 1_000_000)
-        view = PoolView.of(self.history.index.scheduled(pool), now_us=now_us, half_life_s=policy.half_life_s)
+        jobs = self.history.index.scheduled(pool)
+        if self._releasing:
+            jobs = [self._as_released(job) for job in jobs]
+        view = PoolView.of(jobs, now_us=now_us, half_life_s=policy.half_life_s)
         # Admitted here a moment ago: the watch has not brought the mark back yet.
         for job_id in list(self._mine):
             seen = self.history.index.get(job_id)
@@ -174,6 +186,18 @@ class Dispatcher:
         self._plans[pool] = plan
         return plan
 
+    def _as_released(self, job: JobSummary) -> JobSummary:
+        """`job` with the pieces released here a moment ago queued: the watch has not brought
+        the release back yet, and its GPUs count against the team's quota already."""
+        left = self._releasing.get(job.job_id)
+        if left is None:
+            return job
+        if job.pieces_held <= left or job.status != "running":
+            del self._releasing[job.job_id]
+            return job
+        gone = job.pieces_held - left
+        return msgspec.structs.replace(job, pieces_held=left, pieces_waiting=job.pieces_waiting + gone)
+
     # --- admitting ----------------------------------------------------------------------
 
     async def dispatch(self, pool: str) -> bool:
@@ -185,10 +209,20 @@ class Dispatcher:
         running_on = self._running_on(pool)
         busy = [job for job in (self._busy_with(w, running_on) for w in workers) if job]
         idle = len(workers) - len(busy)
-        if not self._may_admit(pool, idle, policy.preempt) and time.monotonic() - self._full.get(pool, 0.0) < 5.0:
+        live = self.history.index.live(pool)
+        holding = any(j.pieces_held and j.status == "running" for j in live)
+        if (
+            not holding
+            and not self._may_admit(pool, idle, policy.preempt)
+            and time.monotonic() - self._full.get(pool, 0.0) < 5.0
+        ):
             return False  # nothing could start: no plan (whose cost grows with the queue)
         self._full[pool] = time.monotonic()
         plan = await self.plan(pool, fresh=True)
+        released = False
+        # Before the waiting jobs: a started job's pieces go first within its team's quota.
+        for job, active in releases(plan.view, policy):
+            released = await self._release(pool, job, active) or released
         busy_with = Counter(busy)
         waiting = [(job, plan.why.get(job.job_id)) for job in plan.jobs if not job.admitted_at]
         waiting = [(job, why) for job, why in waiting if job.job_id not in self._mine]
@@ -202,8 +236,9 @@ class Dispatcher:
             left = [job for job, _ in waiting if job.job_id not in chosen]
             await self._preempt(plan.view, left)
         await self._repair(pool, plan.view.admitted)
+        await self._repair_pieces(pool, [j for j in live if j.pieces_waiting and policy.team(j.team).max_running_gpus])
         self.last_pass_s = time.perf_counter() - started
-        return not taken
+        return not taken and not released
 
     def _may_admit(self, pool: str, idle: int, preempt: bool) -> bool:
         """Whether a pass could start anything: a free worker beyond the admitted jobs, a
@@ -280,6 +315,19 @@ class Dispatcher:
         await self._publish(pool, moved.after)
         self.admitted += 1
 
+    async def _release(self, pool: str, job: JobSummary, active: int) -> bool:
+        """Release `job`'s held pieces up to `active` queued or running, then publish them."""
+        moved = await self.recorder.record(job.job_id, lambda info: sharding.release(info, active))
+        if not isinstance(moved, Applied):
+            return False  # released by another gateway, or the job ended meanwhile
+        after = moved.after.pieces
+        self._releasing[job.job_id] = sum(1 for p in after if p.status == "held")
+        for before, piece in zip(moved.before.pieces, after, strict=True):
+            if before.status == "held" and piece.status == "queued":
+                item = PieceItem(job_id=job.job_id, step="piece", index=piece.index)
+                await jetstream.publish(self.nc, sharding.piece_write(self.topology, pool, item), timeout=self.timeout)
+        return True
+
     async def _publish(self, pool: str, info: JobInfo) -> None:
         if info.request is None:
             return  # a record that fails today's rules: a worker could not run it either
@@ -311,5 +359,36 @@ class Dispatcher:
                     log.warning("job %s was admitted but its work message is missing; publishing it again", job.job_id)
                     await self._publish(pool, found[0])
         live = {j.job_id for j in admitted}
-        for job_id in [j for j in self._checked if j not in live]:
+        for job_id in [j for j in self._checked if j not in live and not j.endswith(_PIECES)]:
             del self._checked[job_id]
+
+    async def _repair_pieces(self, pool: str, jobs: list[JobSummary]) -> None:
+        """Publish again the released pieces of a quota'd team whose releasing gateway died
+        before their messages went out (a message that is there is not published twice: its
+        id is the same)."""
+        clock = time.monotonic()
+        for job in jobs:
+            key = job.job_id + _PIECES
+            seen = self._checked.setdefault(key, clock)
+            if clock - seen < self.repair_after:
+                continue
+            self._checked[key] = clock
+            found = await self.recorder.jobs.get(job.job_id)
+            if found is None or found[0].status != "running":
+                continue
+            for piece in found[0].pieces:
+                if piece.status != "queued":
+                    continue
+                subject = self.topology.piece_subject(pool, job.job_id, str(piece.index))
+                try:
+                    await self.js.get_last_msg(self.topology.pieces_stream(pool), subject)
+                except NotFoundError:
+                    log.warning(
+                        "job %s: piece %d was released but has no message; publishing it", job.job_id, piece.index
+                    )
+                    item = PieceItem(job_id=job.job_id, step="piece", index=piece.index)
+                    write = sharding.piece_write(self.topology, pool, item)
+                    await jetstream.publish(self.nc, write, timeout=self.timeout)
+        live = {j.job_id + _PIECES for j in jobs}
+        for key in [k for k in self._checked if k.endswith(_PIECES) and k not in live]:
+            del self._checked[key]

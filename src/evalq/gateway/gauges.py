@@ -29,12 +29,13 @@ def watch_queue(metrics: GatewayMetrics, history: History, registry: Registry) -
         counts: dict[tuple[str, ...], float] = {(p, s): 0.0 for p in pools for s in STATES}
         counts.update({key: float(n) for key, n in index.pool_status_counts().items()})
         yield gauge("evalq_jobs", "Jobs in the history, by pool and status", ["pool", "status"], counts)
-        pieces: dict[tuple[str, ...], float] = {(p, s): 0.0 for p in pools for s in ("waiting", "running")}
+        pieces: dict[tuple[str, ...], float] = {(p, s): 0.0 for p in pools for s in ("held", "waiting", "running")}
         oldest: dict[tuple[str, ...], float] = {(p,): 0.0 for p in pools}
         clock = time.time()
         for pool in pools:
             for job in index.live(pool):
-                for state, n in (("waiting", job.pieces_waiting), ("running", job.pieces_running)):
+                states = (("held", job.pieces_held), ("waiting", job.pieces_waiting), ("running", job.pieces_running))
+                for state, n in states:
                     pieces[(pool, state)] = pieces.get((pool, state), 0.0) + n
                 if job.status == "queued":
                     waited = clock - micros(job.created_at) / 1e6

@@ -138,6 +138,7 @@ def summarize(data: bytes) -> JobSummary:
         admitted_at=r.admitted_at or (r.created_at if r.stream_seq is not None else None),
         pieces_waiting=sum(1 for p in r.pieces if p.status == "queued"),
         pieces_running=sum(1 for p in r.pieces if p.status == "running"),
+        pieces_held=sum(1 for p in r.pieces if p.status == "held"),
         gate=r.request.gate if r.request else None,
         verdict=r.verdict.verdict if r.verdict else None,
     )

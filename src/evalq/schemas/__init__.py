@@ -255,7 +255,9 @@ class WorkItem(Wire, frozen=True, kw_only=True):
     created_at: str
 
 
-PieceStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+# `held`: its team's `max_running_gpus` holds it back; the dispatcher releases it (`queued`,
+# its message published) when the quota has room.
+PieceStatus = Literal["held", "queued", "running", "completed", "failed", "cancelled"]
 
 
 class Piece(Wire, frozen=True, kw_only=True):

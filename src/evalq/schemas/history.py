@@ -76,6 +76,8 @@ class JobSummary(Wire, frozen=True, kw_only=True):
     # A sharded job's pieces waiting for a worker, and running.
     pieces_waiting: int = 0
     pieces_running: int = 0
+    # Its pieces its team's quota holds back (no message yet).
+    pieces_held: int = 0
     # Its gate policy's name, and the verdict (GO, NO-GO, INCONCLUSIVE) once judged.
     gate: str | None = None
     verdict: str | None = None

@@ -39,7 +39,7 @@ from ..lifecycle import Applied, Cancellation, Failure, Outcome, Recorder, Refus
 from ..outage import outlast
 from ..policy import effective_cache, effective_timeout, load_policy
 from ..registry import cannot_run
-from ..schemas import TERMINAL, CacheMode, JobInfo, Piece, PieceItem, decode, encode, now
+from ..schemas import TERMINAL, CacheMode, JobInfo, Piece, PieceItem, decode, now
 from ..sharding import plan_pieces
 from ..topology import Topology
 from .argv import lmms_eval_args
@@ -120,22 +120,14 @@ class ShardedSteps:
         return self.registration.info.worker_id
 
     async def _publish(self, item: PieceItem, what: str) -> None:
-        """One message of the pieces stream; its id makes a re-publication (a redelivered plan,
-        a piece completed twice) a no-op."""
-        name = "merge" if item.step == "merge" else str(item.index)
-        write = jetstream.Write(
-            self.topology.piece_subject(self.pool, item.job_id, name),
-            encode(item),
-            {"Nats-Msg-Id": f"{item.job_id}.merge" if item.step == "merge" else f"{item.job_id}.piece.{item.index}"},
-            stream=self.topology.pieces_stream(self.pool),
-        )
+        write = sharding.piece_write(self.topology, self.pool, item)
         timeout = self.settings.connection.request_timeout
         await outlast(
             lambda: jetstream.publish(self.nc, write, timeout=timeout), what, self.settings.worker.outage_timeout
         )
 
     async def _publish_pieces(self, info: JobInfo) -> None:
-        """A message per piece still to run."""
+        """A message per piece still to run (a held piece's is the dispatcher's to publish)."""
         for piece in info.pieces:
             if piece.status == "queued":
                 await self._publish(PieceItem(job_id=info.job_id, step="piece", index=piece.index), "publish a piece")
@@ -189,7 +181,10 @@ class ShardedSteps:
         if failure is not None:
             await self.settler.conclude(job.msg, info.job_id, failure)
             return
-        moved = await self.recorder.record(info.job_id, lambda record: sharding.plan(record, pieces), patient=True)
+        hold = await self._held_by_quota(info.team)
+        moved = await self.recorder.record(
+            info.job_id, lambda record: sharding.plan(record, pieces, hold=hold), patient=True
+        )
         if isinstance(moved, Refused):
             record = moved.current
             if record is not None and record.status == "cancelling":
@@ -205,6 +200,17 @@ class ShardedSteps:
         docs = sum(p.docs for p in planned.pieces)
         log.info("job %s: %d pieces of %d documents", info.job_id, len(planned.pieces), docs)
         await self.queue_pieces(job.msg, planned)
+
+    async def _held_by_quota(self, team: str) -> bool:
+        """Whether `team`'s `max_running_gpus` decides when the pieces run (the dispatcher then
+        releases them). A policy that cannot be read holds them: the dispatcher, which reads
+        it too, lets them all go when there is no quota."""
+        try:
+            policy = await load_policy(self.js, self.topology, self.pool)
+        except Exception as exc:
+            log.warning("cannot read pool %s's policy (%s): its pieces wait for the dispatcher", self.pool, exc)
+            return True
+        return policy.scheduling.team(team).max_running_gpus is not None
 
     async def queue_pieces(self, msg: Msg, planned: JobInfo) -> None:
         """Publish the planned job's pieces that still wait, then let the job's message go."""
