@@ -147,23 +147,24 @@ def _held(pieces: int = 4) -> JobInfo:
 def test_held_pieces_are_released_up_to_a_target_that_a_second_release_keeps() -> None:
     info = _held()
     assert sharding.piece_start(info, 0, worker="w", at="t") is None, "a held piece started"
-    two = sharding.release(info, 2)
+    two = sharding.release(info, 2, at="t2")
     assert two is not None and [p.status for p in two.pieces] == ["queued", "queued", "held", "held"]
+    assert [p.released_at for p in two.pieces] == ["t2", "t2", None, None]
     # The same target again (from a summary that does not show the release yet): nothing more.
-    assert sharding.release(two, 2) is None
+    assert sharding.release(two, 2, at="t") is None
     running = sharding.piece_start(two, 0, worker="w", at="t")
     assert running is not None
-    three = sharding.release(running, 3)
+    three = sharding.release(running, 3, at="t")
     assert three is not None and [p.status for p in three.pieces] == ["running", "queued", "queued", "held"]
-    rest = sharding.release(three, 99)
+    rest = sharding.release(three, 99, at="t")
     assert rest is not None and rest.pieces[3].status == "queued"
 
 
 def test_held_pieces_are_cancelled_with_their_job_and_never_released_after() -> None:
-    cancelling = lifecycle.request_cancel(sharding.release(_held(), 1) or _held(), at="t")
+    cancelling = lifecycle.request_cancel(sharding.release(_held(), 1, at="t") or _held(), at="t")
     assert cancelling is not None
     assert [p.status for p in cancelling.pieces] == ["cancelled"] * 4
-    assert sharding.release(cancelling, 4) is None
+    assert sharding.release(cancelling, 4, at="t") is None
 
 
 def test_progress_of_a_piece_never_goes_back() -> None:

@@ -138,6 +138,19 @@ def test_held_pieces_are_released_within_the_quota_before_the_teams_waiting_jobs
     # A team over its quota still runs one piece on the GPU its plan took.
     crowded = view([job("a", status="running", started_at=at(20), num_gpus=3), planned])
     assert releases(crowded, quota) == [(planned, 1)]
+    # A job of the team waiting at a higher priority gets the quota first.
+    urgent = job("a", "urgent")
+    going_on = view([other, one_done, urgent])
+    assert releases(going_on, quota) == []
+    taken, _ = admissions(going_on, order(going_on, quota, NOW_US), quota, idle_workers=1, busy_with={})
+    assert taken == [urgent]
+    # Pieces of two GPUs each: a quota of 4 runs two of them.
+    wide = job("a", status="running", started_at=at(10), shards=6, pieces_held=6, num_gpus=2)
+    pool = view([wide])
+    assert pool.running_gpus["a"] == 2 and releases(pool, Scheduling(teams={"a": TeamPolicy(max_running_gpus=4)})) == [
+        (wide, 2)
+    ]
+    assert pool.running_gpus["a"] == 4
 
 
 def test_an_admitted_job_waiting_for_a_worker_takes_that_worker() -> None:

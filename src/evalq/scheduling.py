@@ -110,14 +110,14 @@ def level(job: JobSummary, now_us: int, aging_s: float) -> int:
 
 def gpu_seconds(job: JobSummary, now_us: int) -> float:
     """GPU-seconds a job used: its pieces' seconds for a sharded job, else its run time
-    times its GPUs; a running job's so far (each running piece one GPU)."""
+    times its GPUs; a running job's so far (each running piece its job's GPUs)."""
     if job.gpu_s is not None:
         return job.gpu_s
     started = _micros(job.started_at)
     if started is None:
         return 0.0
     end = _micros(job.completed_at) or now_us
-    gpus = max(1, job.pieces_running) if job.shards > 1 else job.num_gpus
+    gpus = job.num_gpus * max(1, job.pieces_running) if job.shards > 1 else job.num_gpus
     return max(0.0, (end - started) / 1e6) * gpus
 
 
@@ -166,18 +166,22 @@ class PoolView:
 
 
 def _active(job: JobSummary) -> int:
-    """The GPUs a sharded job holds: its running pieces and those released to the pieces
-    stream (each will take a worker), at least the one its plan runs on."""
-    return max(1, job.pieces_running + job.pieces_waiting)
+    """The GPUs a sharded job holds: its running pieces' and those released to the pieces
+    stream (each will take a worker), at least those its plan runs on."""
+    return job.num_gpus * max(1, job.pieces_running + job.pieces_waiting)
 
 
 def releases(view: PoolView, scheduling: Scheduling) -> list[tuple[JobSummary, int]]:
     """The running sharded jobs whose held pieces may go now, each with how many of its
     pieces may then be queued or running (`sharding.release`'s target), within its team's
-    `max_running_gpus`; the highest priority first, then the earliest started. Each release
-    is counted in `view` (its job's pieces, its team's GPUs), so the admissions that follow
-    see it."""
+    `max_running_gpus`; the highest priority first, then the earliest started. A job of the
+    team waiting at a higher priority gets the quota first: the sharded job then keeps only
+    the GPUs its plan took. Each release is counted in `view` (its job's pieces, its team's
+    GPUs), so the admissions that follow see it."""
     at = {job.job_id: i for i, job in enumerate(view.running)}
+    above: dict[str, int] = {}  # each team's highest waiting priority
+    for job in view.waiting:
+        above[job.team] = max(above.get(job.team, -1), rank(job.priority))
     held = [j for j in view.running if j.status == "running" and j.pieces_held]
     held.sort(key=lambda j: (-rank(j.priority), _micros(j.started_at) or 0, j.job_id))
     chosen: list[tuple[JobSummary, int]] = []
@@ -188,17 +192,18 @@ def releases(view: PoolView, scheduling: Scheduling) -> list[tuple[JobSummary, i
         if quota is None:
             more = job.pieces_held  # the quota was lifted: let them all go
         else:
-            others = view.running_gpus.get(job.team, 0) - before
-            more = min(job.pieces_held, quota - others - active)
+            room = 0 if above.get(job.team, -1) > rank(job.priority) else quota - view.running_gpus.get(job.team, 0)
+            more = min(job.pieces_held, (before + room) // job.num_gpus - active)
             if active == 0:
-                more = max(more, 1)  # the GPU its plan took is still its own
+                more = max(more, 1)  # the GPUs its plan took are still its own
         if more <= 0:
             continue
         chosen.append((job, active + more))
-        view.running_gpus[job.team] += max(1, active + more) - before
-        view.running[at[job.job_id]] = msgspec.structs.replace(
+        released = msgspec.structs.replace(
             job, pieces_held=job.pieces_held - more, pieces_waiting=job.pieces_waiting + more
         )
+        view.running_gpus[job.team] += _active(released) - before
+        view.running[at[job.job_id]] = released
     return chosen
 
 

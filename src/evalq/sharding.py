@@ -173,7 +173,7 @@ def plan(info: JobInfo, pieces: list[Piece], *, hold: bool = False) -> JobInfo |
     )
 
 
-def release(info: JobInfo, active: int) -> JobInfo | None:
+def release(info: JobInfo, active: int, *, at: str) -> JobInfo | None:
     """Release held pieces, first listed first, until `active` pieces are queued or running.
 
     A target rather than a count: the dispatcher computes it from a summary that may not show
@@ -185,7 +185,7 @@ def release(info: JobInfo, active: int) -> JobInfo | None:
         return None
     pieces = list(info.pieces)
     for i in chosen:
-        pieces[i] = msgspec.structs.replace(pieces[i], status="queued")
+        pieces[i] = msgspec.structs.replace(pieces[i], status="queued", released_at=at)
     return msgspec.structs.replace(info, pieces=pieces)
 
 

@@ -14,7 +14,7 @@ with a compare-and-set, then their messages), before the team's waiting jobs.
 
 A gateway that died between the mark and the publish leaves a job admitted with no message:
 every `tick` the admitted jobs older than `repair_after` are looked up in the work stream
-by subject, and one not there is published again; so are a quota'd team's released pieces.
+by subject, and one not there is published again; so are the pieces it released.
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ class Dispatcher:
         self._preempting: dict[str, float] = {}  # low jobs asked to give up their worker
         # Pieces held after this gateway released some, until the index shows the release.
         self._releasing: dict[str, int] = {}
+        self._held_seen: dict[str, int] = {}  # the index's version each pool's releases last saw
         self._full: dict[str, float] = {}  # when each pool last had a full pass
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -210,7 +211,11 @@ class Dispatcher:
         busy = [job for job in (self._busy_with(w, running_on) for w in workers) if job]
         idle = len(workers) - len(busy)
         live = self.history.index.live(pool)
-        holding = any(j.pieces_held and j.status == "running" for j in live)
+        # Held pieces may go only after a change (a piece ended, a job ended or came): the
+        # index's version says whether one came since the last plan; the pass every 5 s
+        # catches a policy that changed.
+        version = self.history.index.version
+        holding = self._held_seen.get(pool) != version and any(j.pieces_held and j.status == "running" for j in live)
         if (
             not holding
             and not self._may_admit(pool, idle, policy.preempt)
@@ -218,6 +223,7 @@ class Dispatcher:
         ):
             return False  # nothing could start: no plan (whose cost grows with the queue)
         self._full[pool] = time.monotonic()
+        self._held_seen[pool] = version
         plan = await self.plan(pool, fresh=True)
         released = False
         # Before the waiting jobs: a started job's pieces go first within its team's quota.
@@ -236,7 +242,7 @@ class Dispatcher:
             left = [job for job, _ in waiting if job.job_id not in chosen]
             await self._preempt(plan.view, left)
         await self._repair(pool, plan.view.admitted)
-        await self._repair_pieces(pool, [j for j in live if j.pieces_waiting and policy.team(j.team).max_running_gpus])
+        await self._repair_pieces(pool, [j for j in live if j.pieces_waiting and j.status == "running"])
         self.last_pass_s = time.perf_counter() - started
         return not taken and not released
 
@@ -317,16 +323,22 @@ class Dispatcher:
 
     async def _release(self, pool: str, job: JobSummary, active: int) -> bool:
         """Release `job`'s held pieces up to `active` queued or running, then publish them."""
-        moved = await self.recorder.record(job.job_id, lambda info: sharding.release(info, active))
+        moved = await self.recorder.record(job.job_id, lambda info: sharding.release(info, active, at=now()))
         if not isinstance(moved, Applied):
             return False  # released by another gateway, or the job ended meanwhile
         after = moved.after.pieces
         self._releasing[job.job_id] = sum(1 for p in after if p.status == "held")
         for before, piece in zip(moved.before.pieces, after, strict=True):
             if before.status == "held" and piece.status == "queued":
-                item = PieceItem(job_id=job.job_id, step="piece", index=piece.index)
-                await jetstream.publish(self.nc, sharding.piece_write(self.topology, pool, item), timeout=self.timeout)
+                try:
+                    await self._publish_piece(pool, job.job_id, piece.index)
+                except Exception as exc:  # released in the record: the repair publishes it
+                    log.warning("job %s: piece %d released, its message not sent yet: %s", job.job_id, piece.index, exc)
         return True
+
+    async def _publish_piece(self, pool: str, job_id: str, index: int) -> None:
+        item = PieceItem(job_id=job_id, step="piece", index=index)
+        await jetstream.publish(self.nc, sharding.piece_write(self.topology, pool, item), timeout=self.timeout)
 
     async def _publish(self, pool: str, info: JobInfo) -> None:
         if info.request is None:
@@ -363,9 +375,9 @@ class Dispatcher:
             del self._checked[job_id]
 
     async def _repair_pieces(self, pool: str, jobs: list[JobSummary]) -> None:
-        """Publish again the released pieces of a quota'd team whose releasing gateway died
+        """Publish again the released pieces (`released_at`) whose releasing gateway died
         before their messages went out (a message that is there is not published twice: its
-        id is the same)."""
+        id is the same). The planner's own pieces are its message's to repair."""
         clock = time.monotonic()
         for job in jobs:
             key = job.job_id + _PIECES
@@ -377,18 +389,14 @@ class Dispatcher:
             if found is None or found[0].status != "running":
                 continue
             for piece in found[0].pieces:
-                if piece.status != "queued":
+                if piece.status != "queued" or piece.released_at is None:
                     continue
                 subject = self.topology.piece_subject(pool, job.job_id, str(piece.index))
                 try:
                     await self.js.get_last_msg(self.topology.pieces_stream(pool), subject)
                 except NotFoundError:
-                    log.warning(
-                        "job %s: piece %d was released but has no message; publishing it", job.job_id, piece.index
-                    )
-                    item = PieceItem(job_id=job.job_id, step="piece", index=piece.index)
-                    write = sharding.piece_write(self.topology, pool, item)
-                    await jetstream.publish(self.nc, write, timeout=self.timeout)
+                    log.warning("job %s: piece %d was released with no message; publishing it", job.job_id, piece.index)
+                    await self._publish_piece(pool, job.job_id, piece.index)
         live = {j.job_id + _PIECES for j in jobs}
         for key in [k for k in self._checked if k.endswith(_PIECES) and k not in live]:
             del self._checked[key]

@@ -108,7 +108,7 @@ def summarize(data: bytes) -> JobSummary:
     gpu_s = None
     if r.status in TERMINAL and r.started_at:
         if r.pieces:
-            gpu_s = sum(p.seconds or 0.0 for p in r.pieces)
+            gpu_s = sum(p.seconds or 0.0 for p in r.pieces) * gpus
         elif r.completed_at:
             gpu_s = max(0.0, (micros(r.completed_at) - micros(r.started_at)) / 1e6) * gpus
     return JobSummary(

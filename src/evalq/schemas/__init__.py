@@ -278,6 +278,8 @@ class Piece(Wire, frozen=True, kw_only=True):
     seconds: float | None = None
     error: str | None = None
     work: Work | None = None
+    # When the dispatcher released it from `held` (its message is then the dispatcher's).
+    released_at: str | None = None
 
 
 class PieceItem(Wire, frozen=True, kw_only=True):
