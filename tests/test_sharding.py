@@ -7,15 +7,18 @@ import itertools
 import json
 import os
 import signal
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.js.errors import NotFoundError
 
-from evalq import AsyncClient, JobCancelled, JobFailed, PoolPolicy
+from evalq import AsyncClient, JobCancelled, JobFailed, PoolPolicy, lifecycle, sharding
 from evalq.config import Settings
+from evalq.jobstore import JobStore
 from evalq.policy import store_policy
-from evalq.schemas import JobInfo, ShardStarted
+from evalq.schemas import EvaluateRequest, JobInfo, PieceItem, ShardStarted, decode, now
 from evalq.topology import Topology
 
 from .conftest import Processes
@@ -241,3 +244,36 @@ async def test_a_piece_that_keeps_failing_fails_the_job_and_stops_the_others(
     failed = [e for e in events if e.__struct_config__.tag == "shard_failed"]  # type: ignore[attr-defined]
     assert len(failed) == 2 and {e.attempt for e in failed} == {1, 2}  # type: ignore[attr-defined]
     assert kinds(events)[-1] == "failed"
+
+
+async def test_the_dispatcher_publishes_a_released_piece_whose_message_went_missing(
+    nc: Any, topology: Topology, gateway: Any
+) -> None:
+    # A record as a gateway that died between a release and its publish leaves it: piece 0
+    # released with no message, piece 1 still held (the pool has no quota now: it goes too).
+    request = EvaluateRequest(model="dummy", tasks=["evalq_demo"], shards=2)
+    job_id = str(uuid.uuid4())
+    queued = lifecycle.enqueue(job_id, request, created_at=now(), stream_seq=None)
+    started = lifecycle.start(queued, attempt=1, worker="gone", at=now())
+    assert started is not None
+    planned = sharding.plan(started, sharding.plan_pieces({"evalq_demo": 10}, 2), hold=True)
+    assert planned is not None
+    released = sharding.release(planned, 1, at=now())
+    assert released is not None
+    jobs = JobStore(await nc.jetstream().key_value(topology.jobs_bucket))
+    await jobs.create(released)
+    gateway.dispatcher.repair_after = 0.5
+    js = nc.jetstream()
+
+    async def published(index: int) -> Any:
+        subject = topology.piece_subject("default", job_id, str(index))
+        return await js.get_last_msg(topology.pieces_stream("default"), subject)
+
+    for index in (0, 1):  # 0 by the repair, 1 by a release
+        msg = await eventually(
+            lambda i=index: published(i), timeout=15, retry_on=(NotFoundError,), what=f"piece {index}"
+        )
+        assert decode(msg.data, PieceItem) == PieceItem(job_id=job_id, step="piece", index=index)
+    found = await jobs.get(job_id)
+    assert found is not None and [p.status for p in found[0].pieces] == ["queued", "queued"]
+    assert all(p.released_at for p in found[0].pieces)
