@@ -65,6 +65,7 @@ log = logging.getLogger("evalq.gateway")
 # Seconds before the next try of a delivery, by tries so far (the last one repeats).
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _CONCURRENT = 32  # deliveries under way at once
+_FETCH_S = 1.0  # the longest a fetch waits for messages
 
 
 def matches(subscription: Subscription, event: Event) -> bool:
@@ -115,10 +116,16 @@ class Notifier:
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
+        # Each loop ends after the fetch under way (at most `_FETCH_S`). Cancelled during
+        # one, the messages the server was sending it would be taken with nobody to settle
+        # them, and wait out the consumer's ack_wait (2 min for deliveries) before the next
+        # gateway got them.
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5)
+            _, pending = await asyncio.wait(self._tasks, timeout=_FETCH_S + 2)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
         # Handed back at once: the next gateway (or this one, restarted) delivers them.
         for msg in list(self._held.values()):
             with contextlib.suppress(Exception):
@@ -164,7 +171,7 @@ class Notifier:
     # --- fan-out -----------------------------------------------------------------------
 
     async def _fan_out_some(self) -> None:
-        for msg in await self.events.fetch(16, timeout=1.0):
+        for msg in await self.events.fetch(16, timeout=_FETCH_S):
             try:
                 await self._fan_out(msg)
             except Exception as exc:
@@ -203,9 +210,11 @@ class Notifier:
     async def _deliver_some(self) -> None:
         await self._slots.acquire()  # one free slot before asking for more
         self._slots.release()
-        for msg in await self.deliveries.fetch(8, timeout=1.0):
-            await self._slots.acquire()
+        msgs = await self.deliveries.fetch(8, timeout=_FETCH_S)
+        for msg in msgs:  # held at once: a stop while they wait for a slot hands them back
             self._held[id(msg)] = msg
+        for msg in msgs:
+            await self._slots.acquire()
             task = asyncio.create_task(self._deliver(msg))
             task.add_done_callback(functools.partial(self._done, msg))
 
