@@ -409,7 +409,7 @@ class Bench:
         self.sections.append("\n".join(lines))
 
     async def per_job(self) -> None:
-        jobs = 2 if self.quick else 10
+        jobs = 1 if self.quick else 10
         url = self.nats_server("nats-jobs")
         runners = {"subprocess": "jobs-cold", "warm": "jobs-warm"}
         for runner, prefix in runners.items():
