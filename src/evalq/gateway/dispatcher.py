@@ -45,8 +45,6 @@ __all__ = ["Dispatcher", "Plan"]
 
 log = logging.getLogger("evalq.gateway")
 
-_PIECES = ".pieces"  # the key of a job's released pieces among the repair checks
-
 
 @dataclass
 class Plan:
@@ -99,7 +97,8 @@ class Dispatcher:
         self._plans: dict[str, Plan] = {}
         # Admitted by this gateway, not yet seen admitted in the index.
         self._mine: dict[str, float] = {}
-        self._checked: dict[str, float] = {}
+        self._checked: dict[str, float] = {}  # when each admitted job's message was looked up
+        self._pieces_checked: dict[str, float] = {}  # and each job's released pieces'
         self._preempting: dict[str, float] = {}  # low jobs asked to give up their worker
         # Pieces held after this gateway released some, until the index shows the release.
         self._releasing: dict[str, int] = {}
@@ -355,12 +354,7 @@ class Dispatcher:
 
     async def _repair(self, pool: str, admitted: list[JobSummary]) -> None:
         """Publish again the message of an admitted job whose admitting gateway died first."""
-        clock = time.monotonic()
-        for job in admitted:
-            seen = self._checked.setdefault(job.job_id, clock)
-            if clock - seen < self.repair_after:
-                continue
-            self._checked[job.job_id] = clock
+        for job in self._due(self._checked, admitted):
             try:
                 await self.js.get_last_msg(
                     self.topology.work_stream(pool), self.topology.work_subject(pool, job.job_id)
@@ -370,21 +364,26 @@ class Dispatcher:
                 if found is not None and found[0].status == "queued":
                     log.warning("job %s was admitted but its work message is missing; publishing it again", job.job_id)
                     await self._publish(pool, found[0])
-        live = {j.job_id for j in admitted}
-        for job_id in [j for j in self._checked if j not in live and not j.endswith(_PIECES)]:
-            del self._checked[job_id]
+
+    def _due(self, checked: dict[str, float], jobs: list[JobSummary]) -> list[JobSummary]:
+        """The jobs last looked up `repair_after` ago or more (a job first seen now counts from
+        now), marked looked up now; `checked` forgets the jobs no longer listed."""
+        clock = time.monotonic()
+        due = []
+        for job in jobs:
+            if clock - checked.setdefault(job.job_id, clock) >= self.repair_after:
+                checked[job.job_id] = clock
+                due.append(job)
+        live = {j.job_id for j in jobs}
+        for job_id in [j for j in checked if j not in live]:
+            del checked[job_id]
+        return due
 
     async def _repair_pieces(self, pool: str, jobs: list[JobSummary]) -> None:
         """Publish again the released pieces (`released_at`) whose releasing gateway died
         before their messages went out (a message that is there is not published twice: its
         id is the same). The planner's own pieces are its message's to repair."""
-        clock = time.monotonic()
-        for job in jobs:
-            key = job.job_id + _PIECES
-            seen = self._checked.setdefault(key, clock)
-            if clock - seen < self.repair_after:
-                continue
-            self._checked[key] = clock
+        for job in self._due(self._pieces_checked, jobs):
             found = await self.recorder.jobs.get(job.job_id)
             if found is None or found[0].status != "running":
                 continue
@@ -397,6 +396,3 @@ class Dispatcher:
                 except NotFoundError:
                     log.warning("job %s: piece %d was released with no message; publishing it", job.job_id, piece.index)
                     await self._publish_piece(pool, job.job_id, piece.index)
-        live = {j.job_id + _PIECES for j in jobs}
-        for key in [k for k in self._checked if k.endswith(_PIECES) and k not in live]:
-            del self._checked[key]
